@@ -1,0 +1,53 @@
+"""The Python API for embedding clipft in other codebases.
+
+    from clipft.api import run, RunConfig
+    summary = run(RunConfig(model="tiny-vit", strategies=["last-n:n=1"]),
+                  plugins=[MyPlugin()], out="runs/x")
+
+``plugins`` registers plugin objects (or modules) in-process: anything with
+``@clipft.hookimpl`` functions. Installed entry-point plugins are loaded too
+unless ``entry_points=False``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from clipft.config import RunConfig
+from clipft.plugins import Registry
+
+__all__ = ["RunConfig", "Registry", "run", "plan", "make_registry"]
+
+
+def make_registry(plugins: Iterable[object] = (), disabled: Iterable[str] = (),
+                  entry_points: bool = True) -> Registry:
+    return Registry(plugins=plugins, disabled=disabled, entry_points=entry_points).load()
+
+
+def _config(config: Union[RunConfig, dict]) -> RunConfig:
+    return config if isinstance(config, RunConfig) else RunConfig.from_toml_dict(config)
+
+
+def run(config: Union[RunConfig, dict], *, plugins: Iterable[object] = (),
+        disabled: Iterable[str] = (), entry_points: bool = True,
+        out: Optional[Union[str, Path]] = None, overwrite: bool = False,
+        resume: Optional[Union[str, Path]] = None, progress=None,
+        registry: Optional[Registry] = None) -> dict:
+    """Train and return the summary (the same dict as ``summary.json``)."""
+    from clipft.engine.runner import execute
+    from clipft.progress import Silent
+
+    reg = registry or make_registry(plugins, disabled, entry_points)
+    cfg = _config(config)
+    return execute(cfg, reg, progress or Silent(), out_dir=Path(out) if out else None,
+                   overwrite=overwrite, resume=Path(resume) if resume else None)
+
+
+def plan(config: Union[RunConfig, dict], *, plugins: Iterable[object] = (),
+         disabled: Iterable[str] = (), entry_points: bool = True,
+         registry: Optional[Registry] = None) -> dict:
+    """What would train, without training: groups, counts, lr, optimizer memory."""
+    from clipft.engine.plan import make_plan
+
+    reg = registry or make_registry(plugins, disabled, entry_points)
+    return make_plan(_config(config), reg)

@@ -1,0 +1,270 @@
+"""The ``clipft`` command line. Human output goes to stderr; ``--json`` puts
+exactly one JSON document on stdout. Exit codes: 0 ok, 2 usage/config, 1 runtime."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from clipft import __version__
+from clipft.errors import ClipftError, ClipftUsageError
+
+KIND_ALIASES = {
+    "strategy": "strategy", "strategies": "strategy",
+    "loss": "loss", "losses": "loss",
+    "head": "head", "heads": "head",
+    "data": "data", "data-source": "data", "data-sources": "data", "datasource": "data",
+}
+
+
+def _err(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+
+
+def guarded(fn):
+    """Turn clipft errors into clean messages and exit codes; never a traceback
+    from deep inside torch unless CLIPFT_DEBUG=1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ClipftError as exc:
+            _err(str(exc))
+            sys.exit(exc.exit_code)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            _err("interrupted")
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - last-resort guard for users
+            if os.environ.get("CLIPFT_DEBUG"):
+                raise
+            _err(f"unexpected failure: {type(exc).__name__}: {exc} "
+                 "(set CLIPFT_DEBUG=1 to see the traceback)")
+            sys.exit(1)
+    return wrapper
+
+
+def _registry(ctx: click.Context):
+    from clipft.plugins import Registry
+    obj = ctx.find_root().obj
+    if obj.get("registry") is None:
+        obj["registry"] = Registry(disabled=obj["disabled"]).load()
+    return obj["registry"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clipft")
+@click.option("--disable-plugin", "disabled", multiple=True, metavar="NAME",
+              help="Do not load this plugin (entry-point or distribution name). Repeatable.")
+@click.pass_context
+def cli(ctx, disabled):
+    """Fine-tune OpenCLIP models with pluggable strategies, losses, heads and data."""
+    ctx.obj = {"disabled": set(disabled), "registry": None}
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+@guarded
+def plugins_cmd(ctx, as_json):
+    """List installed plugin distributions and what they provide."""
+    reg = _registry(ctx)
+    records = [r.to_json() for r in reg.records]
+    if as_json:
+        click.echo(json.dumps({"plugins": records}, indent=2))
+        return
+    from rich.table import Table
+    from clipft.progress import stderr_console
+    t = Table(title="clipft plugins")
+    for col in ("distribution", "version", "status", "provides"):
+        t.add_column(col)
+    for r in records:
+        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["provides"].items())
+        status = {"active": "[green]active[/]", "failed": "[red]failed[/]",
+                  "disabled": "[yellow]disabled[/]"}[r["status"]]
+        t.add_row(r["distribution"], r["version"], status, provides or (r["error"] or ""))
+    console = stderr_console()
+    console.print(t)
+    for r in records:
+        if r["status"] == "failed":
+            console.print(f"[red]{r['distribution']}[/] ({r['name']}) failed: {r['error']}")
+
+
+@cli.command("describe")
+@click.argument("kind")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@guarded
+def describe_cmd(ctx, kind, name, as_json):
+    """Show the options of a component: KIND is strategy, loss, head or data."""
+    from clipft.options import describe_options
+    k = KIND_ALIASES.get(kind.lower())
+    if k is None:
+        raise ClipftUsageError(f"unknown kind '{kind}'; use one of strategy, loss, head, data")
+    reg = _registry(ctx)
+    spec = reg.get(k, name)
+    rows = describe_options(spec)
+    doc = {"kind": k, "name": name, "summary": spec.summary,
+           "distribution": reg.distribution_of(k, name), "options": rows}
+    for extra in ("needs", "default_lr"):
+        if hasattr(spec, extra):
+            v = getattr(spec, extra)
+            doc[extra] = sorted(v) if isinstance(v, frozenset) else v
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    from rich.table import Table
+    from clipft.progress import stderr_console
+    console = stderr_console()
+    console.print(f"[bold]{k} {name}[/bold] ({doc['distribution']}): {spec.summary}")
+    if not rows:
+        console.print("no options")
+        return
+    t = Table()
+    for col in ("option", "type", "default", "help"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["type"], "(required)" if r["required"] else repr(r["default"]), r["help"])
+    console.print(t)
+
+
+def run_options(fn):
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config; flags override it."),
+        click.option("--model", help="open_clip model name (tiny-vit, tiny-rn, ViT-B-32, RN50, ...)."),
+        click.option("--pretrained", help="Pretrained tag, local checkpoint file, 'none' or 'auto'."),
+        click.option("--data", help="Data source, e.g. imagefolder:root=PATH or shapes:n=512."),
+        click.option("--strategy", "strategies", multiple=True, help="Strategy NAME[:k=v,...]; repeat to compose."),
+        click.option("--loss", help="Loss NAME[:k=v,...] (contrastive, cross-entropy, ...)."),
+        click.option("--head", help="Head NAME[:k=v,...] (linear, zero-shot, ...) or 'none'."),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int),
+        click.option("--lr", type=float, help="Base learning rate (default: the strategy's recommendation)."),
+        click.option("--weight-decay", type=float),
+        click.option("--optimizer", type=click.Choice(["adamw", "sgd"])),
+        click.option("--schedule", type=click.Choice(["cosine", "constant"])),
+        click.option("--warmup-steps", type=int),
+        click.option("--grad-clip", type=float, help="Max grad norm; 0 disables."),
+        click.option("--grad-accum", type=int, help="Micro-batches per optimizer step."),
+        click.option("--seed", type=int),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"])),
+        click.option("--num-workers", type=int, help="DataLoader worker processes."),
+        click.option("--augment/--no-augment", default=None, help="Random train augmentation."),
+        click.option("--cache/--no-cache", default=None, help="Cache embeddings of frozen towers."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+FLAG_TO_FIELD = {
+    "model": "model", "pretrained": "pretrained", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "weight_decay": "weight_decay", "optimizer": "optimizer", "schedule": "schedule",
+    "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum": "grad_accum",
+    "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
+    "augment": "augment", "cache": "cache",
+}
+
+
+def build_config(config_file, kw, base: dict | None = None):
+    from clipft.config import RunConfig, load_toml
+    from clipft.options import parse_ref
+    d = dict(base or {})
+    if config_file:
+        d.update(load_toml(config_file))
+    cfg = RunConfig.from_toml_dict(d, where=str(config_file or "config"))
+    for flag, field in FLAG_TO_FIELD.items():
+        if kw.get(flag) is not None:
+            setattr(cfg, field, kw[flag])
+    if kw.get("data"):
+        cfg.data = parse_ref(kw["data"])
+    if kw.get("loss"):
+        cfg.loss = parse_ref(kw["loss"])
+    if kw.get("head"):
+        cfg.head = None if kw["head"] == "none" else parse_ref(kw["head"])
+    if kw.get("strategies"):
+        cfg.strategies = [parse_ref(s) for s in kw["strategies"]]
+    import attrs
+    try:
+        attrs.validate(cfg)
+    except ClipftUsageError:
+        raise
+    return cfg
+
+
+@cli.command("run")
+@run_options
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<time>-<model>-<strategy>).")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json on stdout.")
+@click.pass_context
+@guarded
+def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
+    """Fine-tune a model and write a run directory."""
+    from clipft.engine.runner import execute
+    from clipft.progress import RichReporter
+    resume_dir = None
+    if resume:
+        resume_dir = Path(resume)
+        if not (resume_dir / "config.toml").is_file():
+            raise ClipftUsageError(f"--resume {resume}: no config.toml there; is it a clipft run directory?")
+        changed = [k for k, v in kw.items() if v not in (None, ()) and k not in ("epochs", "device", "num_workers")]
+        if changed or config_file:
+            raise ClipftUsageError(
+                "only --epochs, --device and --num-workers can change when resuming; "
+                f"got --{(changed or ['config'])[0].replace('_', '-')}")
+        config_file = str(resume_dir / "config.toml")
+    cfg = build_config(config_file, kw)
+    reg = _registry(ctx)
+    summary = execute(cfg, reg, RichReporter(), out_dir=Path(out) if out else None,
+                      overwrite=overwrite, resume=resume_dir)
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+@cli.command("plan")
+@run_options
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@guarded
+def plan_cmd(ctx, config_file, as_json, **kw):
+    """Show what a run would train (groups, counts, lr, memory) without training."""
+    from clipft.engine.plan import make_plan
+    cfg = build_config(config_file, kw)
+    p = make_plan(cfg, _registry(ctx))
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    from rich.table import Table
+    from clipft.progress import stderr_console
+    t = Table(title=f"plan: {cfg.model} · {'+'.join(p['strategies']) or 'none'}"
+                    f"{' · head ' + p['head'] if p['head'] else ''}")
+    for col in ("group", "from", "tensors", "params", "lr", "weight decay", "% of model"):
+        t.add_column(col, justify="left" if col in ("group", "from") else "right")
+    for g in p["groups"]:
+        t.add_row(g["name"], ",".join(g["sources"]), str(g["tensors"]), f"{g['params']:,}",
+                  f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['percent_of_model']:.3f}")
+    console = stderr_console()
+    console.print(t)
+    pr, mem = p["params"], p["memory"]
+    console.print(f"trainable {pr['trainable']:,} of {pr['total']:,} ({pr['trainable_percent']:.3f}%) · "
+                  f"{mem['optimizer']} state ≈ {mem['optimizer_state_bytes'] / 2**20:.1f} MiB · "
+                  f"gradients ≈ {mem['gradient_bytes'] / 2**20:.1f} MiB")
+
+
+def main():
+    cli(prog_name="clipft")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The run configuration: TOML file + command-line overrides.
+
+A resolved config is written to ``RUN_DIR/config.toml``; running
+``clipft run --config RUN_DIR/config.toml`` repeats the run.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+from clipft.errors import ClipftUsageError
+from clipft.options import ComponentRef, parse_ref, ref_from_table
+
+
+def _one_of(*choices):
+    def check(inst, attribute, value):
+        if value not in choices:
+            raise ClipftUsageError(
+                f"'{attribute.name}' must be one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+def _positive(inst, attribute, value):
+    if value is None or value <= 0:
+        raise ClipftUsageError(f"'{attribute.name}' must be > 0, got {value!r}")
+
+
+def _non_negative(inst, attribute, value):
+    if value is not None and value < 0:
+        raise ClipftUsageError(f"'{attribute.name}' must be >= 0, got {value!r}")
+
+
+def _ref(value):
+    if value is None or isinstance(value, ComponentRef):
+        return value
+    return parse_ref(value)
+
+
+def _refs(values):
+    return [_ref(v) for v in values]
+
+
+@attrs.define
+class RunConfig:
+    """Everything that defines a run. Fields map 1:1 to TOML keys and CLI flags."""
+
+    model: str = "tiny-vit"
+    #: a pretrained tag, a local checkpoint file, "none" (random init) or "auto"
+    #: (none for the embedded tiny configs, open_clip's first tag otherwise).
+    pretrained: str = "auto"
+    data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_ref)
+    strategies: list = attrs.field(factory=list, converter=_refs)
+    loss: ComponentRef = attrs.field(factory=lambda: ComponentRef("contrastive"), converter=_ref)
+    head: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
+
+    epochs: int = attrs.field(default=1, validator=_positive)
+    batch_size: int = attrs.field(default=32, validator=_positive)
+    #: None: the first strategy's recommended lr (1e-3 for a head-only probe)
+    lr: Optional[float] = attrs.field(default=None, validator=_non_negative)
+    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw", "sgd"))
+    momentum: float = 0.9
+    schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))
+    #: None: 5% of the optimizer steps
+    warmup_steps: Optional[int] = attrs.field(default=None, validator=_non_negative)
+    grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
+    grad_accum: int = attrs.field(default=1, validator=_positive)
+    precision: str = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
+    device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
+    seed: int = 0
+    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    log_every: int = attrs.field(default=10, validator=_positive)
+    #: use open_clip's random train augmentation (disables frozen-tower caching)
+    augment: bool = False
+    #: reuse embeddings of frozen towers across epochs and evaluation
+    cache: bool = True
+    out: Optional[str] = None
+
+    def resolved_lr(self, default: float) -> float:
+        return self.lr if self.lr is not None else default
+
+    # -- TOML --------------------------------------------------------------
+    def to_toml_dict(self) -> dict:
+        d: dict[str, Any] = {}
+        for f in attrs.fields(RunConfig):
+            v = getattr(self, f.name)
+            if f.name in ("data", "loss", "head", "strategies", "out"):
+                continue
+            if v is None:
+                continue
+            d[f.name] = v
+        d["data"] = self.data.to_table()
+        d["loss"] = self.loss.to_table()
+        if self.head is not None:
+            d["head"] = self.head.to_table()
+        d["strategy"] = [s.to_table() for s in self.strategies]
+        return d
+
+    @classmethod
+    def from_toml_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        d = dict(d)
+        kwargs: dict[str, Any] = {}
+        if "data" in d:
+            kwargs["data"] = ref_from_table(d.pop("data"), f"{where}: [data]")
+        if "loss" in d:
+            kwargs["loss"] = ref_from_table(d.pop("loss"), f"{where}: [loss]")
+        if "head" in d:
+            h = d.pop("head")
+            kwargs["head"] = None if h in ("none", None) else ref_from_table(h, f"{where}: [head]")
+        if "strategy" in d:
+            s = d.pop("strategy")
+            s = s if isinstance(s, list) else [s]
+            kwargs["strategies"] = [ref_from_table(x, f"{where}: [[strategy]]") for x in s]
+        names = {f.name: f for f in attrs.fields(cls)}
+        for key, value in d.items():
+            f = names.get(key)
+            if f is None or key == "strategies":
+                valid = ", ".join(sorted(set(names) - {"strategies"} | {"strategy"}))
+                raise ClipftUsageError(f"{where}: unknown key '{key}'. Valid keys: {valid}")
+            kwargs[key] = _check_type(key, value, f.type, where)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ClipftUsageError(f"{where}: {exc}") from None
+
+
+def _check_type(key, value, tp, where):
+    tp = {"int": int, "float": float, "str": str, "bool": bool}.get(tp, tp) if isinstance(tp, str) else tp
+    text = str(tp)
+    ok = True
+    if tp is bool or text == "bool":
+        ok = isinstance(value, bool)
+    elif tp is int or text == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in text:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif "int" in text:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "str" in text:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ClipftUsageError(f"{where}: '{key}' has the wrong type ({type(value).__name__}); expected {text}")
+    return value
+
+
+def load_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ClipftUsageError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ClipftUsageError(f"{p}: invalid TOML: {exc}") from None
+
+
+# -- a tiny TOML writer: the config only holds scalars, lists of scalars and
+#    (arrays of) flat tables, so a dependency would be overkill.
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(d: dict) -> str:
+    lines = []
+    tables = []
+    for k, v in d.items():
+        if isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
+            tables.append((k, v))
+        elif isinstance(v, list) and not v:
+            continue  # an empty array of tables is simply absent
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in tables:
+        for table in (v if isinstance(v, list) else [v]):
+            lines.append("")
+            lines.append(f"[[{k}]]" if isinstance(v, list) else f"[{k}]")
+            for tk, tv in table.items():
+                lines.append(f"{tk} = {_toml_value(tv)}")
+    return "\n".join(lines) + "\n"

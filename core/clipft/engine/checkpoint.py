@@ -1,0 +1,153 @@
+"""Checkpoints: safetensors tensors plus a JSON state, written atomically.
+
+Layout of ``RUN_DIR/checkpoint/``:
+- ``model.safetensors``: trainable tensors, buffers of trained modules, and any
+  tensor a strategy added or reshaped (the rest comes from the base model);
+- ``head.safetensors``: the head's state, when there is a head;
+- ``optimizer.safetensors`` + ``state.json``: optimizer and scheduler state, RNG
+  states, epoch and step counters, so that ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipft.errors import ClipftError
+
+FORMAT_VERSION = 1
+
+
+def changed_state(model: torch.nn.Module, base_shapes: dict) -> dict:
+    """Tensors that differ from the base model: trainable parameters, buffers of
+    modules that train, and keys that are new or reshaped."""
+    sd = model.state_dict()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep = set(trainable)
+    for mname, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            prefix = f"{mname}." if mname else ""
+            keep.update(prefix + b for b, _ in module.named_buffers(recurse=False))
+    for k, v in sd.items():
+        if k not in base_shapes or tuple(base_shapes[k]) != tuple(v.shape):
+            keep.add(k)
+    return {k: sd[k].detach().contiguous().cpu() for k in sorted(keep) if k in sd}
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta[f"{pid}.{k}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"scalars": meta, "param_groups": groups}
+
+
+def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, run, epoch: int, global_step: int, history: list) -> None:
+    final = Path(run_dir) / "checkpoint"
+    tmp = Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(changed_state(run.model, run.base_shapes), str(tmp / "model.safetensors"))
+    if run.head is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in run.head.state_dict().items()},
+                  str(tmp / "head.safetensors"))
+    opt_tensors, opt_meta = _optimizer_tensors(run.optimizer)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
+               **{f"rng.{k}": v for k, v in rng.items()}},
+              str(tmp / "optimizer.safetensors"))
+    np_state = np.random.get_state()
+    state = {
+        "format": FORMAT_VERSION,
+        "epoch": epoch,
+        "global_step": global_step,
+        "optimizer": opt_meta,
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "python_random": _jsonable(random.getstate()),
+        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "history": history,
+        "trainable": sorted(n for n, p in run.model.named_parameters() if p.requires_grad),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
+    # swap in atomically: a crash leaves either the old or the new checkpoint
+    old = Path(run_dir) / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+def _jsonable(state):
+    if isinstance(state, tuple):
+        return [_jsonable(x) for x in state]
+    return state
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def load_checkpoint(run_dir: Path, run) -> dict:
+    ck = Path(run_dir) / "checkpoint"
+    if not (ck / "state.json").is_file():
+        raise ClipftError(f"no checkpoint found in {ck}")
+    state = json.loads((ck / "state.json").read_text())
+    model_t = load_file(str(ck / "model.safetensors"), device=str(run.device))
+    missing = [k for k in model_t if k not in run.model.state_dict()]
+    if missing:
+        raise ClipftError(f"checkpoint tensors do not fit the rebuilt model: {missing[:5]}")
+    run.model.load_state_dict(model_t, strict=False)
+    if run.head is not None:
+        run.head.load_state_dict(load_file(str(ck / "head.safetensors"), device=str(run.device)))
+    rest = load_file(str(ck / "optimizer.safetensors"))
+    opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
+    _restore_optimizer(run.optimizer, opt_t, state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler"):
+        run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("grad_scaler"):
+        run.scaler.load_state_dict(state["grad_scaler"])
+    torch.set_rng_state(rest["rng.torch_cpu"])
+    cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    random.setstate(_tuplify(state["python_random"]))
+    ns = state["numpy_random"]
+    np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+    return state

@@ -1,0 +1,56 @@
+"""The forward pass of one batch and the record a loss receives."""
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+
+@attrs.define
+class ForwardRecord:
+    """What a loss sees. Features are L2-normalised; ``logit_scale`` is already
+    exponentiated (as open_clip's ``ClipLoss`` expects)."""
+
+    image_features: torch.Tensor
+    text_features: Optional[torch.Tensor] = None
+    logit_scale: Optional[torch.Tensor] = None
+    logit_bias: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    #: equal ids mark identical caption strings within the batch (e.g. class
+    #: prompts of the same class), so a loss can treat them as positives
+    caption_ids: Optional[torch.Tensor] = None
+
+
+def caption_ids(captions) -> torch.Tensor:
+    seen: dict[str, int] = {}
+    return torch.tensor([seen.setdefault(c, len(seen)) for c in captions], dtype=torch.long)
+
+
+def logit_scale_of(model) -> torch.Tensor:
+    return model.logit_scale.exp()
+
+
+def logit_bias_of(model) -> Optional[torch.Tensor]:
+    return getattr(model, "logit_bias", None)
+
+
+def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.encode_image(images), dim=-1)
+
+
+def encode_texts(model, tokens: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model.encode_text(tokens), dim=-1)
+
+
+def class_text_features(model, tokenizer, classnames, templates, device, batch: int = 256) -> torch.Tensor:
+    """Zero-shot classifier weights ``[C, D]``: per class, the normalised mean of
+    the normalised template embeddings (CLIP's prompt ensembling)."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    feats = []
+    for i in range(0, len(texts), batch):
+        feats.append(encode_texts(model, tokenizer(texts[i:i + batch]).to(device)))
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)

@@ -1,0 +1,17 @@
+"""Error types that the CLI maps to exit codes (2: usage/config, 1: runtime)."""
+
+
+class ClipftError(Exception):
+    """A runtime failure with a message meant for the user (exit code 1)."""
+
+    exit_code = 1
+
+
+class ClipftUsageError(ClipftError):
+    """Bad command line, config, option or component choice (exit code 2)."""
+
+    exit_code = 2
+
+
+class PluginConflictError(ClipftUsageError):
+    """Two distributions registered the same component name in the same kind."""

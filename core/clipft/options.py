@@ -1,0 +1,181 @@
+"""Component references (``name:k=v,...``) and option validation.
+
+Options of every component are an attrs class. The same validation serves the
+command line (strings to coerce) and TOML tables (already typed values).
+"""
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+import attrs
+
+from clipft.errors import ClipftUsageError
+
+
+@attrs.frozen
+class ComponentRef:
+    """A component chosen by the user: its name and raw option values."""
+
+    name: str
+    options: dict = attrs.field(factory=dict, converter=dict)
+
+    def to_table(self) -> dict:
+        return {"name": self.name, **self.options}
+
+
+def parse_ref(text: str) -> ComponentRef:
+    """Parse ``name`` or ``name:k=v,k2=v2``.
+
+    A comma-separated item with no ``=`` continues the previous value, so list
+    options can be written inline: ``lora:targets=q,k,v,r=4``.
+    """
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise ClipftUsageError(f"empty component name in '{text}'")
+    options: dict[str, str] = {}
+    last = None
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        if "=" in item:
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if not key:
+                raise ClipftUsageError(f"empty option key in '{text}'")
+            options[key] = value.strip()
+            last = key
+        elif last is not None:
+            options[last] += "," + item
+        else:
+            raise ClipftUsageError(
+                f"option '{item}' in '{text}' has no value; write it as key=value")
+    return ComponentRef(name, options)
+
+
+def ref_from_table(table: Any, where: str) -> ComponentRef:
+    """A TOML table ``{name = "...", k = v}`` (or a bare string) to a ref."""
+    if isinstance(table, str):
+        return parse_ref(table)
+    if not isinstance(table, dict) or "name" not in table:
+        raise ClipftUsageError(f"{where} must be a string or a table with a 'name' key")
+    opts = {k: v for k, v in table.items() if k != "name"}
+    return ComponentRef(str(table["name"]), opts)
+
+
+def _fields(options_cls: type):
+    attrs.resolve_types(options_cls)
+    return attrs.fields(options_cls)
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(type_name(a) for a in args) + " | none"
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (list, tuple) or tp in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list[{type_name(args[0]) if args else 'str'}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Coerce a CLI string (or check a TOML value) against a field type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+    if tp in (list, tuple):
+        origin = tp
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1] or (str,)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError("must be a list")
+        out = [_coerce(v.strip() if isinstance(v, str) else v, item_tp) for v in items]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError("must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value)
+        raise ValueError("must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+        raise ValueError("must be a number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError("must be a string")
+        return str(value)
+    return value
+
+
+def build_options(kind: str, spec, raw: dict) -> Any:
+    """Validate raw option values against ``spec.options``; raise a usage error
+    that names the key and lists the valid keys."""
+    fields = {f.name: f for f in _fields(spec.options)}
+    valid = ", ".join(fields) or "(none)"
+    values = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            raise ClipftUsageError(
+                f"{kind} '{spec.name}' has no option '{key}'. Valid options: {valid}")
+        try:
+            values[key] = _coerce(value, f.type)
+        except (ValueError, TypeError) as exc:
+            raise ClipftUsageError(
+                f"bad value {value!r} for option '{key}' of {kind} '{spec.name}' "
+                f"(expected {type_name(f.type)}): {exc}. Valid options: {valid}") from None
+    try:
+        return spec.options(**values)
+    except (ValueError, TypeError) as exc:
+        raise ClipftUsageError(
+            f"invalid options for {kind} '{spec.name}': {exc}. Valid options: {valid}") from None
+
+
+def describe_options(spec) -> list[dict]:
+    rows = []
+    for f in _fields(spec.options):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        rows.append({
+            "name": f.name,
+            "type": type_name(f.type),
+            "default": default if default is not attrs.NOTHING else None,
+            "required": default is attrs.NOTHING,
+            "help": f.metadata.get("help", ""),
+        })
+    return rows
+
+
+def options_to_dict(opts: Any) -> dict:
+    return attrs.asdict(opts, recurse=False) if attrs.has(type(opts)) else {}

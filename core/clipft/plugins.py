@@ -1,0 +1,189 @@
+"""Plugin discovery and the component registry.
+
+Plugins are found through the ``clipft`` entry-point group and loaded only when a
+command needs them. Built-in plugins are ordinary distributions under
+``plugins/`` and go through exactly the same path as third-party ones.
+
+The core calls every hookimpl itself (rather than ``pm.hook.x()``) so that it
+knows which distribution registered which component, can report a plugin whose
+hook raises as ``failed`` without losing the others, and can name both sides of
+a duplicate registration.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import traceback
+from typing import Iterable, Optional
+
+import attrs
+import pluggy
+
+from clipft import hookspecs
+from clipft.errors import ClipftUsageError, PluginConflictError
+from clipft.specs import KINDS, SPEC_BY_KIND
+
+ENTRY_POINT_GROUP = "clipft"
+DISABLE_ENV = "CLIPFT_DISABLE_PLUGINS"
+
+HOOK_BY_KIND = {
+    "strategy": "clipft_register_strategies",
+    "loss": "clipft_register_losses",
+    "head": "clipft_register_heads",
+    "data": "clipft_register_data_sources",
+}
+
+
+@attrs.define
+class PluginRecord:
+    """One loaded (or failed, or disabled) plugin and what it provides."""
+
+    name: str           # entry-point name, or the name given in-process
+    distribution: str
+    version: str
+    status: str = "active"  # active | failed | disabled
+    error: Optional[str] = None
+    provides: dict = attrs.field(factory=lambda: {k: [] for k in KINDS})
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+            "provides": {k: v for k, v in self.provides.items() if v},
+        }
+
+
+def disabled_from_env() -> set[str]:
+    raw = os.environ.get(DISABLE_ENV, "")
+    return {x.strip() for x in raw.split(",") if x.strip()}
+
+
+def _short_error(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+class Registry:
+    """Loads plugins and indexes their components by kind and name."""
+
+    def __init__(
+        self,
+        plugins: Iterable[object] = (),
+        disabled: Iterable[str] = (),
+        entry_points: bool = True,
+    ):
+        self._extra = list(plugins)
+        self._disabled = set(disabled) | disabled_from_env()
+        self._use_entry_points = entry_points
+        self._loaded = False
+        self.records: list[PluginRecord] = []
+        self.components: dict[str, dict[str, tuple[object, PluginRecord]]] = {k: {} for k in KINDS}
+
+    # -- loading -----------------------------------------------------------
+    def load(self) -> "Registry":
+        if self._loaded:
+            return self
+        self._loaded = True
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        pending: list[tuple[object, PluginRecord]] = []
+
+        if self._use_entry_points:
+            for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+                dist = ep.dist.name if ep.dist is not None else "?"
+                version = ep.dist.version if ep.dist is not None else "?"
+                rec = PluginRecord(name=ep.name, distribution=dist, version=version)
+                self.records.append(rec)
+                if ep.name in self._disabled or dist in self._disabled:
+                    rec.status = "disabled"
+                    continue
+                try:
+                    obj = ep.load()
+                    pm.register(obj, name=f"{dist}:{ep.name}")
+                except Exception as exc:  # a broken plugin must not break the rest
+                    rec.status, rec.error = "failed", _short_error(exc)
+                    continue
+                pending.append((obj, rec))
+
+        for i, obj in enumerate(self._extra):
+            name = getattr(obj, "__name__", None) or type(obj).__name__
+            rec = PluginRecord(name=name, distribution=f"<in-process:{name}>", version="-")
+            self.records.append(rec)
+            if name in self._disabled:
+                rec.status = "disabled"
+                continue
+            try:
+                pm.register(obj, name=f"in-process:{i}:{name}")
+            except Exception as exc:
+                rec.status, rec.error = "failed", _short_error(exc)
+                continue
+            pending.append((obj, rec))
+
+        for obj, rec in pending:
+            self._collect(pm, obj, rec)
+        return self
+
+    def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord) -> None:
+        staged: list[tuple[str, object]] = []
+        for kind, hook_name in HOOK_BY_KIND.items():
+            hook = getattr(pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                if impl.plugin is not obj:
+                    continue
+                spec_cls = SPEC_BY_KIND[kind]
+
+                def register(spec, _kind=kind, _cls=spec_cls):
+                    if not isinstance(spec, _cls):
+                        raise TypeError(
+                            f"{hook_name} expects {_cls.__name__} objects, got {type(spec).__name__}"
+                        )
+                    staged.append((_kind, spec))
+
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    rec.status, rec.error = "failed", _short_error(exc)
+                    return
+        # Only a plugin whose hooks all succeeded contributes components.
+        for kind, spec in staged:
+            existing = self.components[kind].get(spec.name)
+            if existing is not None and existing[1] is not rec:
+                other = existing[1]
+                raise PluginConflictError(
+                    f"{kind} '{spec.name}' is registered by two distributions: "
+                    f"'{other.distribution}' ({other.name}) and '{rec.distribution}' ({rec.name}). "
+                    f"Uninstall one, or disable one with --disable-plugin {rec.name} "
+                    f"or {DISABLE_ENV}={rec.name}."
+                )
+            self.components[kind][spec.name] = (spec, rec)
+            rec.provides[kind].append(spec.name)
+
+    # -- lookup ------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        self.load()
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str):
+        self.load()
+        hit = self.components[kind].get(name)
+        if hit is None:
+            available = ", ".join(self.names(kind)) or "(none installed)"
+            failed = [r for r in self.records if r.status == "failed"]
+            note = ""
+            if failed:
+                note = " Plugins that failed to load: " + ", ".join(
+                    f"{r.distribution} ({r.error})" for r in failed) + "."
+            raise ClipftUsageError(
+                f"unknown {kind} '{name}'. Available: {available}. "
+                f"Install a plugin that provides it (e.g. `pip install clipft-{name}`) "
+                f"and check `clipft plugins`.{note}"
+            )
+        return hit[0]
+
+    def distribution_of(self, kind: str, name: str) -> str:
+        self.load()
+        return self.components[kind][name][1].distribution

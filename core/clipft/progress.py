@@ -1,0 +1,90 @@
+"""Human output: rich progress bars and tables, always on stderr."""
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def stderr_console() -> Console:
+    # created per call so that redirected stderr (tests, pipes) is honoured
+    return Console(file=sys.stderr, highlight=False)
+
+
+class Silent:
+    """Reporter that prints nothing (the Python API's default)."""
+
+    def announce(self, run, out_dir): ...
+    def start_epoch(self, epoch, epochs, n_batches): return None
+    def advance(self, task, **kw): ...
+    def end_epoch(self, task): ...
+    def epoch_metrics(self, epoch, metrics, train_loss): ...
+    def final_table(self, summary): ...
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+class RichReporter(Silent):
+    def __init__(self, console: Console | None = None):
+        self.console = console or stderr_console()
+        self._progress: Progress | None = None
+
+    def announce(self, run, out_dir):
+        total, trainable = run.param_counts
+        strategies = "+".join(s.name for s, _ in run.resolved.strategies) or "none (head only)"
+        self.console.print(
+            f"[bold]clipft[/bold] {run.config.model} ({run.pretrained}) on {run.device} · "
+            f"strategy {strategies} · loss {run.resolved.loss[0].name} · "
+            f"head {run.resolved.head[0].name if run.resolved.head else '-'}")
+        self.console.print(
+            f"data {run.resolved.data[0].name}: {len(run.bundle.train)} train / {len(run.bundle.val)} val"
+            + (f", {len(run.bundle.classnames)} classes" if run.bundle.classnames else "")
+            + f" · trainable {trainable:,} of {total:,} params ({100 * trainable / max(1, total):.2f}%) · "
+            f"lr {run.lr:g} · out {out_dir}")
+        if run.bundle.skipped:
+            self.console.print(f"[yellow]skipped {len(run.bundle.skipped)} unreadable image(s)[/yellow], "
+                               f"e.g. {run.bundle.skipped[0][0]}")
+
+    def start_epoch(self, epoch, epochs, n_batches):
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(),
+            console=self.console, transient=False)
+        self._progress.start()
+        return self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
+
+    def advance(self, task, loss, lr, sps):
+        self._progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
+
+    def end_epoch(self, task):
+        self._progress.stop()
+
+    def epoch_metrics(self, epoch, metrics, train_loss):
+        shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if "@" not in k or k.startswith("recall"))
+        self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
+
+    def final_table(self, summary):
+        before, after = summary["eval"]["before"], summary["eval"]["after"]
+        t = Table(title="evaluation (val split)")
+        t.add_column("metric")
+        t.add_column("before", justify="right")
+        t.add_column("after", justify="right")
+        t.add_column("change", justify="right")
+        for k in after:
+            b, a = before.get(k), after[k]
+            t.add_row(k, _fmt(b) if b is not None else "-", _fmt(a),
+                      f"{a - b:+.4f}" if b is not None else "-")
+        self.console.print(t)
+        tr = summary["train"]
+        extra = ""
+        if "cache" in summary:
+            c = summary["cache"]
+            extra = f" · cache hits {c.get('hits', 0)} (built in {c.get('build_seconds', 0):.2f}s)"
+        self.console.print(
+            f"trained {tr['steps']} steps in {tr['seconds']:.1f}s · {tr['samples_per_s']:.1f} samples/s · "
+            f"peak RSS {tr['peak_rss_mb']:.0f} MB{extra} · run dir {summary['run_dir']}")

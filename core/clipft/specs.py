@@ -1,0 +1,96 @@
+"""Frozen spec objects that plugins hand to the ``register`` callbacks.
+
+Each spec names a component, summarises it, points at an attrs ``options`` class
+(whose fields carry type, default, validator and help in ``metadata["help"]``)
+and a ``build`` factory. The core validates user options against ``options``
+before it calls ``build``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import attrs
+
+KINDS = ("strategy", "loss", "head", "data")
+
+# Needs a loss can declare; the core checks them before training starts.
+NEED_TEXT = "text"      # paired text for every image (captions or class prompts)
+NEED_LABELS = "labels"  # integer class labels
+NEED_HEAD = "head"      # a classification head producing logits
+
+
+@attrs.frozen
+class NoOptions:
+    """Options class for components that take none."""
+
+
+def _spec(kind: str):
+    def deco(cls):
+        cls.kind = kind
+        return cls
+    return deco
+
+
+@_spec("strategy")
+@attrs.frozen
+class StrategySpec:
+    name: str
+    summary: str
+    build: Callable[[Any], Any]
+    options: type = NoOptions
+    #: Learning rate used when the user gives none (first strategy wins).
+    default_lr: Optional[float] = None
+
+
+@_spec("loss")
+@attrs.frozen
+class LossSpec:
+    name: str
+    summary: str
+    build: Callable[[Any], Any]
+    options: type = NoOptions
+    needs: frozenset = attrs.field(default=frozenset(), converter=frozenset)
+
+
+@_spec("head")
+@attrs.frozen
+class HeadSpec:
+    name: str
+    summary: str
+    build: Callable[[Any, Any], Any]
+    options: type = NoOptions
+    #: True when the head needs class names/prompts (zero-shot, text heads).
+    needs_classes: bool = False
+
+
+@_spec("data")
+@attrs.frozen
+class DataSourceSpec:
+    name: str
+    summary: str
+    build: Callable[[Any, Any], Any]
+    options: type = NoOptions
+
+
+SPEC_BY_KIND = {
+    "strategy": StrategySpec,
+    "loss": LossSpec,
+    "head": HeadSpec,
+    "data": DataSourceSpec,
+}
+
+
+@attrs.define
+class Selection:
+    """A group of parameters a strategy wants trained.
+
+    ``weight_decay`` None means "decide per tensor" (no decay on biases, norms,
+    embeddings-like 1-d tensors and logit_scale), True/False forces it.
+    """
+
+    group: str
+    params: list  # list of (qualified_name, nn.Parameter)
+    lr_scale: float = 1.0
+    weight_decay: Optional[bool] = None
+    #: name of the strategy that produced the selection (filled by the core)
+    source: str = ""

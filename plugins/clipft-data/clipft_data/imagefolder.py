@@ -1,0 +1,85 @@
+"""``imagefolder``: ``root/class_name/*.jpg``, like torchvision's ImageFolder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from clipft.data import IMAGE_EXTENSIONS, DataBundle, check_image
+from clipft.errors import ClipftUsageError
+
+from clipft_data.common import FileDataset, fraction, split_items, templates_field
+
+
+@attrs.frozen
+class ImageFolderOptions:
+    root: str = attrs.field(metadata={"help": "folder with one sub-folder per class (or train/ and val/)"})
+    val_fraction: float = attrs.field(default=0.2, validator=fraction, metadata={
+        "help": "share of each class held out for validation when there is no val/ folder"})
+    templates: tuple = templates_field()
+    underscores_to_spaces: bool = attrs.field(default=True, metadata={
+        "help": "turn 'golden_retriever' into 'golden retriever' in prompts"})
+
+
+def _scan(root: Path):
+    """Class folders and their image files; errors name the offending folder."""
+    if not root.is_dir():
+        raise ClipftUsageError(f"imagefolder: data folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ClipftUsageError(
+            f"imagefolder: {root} has no class folders; expected {root}/<class_name>/<image files>")
+    files = {}
+    for c in classes:
+        imgs = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not imgs:
+            raise ClipftUsageError(
+                f"imagefolder: class folder {root / c} has no images "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+        files[c] = imgs
+    return classes, files
+
+
+def _items(classes, files, skipped, label_of):
+    items = []
+    for c in classes:
+        for p in files[c]:
+            reason = check_image(p)
+            if reason:
+                skipped.append((str(p), reason))
+            else:
+                items.append((str(p), None, label_of[c]))
+    return items
+
+
+def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
+    root = Path(opts.root).expanduser()
+    skipped: list = []
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_files = _scan(root / "train")
+        val_classes, val_files = _scan(root / "val")
+        if val_classes != classes:
+            missing = sorted(set(classes) ^ set(val_classes))
+            raise ClipftUsageError(f"imagefolder: train/ and val/ have different classes: {missing}")
+        label_of = {c: i for i, c in enumerate(classes)}
+        train = _items(classes, train_files, skipped, label_of)
+        val = _items(classes, val_files, skipped, label_of)
+    else:
+        classes, files = _scan(root)
+        label_of = {c: i for i, c in enumerate(classes)}
+        train, val = split_items(_items(classes, files, skipped, label_of),
+                                 opts.val_fraction, ctx.seed, by_label=True)
+    if not train:
+        raise ClipftUsageError(f"imagefolder: no readable images under {root} ({len(skipped)} unreadable)")
+    names = [c.replace("_", " ") if opts.underscores_to_spaces else c for c in classes]
+    # the training caption of an image is a class prompt; templates rotate by
+    # sample so that every template is seen, deterministically
+    def caption(i, label):
+        return opts.templates[i % len(opts.templates)].format(names[label])
+    train = [(p, caption(i, y), y) for i, (p, _, y) in enumerate(train)]
+    val = [(p, caption(i, y), y) for i, (p, _, y) in enumerate(val)]
+    return DataBundle(
+        train=FileDataset(train, ctx.transform_train),
+        val=FileDataset(val, ctx.transform_val),
+        classnames=names, templates=opts.templates, has_captions=False, skipped=skipped,
+        description=f"imagefolder {root}")

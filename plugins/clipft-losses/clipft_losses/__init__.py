@@ -1,0 +1,84 @@
+"""Losses: ``contrastive`` (CLIP's symmetric InfoNCE) and ``cross-entropy``."""
+from typing import Literal, Optional
+
+import attrs
+
+from clipft import LossSpec, hookimpl
+from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
+
+
+@attrs.frozen
+class ContrastiveOptions:
+    duplicates: Literal["mask", "ignore"] = attrs.field(default="mask", metadata={"help": (
+        "pairs in a batch whose captions are identical (class prompts of one class): "
+        "'mask' removes them from each other's negatives; 'ignore' is plain CLIP, "
+        "which pushes an image away from its own caption's duplicate")})
+    fixed_scale: Optional[float] = attrs.field(default=None, metadata={"help": (
+        "use this logit scale instead of the model's learned one (CLIP-LoRA uses 100)")})
+    label_smoothing: float = attrs.field(default=0.0, validator=attrs.validators.and_(
+        attrs.validators.ge(0.0), attrs.validators.lt(1.0)), metadata={"help": "label smoothing"})
+
+
+def contrastive_loss(image_features, text_features, logit_scale, caption_ids=None,
+                     duplicates="mask", label_smoothing=0.0):
+    """Symmetric InfoNCE over a batch of L2-normalised features.
+
+    With ``duplicates='mask'`` and ``caption_ids``, entry (i, j) for i != j whose
+    captions are identical is removed from the softmax: those are not negatives
+    (they are the same text), and keeping them would give contradictory gradients
+    and a loss floor of log(k) for k duplicates.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits = logit_scale * image_features @ text_features.t()
+    n = logits.shape[0]
+    target = torch.arange(n, device=logits.device)
+    if duplicates == "mask" and caption_ids is not None:
+        same = caption_ids[:, None] == caption_ids[None, :]
+        off_diag = same & ~torch.eye(n, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(off_diag, float("-inf"))
+    loss_i = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    loss_t = F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
+    return (loss_i + loss_t) / 2
+
+
+class Contrastive:
+    def __init__(self, opts: ContrastiveOptions):
+        self.opts = opts
+
+    def __call__(self, rec):
+        scale = rec.logit_scale if self.opts.fixed_scale is None else self.opts.fixed_scale
+        ids = rec.caption_ids if self.opts.duplicates == "mask" else None
+        if self.opts.label_smoothing and ids is not None:
+            # smoothing spreads mass over masked (-inf) entries; keep it well-defined
+            ids = None
+        return contrastive_loss(rec.image_features, rec.text_features, scale, ids,
+                                self.opts.duplicates, self.opts.label_smoothing)
+
+
+@attrs.frozen
+class CrossEntropyOptions:
+    label_smoothing: float = attrs.field(default=0.0, validator=attrs.validators.and_(
+        attrs.validators.ge(0.0), attrs.validators.lt(1.0)), metadata={"help": "label smoothing"})
+
+
+class CrossEntropy:
+    def __init__(self, opts: CrossEntropyOptions):
+        self.opts = opts
+
+    def __call__(self, rec):
+        import torch.nn.functional as F
+        return F.cross_entropy(rec.logits.float(), rec.labels, label_smoothing=self.opts.label_smoothing)
+
+
+@hookimpl
+def clipft_register_losses(register):
+    register(LossSpec(
+        name="contrastive",
+        summary="CLIP's symmetric image-text InfoNCE with the model's logit scale.",
+        options=ContrastiveOptions, build=Contrastive, needs={NEED_TEXT}))
+    register(LossSpec(
+        name="cross-entropy",
+        summary="Cross-entropy of a classification head's logits against class labels.",
+        options=CrossEntropyOptions, build=CrossEntropy, needs={NEED_HEAD, NEED_LABELS}))
