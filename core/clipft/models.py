@@ -6,6 +6,7 @@ and CI run offline on 2 CPU cores. Real names (ViT-B-32, RN50, ...) go through
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -51,12 +52,45 @@ def _offline_message(model_name: str, pretrained: str, exc: BaseException) -> st
     return (
         f"could not fetch pretrained weights '{pretrained}' for model '{model_name}' "
         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-        "This machine looks offline. Download the checkpoint elsewhere and pass the "
-        f"local file instead: --pretrained /path/to/open_clip_model.safetensors "
+        "This machine looks offline. Download the checkpoint on a machine with network "
+        "(open_clip stores it under ~/.cache/huggingface/hub), copy it here and pass the "
+        "local file instead: --pretrained /path/to/open_clip_model.safetensors "
         f"(or a .bin/.pt state dict), e.g. `clipft run --model {model_name} "
-        "--pretrained ./ViT-B-32-laion2b_s34b_b79k.safetensors ...`. "
+        f"--pretrained ./{model_name}-{pretrained}.safetensors ...`. "
         "Use --pretrained none for a randomly initialised model."
     )
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable(enabled: bool):
+    """Without network, huggingface_hub retries for about a minute before it
+    falls back to its cache. Probe once; if the hub is unreachable, switch the
+    hub client to offline mode so cached weights still load and missing ones
+    fail at once."""
+    if not enabled:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    if not old and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedModel:
@@ -79,17 +113,18 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
                 f"unknown pretrained tag '{pretrained}' for model '{model_name}'. "
                 f"Known tags: {', '.join(tags) or '(none)'}; or pass a local checkpoint file, or 'none'.")
     try:
-        # open_clip logs a warning for every random init; for "none" that is the request
+        # open_clip logs a warning for every random init (for "none" that is the
+        # request) and an error before raising on failed downloads (we report it)
         quiet = logging.getLogger()
         level = quiet.level
-        if pretrained in ("none", ""):
-            quiet.setLevel(logging.ERROR)
+        quiet.setLevel(logging.CRITICAL)
         try:
-            model, pre_train, pre_val = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=None if pretrained in ("none", "") else pretrained,
-                device=device,
-            )
+            with _offline_if_unreachable(pretrained not in ("none", "") and not is_file):
+                model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                    model_name,
+                    pretrained=None if pretrained in ("none", "") else pretrained,
+                    device=device,
+                )
         finally:
             quiet.setLevel(level)
         tokenizer = open_clip.get_tokenizer(model_name)
