@@ -1,0 +1,192 @@
+"""Plugin discovery through real entry points: third-party install, failures,
+conflicts, in-process registration."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from clipft.errors import ClipftUsageError, PluginConflictError
+from clipft.plugins import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dist(site: Path, dist: str, module: str, source: str, ep_name: str | None = None):
+    """Write an installed distribution (module + .dist-info with entry_points.txt)
+    into ``site``: the same files pip writes on install."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-0.3.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.0\n")
+    (info / "entry_points.txt").write_text(f"[clipft]\n{ep_name or module} = {module}\n")
+
+
+STRATEGY_SRC = """
+    import attrs
+    from clipft import Selection, StrategySpec, hookimpl
+
+    @attrs.frozen
+    class Opts:
+        pass
+
+    class S:
+        def apply(self, model, ctx):
+            return [Selection("ls", [("logit_scale", model.logit_scale)])]
+
+    @hookimpl
+    def clipft_register_strategies(register):
+        register(StrategySpec(name="{name}", summary="test", options=Opts, build=lambda o: S()))
+"""
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    d = tmp_path / "site"
+    d.mkdir()
+    monkeypatch.syspath_prepend(str(d))
+    return d
+
+
+def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_path):
+    """pip-install the example BitFit plugin (a separate distribution with a real
+    entry point) into a fresh target dir, then use it from the CLI."""
+    target = tmp_path / "target"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT / "examples" / "third-party-plugin")],
+        check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    cli = [sys.executable, "-m", "clipft.cli"]
+    plugins = subprocess.run(cli + ["plugins", "--json"], env=env, capture_output=True, text=True)
+    rows = {p["distribution"]: p for p in json.loads(plugins.stdout)["plugins"]}
+    assert rows["clipft-bitfit"]["provides"] == {"strategy": ["bitfit"]}
+    assert rows["clipft-bitfit"]["status"] == "active"
+    out = tmp_path / "run"
+    r = subprocess.run(cli + ["run", "--model", "tiny-vit", "--data", "shapes:n=32,val_n=16",
+                              "--strategy", "bitfit:tower=vision", "--batch-size", "16",
+                              "--out", str(out), "--json"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["strategies"] == [{"name": "bitfit", "tower": "vision"}]
+    groups = summary["params"]["groups"]
+    assert [g["name"] for g in groups] == ["bias/no_decay"]
+    # every trainable tensor is a vision bias
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert saved and all(k.startswith("visual.") and k.endswith("bias") for k in saved)
+
+
+def test_plugin_that_fails_to_import_is_recorded_and_others_work(site, invoke, tmp_path):
+    make_dist(site, "clipft-broken", "clipft_broken", "raise ImportError('needs libfoo')")
+    reg = Registry().load()
+    rec = next(r for r in reg.records if r.distribution == "clipft-broken")
+    assert rec.status == "failed" and "needs libfoo" in rec.error
+    assert "full" in reg.names("strategy")
+    assert invoke("--help").exit_code == 0
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0
+    row = next(p for p in json.loads(r.stdout)["plugins"] if p["distribution"] == "clipft-broken")
+    assert row["status"] == "failed"
+    r = invoke("plugins")
+    assert "failed" in r.stderr and "needs libfoo" in r.stderr
+    r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "full",
+               "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_plugin_whose_hook_raises_is_failed_without_partial_registration(site):
+    make_dist(site, "clipft-halfway", "clipft_halfway", STRATEGY_SRC.format(name="halfway") + """
+    @hookimpl
+    def clipft_register_losses(register):
+        raise RuntimeError("loss hook exploded")
+    """)
+    reg = Registry().load()
+    rec = next(r for r in reg.records if r.distribution == "clipft-halfway")
+    assert rec.status == "failed" and "loss hook exploded" in rec.error
+    assert "halfway" not in reg.names("strategy")
+    with pytest.raises(ClipftUsageError, match="failed to load: clipft-halfway"):
+        reg.get("strategy", "halfway")
+
+
+def test_registering_a_wrong_spec_type_fails_the_plugin(site):
+    make_dist(site, "clipft-wrongtype", "clipft_wrongtype", """
+    from clipft import LossSpec, hookimpl
+    @hookimpl
+    def clipft_register_strategies(register):
+        register(LossSpec(name="x", summary="", build=lambda o: None))
+    """)
+    rec = next(r for r in Registry().load().records if r.distribution == "clipft-wrongtype")
+    assert rec.status == "failed" and "StrategySpec" in rec.error
+
+
+def test_two_distributions_registering_one_name_is_an_error_naming_both(site, invoke):
+    make_dist(site, "clipft-alpha", "clipft_alpha", STRATEGY_SRC.format(name="twin"))
+    make_dist(site, "clipft-beta", "clipft_beta", STRATEGY_SRC.format(name="twin"))
+    with pytest.raises(PluginConflictError) as exc:
+        Registry().load()
+    assert "clipft-alpha" in str(exc.value) and "clipft-beta" in str(exc.value)
+    r = invoke("plugins")
+    assert r.exit_code == 2 and "clipft-alpha" in r.stderr and "clipft-beta" in r.stderr
+    # the remedy the message suggests works
+    reg = Registry(disabled=["clipft_beta"]).load()
+    assert reg.distribution_of("strategy", "twin") == "clipft-alpha"
+
+
+def test_conflict_with_a_builtin_name(site):
+    make_dist(site, "clipft-myfull", "clipft_myfull", STRATEGY_SRC.format(name="full"))
+    with pytest.raises(PluginConflictError, match="clipft-full.*clipft-myfull|clipft-myfull.*clipft-full"):
+        Registry().load()
+
+
+def test_listing_plugins_does_not_import_torch():
+    code = ("import sys; from clipft.plugins import Registry; r = Registry().load(); "
+            "assert r.names('strategy'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_plugins_load_lazily_not_at_import():
+    code = "import sys, clipft, clipft.cli; print(any(m.startswith('clipft_') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_embedding_example_runs_with_in_process_plugin(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import embed_clipft
+        summary = embed_clipft.main(str(tmp_path / "emb"))
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert summary["strategies"] == [{"name": "norms", "tower": "vision"}]
+    # only the vision LayerNorms train
+    import open_clip
+    import torch
+
+    from clipft.models import register_tiny_configs
+    register_tiny_configs()
+    model = open_clip.create_model("tiny-vit")
+    expected = sum(p.numel() for m in model.visual.modules() if isinstance(m, torch.nn.LayerNorm)
+                   for p in m.parameters())
+    assert summary["params"]["trainable"] == expected
+    groups = summary["params"]["groups"]
+    assert {g["name"] for g in groups} == {"norms/no_decay"}
+    assert summary["params"]["trainable"] == groups[0]["params"] > 0
+    assert (tmp_path / "emb" / "summary.json").is_file()
+
+
+def test_in_process_plugin_conflicting_with_entry_point_is_reported():
+    import clipft
+    from clipft.specs import StrategySpec
+
+    class Dup:
+        @clipft.hookimpl
+        def clipft_register_strategies(self, register):
+            register(StrategySpec(name="full", summary="", build=lambda o: None))
+
+    with pytest.raises(PluginConflictError, match="<in-process:Dup>"):
+        Registry(plugins=[Dup()]).load()
