@@ -52,7 +52,7 @@ def build_zero_shot(opts: ZeroShotOptions, ctx):
     ctx.model.train(was)
     scale = opts.scale
     if scale is None:
-        scale = min(100.0, float(ctx.model.logit_scale.exp()))
+        scale = min(100.0, float(ctx.model.logit_scale.detach().exp()))
     return ScaledLinear(weight, opts.bias, scale)
 
 

@@ -1,0 +1,171 @@
+"""Data sources end to end, and every bad-input case from the core issue."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import read_summary
+
+BASE = ["run", "--model", "tiny-vit", "--batch-size", "8", "--epochs", "1", "--strategy", "full"]
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+def write_image(path, rgb, seed=0):
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb) + rng.integers(-20, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def make_folder(root, per_class=5, classes=("red", "blue", "green"), ext=".png"):
+    for c in classes:
+        for i in range(per_class):
+            write_image(root / c / f"{i}{ext}", COLOURS[c], seed=i)
+    return root
+
+
+def test_imagefolder_with_seeded_val_split(invoke, tmp_path):
+    root = make_folder(tmp_path / "data", per_class=5)
+    out = tmp_path / "run"
+    r = invoke(*BASE, "--data", f"imagefolder:root={root},val_fraction=0.4", "--head", "zero-shot",
+               "--out", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["data"]["classes"] == 3 and s["data"]["val_size"] == 6 and s["data"]["train_size"] == 9
+    assert {"top1", "head_top1"} <= set(s["eval"]["after"])
+    assert "recall@1" not in s["eval"]["after"]  # class folders are not caption data
+    # the zero-shot head starts exactly at zero-shot accuracy
+    assert s["eval"]["before"]["head_top1"] == s["eval"]["before"]["top1"]
+
+
+def test_imagefolder_train_val_subfolders_and_templates(invoke, tmp_path):
+    root = tmp_path / "data"
+    make_folder(root / "train", per_class=3)
+    make_folder(root / "val", per_class=2)
+    r = invoke(*BASE, "--data", f"imagefolder:root={root},templates=a {{}} thing,a picture of {{}}",
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["data"]["train_size"], s["data"]["val_size"]) == (9, 6)
+    cfg = (tmp_path / "run" / "config.toml").read_text()
+    assert 'templates = ["a {} thing", "a picture of {}"]' in cfg
+
+
+def test_undecodable_image_is_skipped_counted_and_reported(invoke, tmp_path):
+    root = make_folder(tmp_path / "data", per_class=4)
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff this is not a jpeg")
+    out = tmp_path / "run"
+    r = invoke(*BASE, "--data", f"imagefolder:root={root}", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "skipped 1 unreadable image" in r.stderr
+    s = read_summary(out)
+    assert s["data"]["skipped_images"] == 1 and s["data"]["skipped"][0].endswith("broken.jpg")
+    assert s["data"]["train_size"] + s["data"]["val_size"] == 12
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda root: None, "data folder not found"),
+    (lambda root: root.mkdir(), "has no class folders"),
+    (lambda root: (make_folder(root, 2), (root / "empty_class").mkdir()), "empty_class has no images"),
+])
+def test_bad_image_folders(invoke, tmp_path, setup, needle):
+    root = tmp_path / "data"
+    setup(root)
+    out = tmp_path / "run"
+    r = invoke(*BASE, "--data", f"imagefolder:root={root}", "--out", out)
+    assert r.exit_code == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def write_pairs(tmp_path, fmt, image_col="image", caption_col="caption"):
+    imgs = tmp_path / "imgs"
+    rows = []
+    for i, c in enumerate(["red", "blue", "green"] * 4):
+        write_image(imgs / f"{c}{i}.png", COLOURS[c], seed=i)
+        rows.append({image_col: f"imgs/{c}{i}.png", caption_col: f"a {c} square number {i}", "cls": c})
+    if fmt == "jsonl":
+        f = tmp_path / "pairs.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        f = tmp_path / f"pairs.{fmt}"
+        keys = list(rows[0])
+        f.write_text("\n".join([sep.join(keys)] + [sep.join(r[k] for k in keys) for r in rows]) + "\n")
+    return f
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_captions_formats_with_relative_paths(invoke, tmp_path, fmt, monkeypatch):
+    f = write_pairs(tmp_path, fmt)
+    monkeypatch.chdir(tmp_path.parent)  # relative paths resolve against the file, not the cwd
+    r = invoke(*BASE, "--data", f"captions:file={f},val_fraction=0.25", "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["data"]["train_size"], s["data"]["val_size"]) == (9, 3)
+    assert {"recall@1", "recall@5"} <= set(s["eval"]["after"])
+    assert "top1" not in s["eval"]["after"]  # no classes without a label column
+
+
+def test_captions_custom_columns_and_labels(invoke, tmp_path):
+    f = write_pairs(tmp_path, "csv", image_col="path", caption_col="text")
+    r = invoke(*BASE, "--data", f"captions:file={f},image_column=path,caption_column=text,label_column=cls",
+               "--head", "linear", "--loss", "cross-entropy", "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["data"]["classes"] == 3
+    assert {"top1", "head_top1", "recall@1"} <= set(s["eval"]["after"])
+
+
+def test_captions_missing_column(invoke, tmp_path):
+    f = write_pairs(tmp_path, "csv")
+    r = invoke(*BASE, "--data", f"captions:file={f},caption_column=text", "--out", tmp_path / "run")
+    assert r.exit_code == 2
+    assert "has no column 'text'" in r.stderr and "Columns: image, caption, cls" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_captions_without_labels_cannot_feed_a_head(invoke, tmp_path):
+    f = write_pairs(tmp_path, "csv")
+    r = invoke(*BASE, "--data", f"captions:file={f}", "--head", "linear", "--out", tmp_path / "run")
+    assert r.exit_code == 2 and "needs class labels" in r.stderr
+
+
+def test_captions_missing_file_and_missing_images(invoke, tmp_path):
+    r = invoke(*BASE, "--data", f"captions:file={tmp_path}/nope.csv", "--out", tmp_path / "r1")
+    assert r.exit_code == 2 and "file not found" in r.stderr
+    f = write_pairs(tmp_path, "csv")
+    f.write_text(f.read_text() + "imgs/gone.png,a lost caption,red\n")
+    r = invoke(*BASE, "--data", f"captions:file={f}", "--out", tmp_path / "r2", "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["data"]["skipped_images"] == 1
+
+
+def test_shapes_is_deterministic_and_matches_captions():
+    from clipft.data import DataContext
+    from clipft_data.shapes import ShapesOptions, build_shapes
+    import torchvision.transforms as T
+
+    ctx = DataContext(transform_train=T.ToTensor(), transform_val=T.ToTensor(), seed=0)
+    a = build_shapes(ShapesOptions(n=10, seed=3), ctx)
+    b = build_shapes(ShapesOptions(n=10, seed=3), ctx)
+    c = build_shapes(ShapesOptions(n=10, seed=4), ctx)
+    for i in range(10):
+        ia, ib = a.train[i], b.train[i]
+        assert (ia[1] == ib[1]).all() and ia[2:] == ib[2:]
+        assert ia[2] == f"a photo of a {a.classnames[ia[3]]}."
+    assert any(not (a.train[i][1] == c.train[i][1]).all() for i in range(10))
+    # the dominant non-background colour matches the caption
+    red = [x for x in (a.train[i] for i in range(10)) if "red" in x[2]]
+    for _, img, _, _ in red:
+        px = img.reshape(3, -1)
+        fg = px[:, px.min(0).values < 0.7]
+        assert fg[0].mean() > fg[1].mean() and fg[0].mean() > fg[2].mean()
+
+
+def test_tiny_rn_end_to_end_on_shapes(invoke, tmp_path):
+    r = invoke("run", "--model", "tiny-rn", "--data", "shapes:n=32,val_n=16", "--strategy", "full",
+               "--batch-size", "16", "--out", tmp_path / "rn", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["params"]["trainable"] > 0
