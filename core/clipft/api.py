@@ -28,16 +28,23 @@ def _config(config: Union[RunConfig, dict]) -> RunConfig:
     return config if isinstance(config, RunConfig) else RunConfig.from_toml_dict(config)
 
 
-def run(config: Union[RunConfig, dict], *, plugins: Iterable[object] = (),
+def run(config: Union[RunConfig, dict, None] = None, *, plugins: Iterable[object] = (),
         disabled: Iterable[str] = (), entry_points: bool = True,
         out: Optional[Union[str, Path]] = None, overwrite: bool = False,
         resume: Optional[Union[str, Path]] = None, progress=None,
         registry: Optional[Registry] = None) -> dict:
-    """Train and return the summary (the same dict as ``summary.json``)."""
+    """Train and return the summary (the same dict as ``summary.json``).
+
+    With ``resume=RUN_DIR`` and no ``config``, the run's own config.toml is used."""
+    from clipft.config import load_toml
     from clipft.engine.runner import execute
     from clipft.progress import Silent
 
     reg = registry or make_registry(plugins, disabled, entry_points)
+    if config is None:
+        if resume is None:
+            raise TypeError("run() needs a config, or resume=RUN_DIR")
+        config = load_toml(Path(resume) / "config.toml")
     cfg = _config(config)
     return execute(cfg, reg, progress or Silent(), out_dir=Path(out) if out else None,
                    overwrite=overwrite, resume=Path(resume) if resume else None)

@@ -1,0 +1,141 @@
+"""Engine behaviour: linear probe, determinism, resume, accumulation, clamping."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipft.api import RunConfig, plan, run
+from clipft.engine.optim import lr_factor
+
+DATA = "shapes:n=48,val_n=16"
+
+
+def cfg(**kw):
+    base = dict(model="tiny-vit", data=DATA, epochs=1, batch_size=16)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_linear_probe_trains_only_the_head(tmp_path):
+    """No strategy: the seed's 'Freeze + classifier'. The model stays bit-identical."""
+    s = run(cfg(head="linear", loss="cross-entropy", epochs=2), out=tmp_path / "probe")
+    assert [g["name"] for g in s["params"]["groups"]] == ["head", "head/no_decay"]
+    saved = load_file(str(tmp_path / "probe" / "checkpoint" / "model.safetensors"))
+    assert saved == {}  # nothing in the model changed
+    head = load_file(str(tmp_path / "probe" / "checkpoint" / "head.safetensors"))
+    assert set(head) == {"weight", "bias"}
+    assert s["params"]["trainable"] == 64 * 9 + 9
+    assert "head_top1" in s["eval"]["after"]
+    assert s["train"]["lr"] == 1e-3  # the head-only default
+
+
+def test_runs_are_deterministic_on_cpu(tmp_path):
+    a = run(cfg(strategies=["full"], lr=1e-3), out=tmp_path / "a")
+    b = run(cfg(strategies=["full"], lr=1e-3), out=tmp_path / "b")
+    assert a["eval"]["after"] == b["eval"]["after"]
+    ta = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    tb = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    """A 2-epoch run that dies after its first checkpoint, resumed, ends bit-identical
+    to the same run left uninterrupted (model, head and metrics)."""
+    from clipft.engine import runner
+
+    conf = cfg(strategies=["full"], lr=1e-3, epochs=2, head="zero-shot")
+    whole = run(conf, out=tmp_path / "whole")
+
+    class Crash(Exception):
+        pass
+
+    real_save = runner.save_checkpoint
+
+    def save_then_crash(*a, **k):
+        real_save(*a, **k)
+        raise Crash
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(conf, out=tmp_path / "crash")
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    assert json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())["epoch"] == 1
+    assert not (tmp_path / "crash" / "summary.json").exists()
+
+    resumed = run(resume=tmp_path / "crash")
+    for name in ("model", "head"):
+        a = load_file(str(tmp_path / "whole" / "checkpoint" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "crash" / "checkpoint" / f"{name}.safetensors"))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["eval"]["after"] == whole["eval"]["after"]
+    assert resumed["eval"]["before"] == whole["eval"]["before"]
+
+
+def test_resume_cli_extends_epochs_and_rejects_other_changes(invoke, tmp_path):
+    out = tmp_path / "r"
+    args = ["run", "--model", "tiny-vit", "--data", DATA, "--strategy", "full", "--batch-size", "16"]
+    assert invoke(*args, "--out", out).exit_code == 0
+    r = invoke("run", "--resume", out)
+    assert r.exit_code == 2 and "--epochs N with N > 1" in r.stderr
+    r = invoke("run", "--resume", out, "--lr", "0.5")
+    assert r.exit_code == 2 and "only --epochs" in r.stderr
+    r = invoke("run", "--resume", out, "--epochs", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert len(s["eval"]["history"]) == 3 and s["train"]["epochs"] == 2
+    r = invoke("run", "--resume", tmp_path / "nothing")
+    assert r.exit_code == 2 and "no config.toml" in r.stderr
+
+
+def test_grad_accumulation_matches_a_large_batch(tmp_path):
+    """Cross-entropy on a frozen model with a head: 2 micro-batches of 8 make the
+    same update as one batch of 16."""
+    common = dict(head="linear", loss="cross-entropy", lr=1e-2, data="shapes:n=32,val_n=8",
+                  grad_clip=0.0)
+    run(cfg(batch_size=16, **common), out=tmp_path / "big")
+    run(cfg(batch_size=8, grad_accum=2, **common), out=tmp_path / "acc")
+    a = load_file(str(tmp_path / "big" / "checkpoint" / "head.safetensors"))
+    b = load_file(str(tmp_path / "acc" / "checkpoint" / "head.safetensors"))
+    # the sampler order is the same for both; only the micro-batching differs
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_logit_scale_is_clamped_at_ln100(tmp_path):
+    s = run(cfg(strategies=["full"], lr=5.0, optimizer="sgd", grad_clip=0.0, schedule="constant",
+                warmup_steps=0, data="shapes:n=16,val_n=8"), out=tmp_path / "c")
+    t = load_file(str(tmp_path / "c" / "checkpoint" / "model.safetensors"))
+    assert t["logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_no_weight_decay_on_biases_norms_and_logit_scale(tmp_path):
+    p = plan(cfg(strategies=["full"]))
+    groups = {g["name"]: g for g in p["groups"]}
+    assert groups["full"]["weight_decay"] == 0.01
+    assert groups["full/no_decay"]["weight_decay"] == 0.0
+    from clipft.engine.compose import default_no_decay
+    assert default_no_decay("logit_scale", torch.zeros(()))
+    assert default_no_decay("visual.transformer.resblocks.0.ln_1.weight", torch.zeros(4))
+    assert not default_no_decay("visual.proj", torch.zeros(4, 4))
+
+
+def test_schedules():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10, "cosine") < 0.01
+    assert lr_factor(50, 100, 10, "constant") == 1.0
+
+
+def test_sgd_and_constant_schedule_run(tmp_path):
+    s = run(cfg(strategies=["full"], optimizer="sgd", schedule="constant", lr=1e-2), out=tmp_path / "s")
+    assert s["train"]["steps"] == 3
+
+
+def test_bad_config_values():
+    from clipft.errors import ClipftUsageError
+    with pytest.raises(ClipftUsageError, match="optimizer"):
+        RunConfig(optimizer="adam9")
+    with pytest.raises(ClipftUsageError, match="epochs"):
+        RunConfig(epochs=0)
