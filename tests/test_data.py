@@ -169,3 +169,30 @@ def test_tiny_rn_end_to_end_on_shapes(invoke, tmp_path):
                "--batch-size", "16", "--out", tmp_path / "rn", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["params"]["trainable"] > 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_samples_failing_at_load_time_are_dropped_and_counted_once(workers):
+    """Failures found only when decoding (or raising in a transform) are dropped
+    from the batch and counted in the main process, also with DataLoader workers."""
+    import torch
+    from clipft.data import Batches, DecodeFailures, GuardedDataset, collate
+
+    class Flaky:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            if i == 3:
+                return None            # undecodable
+            if i == 7:
+                raise OSError("truncated")  # transform blew up
+            return i, torch.zeros(3, 4, 4), f"c{i}", 0
+
+    failures = DecodeFailures()
+    for _ in range(2):  # two epochs: still counted once
+        loader = torch.utils.data.DataLoader(GuardedDataset(Flaky()), batch_size=4,
+                                             num_workers=workers, collate_fn=collate)
+        seen = [int(i) for b in Batches(loader, failures, "train") for i in b["index"]]
+    assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert failures.count == 2

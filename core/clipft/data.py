@@ -73,33 +73,79 @@ def check_image(path) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
+class _Failed:
+    """Marker for a sample that could not be produced (picklable for workers)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class GuardedDataset:
+    """Wraps a source's dataset so that a sample that fails to decode (None) or
+    raises while loading/transforming becomes a marker instead of a crash."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            item = self.dataset[i]
+        except Exception:
+            item = None
+        return _Failed(i) if item is None else item
+
+
 class DecodeFailures:
-    """Counts samples dropped at batch time (thread-safe; per process)."""
+    """Distinct samples dropped at batch time, counted in the main process so
+    DataLoader workers do not lose the count; a sample failing every epoch
+    counts once."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.count = 0
+        self._seen: set = set()
 
-    def add(self, n: int) -> None:
-        if n:
-            with self._lock:
-                self.count += n
+    def add(self, key, indices) -> None:
+        self._seen.update((key, int(i)) for i in indices)
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
 
 
-def make_collate(failures: DecodeFailures):
+def collate(items):
     import torch
 
-    def collate(items):
-        good = [x for x in items if x is not None]
-        failures.add(len(items) - len(good))
-        if not good:
-            return None
-        idx, imgs, caps, labels = zip(*good)
-        return {
-            "index": torch.tensor(idx, dtype=torch.long),
-            "images": torch.stack(imgs),
-            "captions": list(caps),
-            "labels": torch.tensor(labels, dtype=torch.long),
-        }
+    failed = [x.index for x in items if isinstance(x, _Failed)]
+    good = [x for x in items if not isinstance(x, _Failed)]
+    if not good:
+        return {"failed": failed, "images": None}
+    idx, imgs, caps, labels = zip(*good)
+    return {
+        "index": torch.tensor(idx, dtype=torch.long),
+        "images": torch.stack(imgs),
+        "captions": list(caps),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "failed": failed,
+    }
 
-    return collate
+
+class Batches:
+    """Iterates a DataLoader, records dropped samples and yields only usable
+    batches (so the training loop never sees an empty one)."""
+
+    def __init__(self, loader, failures: DecodeFailures, key):
+        self.loader, self.failures, self.key = loader, failures, key
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if batch["failed"]:
+                self.failures.add(self.key, batch["failed"])
+            if batch["images"] is not None:
+                yield batch

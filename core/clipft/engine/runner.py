@@ -17,7 +17,7 @@ import torch
 
 from clipft import __version__
 from clipft.config import RunConfig, dumps_toml
-from clipft.data import DataContext, DecodeFailures, make_collate
+from clipft.data import Batches, DataContext, DecodeFailures, GuardedDataset, collate
 from clipft.engine import rundir
 from clipft.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipft.engine.compose import apply_strategies, build_groups, freeze_frozen_norm_stats
@@ -121,12 +121,13 @@ class PreparedRun:
         if train:
             g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
             sampler = torch.utils.data.RandomSampler(dataset, generator=g)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=self.config.batch_size, sampler=sampler, shuffle=False,
-            num_workers=self.config.num_workers, collate_fn=make_collate(self.failures),
+        loader = torch.utils.data.DataLoader(
+            GuardedDataset(dataset), batch_size=self.config.batch_size, sampler=sampler,
+            shuffle=False, num_workers=self.config.num_workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
+        return Batches(loader, self.failures, id(dataset))
 
     def class_text_features(self) -> torch.Tensor:
         return class_text_features(self.model, self.tokenizer, self.bundle.classnames,
@@ -238,6 +239,25 @@ def train_step_record(run: PreparedRun, batch) -> ForwardRecord:
     )
 
 
+def _optimizer_step(run: PreparedRun, trainable: list) -> None:
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if run.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, run.config.grad_clip)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    # CLIP clamps the temperature so that logits stay below 100
+    ls = getattr(run.model, "logit_scale", None)
+    if isinstance(ls, torch.nn.Parameter) and ls.requires_grad:
+        with torch.no_grad():
+            ls.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def set_train_mode(run: PreparedRun) -> None:
     run.model.train()
     freeze_frozen_norm_stats(run.model)
@@ -265,10 +285,9 @@ def train(run: PreparedRun, out_dir: Path, progress, start_epoch: int = 0,
         epoch_loss, epoch_batches = 0.0, 0
         t_epoch = time.perf_counter()
         run.optimizer.zero_grad(set_to_none=True)
+        pending = 0  # micro-batches whose gradients are not yet applied
+        t_last = time.perf_counter()  # step time includes data loading: honest wall time
         for i, batch in enumerate(loader):
-            if batch is None:
-                continue
-            t0 = time.perf_counter()
             with run.autocast():
                 rec = train_step_record(run, batch)
                 total, terms = _loss_total(run.loss(rec))
@@ -277,24 +296,14 @@ def train(run: PreparedRun, out_dir: Path, progress, start_epoch: int = 0,
                                   "lower --lr or use --precision fp32")
             scaled = total / cfg.grad_accum
             (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == n_batches:
-                if run.scaler is not None:
-                    run.scaler.unscale_(run.optimizer)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                if run.scaler is not None:
-                    run.scaler.step(run.optimizer)
-                    run.scaler.update()
-                else:
-                    run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                run.scheduler.step()
+            pending += 1
+            stepped = pending == cfg.grad_accum or i + 1 == n_batches
+            if stepped:
+                _optimizer_step(run, trainable)
+                pending = 0
                 global_step += 1
-                ls = getattr(run.model, "logit_scale", None)
-                if isinstance(ls, torch.nn.Parameter) and ls.requires_grad:
-                    with torch.no_grad():
-                        ls.clamp_(0, MAX_LOGIT_SCALE)
-            dt = time.perf_counter() - t0
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
             bs = len(batch["index"])
             train_seconds += dt
             samples += bs
@@ -304,10 +313,13 @@ def train(run: PreparedRun, out_dir: Path, progress, start_epoch: int = 0,
             lr_now = run.optimizer.param_groups[0]["lr"]
             sps = bs / dt if dt > 0 else float("inf")
             progress.advance(task, loss=last_loss, lr=lr_now, sps=sps)
-            if global_step % cfg.log_every == 0 or i + 1 == n_batches:
+            if stepped and (global_step % cfg.log_every == 0 or i + 1 == n_batches):
                 rundir.append_jsonl(metrics_path, {
                     "type": "step", "epoch": epoch + 1, "step": global_step, "loss": last_loss,
                     "lr": lr_now, "samples_per_s": sps, **terms})
+        if pending:  # the last batches were dropped as undecodable: apply what we have
+            _optimizer_step(run, trainable)
+            global_step += 1
         progress.end_epoch(task)
         metrics = evaluate(run)
         entry = {"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_batches),
