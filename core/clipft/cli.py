@@ -239,27 +239,14 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
 @guarded
 def plan_cmd(ctx, config_file, as_json, **kw):
     """Show what a run would train (groups, counts, lr, memory) without training."""
-    from clipft.engine.plan import make_plan
+    from clipft.engine.plan import make_plan, render_plan
     cfg = build_config(config_file, kw)
     p = make_plan(cfg, _registry(ctx))
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
-    from rich.table import Table
     from clipft.progress import stderr_console
-    t = Table(title=f"plan: {cfg.model} · {'+'.join(p['strategies']) or 'none'}"
-                    f"{' · head ' + p['head'] if p['head'] else ''}")
-    for col in ("group", "from", "tensors", "params", "lr", "weight decay", "% of model"):
-        t.add_column(col, justify="left" if col in ("group", "from") else "right")
-    for g in p["groups"]:
-        t.add_row(g["name"], ",".join(g["sources"]), str(g["tensors"]), f"{g['params']:,}",
-                  f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['percent_of_model']:.3f}")
-    console = stderr_console()
-    console.print(t)
-    pr, mem = p["params"], p["memory"]
-    console.print(f"trainable {pr['trainable']:,} of {pr['total']:,} ({pr['trainable_percent']:.3f}%) · "
-                  f"{mem['optimizer']} state ≈ {mem['optimizer_state_bytes'] / 2**20:.1f} MiB · "
-                  f"gradients ≈ {mem['gradient_bytes'] / 2**20:.1f} MiB")
+    render_plan(p, stderr_console())
 
 
 def main():

@@ -8,8 +8,11 @@ Rules (also in the README):
 - Modifier strategies (``modify``) run afterwards, in order, and may only rescale
   or regroup what is already selected.
 - Contradictions are errors: the same strategy twice, two strategies that each
-  demand exclusive control, a modifier with nothing selected, or a modifier that
-  tries to add parameters.
+  demand exclusive control, a modifier with nothing selected, a modifier that
+  tries to add parameters, a strategy that selects what another one keeps frozen
+  (``keeps_frozen(model, ctx)`` returns those parameter names), and a strategy
+  that replaces parameters an earlier one already selected (list the replacing
+  strategy, e.g. ``reproject``, first).
 """
 from __future__ import annotations
 
@@ -59,15 +62,30 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
     selections: list[Selection] = []
     for name, strat in strategies:
         if hasattr(strat, "apply"):
-            for sel in strat.apply(model, ctx) or []:
+            new = list(strat.apply(model, ctx) or [])
+            present = {id(p) for p in model.parameters()}
+            for sel in selections:
+                gone = [n for n, p in sel.params if id(p) not in present]
+                if gone:
+                    raise ClipftUsageError(
+                        f"strategy '{name}' replaced parameters that strategy '{sel.source}' had "
+                        f"already selected ({gone[0]}); list '{name}' before '{sel.source}'")
+            for sel in new:
                 sel.source = sel.source or name
+                stray = [n for n, p in sel.params if id(p) not in present]
+                if stray:
+                    raise ClipftUsageError(
+                        f"strategy '{name}' selected parameters that are not part of the model ({stray[0]})")
                 selections.append(sel)
     for name, strat in strategies:
         if hasattr(strat, "modify") and not hasattr(strat, "apply"):
             if not any(sel.params for sel in selections):
+                selectors = [n for n, s in strategies if hasattr(s, "apply")]
+                by = (f"; '{selectors[0]}' selected nothing" if len(selectors) == 1 else
+                      f"; {', '.join(repr(x) for x in selectors)} selected nothing" if selectors else "")
                 raise ClipftUsageError(
                     f"strategy '{name}' only rescales learning rates, but nothing is selected "
-                    "to train; add a strategy that selects parameters before it")
+                    f"to train{by}; add a strategy that selects parameters (e.g. last-n, projections)")
             before = {id(p) for s in selections for _, p in s.params}
             selections = strat.modify(selections, model, ctx)
             after = {id(p) for s in selections for _, p in s.params}
@@ -83,6 +101,19 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
         claimed.update(id(p) for _, p in keep)
         if keep:
             final.append(attrs.evolve(sel, params=keep))
+    for name, strat in strategies:
+        keeps = getattr(strat, "keeps_frozen", None)
+        if keeps is None:
+            continue
+        frozen = set(keeps(model, ctx))
+        for sel in final:
+            hit = [n for n, _ in sel.params if n in frozen] if sel.source != name else []
+            if hit:
+                more = f" and {len(hit) - 1} more" if len(hit) > 1 else ""
+                raise ClipftUsageError(
+                    f"strategies '{name}' and '{sel.source}' contradict each other: '{name}' keeps "
+                    f"{hit[0]}{more} frozen, but '{sel.source}' trains {'them' if more else 'it'}. "
+                    f"Drop one of them or change its options (`clipft describe strategy {name}`)")
     for p in model.parameters():
         p.requires_grad_(id(p) in claimed)
     return final

@@ -1,13 +1,65 @@
-"""``clipft plan``: the parameter groups a run would train, without training."""
+"""``clipft plan``: the parameter groups a run would train, without training.
+
+:func:`make_plan` assembles the run exactly as ``clipft run`` would (same
+config, model, strategies, head and optimizer groups) and reports, as one JSON
+document:
+
+- ``groups``: one row per optimizer parameter group: name, the strategies it
+  came from, number of tensors, parameter count, lr, weight decay and its share
+  of the model;
+- ``params``: total and trainable counts, and per part of the model (vision
+  tower, text tower, logit, other, head), so that the share of each tower
+  that trains is visible;
+- ``towers``: what :mod:`clipft.anatomy` found (class, depth and depth unit),
+  which is what ``last-n:n=`` counts;
+- ``memory``: an estimate of what training adds on top of the weights:
+  optimizer state (AdamW keeps two moments per trainable element, SGD with
+  momentum one) and gradients, both in the parameters' own dtype. Activations
+  depend on the batch and are not included.
+
+:func:`render_plan` prints the same content as a table.
+"""
 from __future__ import annotations
 
 from clipft.engine.runner import prepare
 
-# bytes of optimizer state per trainable fp32 parameter
-STATE_BYTES = {"adamw": 8, "sgd": 4}
+#: optimizer state tensors kept per trainable element
+STATE_TENSORS = {"adamw": 2, "sgd": 1}
+
+
+def _state_tensors(config) -> int:
+    if config.optimizer == "sgd" and not getattr(config, "momentum", 0.0):
+        return 0
+    return STATE_TENSORS[config.optimizer]
+
+
+def _part_counts(run) -> dict:
+    from clipft.anatomy import describe
+
+    a = describe(run.model)
+    params = dict(run.model.named_parameters())
+    parts = {}
+    for key, names in (("vision", a.vision.names if a.vision else ()),
+                       ("text", a.text.names if a.text else ()),
+                       ("logit", a.logit), ("other", a.other)):
+        if names:
+            ps = [params[n] for n in names]
+            parts[key] = {"total": sum(p.numel() for p in ps),
+                          "trainable": sum(p.numel() for p in ps if p.requires_grad)}
+    if run.head is not None:
+        hp = list(run.head.parameters())
+        parts["head"] = {"total": sum(p.numel() for p in hp),
+                         "trainable": sum(p.numel() for p in hp if p.requires_grad)}
+    towers = {}
+    for t in (a.vision, a.text):
+        if t is not None:
+            towers[t.side] = {"class": t.class_name, "kind": t.kind, "depth": t.depth, "unit": t.unit,
+                              "has_projection": bool(t.projection)}
+    return {"parts": parts, "towers": towers}
 
 
 def make_plan(config, registry) -> dict:
+    """Build the run without an optimizer and describe what would train."""
     run = prepare(config, registry, build_optimizer=False)
     total, trainable = run.param_counts
     groups = [{
@@ -19,16 +71,72 @@ def make_plan(config, registry) -> dict:
         "weight_decay": g.weight_decay,
         "percent_of_model": 100.0 * g.numel / total if total else 0.0,
     } for g in run.groups]
+    trainable_params = [p for g in run.groups for _, p in g.params]
+    grad_bytes = sum(p.numel() * p.element_size() for p in trainable_params)
+    state_bytes = _state_tensors(config) * grad_bytes
+    weight_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    if run.head is not None:
+        weight_bytes += sum(p.numel() * p.element_size() for p in run.head.parameters())
+    anatomy = _part_counts(run)
     return {
         "model": config.model,
+        "pretrained": run.pretrained,
         "strategies": [s.name for s, _ in run.resolved.strategies],
         "head": run.resolved.head[0].name if run.resolved.head else None,
+        "lr": run.lr,
         "params": {"total": total, "trainable": trainable,
-                   "trainable_percent": 100.0 * trainable / total if total else 0.0},
+                   "trainable_percent": 100.0 * trainable / total if total else 0.0,
+                   "trainable_tensors": len(trainable_params),
+                   "by_part": anatomy["parts"]},
+        "towers": anatomy["towers"],
         "groups": groups,
         "memory": {
-            "optimizer_state_bytes": STATE_BYTES[config.optimizer] * trainable,
-            "gradient_bytes": 4 * trainable,
             "optimizer": config.optimizer,
+            "optimizer_state_bytes": state_bytes,
+            "gradient_bytes": grad_bytes,
+            "training_state_bytes": state_bytes + grad_bytes,
+            "weight_bytes": weight_bytes,
         },
     }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:,.1f} KiB"
+
+
+def render_plan(p: dict, console) -> None:
+    """Print a plan (the dict of :func:`make_plan`) as a table on ``console``."""
+    from rich.table import Table
+
+    title = (f"plan: {p['model']} · {' + '.join(p['strategies']) or 'no strategy'}"
+             f"{' · head ' + p['head'] if p['head'] else ''}")
+    t = Table(title=title, title_justify="left")
+    for col in ("group", "from", "tensors", "params", "lr", "weight decay", "% of model"):
+        t.add_column(col, justify="left" if col in ("group", "from") else "right", no_wrap=True)
+    for g in p["groups"]:
+        t.add_row(g["name"], ",".join(g["sources"]), str(g["tensors"]), f"{g['params']:,}",
+                  f"{g['lr']:.2e}", f"{g['weight_decay']:g}", f"{g['percent_of_model']:.3f}")
+    pr = p["params"]
+    t.add_section()
+    t.add_row("[bold]trainable[/]", "", str(pr["trainable_tensors"]), f"[bold]{pr['trainable']:,}[/]",
+              "", "", f"[bold]{pr['trainable_percent']:.3f}[/]")
+    t.add_row("model total", "", "", f"{pr['total']:,}", "", "", "100.000")
+    # a plan is read in logs and CI output, where rich assumes 80 columns: widen
+    # the console to fit the table rather than truncating group names
+    width = max(console.width, console.measure(t, options=console.options.update_width(400)).maximum)
+    console.width = width
+    console.print(t)
+    parts = []
+    for key, c in pr["by_part"].items():
+        share = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
+        parts.append(f"{key} {c['trainable']:,}/{c['total']:,} ({share:.1f}%)")
+    console.print("trains per part: " + " · ".join(parts))
+    towers = [f"{side}: {d['class']}, {d['depth']} {d['unit']}{'s' if d['depth'] != 1 else ''}"
+              for side, d in p["towers"].items()]
+    if towers:
+        console.print("towers: " + " · ".join(towers))
+    m = p["memory"]
+    console.print(
+        f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "
+        f"{_mib(m['optimizer_state_bytes'])} + gradients {_mib(m['gradient_bytes'])} "
+        f"(weights {_mib(m['weight_bytes'])}; activations not included)")

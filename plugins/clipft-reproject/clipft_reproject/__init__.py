@@ -1,0 +1,79 @@
+"""Strategy ``reproject`` (seed Step 6): replace the image and text projections
+by freshly initialised ones with a new output dimension ``dim``; the new
+projections train.
+
+- A Parameter projection (``visual.proj``, ``text_projection``) of shape
+  ``[width, old]`` becomes ``[width, dim]``; note that it is applied as
+  ``x @ proj``, so the new one is ``[width, dim]``, not ``[dim, width]``.
+- An ``nn.Linear`` projection (ModifiedResNet's ``attnpool.c_proj``, a timm
+  ``head.proj``, a SigLIP-style ``text_projection``) becomes
+  ``nn.Linear(in, dim)``; in an MLP projection the last Linear is replaced.
+
+The new weights are drawn from N(0, std²) (std defaults to ``width ** -0.5``,
+open_clip's own initialisation) with a generator seeded from the run seed, so
+a resumed run rebuilds the same shapes before its checkpoint is loaded.
+
+``reproject`` changes the model, so list it *before* strategies that select
+projections (``--strategy reproject:dim=256 --strategy last-n``); the other
+order is an error.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+
+from clipft import Selection, StrategySpec, hookimpl
+
+
+def _dim(inst, attribute, value):
+    if value is None:
+        raise ValueError("reproject needs the new embedding dimension: reproject:dim=N (e.g. dim=256)")
+    if value < 1:
+        raise ValueError(f"dim must be a positive integer, got {value}")
+
+
+def _std(inst, attribute, value):
+    if value is not None and not value > 0:
+        raise ValueError(f"std must be > 0, got {value}")
+
+
+@attrs.frozen
+class ReprojectOptions:
+    dim: Optional[int] = attrs.field(default=None, validator=_dim, metadata={
+        "help": "output dimension of the new projections (the new embedding size); required"})
+    std: Optional[float] = attrs.field(default=None, validator=_std, metadata={
+        "help": "init std of the new weights (default: input width ** -0.5, as open_clip)"})
+
+
+class Reproject:
+    def __init__(self, opts: ReprojectOptions):
+        self.opts = opts
+
+    def apply(self, model, ctx):
+        import torch
+
+        from clipft.anatomy import describe, named_params, replace_projection
+
+        a = describe(model)
+        towers = a.towers("both")
+        for t in towers:  # check both before changing either
+            t.require_projection(ctx.model_name)
+        gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 17)
+        for t in towers:
+            replace_projection(model, t, self.opts.dim, std=self.opts.std, generator=gen)
+        a = describe(model)
+        return [Selection(f"{t.side}.proj", named_params(model, t.projection))
+                for t in a.towers("both")]
+
+
+@hookimpl
+def clipft_register_strategies(register):
+    register(StrategySpec(
+        name="reproject",
+        summary="Replace both projections with fresh ones of a new output dimension (dim=N); they train.",
+        options=ReprojectOptions,
+        build=Reproject,
+        # new layers from scratch on frozen features: a linear-probe rate
+        default_lr=1e-3,
+    ))
