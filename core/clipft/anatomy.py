@@ -455,8 +455,8 @@ def replace_projection(model: nn.Module, tower: Tower, dim: int, std: Optional[f
 
     Weights are drawn from N(0, std²), std defaulting to ``width ** -0.5``
     (open_clip's own initialisation of projections), with ``generator`` so
-    that the result does not depend on the global RNG. The tower's
-    ``output_dim`` attribute follows the new dimension.
+    that the result does not depend on the global RNG. The tower module's
+    ``output_dim`` attribute is set to the new dimension (timm towers get one).
     """
     if dim < 1:
         raise ClipftUsageError(f"the new projection dimension must be >= 1, got {dim}")
@@ -500,10 +500,6 @@ def replace_projection(model: nn.Module, tower: Tower, dim: int, std: Optional[f
         raise ClipftUsageError(
             f"cannot replace the {tower.side} projection at '{path}': unsupported type "
             f"{type(obj).__name__}")
-    tower_module = get_path(model, tower.path) if tower.path else model
-    if hasattr(tower_module, "output_dim"):
-        try:
-            tower_module.output_dim = dim
-        except (AttributeError, TypeError):
-            pass
+    if tower.path:  # CLIP's inline text tower has no module of its own
+        get_path(model, tower.path).output_dim = dim
     return path
