@@ -160,6 +160,14 @@ def run_options(fn):
         click.option("--num-workers", type=int, help="DataLoader worker processes."),
         click.option("--augment/--no-augment", default=None, help="Random train augmentation."),
         click.option("--cache/--no-cache", default=None, help="Cache embeddings of frozen towers."),
+        click.option("--cache-dir", type=click.Path(file_okay=False),
+                     help="Keep frozen-tower caches on disk here (large data; reused by later runs)."),
+        click.option("--persistent-workers/--no-persistent-workers", default=None,
+                     help="Keep DataLoader workers alive across epochs (with --num-workers > 0)."),
+        click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
+                     help="Recompute activations in backward to save memory (open_clip's own)."),
+        click.option("--compile/--no-compile", default=None,
+                     help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -171,7 +179,9 @@ FLAG_TO_FIELD = {
     "lr": "lr", "weight_decay": "weight_decay", "optimizer": "optimizer", "schedule": "schedule",
     "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum": "grad_accum",
     "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
-    "augment": "augment", "cache": "cache",
+    "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
+    "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
+    "compile": "compile",
 }
 
 

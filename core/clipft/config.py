@@ -72,12 +72,21 @@ class RunConfig:
     precision: str = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
     seed: int = 0
+    #: DataLoader worker processes (0, measured fastest on 2 CPU cores: README "Performance")
     num_workers: int = attrs.field(default=0, validator=_non_negative)
+    #: keep DataLoader workers alive across epochs (only with num_workers > 0)
+    persistent_workers: bool = True
     log_every: int = attrs.field(default=10, validator=_positive)
     #: use open_clip's random train augmentation (disables frozen-tower caching)
     augment: bool = False
     #: reuse embeddings of frozen towers across epochs and evaluation
     cache: bool = True
+    #: keep frozen-tower caches in this folder (memory-mapped, reused by later runs)
+    cache_dir: Optional[str] = None
+    #: recompute block activations in backward (open_clip's set_grad_checkpointing)
+    grad_checkpointing: bool = False
+    #: torch.compile the transformer blocks (opt-in: compiling takes a while)
+    compile: bool = False
     out: Optional[str] = None
 
     def resolved_lr(self, default: float) -> float:

@@ -23,9 +23,10 @@ from clipft.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipft.engine.compose import apply_strategies, build_groups, freeze_frozen_norm_stats
 from clipft.engine.context import BuildContext
 from clipft.engine.evaluate import evaluate
-from clipft.engine.features import LiveFeatures
+from clipft.engine.features import LiveFeatures, select_features
 from clipft.engine.forward import ForwardRecord, caption_ids, class_text_features, logit_bias_of, logit_scale_of
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
+from clipft.engine.perf import apply_speed_options, check_precision, grad_scaler
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import ComponentRef, build_options, options_to_dict
@@ -108,6 +109,9 @@ class PreparedRun:
     failures: DecodeFailures = attrs.field(factory=DecodeFailures)
     total_steps: int = 0
     warmup_steps: int = 0
+    #: what apply_speed_options did (grad checkpointing, compiled modules)
+    speed: dict = attrs.field(factory=dict)
+    _loaders: dict = attrs.field(factory=dict)
 
     # -- helpers used by the engine and by plugins -------------------------
     def autocast(self):
@@ -116,17 +120,32 @@ class PreparedRun:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
-    def loader(self, dataset, train: bool, epoch: int = 0):
-        sampler = None
+    def sampler_seed(self, epoch: int) -> int:
+        """Seed of the train order in ``epoch`` (a cached epoch replays the same order)."""
+        return self.config.seed * 100003 + epoch
+
+    def loader(self, dataset, train: bool, epoch: int = 0, reuse: bool = True):
+        """Batches of ``dataset``. The DataLoader is built once per dataset and
+        reused across epochs, so worker processes persist (``persistent_workers``);
+        the train sampler is reseeded every epoch, giving the order a fresh
+        ``RandomSampler`` seeded with ``sampler_seed(epoch)`` gives."""
+        key = (id(dataset), train)
+        loader = self._loaders.get(key) if reuse else None
+        if loader is None:
+            sampler = None
+            if train:
+                sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator())
+            workers = self.config.num_workers
+            loader = torch.utils.data.DataLoader(
+                GuardedDataset(dataset), batch_size=self.config.batch_size, sampler=sampler,
+                shuffle=False, num_workers=workers, collate_fn=collate,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0 and self.config.persistent_workers,
+            )
+            if reuse:
+                self._loaders[key] = loader
         if train:
-            g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
-            sampler = torch.utils.data.RandomSampler(dataset, generator=g)
-        loader = torch.utils.data.DataLoader(
-            GuardedDataset(dataset), batch_size=self.config.batch_size, sampler=sampler,
-            shuffle=False, num_workers=self.config.num_workers, collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+            loader.sampler.generator.manual_seed(self.sampler_seed(epoch))
         return Batches(loader, self.failures, id(dataset))
 
     def class_text_features(self) -> torch.Tensor:
@@ -147,6 +166,7 @@ class PreparedRun:
 def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> PreparedRun:
     res = resolve(config, registry)
     device = pick_device(config.device)
+    check_precision(device, config.precision)
     seed_everything(config.seed)
     loaded = load_model(config.model, config.pretrained, device=str(device))
     model = loaded.model
@@ -177,6 +197,7 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
     strategies = [(spec.name, spec.build(opts)) for spec, opts in res.strategies]
     selections = apply_strategies(model, strategies, ctx)
     model.to(device)
+    speed = apply_speed_options(model, config)
 
     head = None
     if res.head is not None:
@@ -200,7 +221,8 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
     run = PreparedRun(config=config, resolved=res, device=device, model=model,
                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                       ctx=ctx, selections=selections, head=head, loss=loss, groups=groups, lr=lr,
-                      base_shapes=base_shapes)
+                      base_shapes=base_shapes, speed=speed)
+    run.features = select_features(run, strategies)
     if build_optimizer:
         batches = math.ceil(len(bundle.train) / config.batch_size)
         run.total_steps = config.epochs * math.ceil(batches / config.grad_accum)
@@ -208,8 +230,7 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
                             else default_warmup(run.total_steps))
         run.optimizer = make_optimizer(groups, config)
         run.scheduler = make_scheduler(run.optimizer, run.total_steps, run.warmup_steps, config.schedule)
-        if config.precision == "fp16" and device.type == "cuda":
-            run.scaler = torch.amp.GradScaler("cuda")
+        run.scaler = grad_scaler(device, config.precision)
     return run
 
 
@@ -279,7 +300,7 @@ def train(run: PreparedRun, out_dir: Path, progress, start_epoch: int = 0,
     trainable = [p for g in run.groups for _, p in g.params]
     for epoch in range(start_epoch, cfg.epochs):
         set_train_mode(run)
-        loader = run.loader(run.bundle.train, train=True, epoch=epoch)
+        loader = run.features.train_loader(run, epoch)
         n_batches = len(loader)
         task = progress.start_epoch(epoch + 1, cfg.epochs, n_batches)
         epoch_loss, epoch_batches = 0.0, 0

@@ -1,0 +1,305 @@
+"""Frozen-tower caching: cached and live runs train the same parameters, the
+cache is used where (and only where) a tower or prefix is frozen, hits are
+counted, the on-disk cache is reused and keyed, and --no-cache runs live."""
+import json
+
+import attrs
+import pytest
+import torch
+
+import clipft
+from clipft.config import RunConfig
+from clipft.options import ComponentRef
+from clipft.specs import Selection, StrategySpec
+
+TOL = 1e-6
+DATA = "shapes:n=64,val_n=32"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is faster and immune to a busy second core
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@attrs.frozen
+class PickOptions:
+    prefixes: tuple = attrs.field(default=(), metadata={"help": "parameter-name prefixes that train"})
+
+
+class Pick:
+    """Test strategy: trains exactly the parameters whose names start with one of
+    ``prefixes`` (so these tests need no strategy plugin)."""
+
+    def __init__(self, opts):
+        self.prefixes = tuple(opts.prefixes)
+
+    def apply(self, model, ctx):
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(self.prefixes)]
+        assert params, f"no parameter matches {self.prefixes}"
+        return [Selection("picked", params)]
+
+
+class PickPlugin:
+    @clipft.hookimpl
+    def clipft_register_strategies(self, register):
+        register(StrategySpec(name="pick", summary="test: train named parameters", options=PickOptions,
+                              build=Pick, default_lr=1e-3))
+
+
+@pytest.fixture(scope="module")
+def registry():
+    from clipft.api import make_registry
+    return make_registry(plugins=[PickPlugin()])
+
+
+def pick(*prefixes):
+    return ComponentRef("pick", {"prefixes": list(prefixes)})
+
+
+def train_run(registry, tmp_path, name, cache=True, memory_budget=None, **kw):
+    """Prepare and train in-process; returns (run, summary, trained tensors)."""
+    from clipft.engine.runner import build_summary, prepare, train
+    from clipft.progress import Silent
+
+    cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
+                       "loss": "contrastive", **kw}, cache=cache)
+    run = prepare(cfg, registry)
+    if memory_budget is not None:
+        run.features.memory_budget = memory_budget
+    out = tmp_path / name
+    out.mkdir()
+    stats = train(run, out, Silent())
+    summary = build_summary(run, stats, out)
+    trained = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    if run.head is not None:
+        trained.update({f"head.{n}": p.detach().clone() for n, p in run.head.named_parameters()})
+    return run, summary, trained
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+CASES = {
+    # name: (run options, expected image cut, text cached?)
+    "linear-head": (dict(loss="cross-entropy", head="linear"), "output", True),
+    "vit-proj": (dict(strategies=[pick("visual.proj")]), "pre-proj", True),
+    "vit-last-block": (dict(strategies=[pick("visual.transformer.resblocks.3", "visual.ln_post",
+                                             "visual.proj")]), "blocks:3", True),
+    "rn-proj": (dict(model="tiny-rn", strategies=[pick("visual.attnpool.c_proj")]), "pre-proj", True),
+    "logit-scale": (dict(strategies=[pick("logit_scale")]), "output", True),
+    "text-side-trains": (dict(strategies=[pick("transformer.resblocks.3", "text_projection")]),
+                         "output", False),
+    "vit-proj-bf16": (dict(strategies=[pick("visual.proj")], precision="bf16"), "pre-proj", True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_and_live_runs_train_the_same_parameters(registry, tmp_path, case):
+    from clipft.engine.features import CachedFeatures, LiveFeatures
+
+    kw, cut, text = CASES[case]
+    run_c, sum_c, cached = train_run(registry, tmp_path, "cached", **kw)
+    run_l, sum_l, live = train_run(registry, tmp_path, "live", cache=False, **kw)
+    assert isinstance(run_c.features, CachedFeatures) and type(run_l.features) is LiveFeatures
+    assert run_c.features.stats["image"].startswith(cut + " ")
+    assert run_c.features.stats["text"].startswith("on" if text else "off")
+    assert run_c.features.stats["image_hits"] > 0
+    assert max_diff(cached, live) <= TOL
+    assert sum_c["train"]["final_loss"] == pytest.approx(sum_l["train"]["final_loss"], abs=1e-5)
+    for key, value in sum_l["eval"]["after"].items():
+        assert sum_c["eval"]["after"][key] == pytest.approx(value, abs=1e-6), key
+    assert "cache" in sum_c and "cache" not in sum_l
+
+
+def test_trained_parameters_change(registry, tmp_path):
+    """Guards the equivalence test: training moves what it trains."""
+    from clipft.engine.runner import prepare
+    run0 = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=[pick("visual.proj")]), registry)
+    before = run0.model.visual.proj.detach().clone()
+    _, _, after = train_run(registry, tmp_path, "moved", strategies=[pick("visual.proj")])
+    assert float((after["visual.proj"] - before).abs().max()) > 1e-4
+
+
+def test_cache_hits_and_misses_are_counted(registry, tmp_path):
+    run, summary, _ = train_run(registry, tmp_path, "hits", loss="cross-entropy", head="linear")
+    c = summary["cache"]
+    n_train, n_val, epochs, evals = 64, 32, 2, 3    # eval before training and after each epoch
+    assert c["image_misses"] == n_train + n_val      # each image embedded once
+    assert c["image_hits"] == epochs * n_train + evals * n_val
+    classes = len(run.bundle.classnames)
+    captions = len(set(run.bundle.val[i][2] for i in range(n_val)))
+    assert c["text_misses"] == classes + captions    # class prompts and val captions, once
+    assert c["text_hits"] == (evals - 1) * (classes + captions)
+    assert c["hits"] == c["image_hits"] + c["text_hits"]
+    assert c["build_seconds"] > 0
+    assert summary["train"]["samples_per_s"] > 0 and summary["train"]["peak_rss_mb"] > 0
+
+
+def test_eval_reuses_cached_features_without_running_the_towers(registry, tmp_path):
+    from clipft.engine.evaluate import evaluate
+    run, _, _ = train_run(registry, tmp_path, "eval", loss="cross-entropy", head="linear", epochs=1)
+    calls = []
+    hooks = [run.model.visual.register_forward_hook(lambda *a: calls.append("image")),
+             run.model.transformer.register_forward_hook(lambda *a: calls.append("text"))]
+    try:
+        metrics = evaluate(run)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [] and "top1" in metrics and "recall@1" in metrics
+
+
+def test_on_disk_cache_is_reused_and_keyed(registry, tmp_path):
+    cache_dir = tmp_path / "cache"
+    kw = dict(loss="cross-entropy", head="linear", cache_dir=str(cache_dir))
+    _, first, p1 = train_run(registry, tmp_path, "disk1", **kw)
+    _, second, p2 = train_run(registry, tmp_path, "disk2", **kw)
+    assert first["cache"]["loaded_from_disk"] == 0 and first["cache"]["image_misses"] == 96
+    assert second["cache"]["loaded_from_disk"] == 96 and second["cache"]["image_misses"] == 0
+    assert max_diff(p1, p2) <= TOL
+    assert sorted(d.name.split("-")[0] for d in cache_dir.iterdir()) == ["train", "val"]
+    meta = json.loads(next(cache_dir.glob("train-*/meta.json")).read_text())
+    assert meta["key"]["cut"] == "output" and meta["n"] == 64
+    # other data (a different generator seed) is a different key, never a stale hit
+    _, third, _ = train_run(registry, tmp_path, "disk3", **{**kw, "data": "shapes:n=64,val_n=32,seed=1"})
+    assert third["cache"]["loaded_from_disk"] == 0
+    assert len(list(cache_dir.iterdir())) == 4
+
+
+def test_store_over_the_memory_limit_falls_back_to_live(registry, tmp_path):
+    kw = dict(strategies=[pick("visual.proj")])
+    run, summary, cached = train_run(registry, tmp_path, "small", memory_budget=1024, **kw)
+    _, _, live = train_run(registry, tmp_path, "live", cache=False, **kw)
+    assert "in-memory limit" in summary["cache"]["train_image"]
+    assert summary["cache"]["image_hits"] == 0
+    assert max_diff(cached, live) <= TOL
+
+
+def test_random_augmentation_keeps_train_images_live_but_caches_val(registry, tmp_path):
+    _, summary, _ = train_run(registry, tmp_path, "aug", augment=True, strategies=[pick("visual.proj")])
+    c = summary["cache"]
+    assert "augmentation" in c["train_image"]
+    assert c["image_misses"] == 32 and c["image_hits"] == 3 * 32
+
+
+def test_no_cache_flag_runs_live(invoke, tmp_path, small_shapes):
+    res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--loss", "cross-entropy",
+                 "--head", "linear", "--epochs", "1", "--no-cache", "--out", tmp_path / "r", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert "cache" not in summary
+    assert "cache = false" in (tmp_path / "r" / "config.toml").read_text()
+    res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--loss", "cross-entropy",
+                 "--head", "linear", "--epochs", "1", "--out", tmp_path / "c", "--json")
+    assert res.exit_code == 0, res.output
+    cached = json.loads(res.stdout)
+    assert cached["cache"]["hits"] > 0
+    assert cached["eval"]["after"] == pytest.approx(summary["eval"]["after"], abs=1e-6)
+
+
+# -- where the image tower is cut ---------------------------------------------
+def _model(name="tiny-vit"):
+    from clipft.models import load_model
+    model = load_model(name, "none").model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _train(model, *prefixes):
+    for n, p in model.named_parameters():
+        if n.startswith(prefixes):
+            p.requires_grad_(True)
+
+
+def test_image_cut_points():
+    from clipft.engine.cache import plan_image_cut
+
+    m = _model()
+    assert plan_image_cut(m)[0].describe() == "output"
+    _train(m, "visual.proj")
+    assert plan_image_cut(m)[0].describe() == "pre-proj"
+    _train(m, "visual.transformer.resblocks.2")
+    assert plan_image_cut(m)[0].describe() == "blocks:2"
+    _train(m, "visual.transformer.resblocks.0")
+    cut, why = plan_image_cut(m)
+    assert cut is None and "block 0" in why
+    m = _model()
+    _train(m, "visual.conv1")
+    assert plan_image_cut(m)[0] is None
+    m = _model("tiny-rn")
+    _train(m, "visual.attnpool.c_proj")
+    assert plan_image_cut(m)[0].describe() == "pre-proj"
+    _train(m, "visual.layer4")
+    assert plan_image_cut(m)[0] is None
+
+
+def test_cut_replay_matches_the_tower():
+    """prefix + suffix of every cut reproduce encode_image exactly."""
+    from clipft.engine.cache import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut
+
+    torch.manual_seed(0)
+    for name, cuts in (("tiny-vit", [ImageCut(), VitProjCut(), VitBlocksCut(1), VitBlocksCut(4)]),
+                       ("tiny-rn", [ImageCut(), ResNetProjCut()])):
+        m = _model(name).eval()
+        x = torch.randn(5, 3, *m.visual.image_size) if name == "tiny-vit" else \
+            torch.randn(5, 3, m.visual.image_size, m.visual.image_size)
+        with torch.no_grad():
+            ref = m.encode_image(x)
+            for cut in cuts:
+                out = cut.suffix(m, cut.prefix(m, x))
+                assert torch.allclose(out, ref, atol=1e-6, rtol=0), (name, cut.describe())
+
+
+def test_anything_that_could_change_a_frozen_tower_disables_its_cache():
+    from clipft.engine.cache import plan_image_cut, stochastic_module, text_tower_frozen
+
+    m = _model()
+    h = m.visual.transformer.resblocks[0].register_forward_hook(lambda *a: None)
+    cut, why = plan_image_cut(m)
+    assert cut is None and "hooks" in why
+    h.remove()
+    m.visual.ln_post.forward = lambda x: x
+    assert plan_image_cut(m)[0] is None
+    m = _model()
+    m.encode_image = lambda images, normalize=False: images
+    assert plan_image_cut(m)[0] is None
+
+    m = _model()
+    assert text_tower_frozen(m)[0]
+    # a parameter that trains outside the image tower (a prompt learner, say)
+    m.extra = torch.nn.Linear(2, 2)
+    ok, why = text_tower_frozen(m)
+    assert not ok and "extra.weight" in why
+    m = _model()
+    _train(m, "logit_scale", "visual.proj")
+    assert text_tower_frozen(m)[0]
+
+    m = _model().train()
+    assert stochastic_module([m.visual]) is None
+    m.visual.transformer.resblocks[1].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert stochastic_module([m.visual]) == "Dropout"
+    rn = _model("tiny-rn").train()
+    assert stochastic_module([rn.visual]) == "BatchNorm2d"
+    assert stochastic_module([rn.visual.eval()]) is None
+
+
+def test_strategy_can_keep_a_tower_live(registry, tmp_path):
+    from clipft.engine.features import select_features
+    from clipft.engine.runner import prepare
+
+    run = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=[pick("logit_scale")]), registry)
+
+    class KeepsImageLive:
+        live_towers = {"image"}
+
+    provider = select_features(run, [("x", KeepsImageLive())])
+    assert provider.cut is None and provider.text
+    assert type(select_features(run, [("x", type("Both", (), {"live_towers": {"image", "text"}})())])
+                ).__name__ == "LiveFeatures"

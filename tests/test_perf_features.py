@@ -1,0 +1,157 @@
+"""No needless compute: the text tower is skipped when nothing needs it, frozen
+prefixes carry no autograd graph, and the speed switches (grad checkpointing,
+compile, DataLoader workers, precision) do what they say without changing what
+trains."""
+import json
+
+import pytest
+import torch
+
+from clipft.config import RunConfig
+
+DATA = "shapes:n=32,val_n=16"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    from clipft.api import make_registry
+    return make_registry()
+
+
+def _run(registry, tmp_path, name, **kw):
+    from clipft.engine.runner import build_summary, prepare, train
+    from clipft.progress import Silent
+
+    cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
+                       "strategies": ["full"], "lr": 1e-3, **kw})
+    run = prepare(cfg, registry)
+    out = tmp_path / name
+    out.mkdir()
+    stats = train(run, out, Silent())
+    params = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    return run, build_summary(run, stats, out), params
+
+
+def _max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("strategies", [["full"], []], ids=["full", "frozen-encoder"])
+def test_text_tower_not_run_for_cross_entropy_with_a_linear_head(registry, strategies):
+    from clipft.engine.runner import prepare, set_train_mode, train_step_record
+
+    cfg = RunConfig(model="tiny-vit", data=DATA, loss="cross-entropy", head="linear",
+                    strategies=strategies, batch_size=16)
+    run = prepare(cfg, registry)
+    calls = {"text": 0, "image": 0}
+    run.model.transformer.register_forward_pre_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
+    run.model.visual.register_forward_pre_hook(lambda *a: calls.__setitem__("image", calls["image"] + 1))
+    set_train_mode(run)
+    for batch in run.features.train_loader(run, 0):
+        rec = train_step_record(run, batch)
+        run.loss(rec).backward()
+    # two batches through the image tower (live, or once into the cache); no text
+    assert calls == {"text": 0, "image": 2}
+    assert rec.text_features is None and rec.logits is not None
+
+
+def test_contrastive_does_run_the_text_tower(registry):
+    """The counter above can see text-tower calls."""
+    from clipft.engine.runner import prepare, set_train_mode, train_step_record
+
+    run = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=["full"], batch_size=16), registry)
+    calls = []
+    run.model.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    set_train_mode(run)
+    rec = train_step_record(run, next(iter(run.features.train_loader(run, 0))))
+    assert len(calls) == 1 and rec.text_features is not None
+
+
+def test_autograd_stops_at_the_first_trainable_block(registry):
+    """Blocks before the first trainable one run without a graph (open_clip runs
+    blocks in sequence): their outputs do not require grad."""
+    from clipft.engine.cache import _trainable
+    from clipft.engine.runner import prepare, set_train_mode
+
+    run = prepare(RunConfig(model="tiny-vit", data=DATA, loss="cross-entropy", head="linear",
+                            batch_size=16, cache=False), registry)
+    blocks = run.model.visual.transformer.resblocks
+    for p in blocks[2].parameters():
+        p.requires_grad_(True)
+    assert [_trainable(b) for b in blocks] == [False, False, True, False]
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad)) for b in blocks]
+    set_train_mode(run)
+    batch = next(iter(run.loader(run.bundle.train, train=True)))
+    run.model.encode_image(batch["images"]).sum().backward()
+    for h in hooks:
+        h.remove()
+    assert seen == [False, False, True, True]
+    assert blocks[0].mlp.c_fc.weight.grad is None and blocks[2].mlp.c_fc.weight.grad is not None
+
+
+def test_grad_checkpointing_flag(invoke, registry, tmp_path, small_shapes):
+    res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--strategy", "full",
+                 "--epochs", "1", "--grad-checkpointing", "--out", tmp_path / "gc", "--json")
+    assert res.exit_code == 0, res.output
+    assert "grad_checkpointing = true" in (tmp_path / "gc" / "config.toml").read_text()
+
+    run, _, with_gc = _run(registry, tmp_path, "with", grad_checkpointing=True)
+    assert run.model.visual.transformer.grad_checkpointing and run.model.transformer.grad_checkpointing
+    assert run.speed == {"grad_checkpointing": True}
+    plain_run, _, plain = _run(registry, tmp_path, "without")
+    assert not plain_run.model.visual.transformer.grad_checkpointing
+    # recomputing activations changes memory, not results
+    assert _max_diff(with_gc, plain) <= 1e-6
+
+
+def test_compile_is_opt_in_and_regional(registry):
+    from clipft.engine.runner import prepare
+
+    def compiled(run):
+        return [m._compiled_call_impl is not None for m in run.model.modules()
+                if type(m).__name__ == "ResidualAttentionBlock"]
+
+    off = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=["full"]), registry, build_optimizer=False)
+    on = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=["full"], compile=True), registry,
+                 build_optimizer=False)
+    assert compiled(off) and not any(compiled(off))
+    assert compiled(on) and all(compiled(on))     # 4 image + 4 text blocks
+    assert on.speed["compiled_modules"] == 8
+    # parameter names (checkpoints, caches) are unchanged by compiling
+    assert [n for n, _ in on.model.named_parameters()] == [n for n, _ in off.model.named_parameters()]
+
+
+def test_workers_persist_across_epochs_and_do_not_change_results(registry, tmp_path):
+    run, _, with_workers = _run(registry, tmp_path, "w1", num_workers=1, cache=False)
+    _, _, in_process = _run(registry, tmp_path, "w0", num_workers=0, cache=False)
+    assert _max_diff(with_workers, in_process) <= 1e-6
+    loader = run._loaders[(id(run.bundle.train), True)]
+    assert loader.persistent_workers and loader._iterator is not None   # one worker pool, kept
+
+
+def test_summary_and_final_table_show_speed_and_cache(invoke, tmp_path, small_shapes):
+    res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--loss", "cross-entropy",
+                 "--head", "linear", "--epochs", "2", "--out", tmp_path / "s", "--json")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["train"]["samples_per_s"] > 0 and s["train"]["peak_rss_mb"] > 50
+    assert s["cache"]["hits"] > 0 and s["cache"]["build_seconds"] > 0
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["cache"] == s["cache"]
+    assert "cache hits" in res.stderr and "samples/s" in res.stderr and "peak RSS" in res.stderr
+
+
+def test_precision_runs_and_is_recorded(invoke, tmp_path, small_shapes):
+    res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--strategy", "full",
+                 "--epochs", "1", "--precision", "bf16", "--out", tmp_path / "bf16", "--json")
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["precision"] == "bf16" and s["train"]["final_loss"] == s["train"]["final_loss"]
