@@ -96,6 +96,8 @@ CASES = {
     "text-side-trains": (dict(strategies=[pick("transformer.resblocks.3", "text_projection")]),
                          "output", False),
     "vit-proj-bf16": (dict(strategies=[pick("visual.proj")], precision="bf16"), "pre-proj", True),
+    "text-trimmed": (dict(strategies=[pick("visual.proj", "transformer.resblocks.3")], trim_text=True),
+                     "pre-proj", False),
 }
 
 

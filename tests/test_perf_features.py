@@ -155,3 +155,28 @@ def test_precision_runs_and_is_recorded(invoke, tmp_path, small_shapes):
     assert res.exit_code == 0, res.output
     s = json.loads(res.stdout)
     assert s["precision"] == "bf16" and s["train"]["final_loss"] == s["train"]["final_loss"]
+
+
+def test_trimmed_text_encoding_matches_encode_text():
+    from clipft.engine.perf import encode_text_trimmed, text_trim_length
+    from clipft.models import load_model
+
+    lm = load_model("tiny-vit", "none")
+    model, tokens = lm.model.eval(), lm.tokenizer(["a photo of a red circle.", "a blue square", "x"])
+    assert text_trim_length(model, tokens) == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    with torch.no_grad():
+        full, trimmed = model.encode_text(tokens), encode_text_trimmed(model, tokens)
+    assert torch.allclose(full, trimmed, atol=1e-5, rtol=1e-5)
+    # hooks on the token embedding (prompt learners) still see full rows
+    seen = []
+    h = model.token_embedding.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad():
+        encode_text_trimmed(model, tokens)
+    h.remove()
+    assert seen == [tokens.shape[1]]
+    # a non-causal mask, or a replaced encode_text, means the full rows run
+    model.attn_mask = torch.zeros_like(model.attn_mask)
+    assert text_trim_length(model, tokens) is None
+    model = load_model("tiny-vit", "none").model
+    model.encode_text = lambda text, normalize=False: text
+    assert text_trim_length(model, tokens) is None

@@ -168,6 +168,8 @@ def run_options(fn):
                      help="Recompute activations in backward to save memory (open_clip's own)."),
         click.option("--compile/--no-compile", default=None,
                      help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
+        click.option("--trim-text/--no-trim-text", default=None,
+                     help="Skip caption padding in the causal text tower (same result up to rounding)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -181,7 +183,7 @@ FLAG_TO_FIELD = {
     "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
     "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
     "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
-    "compile": "compile",
+    "compile": "compile", "trim_text": "trim_text",
 }
 
 

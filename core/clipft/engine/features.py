@@ -44,7 +44,8 @@ from clipft.engine.cache import (
     text_tower_frozen,
     transform_repr,
 )
-from clipft.engine.forward import encode_images, encode_texts
+from clipft.engine.forward import encode_images
+from clipft.engine.perf import encode_text_trimmed
 
 try:  # a strategy's class-prompt encoder (prompt tuning), when the core has them
     from clipft.engine.forward import class_text_encoder
@@ -53,6 +54,15 @@ except ImportError:  # pragma: no cover - older core
         return None
 
 TEXT_CHUNK = 256
+
+
+def encode_texts(run, tokens: torch.Tensor) -> torch.Tensor:
+    """Normalised caption embeddings; with ``config.trim_text`` the tokens'
+    padding is not run (exact up to float rounding, see
+    :func:`clipft.engine.perf.text_trim_length`)."""
+    if getattr(run.config, "trim_text", False):
+        return F.normalize(encode_text_trimmed(run.model, tokens), dim=-1)
+    return F.normalize(run.model.encode_text(tokens), dim=-1)
 
 
 class LiveFeatures:
@@ -81,7 +91,7 @@ class LiveFeatures:
         if class_text_encoder(run.model) is not None and _labelled(batch):
             return self.train_class_features(run)[batch["labels"].to(run.device)]
         tokens = run.tokenizer(batch["captions"]).to(run.device, non_blocking=True)
-        return encode_texts(run.model, tokens)
+        return encode_texts(run, tokens)
 
     def train_class_features(self, run) -> torch.Tensor:
         """Class-prompt features in training (with grad when the text side trains)."""
@@ -112,7 +122,7 @@ class LiveFeatures:
         out = []
         for i in range(0, len(uniq), TEXT_CHUNK):
             with run.autocast():
-                out.append(encode_texts(run.model, run.tokenizer(uniq[i:i + TEXT_CHUNK]).to(run.device)).float())
+                out.append(encode_texts(run, run.tokenizer(uniq[i:i + TEXT_CHUNK]).to(run.device)).float())
         return torch.cat(out)
 
 
@@ -312,7 +322,7 @@ class CachedFeatures(LiveFeatures):
             t0 = time.perf_counter()
             with torch.no_grad():
                 for chunk in chunks:
-                    feats = encode_texts(run.model, run.tokenizer(chunk).to(run.device, non_blocking=True))
+                    feats = encode_texts(run, run.tokenizer(chunk).to(run.device, non_blocking=True))
                     for c, f in zip(chunk, feats):
                         if c not in table:
                             table[c] = f

@@ -95,3 +95,63 @@ def apply_speed_options(model, config) -> dict:
     if getattr(config, "compile", False):
         done["compiled_modules"] = compile_blocks(model)
     return done
+
+
+# -- text: do not run the padding ------------------------------------------------
+def text_trim_length(model, tokens: torch.Tensor):
+    """How many leading token positions ``encode_text`` needs, or None when the
+    full row is needed (or the model is not one this applies to).
+
+    CLIP's text tower is causal (position i attends to positions <= i) and pools
+    at the end-of-text token, so the padding after the last end-of-text token of
+    a batch never influences the result: cutting it off gives the same
+    embedding up to float rounding, at a fraction of the cost (a class prompt
+    or caption is ~10 of 77 positions; attention cost is quadratic in length).
+    """
+    from open_clip.model import CLIP
+
+    if "encode_text" in model.__dict__ or type(model).encode_text is not CLIP.encode_text:
+        return None
+    pool = getattr(model, "text_pool_type", None)
+    if pool == "argmax":
+        last = tokens.argmax(dim=-1)
+    elif pool == "eos" and getattr(model, "text_eos_id", None) is not None:
+        last = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    if not _is_causal(getattr(model, "attn_mask", None), tokens.shape[1]):
+        return None
+    length = int(last.max()) + 1
+    return length if length < tokens.shape[1] else None
+
+
+def _is_causal(mask, length: int) -> bool:
+    if mask is None or mask.ndim != 2 or mask.shape[0] != length or mask.shape[1] != length:
+        return False
+    blocked = torch.isinf(mask) & (mask < 0)
+    upper = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(blocked, upper)) and bool((mask[~upper] == 0).all())
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the trailing padding (see
+    :func:`text_trim_length`); falls back to ``encode_text`` when it does not apply.
+    The token embedding still sees the full rows, so hooks on it (prompt
+    learners) work unchanged."""
+    length = text_trim_length(model, tokens)
+    if length is None:
+        return model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding.to(cast_dtype)
+    x = x[:, :length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens[:, :length], model.text_pool_type,
+                         eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
+    return x
