@@ -493,3 +493,16 @@ def test_checkpoints_resume_and_evaluate_exactly(tmp_path, monkeypatch, model, s
         assert all(k.startswith(("visual.layer4.", "visual.attnpool.", "transformer.resblocks.3.",
                                  "ln_final.", "text_projection")) for k in a)
         assert "visual.layer4.0.bn1.running_mean" in a   # trained BatchNorm keeps its statistics
+
+
+def test_strategies_from_toml_tables(invoke, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "tiny-vit"\nlr = 0.001\n[data]\nname = "shapes"\nn = 32\nval_n = 16\n'
+                   '[[strategy]]\nname = "last-n"\nn = 1\ntower = "vision"\n'
+                   '[[strategy]]\nname = "differential-lr"\nrates = ["ln_post:2", "resblocks\\\\.3\\\\.mlp:0.5"]\n')
+    r = invoke("plan", "--config", cfg, "--json")
+    assert r.exit_code == 0, r.stderr
+    lr = {g["name"]: g["lr"] for g in json.loads(r.stdout)["groups"]}
+    assert lr["vision.last1*2/no_decay"] == pytest.approx(2e-3)
+    assert lr["vision.last1*0.5"] == pytest.approx(5e-4)
+    assert lr["vision.last1"] == pytest.approx(1e-3)
