@@ -28,7 +28,7 @@ from typing import Optional
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import StrategySpec, hookimpl
 
 _NAMED = ("visual", "text", "proj", "logit")
 
