@@ -139,3 +139,23 @@ def test_bad_config_values():
         RunConfig(optimizer="adam9")
     with pytest.raises(ClipftUsageError, match="epochs"):
         RunConfig(epochs=0)
+
+
+def test_head_on_a_timm_tower_without_head_projection(tmp_path):
+    """timm towers whose output comes from the trunk's classifier (no timm_proj)
+    still get heads of the right width."""
+    import json as _json
+
+    import open_clip
+    cfg_file = tmp_path / "tiny-timm-noproj.json"
+    cfg_file.write_text(_json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "test_convnext", "timm_model_pretrained": False,
+                       "timm_pool": "avg", "timm_proj": None, "image_size": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(cfg_file)
+    s = run(RunConfig(model="tiny-timm-noproj", data="shapes:n=16,val_n=8", head="linear",
+                      loss="cross-entropy", batch_size=8), out=tmp_path / "t")
+    assert s["params"]["trainable"] == 32 * 9 + 9
+    assert "head_top1" in s["eval"]["after"]

@@ -48,4 +48,16 @@ def infer_embed_dim(model: torch.nn.Module) -> int:
     head = getattr(visual, "head", None)
     if head is not None and isinstance(getattr(head, "proj", None), torch.nn.Linear):
         return int(head.proj.out_features)
-    return int(getattr(visual, "output_dim"))
+    # towers whose projection is a trunk classifier (timm configs without a
+    # head projection): ask the model itself with one blank image
+    size = getattr(visual, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics update from the probe
+    try:
+        with torch.no_grad():
+            out = model.encode_image(torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    return int(out.shape[-1])
