@@ -261,6 +261,34 @@ def plan_cmd(ctx, config_file, as_json, **kw):
     render_plan(p, stderr_console())
 
 
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the export manifest on stdout.")
+@click.pass_context
+@guarded
+def export_cmd(ctx, run_dir, out, overwrite, device, as_json):
+    """Write a run as a plain open_clip model: OUT/open_clip_model.safetensors
+    (LoRA merged) + open_clip_config.json, loadable with
+    open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
+    head weights go to separate files (see OUT/clipft_export.json)."""
+    from clipft.engine.export import export_run
+    manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    from clipft.progress import stderr_console
+    console = stderr_console()
+    console.print(f"exported {run_dir} to {out}: load with {manifest['load_with']}")
+    for name, size in manifest["bytes"].items():
+        console.print(f"  {name:32s} {size / 2**20:9.2f} MiB")
+    if manifest["merged_adapter_layers"]:
+        console.print(f"  merged {manifest['merged_adapter_layers']} adapter layers into the base weights")
+    console.print(f"  verified: reloaded model matches the run's (max |diff| {manifest['verified_max_abs_diff']:.2e})")
+
+
 def main():
     cli(prog_name="clipft")
 

@@ -93,6 +93,10 @@ def save_checkpoint(run_dir: Path, run, epoch: int, global_step: int, history: l
         "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "history": history,
         "trainable": sorted(n for n, p in run.model.named_parameters() if p.requires_grad),
+        # what strategies and heads were built for, so that a run directory can be
+        # rebuilt (export, eval, predict) without its data (engine/loadrun.py)
+        "classnames": list(run.bundle.classnames) if run.bundle.classnames else None,
+        "templates": list(run.bundle.templates),
     }
     (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
     # swap in atomically: a crash leaves either the old or the new checkpoint
@@ -124,18 +128,25 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
+def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None:
+    """Load ``model.safetensors`` (and ``head.safetensors``) of a checkpoint
+    folder into a model rebuilt from the same config, strategies re-applied."""
+    model_t = load_file(str(Path(ck) / "model.safetensors"), device=str(device))
+    sd = model.state_dict()
+    missing = [k for k in model_t if k not in sd]
+    if missing:
+        raise ClipftError(f"checkpoint tensors do not fit the rebuilt model: {missing[:5]}")
+    model.load_state_dict(model_t, strict=False)
+    if head is not None:
+        head.load_state_dict(load_file(str(Path(ck) / "head.safetensors"), device=str(device)))
+
+
 def load_checkpoint(run_dir: Path, run) -> dict:
     ck = Path(run_dir) / "checkpoint"
     if not (ck / "state.json").is_file():
         raise ClipftError(f"no checkpoint found in {ck}")
     state = json.loads((ck / "state.json").read_text())
-    model_t = load_file(str(ck / "model.safetensors"), device=str(run.device))
-    missing = [k for k in model_t if k not in run.model.state_dict()]
-    if missing:
-        raise ClipftError(f"checkpoint tensors do not fit the rebuilt model: {missing[:5]}")
-    run.model.load_state_dict(model_t, strict=False)
-    if run.head is not None:
-        run.head.load_state_dict(load_file(str(ck / "head.safetensors"), device=str(run.device)))
+    load_trained_tensors(ck, run.model, run.head, run.device)
     rest = load_file(str(ck / "optimizer.safetensors"))
     opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
     _restore_optimizer(run.optimizer, opt_t, state["optimizer"])

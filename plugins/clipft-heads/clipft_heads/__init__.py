@@ -1,4 +1,5 @@
-"""Heads: ``linear`` (random init) and ``zero-shot`` (text-embedding init)."""
+"""Heads: ``linear`` (random init), ``zero-shot`` (text-embedding init) and
+``text`` (the live text encoder over class prompts)."""
 from typing import Optional
 
 import attrs
@@ -38,6 +39,51 @@ def _modules():
     return torch, nn, ScaledLinear
 
 
+@attrs.frozen
+class TextOptions:
+    scale: Optional[float] = attrs.field(default=None, metadata={"help": (
+        "fixed logit scale; default: the model's live exp(logit_scale), so that "
+        "--strategy logit-scale trains it")})
+
+
+def _text_head(model, tokenizer, classnames, templates, device, scale):
+    import torch
+    from torch import nn
+
+    from clipft.engine.forward import class_text_features
+
+    class TextHead(nn.Module):
+        """Logits against the *live* text encoder: every call encodes the class
+        prompts through the current model (and its class-prompt encoder, when a
+        strategy such as ``prompt`` installed one), so gradients reach the text
+        side. The model is referenced, not owned: the head has no parameters of
+        its own and its state dict is empty."""
+
+        def __init__(self):
+            super().__init__()
+            self.__dict__["_clip"] = model  # not a submodule: not in parameters()/state_dict()
+            self.classnames = list(classnames)
+            self.templates = tuple(templates)
+            self.fixed_scale = scale
+
+        def class_features(self) -> torch.Tensor:
+            return class_text_features(self._clip, tokenizer, self.classnames, self.templates, device)
+
+        def forward(self, image_features):
+            cls = self.class_features().to(image_features.dtype)
+            s = self.fixed_scale if self.fixed_scale is not None else self._clip.logit_scale.exp()
+            return s * image_features @ cls.t()
+
+        def extra_repr(self) -> str:
+            return f"classes={len(self.classnames)}, scale={self.fixed_scale or 'model'}"
+
+    return TextHead()
+
+
+def build_text(opts: TextOptions, ctx):
+    return _text_head(ctx.model, ctx.tokenizer, ctx.classnames, ctx.templates, ctx.device, opts.scale)
+
+
 def build_linear(opts: LinearOptions, ctx):
     torch, nn, _ = _modules()
     return nn.Linear(ctx.embed_dim, len(ctx.classnames), bias=opts.bias)
@@ -67,3 +113,8 @@ def clipft_register_heads(register):
         summary="Classifier initialised from class-prompt text embeddings (WiSE-FT/FLYP); "
                 "starts at zero-shot accuracy.",
         options=ZeroShotOptions, build=build_zero_shot, needs_classes=True))
+    register(HeadSpec(
+        name="text",
+        summary="Classifies against the live text encoder over class prompts (no weights of its "
+                "own); what prompt tuning and text-side adapters train through.",
+        options=TextOptions, build=build_text, needs_classes=True))

@@ -1,0 +1,106 @@
+"""Rebuilding a trained model from a run directory (``config.toml`` +
+``checkpoint/``), for export, evaluation and prediction.
+
+The base model is loaded as the run loaded it, the strategies are applied
+again (so inserted modules such as LoRA adapters and prompt learners exist),
+the head is rebuilt, and the checkpoint's tensors are loaded on top. The data
+is not needed: the class names and templates the run was built for are kept in
+the checkpoint state (older checkpoints fall back to building the data source).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.errors import ClipftUsageError
+
+
+@attrs.define
+class LoadedRun:
+    run_dir: Path
+    config: object            # RunConfig
+    resolved: object          # runner.Resolved
+    model: torch.nn.Module    # strategies applied, trained tensors loaded, eval mode
+    tokenizer: object
+    preprocess: object        # the val transform
+    head: Optional[torch.nn.Module]
+    classnames: Optional[list]
+    templates: tuple
+    #: state-dict key -> shape of the plain open_clip model, before any strategy
+    base_shapes: dict
+    pretrained: str
+    device: torch.device
+    state: dict
+
+
+def _classes_from_data(config, resolved, loaded):
+    from clipft.data import DataContext
+    spec, opts = resolved.data
+    dctx = DataContext(transform_train=loaded.preprocess_val, transform_val=loaded.preprocess_val,
+                       seed=config.seed, deterministic_train=True)
+    bundle = spec.build(opts, dctx)
+    return bundle.classnames, tuple(bundle.templates)
+
+
+def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
+    """The model of a finished (or checkpointed) run, ready for inference."""
+    from clipft.config import RunConfig, load_toml
+    from clipft.engine.checkpoint import load_trained_tensors
+    from clipft.engine.compose import apply_strategies
+    from clipft.engine.context import BuildContext
+    from clipft.engine.runner import pick_device, resolve, seed_everything
+    from clipft.models import load_model
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
+    ck = run_dir / "checkpoint"
+    if not (ck / "state.json").is_file():
+        raise ClipftUsageError(
+            f"{run_dir} has no checkpoint (checkpoint/state.json); a run writes one at the end "
+            "of each epoch")
+    if registry is None:
+        from clipft.plugins import Registry
+        registry = Registry().load()
+    config = RunConfig.from_toml_dict(load_toml(cfg_path), where=str(cfg_path))
+    resolved = resolve(config, registry)
+    dev = pick_device(device)
+    seed_everything(config.seed)
+    loaded = load_model(config.model, config.pretrained, device=str(dev))
+    model = loaded.model
+    base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = json.loads((ck / "state.json").read_text())
+    if "classnames" in state:
+        classnames = state["classnames"]
+        templates = tuple(state.get("templates") or ("a photo of a {}.",))
+    else:
+        classnames, templates = _classes_from_data(config, resolved, loaded)
+
+    ctx = BuildContext(model=model, model_name=config.model, tokenizer=loaded.tokenizer,
+                       device=dev, config=config, classnames=classnames,
+                       templates=templates, seed=config.seed)
+    strategies = [(spec.name, spec.build(opts)) for spec, opts in resolved.strategies]
+    apply_strategies(model, strategies, ctx)
+    model.to(dev)
+    head = None
+    if resolved.head is not None:
+        head_spec, head_opts = resolved.head
+        head = head_spec.build(head_opts, ctx)
+        head.to(dev)
+    load_trained_tensors(ck, model, head, dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(False)
+        head.eval()
+    return LoadedRun(run_dir=run_dir, config=config, resolved=resolved, model=model,
+                     tokenizer=loaded.tokenizer, preprocess=loaded.preprocess_val, head=head,
+                     classnames=classnames, templates=templates, base_shapes=base_shapes,
+                     pretrained=loaded.pretrained, device=dev, state=state)

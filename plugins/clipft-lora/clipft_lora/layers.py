@@ -1,0 +1,368 @@
+"""LoRA layers for open_clip's blocks: ``nn.MultiheadAttention`` (q, k, v on the
+packed ``in_proj_weight``, and ``out_proj``) and ``nn.Linear`` (the MLP).
+
+How the adapters attach
+-----------------------
+An adapted layer keeps its identity: the existing module instance is given a
+subclass of its own class (:class:`LoRAMultiheadAttention`,
+:class:`LoRALinear`) and a child ``lora`` holding the low-rank factors. So
+
+- the base weights keep their names (``...attn.in_proj_weight``), and a
+  checkpoint that stores only new and trainable tensors stores only the
+  adapters;
+- ``isinstance(layer, nn.MultiheadAttention)`` still holds;
+- :meth:`clipft_fold_into_base` merges the adapters and gives the instance its
+  plain class back, leaving a plain open_clip state dict.
+
+Why not a Linear wrapper or ``torch.nn.utils.parametrize``
+----------------------------------------------------------
+``nn.MultiheadAttention`` never calls a Linear for q, k or v: it hands the packed
+``in_proj_weight`` (``[3d, d]``, rows q|k|v) to a fused kernel, and in eval under
+no-grad it may take PyTorch's fast path (``torch._native_multi_head_attention``),
+which reads ``in_proj_weight`` and ``out_proj.weight`` as attributes. So the
+adapters must act on those attributes, per row block. A parametrization of
+``in_proj_weight`` would do that, but it renames the base weight
+(``parametrizations.in_proj_weight.original``), which would put the frozen
+weight into every adapter checkpoint and out of open_clip's key layout, and a
+weight-space parametrization cannot apply LoRA dropout, which acts on the
+*input* of the low-rank path (CLIP-LoRA uses 0.25). Instead:
+
+- when dropout is inactive (eval, or ``dropout=0``), LoRA is exactly a weight
+  delta: ``W' = W + s·[B_q A_q; B_k A_k; B_v A_v]`` (zero blocks for untargeted
+  projections). The layer runs PyTorch's own ``MultiheadAttention.forward`` with
+  ``in_proj_weight`` (and ``out_proj.weight``) substituted by ``W'`` for the
+  duration of the call, so the fused kernels and the fast path run on the
+  adapted weights and gradients reach A and B through ``W'``;
+- when dropout is active (training), each projection is computed explicitly,
+  ``x W_q^T + b_q + s·B_q A_q drop(x)``, and attention runs through
+  ``scaled_dot_product_attention``.
+
+Both paths are tested against each other and against the merged weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QKV = ("q", "k", "v")
+
+
+class LowRank(nn.Module):
+    """One low-rank pair: ``delta W = B @ A`` with ``A [r, d_in]`` drawn
+    Kaiming-uniform and ``B [d_out, r]`` zero, so the adapter starts as the
+    identity change."""
+
+    def __init__(self, d_in: int, d_out: int, r: int, device=None, dtype=None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+
+
+@contextlib.contextmanager
+def substituted(module: nn.Module, name: str, tensor: torch.Tensor):
+    """Make ``module.<name>`` read ``tensor`` (a plain tensor that may carry
+    grad) for the duration of the block; the registered Parameter comes back
+    afterwards, also on error."""
+    original = module._parameters[name]
+    module._parameters[name] = tensor
+    try:
+        yield
+    finally:
+        module._parameters[name] = original
+
+
+def _plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + delta``, flagged like ``weight`` when it carries no graph.
+
+    PyTorch chooses among its linear kernels partly by whether the weight
+    requires grad (also under no-grad), and the kernels round differently. A
+    graph-free effective weight gets the base weight's flag, so untrained
+    adapters (B = 0) reproduce the base model bit for bit in eval."""
+    eff = weight + delta
+    if eff.is_leaf and eff.requires_grad != weight.requires_grad:
+        eff.requires_grad_(weight.requires_grad)
+    return eff
+
+
+class _LoRAMixin:
+    """State shared by the adapted layer classes (set by :meth:`_attach`)."""
+
+    lora: nn.ModuleDict
+    lora_scale: float
+    lora_merged: bool
+
+    def _attach(self, factors: dict, alpha: float, r: int, dropout: float) -> None:
+        self.lora = nn.ModuleDict(factors)
+        self.lora_scale = float(alpha) / float(r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_merged = False
+
+    @property
+    def lora_targets(self) -> tuple:
+        return tuple(self.lora.keys())
+
+    def _dropout_active(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
+
+    def _drop(self, x):
+        return self.lora_dropout(x)
+
+
+# -- nn.MultiheadAttention -----------------------------------------------------------
+class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
+    """An ``nn.MultiheadAttention`` with LoRA on any of q, k, v (row blocks of
+    ``in_proj_weight``) and ``out`` (``out_proj``). Created by
+    :func:`adapt_attention` from an existing instance, never constructed."""
+
+    def __init__(self, *args, **kwargs):  # pragma: no cover - guard
+        raise TypeError("use clipft_lora.layers.adapt_attention(existing_mha, ...)")
+
+    # the adapters as weight deltas (differentiable); None where untargeted
+    def _in_proj_delta(self):
+        if not any(t in self.lora for t in QKV):
+            return None
+        w, d = self.in_proj_weight, self.embed_dim
+        blocks = [self.lora[t].delta() if t in self.lora else w.new_zeros(d, d) for t in QKV]
+        return (self.lora_scale * torch.cat(blocks)).to(w.dtype)
+
+    def _out_proj_delta(self):
+        if "out" not in self.lora:
+            return None
+        return (self.lora_scale * self.lora["out"].delta()).to(self.out_proj.weight.dtype)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if self.lora_merged:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self._dropout_active():
+            return self._forward_explicit(query, key, value, key_padding_mask, need_weights,
+                                          attn_mask, average_attn_weights, is_causal)
+        return self._forward_weight_delta(query, key, value, key_padding_mask, need_weights,
+                                          attn_mask, average_attn_weights, is_causal)
+
+    def _forward_weight_delta(self, query, key, value, key_padding_mask, need_weights,
+                              attn_mask, average_attn_weights, is_causal):
+        """PyTorch's own forward (fused kernels, fast path) on ``W + s·BA``."""
+        with contextlib.ExitStack() as stack:
+            d_in, d_out = self._in_proj_delta(), self._out_proj_delta()
+            if d_in is not None:
+                stack.enter_context(substituted(self, "in_proj_weight", _plus(self.in_proj_weight, d_in)))
+            if d_out is not None:
+                stack.enter_context(substituted(self.out_proj, "weight", _plus(self.out_proj.weight, d_out)))
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+    def _project(self, x, i: int, name: str):
+        d = self.embed_dim
+        w = self.in_proj_weight[i * d:(i + 1) * d]
+        b = self.in_proj_bias[i * d:(i + 1) * d] if self.in_proj_bias is not None else None
+        y = F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+        if name in self.lora:
+            y = y + self.lora_scale * self.lora[name](self._drop(x))
+        return y
+
+    def _forward_explicit(self, query, key, value, key_padding_mask, need_weights,
+                          attn_mask, average_attn_weights, is_causal):
+        """Attention with LoRA dropout on the inputs of the low-rank paths."""
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        bsz, tgt, d = query.shape
+        src = key.shape[1]
+        heads, hd = self.num_heads, self.head_dim
+
+        q = self._project(query, 0, "q").view(bsz, tgt, heads, hd).transpose(1, 2)
+        k = self._project(key, 1, "k").view(bsz, src, heads, hd).transpose(1, 2)
+        v = self._project(value, 2, "v").view(bsz, src, heads, hd).transpose(1, 2)
+
+        mask = _additive_mask(attn_mask, key_padding_mask, bsz, heads, tgt, src, q.dtype, q.device)
+        if mask is None and is_causal:
+            mask = torch.full((tgt, src), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * hd ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            if p > 0:
+                weights = F.dropout(weights, p)
+            out = weights @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = out.transpose(1, 2).reshape(bsz, tgt, d)
+        o = F.linear(out, self.out_proj.weight.to(out.dtype),
+                     self.out_proj.bias.to(out.dtype) if self.out_proj.bias is not None else None)
+        if "out" in self.lora:
+            o = o + self.lora_scale * self.lora["out"](self._drop(out))
+        if unbatched:
+            o = o.squeeze(0)
+            weights = weights.squeeze(0) if weights is not None else None
+        elif not self.batch_first:
+            o = o.transpose(0, 1)
+        return o, weights
+
+    # -- merge / unmerge / fold ------------------------------------------------------
+    @torch.no_grad()
+    def lora_merge(self) -> None:
+        if not self.lora_merged:
+            self._add_deltas(+1.0)
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def lora_unmerge(self) -> None:
+        if self.lora_merged:
+            self._add_deltas(-1.0)
+            self.lora_merged = False
+
+    def _add_deltas(self, sign: float) -> None:
+        d_in, d_out = self._in_proj_delta(), self._out_proj_delta()
+        if d_in is not None:
+            self.in_proj_weight.add_(d_in, alpha=sign)
+        if d_out is not None:
+            self.out_proj.weight.add_(d_out, alpha=sign)
+
+    def clipft_fold_into_base(self) -> None:
+        """Merge and become a plain ``nn.MultiheadAttention`` again."""
+        self.lora_merge()
+        _strip(self, nn.MultiheadAttention)
+
+
+def _additive_mask(attn_mask, key_padding_mask, bsz, heads, tgt, src, dtype, device):
+    """One float mask broadcastable to ``[bsz, heads, tgt, src]`` from
+    MultiheadAttention's ``attn_mask`` (2-d or ``[bsz*heads, tgt, src]``; bool
+    True = masked, or additive float) and ``key_padding_mask`` (``[bsz, src]``)."""
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        if mask.dim() == 3:
+            mask = mask.view(bsz, heads, tgt, src)
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).view(bsz, 1, 1, src)
+        mask = kpm if mask is None else mask + kpm
+    return mask
+
+
+# -- nn.Linear ---------------------------------------------------------------------
+class LoRALinear(_LoRAMixin, nn.Linear):
+    """An ``nn.Linear`` with one LoRA pair (key ``lora.w``). Created by
+    :func:`adapt_linear` from an existing instance."""
+
+    def __init__(self, *args, **kwargs):  # pragma: no cover - guard
+        raise TypeError("use clipft_lora.layers.adapt_linear(existing_linear, ...)")
+
+    def _delta(self) -> torch.Tensor:
+        return (self.lora_scale * self.lora["w"].delta()).to(self.weight.dtype)
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_merged:
+            return y
+        return y + self.lora_scale * self.lora["w"](self._drop(x))
+
+    @torch.no_grad()
+    def lora_merge(self) -> None:
+        if not self.lora_merged:
+            self.weight.add_(self._delta())
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def lora_unmerge(self) -> None:
+        if self.lora_merged:
+            self.weight.sub_(self._delta())
+            self.lora_merged = False
+
+    def clipft_fold_into_base(self) -> None:
+        """Merge and become a plain ``nn.Linear`` again."""
+        self.lora_merge()
+        _strip(self, nn.Linear)
+
+
+def _strip(module: nn.Module, plain: type) -> None:
+    for name in ("lora", "lora_dropout"):
+        if name in module._modules:
+            del module._modules[name]
+    for name in ("lora_scale", "lora_merged"):
+        module.__dict__.pop(name, None)
+    module.__class__ = plain
+
+
+# -- attaching -----------------------------------------------------------------------
+def adapt_attention(mha: nn.Module, targets, r: int, alpha: float, dropout: float) -> None:
+    """Give an ``nn.MultiheadAttention`` LoRA on ``targets`` (subset of q, k, v, out)."""
+    if type(mha) is not nn.MultiheadAttention:
+        raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
+    if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+        raise TypeError("nn.MultiheadAttention with separate q/k/v weights (kdim/vdim) is not supported")
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise TypeError("nn.MultiheadAttention with bias_k/bias_v or add_zero_attn is not supported")
+    w = mha.in_proj_weight
+    d = mha.embed_dim
+    factors = {t: LowRank(d, d, r, device=w.device, dtype=w.dtype) for t in targets}
+    mha.__class__ = LoRAMultiheadAttention
+    mha._attach(factors, alpha, r, dropout)
+
+
+def adapt_linear(linear: nn.Module, r: int, alpha: float, dropout: float) -> None:
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+    w = linear.weight
+    factors = {"w": LowRank(linear.in_features, linear.out_features, r, device=w.device, dtype=w.dtype)}
+    linear.__class__ = LoRALinear
+    linear._attach(factors, alpha, r, dropout)
+
+
+def adapted_layers(model: nn.Module):
+    """``[(qualified name, layer)]`` of every LoRA-adapted layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoRAMixin)]
+
+
+def merge(model: nn.Module) -> int:
+    """Fold every adapter into its base weight (outputs unchanged, adapters
+    bypassed); returns how many layers were merged."""
+    layers = adapted_layers(model)
+    for _, m in layers:
+        m.lora_merge()
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo :func:`merge` (subtracts the same deltas; exact up to float rounding)."""
+    layers = adapted_layers(model)
+    for _, m in layers:
+        m.lora_unmerge()
+    return len(layers)
+
+
+def fold(model: nn.Module) -> int:
+    """Merge and remove every adapter: ``model`` becomes a plain open_clip model
+    whose state dict has open_clip's keys only."""
+    layers = adapted_layers(model)
+    for _, m in layers:
+        m.clipft_fold_into_base()
+    return len(layers)
