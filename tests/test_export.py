@@ -80,12 +80,12 @@ def lora_run(tmp_path_factory):
     return out
 
 
-def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, invoke):
+def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, invoke, tmp_path_factory):
     from clipft.engine.loadrun import load_run
     run = load_run(lora_run)
     adapters = {k: v for k, v in run.model.state_dict().items() if ".lora." in k}
     assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith(".B"))
-    expected = probe(run.model, run.tokenizer, tmp_path / "probe.safetensors")
+    probe(run.model, run.tokenizer, tmp_path / "probe.safetensors")
 
     out = tmp_path / "export"
     r = invoke("export", lora_run, out, "--json")
@@ -102,7 +102,7 @@ def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, inv
     got = run_plain_open_clip(out, tmp_path / "probe.safetensors")
     assert got["image"] < 1e-5 and got["text"] < 1e-5, got  # merged == adapted, within 1e-5
     # the adapters did change the model: the export is not the base
-    base = load_file(str(base_checkpoint.__globals__["_cache"]["base"]["weights"]))
+    base = load_file(str(base_checkpoint(tmp_path_factory)["weights"]))
     k = "visual.transformer.resblocks.0.attn.in_proj_weight"
     assert (weights[k] - base[k]).abs().max() > 1e-6
 

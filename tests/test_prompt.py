@@ -146,6 +146,9 @@ def test_options_and_errors(invoke):
         r = invoke("plan", "--model", "tiny-vit", "--data", "shapes:n=8,val_n=8", "--strategy", strategy)
         assert r.exit_code == 2, (strategy, r.output)
         assert message in r.stderr, (strategy, r.stderr)
+    r = invoke("plan", "--model", "tiny-vit", "--data", "shapes:n=8,val_n=8", "--strategy", "prompt",
+               "--head", "zero-shot", "--loss", "cross-entropy")
+    assert r.exit_code == 2 and "use --head text" in r.stderr
     r = invoke("plan", "--model", "tiny-vit", "--data", "shapes:n=8,val_n=8",
                "--strategy", "prompt:init=none", "--head", "text", "--json")
     assert r.exit_code == 0, r.stderr

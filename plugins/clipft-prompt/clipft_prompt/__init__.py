@@ -64,6 +64,14 @@ class PromptTuning:
             raise ClipftUsageError(
                 "strategy 'prompt' learns class prompts, so it needs a data source with classes "
                 "(imagefolder, shapes, or captions with labels); this one has none")
+        config = ctx.config
+        loss = getattr(getattr(config, "loss", None), "name", None)
+        head = getattr(getattr(config, "head", None), "name", None)
+        if loss == "cross-entropy" and head in (None, "linear", "zero-shot"):
+            raise ClipftUsageError(
+                f"strategy 'prompt' trains through the class prompts, but --loss cross-entropy "
+                f"only sees the {head or 'missing'} head's own weights, so the prompts would never "
+                "train; use --head text (or the contrastive loss)")
         if getattr(model, CLASS_TEXT_ENCODER, None) is not None:
             raise ClipftUsageError(
                 "another strategy already installed a class-prompt encoder on the model; "
