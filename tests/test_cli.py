@@ -222,3 +222,23 @@ def test_disable_plugin_flag_and_env(invoke, tmp_path):
     assert st["clipft-full"] == st["clipft-heads"] == "disabled"
     r = invoke("--disable-plugin", "clipft-full", *RUN, "--strategy", "full", "--out", tmp_path / "o")
     assert r.exit_code == 2 and "unknown strategy 'full'" in r.stderr
+
+
+def test_default_loss_follows_the_head(invoke, tmp_path):
+    r = invoke(*RUN, "--head", "linear", "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["loss"]["name"] == "cross-entropy"
+    r = invoke(*RUN, "--strategy", "full", "--out", tmp_path / "b", "--json")
+    assert json.loads(r.stdout)["loss"]["name"] == "contrastive"
+
+
+def test_a_head_the_loss_ignores_is_reported(invoke, tmp_path):
+    r = invoke(*RUN, "--head", "linear", "--loss", "contrastive", "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "would never train" in r.stderr
+    r = invoke(*RUN, "--head", "linear", "--loss", "contrastive", "--strategy", "full",
+               "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0
+    assert "warning:" in r.stderr and "would never train" in r.stderr
+    s = json.loads(r.stdout)
+    assert "head" not in {g["name"] for g in s["params"]["groups"]}
+    assert "head_top1" in s["eval"]["after"]

@@ -54,7 +54,8 @@ class RunConfig:
     pretrained: str = "auto"
     data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_ref)
     strategies: list = attrs.field(factory=list, converter=_refs)
-    loss: ComponentRef = attrs.field(factory=lambda: ComponentRef("contrastive"), converter=_ref)
+    #: None: cross-entropy through the head when there is one, else contrastive
+    loss: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
     head: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
 
     epochs: int = attrs.field(default=1, validator=_positive)
@@ -106,7 +107,8 @@ class RunConfig:
                 continue
             d[f.name] = v
         d["data"] = self.data.to_table()
-        d["loss"] = self.loss.to_table()
+        if self.loss is not None:
+            d["loss"] = self.loss.to_table()
         if self.head is not None:
             d["head"] = self.head.to_table()
         d["strategy"] = [s.to_table() for s in self.strategies]

@@ -45,6 +45,8 @@ class RichReporter(Silent):
             + (f", {len(run.bundle.classnames)} classes" if run.bundle.classnames else "")
             + f" · trainable {trainable:,} of {total:,} params ({100 * trainable / max(1, total):.2f}%) · "
             f"lr {run.lr:g} · out {out_dir}")
+        for w in run.warnings:
+            self.console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
         if run.bundle.skipped:
             self.console.print(f"[yellow]skipped {len(run.bundle.skipped)} unreadable image(s)[/yellow], "
                                f"e.g. {run.bundle.skipped[0][0]}")

@@ -58,10 +58,15 @@ def resolve(config: RunConfig, registry) -> Resolved:
                 raise ClipftUsageError("strategy 'none' takes no options")
             continue
         strategies.append(one("strategy", ref))
+    loss = config.loss
+    if loss is None:
+        # a head is there to be trained: CE through it (CoOp's loss for the text
+        # head); without one, CLIP's own contrastive objective
+        loss = ComponentRef("cross-entropy" if config.head is not None else "contrastive")
     res = Resolved(
         data=one("data", config.data),
         strategies=strategies,
-        loss=one("loss", config.loss),
+        loss=one("loss", loss),
         head=one("head", config.head) if config.head is not None else None,
     )
     needs = res.loss[0].needs
@@ -108,6 +113,8 @@ class PreparedRun:
     scaler: object = None
     failures: DecodeFailures = attrs.field(factory=DecodeFailures)
     total_steps: int = 0
+    #: things the user should know before training starts (printed by the reporter)
+    warnings: list = attrs.field(factory=list)
     warmup_steps: int = 0
     #: what apply_speed_options did (grad checkpointing, compiled modules)
     speed: dict = attrs.field(factory=dict)
@@ -212,7 +219,17 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
             default_lr = spec.default_lr
             break
     lr = config.resolved_lr(default_lr)
-    groups = build_groups(selections, lr, config.weight_decay, head)
+    warnings = []
+    head_trains = head is not None and any(p.requires_grad for p in head.parameters())
+    if head_trains and NEED_HEAD not in loss_spec.needs:
+        msg = (f"loss '{loss_spec.name}' does not use the head, so head '{res.head[0].name}' "
+               "would never train; use --loss cross-entropy to train it")
+        if not any(sel.params for sel in selections):
+            raise ClipftUsageError(f"nothing would train: {msg}")
+        warnings.append(msg + " (it is only evaluated)")
+        head.requires_grad_(False)
+        head_trains = False
+    groups = build_groups(selections, lr, config.weight_decay, head if head_trains else None)
     if not groups:
         raise ClipftUsageError(
             "nothing would train: no strategy selected parameters and there is no head. "
@@ -221,7 +238,7 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
     run = PreparedRun(config=config, resolved=res, device=device, model=model,
                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                       ctx=ctx, selections=selections, head=head, loss=loss, groups=groups, lr=lr,
-                      base_shapes=base_shapes, speed=speed)
+                      base_shapes=base_shapes, speed=speed, warnings=warnings)
     run.features = select_features(run, strategies)
     if build_optimizer:
         batches = math.ceil(len(bundle.train) / config.batch_size)
@@ -260,11 +277,27 @@ def train_step_record(run: PreparedRun, batch) -> ForwardRecord:
     )
 
 
+def clip_gradients(params: list, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_``, bit for bit, minus one pass over
+    every gradient when nothing needs clipping: torch always multiplies by the
+    clip coefficient clamped to 1 (checking it would sync a GPU); on the CPU the
+    check is free, and a multiply by exactly 1 changes nothing."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if any(g.device.type != "cpu" for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = torch.nn.utils.get_total_norm(grads)
+    if bool(max_norm / (total + 1e-6) < 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def _optimizer_step(run: PreparedRun, trainable: list) -> None:
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     if run.config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, run.config.grad_clip)
+        clip_gradients(trainable, run.config.grad_clip)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
