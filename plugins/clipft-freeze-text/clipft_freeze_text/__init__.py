@@ -8,7 +8,8 @@ fixed, which lets the engine cache them (class prompts, captions).
 """
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import StrategySpec, hookimpl
+from clipft.strategy_kit import FreezeOneTower
 
 
 @attrs.frozen
@@ -20,44 +21,13 @@ class FreezeTextOptions:
                 "the text tower stays frozen"})
 
 
-class FreezeText:
-    """Selects everything but the text tower; keeps the text tower frozen."""
-
-    side = "text"
-
-    def __init__(self, opts: FreezeTextOptions):
-        self.opts = opts
-
-    def apply(self, model, ctx):
-        from clipft.anatomy import describe, named_params
-
-        a = describe(model)
-        frozen, trained = a.tower("text"), a.tower("vision")
-        sels = [Selection("vision", named_params(model, trained.names))]
-        if self.opts.keep_projection:
-            proj = frozen.require_projection(ctx.model_name)
-            sels.append(Selection("text.proj", named_params(model, proj)))
-        if self.opts.logit_scale and a.logit:
-            sels.append(Selection("logit", named_params(model, a.logit)))
-        if a.other:
-            sels.append(Selection("other", named_params(model, a.other)))
-        return sels
-
-    def keeps_frozen(self, model, ctx):
-        from clipft.anatomy import describe
-
-        tower = describe(model).tower("text")
-        keep = set(tower.projection) if self.opts.keep_projection else set()
-        return [n for n in tower.names if n not in keep]
-
-
 @hookimpl
 def clipft_register_strategies(register):
     register(StrategySpec(
         name="freeze-text",
         summary="Freeze the text tower; train the image tower, its projection and the logit scale.",
         options=FreezeTextOptions,
-        build=FreezeText,
+        build=lambda opts: FreezeOneTower("text", opts),
         # a whole pretrained tower trains: as small as full fine-tuning (peer recipes)
         default_lr=1e-5,
     ))
