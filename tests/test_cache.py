@@ -43,11 +43,36 @@ class Pick:
         return [Selection("picked", params)]
 
 
+class ClassBias(torch.nn.Module):
+    """A minimal class-prompt encoder (what prompt tuning installs): class
+    prompts through the frozen text tower, plus a trainable offset."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, model, tokenizer, classnames, templates):
+        tokens = tokenizer([templates[0].format(c) for c in classnames]).to(self.bias.device)
+        return model.encode_text(tokens) + self.bias
+
+
+class InstallClassBias:
+    def __init__(self, opts):
+        pass
+
+    def apply(self, model, ctx):
+        from clipft.engine.forward import CLASS_TEXT_ENCODER
+        setattr(model, CLASS_TEXT_ENCODER, ClassBias(ctx.embed_dim))
+        return [Selection("class-bias", [(f"{CLASS_TEXT_ENCODER}.bias", getattr(model, CLASS_TEXT_ENCODER).bias)])]
+
+
 class PickPlugin:
     @clipft.hookimpl
     def clipft_register_strategies(self, register):
         register(StrategySpec(name="pick", summary="test: train named parameters", options=PickOptions,
                               build=Pick, default_lr=1e-3))
+        register(StrategySpec(name="class-bias", summary="test: a trainable class-prompt encoder",
+                              build=InstallClassBias, default_lr=1e-2))
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +142,21 @@ def test_cached_and_live_runs_train_the_same_parameters(registry, tmp_path, case
     for key, value in sum_l["eval"]["after"].items():
         assert sum_c["eval"]["after"][key] == pytest.approx(value, abs=1e-6), key
     assert "cache" in sum_c and "cache" not in sum_l
+
+
+def test_class_prompt_encoder_keeps_class_prompts_live_but_caches_captions(registry, tmp_path):
+    forward = pytest.importorskip("clipft.engine.forward")
+    if not hasattr(forward, "CLASS_TEXT_ENCODER"):
+        pytest.skip("this core has no class-prompt encoders")
+    kw = dict(strategies=[ComponentRef("class-bias")])
+    run_c, sum_c, cached = train_run(registry, tmp_path, "cached", **kw)
+    _, sum_l, live = train_run(registry, tmp_path, "live", cache=False, **kw)
+    stats = run_c.features.stats
+    assert stats["text"].startswith("on") and stats["class_prompts"].startswith("off")
+    assert stats["image"].startswith("output ")
+    assert max_diff(cached, live) <= TOL and float(cached["clipft_class_text.bias"].abs().max()) > 0
+    for key, value in sum_l["eval"]["after"].items():
+        assert sum_c["eval"]["after"][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_trained_parameters_change(registry, tmp_path):

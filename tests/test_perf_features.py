@@ -180,3 +180,21 @@ def test_trimmed_text_encoding_matches_encode_text():
     model = load_model("tiny-vit", "none").model
     model.encode_text = lambda text, normalize=False: text
     assert text_trim_length(model, tokens) is None
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["below-max-norm", "clipped"])
+def test_clip_gradients_matches_torch_bit_for_bit(scale):
+    from clipft.engine.runner import clip_gradients
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    clip_gradients(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
+    changed = any(not torch.equal(p.grad, b) for p, b in zip(ours, before))
+    assert changed == (scale > 1)

@@ -354,12 +354,26 @@ def text_modules(model) -> list:
             if isinstance(m, torch.nn.Module)]
 
 
+def _class_encoder_name() -> str:
+    try:
+        from clipft.engine.forward import CLASS_TEXT_ENCODER
+        return CLASS_TEXT_ENCODER
+    except ImportError:  # pragma: no cover - older core
+        return "clipft_class_text"
+
+
 def text_tower_frozen(model) -> tuple[bool, str]:
-    """True when ``encode_text`` depends on frozen weights only."""
+    """True when ``encode_text`` (captions) depends on frozen weights only.
+
+    A class-prompt encoder a strategy installed (prompt tuning) does not count:
+    it only takes part while class prompts are encoded (see
+    :func:`class_prompts_frozen`), never in ``encode_text`` of a caption."""
     if not _stock_encode(model, "encode_text"):
         return False, "encode_text is not open_clip's own"
+    encoder = _class_encoder_name() + "."
     for name, p in model.named_parameters():
-        if p.requires_grad and not name.startswith("visual.") and name not in TEXT_FREE:
+        if (p.requires_grad and not name.startswith(("visual.", encoder))
+                and name not in TEXT_FREE):
             return False, f"{name} trains"
     mods = text_modules(model)
     hooked = _hooked(mods)
@@ -369,6 +383,22 @@ def text_tower_frozen(model) -> tuple[bool, str]:
     if over:
         return False, f"{over} was replaced on the instance"
     return True, "text tower frozen"
+
+
+def class_prompts_frozen(model) -> tuple[bool, str]:
+    """True when the class-prompt embeddings are fixed: the text tower is frozen
+    and a class-prompt encoder, if a strategy installed one, has nothing that trains."""
+    ok, why = text_tower_frozen(model)
+    if not ok:
+        return False, why
+    encoder = getattr(model, _class_encoder_name(), None)
+    if encoder is not None:
+        trains = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        if trains:
+            return False, f"{_class_encoder_name()}.{trains[0]} trains"
+        if _hooked([encoder]) or _overridden([encoder]):
+            return False, "the class-prompt encoder is hooked or replaced"
+    return True, "class prompts fixed"
 
 
 # -- fingerprints (on-disk keys) ----------------------------------------------

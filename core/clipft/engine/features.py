@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from clipft.engine.cache import (
     STATUS_OK,
     ImageCut,
+    class_prompts_frozen,
     IndexStore,
     StoreTooLarge,
     cache_key,
@@ -198,10 +199,12 @@ class CachedFeatures(LiveFeatures):
     name = "cache"
 
     def __init__(self, cut: Optional[ImageCut], image_reason: str, text: bool, text_reason: str,
-                 directory: Optional[Path] = None, memory_budget: Optional[int] = None):
+                 directory: Optional[Path] = None, memory_budget: Optional[int] = None,
+                 classes: Optional[bool] = None, classes_reason: str = ""):
         super().__init__()
         self.cut = cut
         self.text = text
+        self.classes = text if classes is None else (classes and text)
         self.directory = Path(directory) if directory is not None else None
         self.memory_budget = memory_budget if memory_budget is not None else memory_budget_bytes()
         self._stores: dict = {}
@@ -213,6 +216,7 @@ class CachedFeatures(LiveFeatures):
             "image_hits": 0, "image_misses": 0, "text_hits": 0, "text_misses": 0,
             "image": f"{cut.describe()} ({image_reason})" if cut is not None else f"off ({image_reason})",
             "text": f"on ({text_reason})" if text else f"off ({text_reason})",
+            "class_prompts": "on" if self.classes else f"off ({classes_reason or text_reason})",
             "location": str(self.directory) if self.directory is not None else "memory",
             "bytes": 0, "loaded_from_disk": 0,
         }
@@ -371,7 +375,7 @@ class CachedFeatures(LiveFeatures):
         return self._cached_texts(run, captions, [captions])
 
     def train_class_features(self, run) -> torch.Tensor:
-        if not self._text_cacheable(run):
+        if not (self.classes and self._text_cacheable(run)):
             return super().train_class_features(run)
         return self._cached_classes(run, run.class_text_features)
 
@@ -392,7 +396,7 @@ class CachedFeatures(LiveFeatures):
 
     @torch.no_grad()
     def class_features(self, run):
-        if not self._text_cacheable(run):
+        if not (self.classes and self._text_cacheable(run)):
             return super().class_features(run)
         return self._cached_classes(run, lambda: LiveFeatures.class_features(self, run))
 
@@ -423,10 +427,13 @@ def select_features(run, strategies=()) -> LiveFeatures:
         cut, image_reason = plan_image_cut(run.model)
     if "text" in live:
         text, text_reason = False, "a strategy keeps the text tower live"
+        classes, classes_reason = False, text_reason
     else:
         text, text_reason = text_tower_frozen(run.model)
+        classes, classes_reason = class_prompts_frozen(run.model)
     if cut is None and not text:
         return LiveFeatures()
     directory = getattr(cfg, "cache_dir", None)
     return CachedFeatures(cut, image_reason, text, text_reason,
-                          directory=Path(directory).expanduser() if directory else None)
+                          directory=Path(directory).expanduser() if directory else None,
+                          classes=classes, classes_reason=classes_reason)

@@ -112,6 +112,12 @@ def text_trim_length(model, tokens: torch.Tensor):
 
     if "encode_text" in model.__dict__ or type(model).encode_text is not CLIP.encode_text:
         return None
+    return causal_text_length(model, tokens)
+
+
+def causal_text_length(model, tokens: torch.Tensor):
+    """The cut of :func:`text_trim_length` for a model whose text path is CLIP's
+    (the caller vouches for that): None unless pooling and mask allow it."""
     pool = getattr(model, "text_pool_type", None)
     if pool == "argmax":
         last = tokens.argmax(dim=-1)
@@ -141,6 +147,11 @@ def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
     length = text_trim_length(model, tokens)
     if length is None:
         return model.encode_text(tokens)
+    return encode_text_prefix(model, tokens, length)
+
+
+def encode_text_prefix(model, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """CLIP's ``encode_text`` run on the first ``length`` positions only."""
     from open_clip.transformer import text_global_pool
 
     cast_dtype = model.transformer.get_cast_dtype()
