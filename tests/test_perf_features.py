@@ -198,3 +198,21 @@ def test_clip_gradients_matches_torch_bit_for_bit(scale):
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
     changed = any(not torch.equal(p.grad, b) for p, b in zip(ours, before))
     assert changed == (scale > 1)
+
+
+def test_peak_rss_is_this_process_not_its_parent():
+    """summary.json's train.peak_rss_mb: a run started from a large process (a
+    notebook, a benchmark harness) must not report the parent's memory."""
+    import subprocess
+    import sys
+
+    from clipft.engine.runner import _peak_rss_mb
+
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])        # touch every page
+    parent = _peak_rss_mb()
+    code = "from clipft.engine.runner import _peak_rss_mb; print(_peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
+    assert 50 < child < parent - 400
+    del ballast

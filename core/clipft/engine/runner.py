@@ -253,6 +253,16 @@ def prepare(config: RunConfig, registry, build_optimizer: bool = True) -> Prepar
 
 # -- training ---------------------------------------------------------------
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the
+    current address space; ru_maxrss (the fallback) also keeps the parent's
+    size at fork, so a run started from a large process would report that."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
