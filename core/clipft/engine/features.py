@@ -175,9 +175,11 @@ class _Replay:
 
 
 class _TrainEpoch:
-    """The batches of one training epoch. The train store is filled on the
-    first iteration, inside the timed loop (so ``train.seconds`` includes it);
-    when the split cannot be cached the epoch runs live."""
+    """The batches of one training epoch: replayed from the train store once
+    it is complete; the first epoch runs the live loader and fills the store
+    as it goes (so every step, the first epoch's included, costs what it would
+    cost live, and the progress bar moves); live throughout when the split
+    cannot be cached."""
 
     def __init__(self, provider, run, epoch: int):
         self.provider, self.run, self.epoch = provider, run, epoch
@@ -186,11 +188,13 @@ class _TrainEpoch:
         return math.ceil(len(self.run.bundle.train) / self.run.config.batch_size)
 
     def __iter__(self):
-        run = self.run
-        store = self.provider._store(run, "train")
+        provider, run = self.provider, self.run
+        store = provider._store(run, "train")
         if store is None:
             return iter(run.loader(run.bundle.train, train=True, epoch=self.epoch))
-        return iter(_Replay(self.provider, run, store, run.bundle.train, train=True, epoch=self.epoch))
+        if store.complete:
+            return iter(_Replay(provider, run, store, run.bundle.train, train=True, epoch=self.epoch))
+        return provider._fill_while_training(run, store, self.epoch)
 
 
 class CachedFeatures(LiveFeatures):
@@ -229,6 +233,9 @@ class CachedFeatures(LiveFeatures):
 
     # -- image stores --------------------------------------------------------
     def _store(self, run, split: str) -> Optional[IndexStore]:
+        """The split's store: complete (loaded from disk, or the val split after
+        its fill pass), empty (the train split, filled by its first epoch), or
+        None when the split runs live."""
         if split in self._stores:
             return self._stores[split]
         store, why = None, None
@@ -243,7 +250,9 @@ class CachedFeatures(LiveFeatures):
             if noisy:
                 why = f"{noisy} is active in the frozen part"
             else:
-                store, why = self._build(run, split)
+                store = self._open_or_new(run, split)
+                if split == "val" and not store.complete:
+                    store, why = self._fill_val(run, store)
         if why:
             self.stats[f"{split}_image"] = f"live ({why})"
         self._stores[split] = store
@@ -266,40 +275,76 @@ class CachedFeatures(LiveFeatures):
             "torch": torch.__version__, "open_clip": open_clip.__version__,
         }
 
-    def _build(self, run, split: str):
+    def _open_or_new(self, run, split: str) -> IndexStore:
         dataset = run.bundle.train if split == "train" else run.bundle.val
-        n = len(dataset)
-        directory, key_parts = None, None
+        if self.directory is None:
+            return IndexStore(len(dataset), budget=self.memory_budget)
         t0 = time.perf_counter()
-        if self.directory is not None:
-            key_parts = self._key_parts(run, split, dataset)
-            directory = self.directory / f"{split}-{cache_key(key_parts)}"
-            found = IndexStore.open(directory, n, key_parts)
-            if found is not None:
-                self.stats["loaded_from_disk"] += int((found.status == STATUS_OK).sum())
-                self.stats["bytes"] += found.nbytes
-                self.stats["build_seconds"] += time.perf_counter() - t0
-                return found, None
-        store = IndexStore(n, directory, budget=None if directory is not None else self.memory_budget,
-                           key_parts=key_parts)
+        key_parts = self._key_parts(run, split, dataset)
+        directory = self.directory / f"{split}-{cache_key(key_parts)}"
+        found = IndexStore.open(directory, len(dataset), key_parts)
+        self.stats["build_seconds"] += time.perf_counter() - t0
+        if found is not None:
+            self.stats["loaded_from_disk"] += int((found.status == STATUS_OK).sum())
+            self.stats["bytes"] += found.nbytes
+            return found
+        return IndexStore(len(dataset), directory, key_parts=key_parts)
+
+    def _prefix(self, run, batch) -> torch.Tensor:
+        t0 = time.perf_counter()
+        with torch.no_grad(), run.autocast():
+            values = self.cut.prefix(run.model, batch["images"].to(run.device, non_blocking=True))
+        self.stats["build_seconds"] += time.perf_counter() - t0
+        self.count("image", misses=len(batch["index"]))
+        return values
+
+    def _finish(self, store: IndexStore) -> None:
+        t0 = time.perf_counter()
+        store.finish()
+        self.stats["bytes"] += store.nbytes
+        self.stats["build_seconds"] += time.perf_counter() - t0
+
+    def _fill_val(self, run, store: IndexStore):
+        """One pass over the val split (evaluation needs all of it at once)."""
         try:
             # the fill pass must not shift the global RNG stream a live run sees
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                for batch in run.loader(dataset, train=False, reuse=False):
-                    with run.autocast():
-                        values = self.cut.prefix(run.model, batch["images"].to(run.device, non_blocking=True))
-                    store.put(batch["index"], values, batch["captions"], batch["labels"])
-            store.finish()
+            with torch.random.fork_rng(devices=[]):
+                for batch in run.loader(run.bundle.val, train=False, reuse=False):
+                    store.put(batch["index"], self._prefix(run, batch), batch["captions"], batch["labels"])
+            self._finish(store)
         except StoreTooLarge as exc:
             store.discard()
             return None, str(exc)
         except BaseException:
             store.discard()
             raise
-        self.count("image", misses=int((store.status == STATUS_OK).sum()))
-        self.stats["bytes"] += store.nbytes
-        self.stats["build_seconds"] += time.perf_counter() - t0
         return store, None
+
+    def _fill_while_training(self, run, store: IndexStore, epoch: int):
+        """The live loader's batches, each with its frozen-part values computed
+        (on the batch exactly as a live run computes them) and stored."""
+        filling = True
+        try:
+            for batch in run.loader(run.bundle.train, train=True, epoch=epoch):
+                if not filling:
+                    yield batch
+                    continue
+                values = self._prefix(run, batch)
+                try:
+                    store.put(batch["index"], values, batch["captions"], batch["labels"])
+                except StoreTooLarge as exc:
+                    filling = False
+                    store.discard()
+                    self._stores["train"] = None
+                    self.stats["train_image"] = f"live ({exc})"
+                yield {**batch, "image_cache": values}
+            if filling:
+                self._finish(store)
+        except BaseException:
+            if filling and not store.complete:
+                store.discard()
+                self._stores.pop("train", None)
+            raise
 
     def _image_from_cache(self, run, cached: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.cut.suffix(run.model, cached.to(run.device, non_blocking=True)), dim=-1)
