@@ -19,7 +19,7 @@ from plain_loops import SeedFullFinetune
 
 SETTINGS = {
     # model: (batch, timed steps)
-    "ViT-B-32": (16, 6),
+    "ViT-B-32": (16, 5),
     "tiny-vit": (64, 20),
 }
 
