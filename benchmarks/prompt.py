@@ -46,6 +46,7 @@ def pairing(reg, work, name, trim: bool):
     delattr(plain_model, "clipft_class_text")
     plain = PlainPromptTuning(plain_model, prepared.tokenizer, prepared.bundle.train,
                               list(prepared.bundle.classnames), BATCH)
+    plain.step()   # untimed warm-up, as in row 2
     if trim:
         _trim_learner_text(prepared.model)
     ours, stats, clock, clip_wall = clipft_train(reg, work / name, other=plain.step, prepared=prepared,
