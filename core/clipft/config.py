@@ -73,7 +73,8 @@ class RunConfig:
     precision: str = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
     seed: int = 0
-    #: DataLoader worker processes (0, measured fastest on 2 CPU cores: README "Performance")
+    #: DataLoader worker processes (0: on 2 CPU cores workers compete with the compute
+    #: threads; measured within ~10% either way, README "Performance")
     num_workers: int = attrs.field(default=0, validator=_non_negative)
     #: keep DataLoader workers alive across epochs (only with num_workers > 0)
     persistent_workers: bool = True
