@@ -145,9 +145,6 @@ def test_cached_and_live_runs_train_the_same_parameters(registry, tmp_path, case
 
 
 def test_class_prompt_encoder_keeps_class_prompts_live_but_caches_captions(registry, tmp_path):
-    forward = pytest.importorskip("clipft.engine.forward")
-    if not hasattr(forward, "CLASS_TEXT_ENCODER"):
-        pytest.skip("this core has no class-prompt encoders")
     kw = dict(strategies=[ComponentRef("class-bias")])
     run_c, sum_c, cached = train_run(registry, tmp_path, "cached", **kw)
     _, sum_l, live = train_run(registry, tmp_path, "live", cache=False, **kw)
