@@ -23,7 +23,7 @@ from plain_loops import SeedFullFinetune
 def precision(reg, work) -> Row:
     from clipft.engine.perf import native_precisions
     t0 = now()
-    ours = ClipftEpochs(reg, work / "precision", 1, 4, 16, model="ViT-B-32", strategies=["full"],
+    ours = ClipftEpochs(reg, work / "precision", 1, 3, 16, model="ViT-B-32", strategies=["full"],
                         loss="contrastive:duplicates=ignore", lr=1e-5, weight_decay=0.01, cache=False)
     bf16 = SeedFullFinetune(copy.deepcopy(ours.run.model), ours.run.tokenizer, ours.run.bundle.train, 16,
                             autocast_dtype=torch.bfloat16)
