@@ -104,10 +104,10 @@ def test_grad_checkpointing_flag(invoke, registry, tmp_path, small_shapes):
     assert res.exit_code == 0, res.output
     assert "grad_checkpointing = true" in (tmp_path / "gc" / "config.toml").read_text()
 
-    run, _, with_gc = _run(registry, tmp_path, "with", grad_checkpointing=True)
+    run, _, with_gc = _run(registry, tmp_path, "with", grad_checkpointing=True, epochs=1)
     assert run.model.visual.transformer.grad_checkpointing and run.model.transformer.grad_checkpointing
     assert run.speed == {"grad_checkpointing": True}
-    plain_run, _, plain = _run(registry, tmp_path, "without")
+    plain_run, _, plain = _run(registry, tmp_path, "without", epochs=1)
     assert not plain_run.model.visual.transformer.grad_checkpointing
     # recomputing activations changes memory, not results
     assert _max_diff(with_gc, plain) <= 1e-6
