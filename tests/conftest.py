@@ -33,3 +33,14 @@ def small_shapes():
 
 def read_summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are faster and steadier on one thread when the other core is
+    busy; modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,12 +16,7 @@ from safetensors.torch import load_file, save_file
 from peft_base import SMALL_NOVEL, base_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PLAIN_OPEN_CLIP = textwrap.dedent("""

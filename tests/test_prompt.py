@@ -17,12 +17,7 @@ from peft_base import NOVEL_DATA, SMALL_NOVEL, base_checkpoint
 CLASSES = ["red circle", "blue square", "green dodecahedron", "orange"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
