@@ -19,7 +19,7 @@ class NormsOptions:
     tower: str = attrs.field(default="vision", metadata={"help": "vision or text"})
 
 
-class TrainNorms:
+class TrainNorms(clipft.Strategy):
     """Our team's in-house strategy: only LayerNorm affine parameters train."""
 
     def __init__(self, opts):

@@ -29,14 +29,19 @@ def one_thread():
 @attrs.frozen
 class PickOptions:
     prefixes: tuple = attrs.field(default=(), metadata={"help": "parameter-name prefixes that train"})
+    live: tuple = attrs.field(default=(), metadata={"help": "towers kept out of the cache"})
 
 
-class Pick:
+class Pick(clipft.Strategy):
     """Test strategy: trains exactly the parameters whose names start with one of
     ``prefixes`` (so these tests need no strategy plugin)."""
 
     def __init__(self, opts):
         self.prefixes = tuple(opts.prefixes)
+        self.live = tuple(opts.live)
+
+    def live_towers(self, model, ctx):
+        return self.live
 
     def apply(self, model, ctx):
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(self.prefixes)]
@@ -44,7 +49,7 @@ class Pick:
         return [Selection("picked", params)]
 
 
-class ClassBias(torch.nn.Module):
+class ClassBias(clipft.ClassTextEncoder, torch.nn.Module):
     """A minimal class-prompt encoder (what prompt tuning installs): class
     prompts through the frozen text tower, plus a trainable offset."""
 
@@ -57,14 +62,14 @@ class ClassBias(torch.nn.Module):
         return model.encode_text(tokens) + self.bias
 
 
-class InstallClassBias:
+class InstallClassBias(clipft.Strategy):
     def __init__(self, opts):
         pass
 
     def apply(self, model, ctx):
-        from clipft.engine.forward import CLASS_TEXT_ENCODER
-        setattr(model, CLASS_TEXT_ENCODER, ClassBias(ctx.embed_dim))
-        return [Selection("class-bias", [(f"{CLASS_TEXT_ENCODER}.bias", getattr(model, CLASS_TEXT_ENCODER).bias)])]
+        encoder = ClassBias(ctx.embed_dim)
+        slot = clipft.install(model, encoder)
+        return [Selection("class-bias", [(f"{slot}.bias", encoder.bias)])]
 
 
 class PickPlugin:
@@ -88,14 +93,15 @@ def pick(*prefixes):
 
 def train_run(registry, tmp_path, name, cache=True, memory_budget=None, **kw):
     """Prepare and train in-process; returns (run, summary, trained tensors)."""
-    from clipft.engine.runner import build_summary, prepare, train
+    from clipft.engine.prepare import prepare
+    from clipft.engine.session import build_summary, train_run as train
     from clipft.progress import Silent
 
     cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
                        "loss": "contrastive", **kw}, cache=cache)
     run = prepare(cfg, registry)
     if memory_budget is not None:
-        run.features.memory_budget = memory_budget
+        run.features.keys.memory_budget = memory_budget
     out = tmp_path / name
     out.mkdir()
     stats = train(run, out, Silent())
@@ -158,7 +164,7 @@ def test_class_prompt_encoder_keeps_class_prompts_live_but_caches_captions(regis
 
 def test_trained_parameters_change(registry, tmp_path):
     """Guards the equivalence test: training moves what it trains."""
-    from clipft.engine.runner import prepare
+    from clipft.engine.prepare import prepare
     run0 = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=[pick("visual.proj")]), registry)
     before = run0.model.visual.proj.detach().clone()
     _, _, after = train_run(registry, tmp_path, "moved", strategies=[pick("visual.proj")])
@@ -182,13 +188,12 @@ def test_cache_hits_and_misses_are_counted(registry, tmp_path):
 
 
 def test_eval_reuses_cached_features_without_running_the_towers(registry, tmp_path):
-    from clipft.engine.evaluate import evaluate
     run, _, _ = train_run(registry, tmp_path, "eval", loss="cross-entropy", head="linear", epochs=1)
     calls = []
     hooks = [run.model.visual.register_forward_hook(lambda *a: calls.append("image")),
              run.model.transformer.register_forward_hook(lambda *a: calls.append("text"))]
     try:
-        metrics = evaluate(run)
+        metrics = run.evaluate()
     finally:
         for h in hooks:
             h.remove()
@@ -259,7 +264,7 @@ def _train(model, *prefixes):
 
 
 def test_image_cut_points():
-    from clipft.engine.cache import plan_image_cut
+    from clipft.engine.cache.plan import plan_image_cut
 
     m = _model()
     assert plan_image_cut(m)[0].describe() == "output"
@@ -282,7 +287,7 @@ def test_image_cut_points():
 
 def test_cut_replay_matches_the_tower():
     """prefix + suffix of every cut reproduce encode_image exactly."""
-    from clipft.engine.cache import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut
+    from clipft.engine.cache.replay import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut
 
     torch.manual_seed(0)
     for name, cuts in (("tiny-vit", [ImageCut(), VitProjCut(), VitBlocksCut(1), VitBlocksCut(4)]),
@@ -298,7 +303,7 @@ def test_cut_replay_matches_the_tower():
 
 
 def test_anything_that_could_change_a_frozen_tower_disables_its_cache():
-    from clipft.engine.cache import plan_image_cut, stochastic_module, text_tower_frozen
+    from clipft.engine.cache.plan import plan_image_cut, stochastic_module, text_tower_frozen
 
     m = _model()
     h = m.visual.transformer.resblocks[0].register_forward_hook(lambda *a: None)
@@ -331,15 +336,16 @@ def test_anything_that_could_change_a_frozen_tower_disables_its_cache():
 
 
 def test_strategy_can_keep_a_tower_live(registry, tmp_path):
-    from clipft.engine.features import select_features
-    from clipft.engine.runner import prepare
+    from clipft.engine.features import CachedFeatures, LiveFeatures
+    from clipft.engine.prepare import prepare
 
-    run = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=[pick("logit_scale")]), registry)
+    def features(live):
+        ref = ComponentRef("pick", {"prefixes": ["logit_scale"], "live": live})
+        return prepare(RunConfig(model="tiny-vit", data=DATA, strategies=[ref]), registry).features
 
-    class KeepsImageLive:
-        live_towers = {"image"}
-
-    provider = select_features(run, [("x", KeepsImageLive())])
-    assert provider.cut is None and provider.text
-    assert type(select_features(run, [("x", type("Both", (), {"live_towers": {"image", "text"}})())])
-                ).__name__ == "LiveFeatures"
+    both_cached = features([])
+    assert both_cached.cut is not None and both_cached.plan.text
+    image_live = features(["image"])
+    assert isinstance(image_live, CachedFeatures) and image_live.cut is None and image_live.plan.text
+    assert "a strategy keeps the image tower live" in image_live.stats["image"]
+    assert type(features(["image", "text"])) is LiveFeatures

@@ -43,7 +43,7 @@ def test_runs_are_deterministic_on_cpu(tmp_path):
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     """A 2-epoch run that dies after its first checkpoint, resumed, ends bit-identical
     to the same run left uninterrupted (model, head and metrics)."""
-    from clipft.engine import runner
+    from clipft.engine.checkpoint import Checkpointer
 
     conf = cfg(strategies=["full"], lr=1e-3, epochs=2, head="zero-shot")
     whole = run(conf, out=tmp_path / "whole")
@@ -51,16 +51,16 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     class Crash(Exception):
         pass
 
-    real_save = runner.save_checkpoint
+    real_save = Checkpointer.save
 
-    def save_then_crash(*a, **k):
-        real_save(*a, **k)
+    def save_then_crash(self, *a, **k):
+        real_save(self, *a, **k)
         raise Crash
 
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
     with pytest.raises(Crash):
         run(conf, out=tmp_path / "crash")
-    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
     assert json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())["epoch"] == 1
     assert not (tmp_path / "crash" / "summary.json").exists()
 

@@ -112,7 +112,7 @@ def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, inv
 
 def test_load_export_restores_prompts_and_head(lora_run, tmp_path, invoke):
     from clipft.engine.export import load_export
-    from clipft.engine.forward import class_text_features
+    from clipft.encode import class_text_features
     from clipft.engine.loadrun import load_run
     out = tmp_path / "export"
     assert invoke("export", lora_run, out).exit_code == 0

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from clipft_losses import ContrastiveOptions, Contrastive, contrastive_loss
-from clipft.engine.forward import ForwardRecord, caption_ids
+from clipft.record import ForwardRecord, caption_ids
 
 
 def feats(n, d=8, seed=0):

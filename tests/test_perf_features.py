@@ -27,7 +27,8 @@ def registry():
 
 
 def _run(registry, tmp_path, name, **kw):
-    from clipft.engine.runner import build_summary, prepare, train
+    from clipft.engine.prepare import prepare
+    from clipft.engine.session import build_summary, train_run as train
     from clipft.progress import Silent
 
     cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
@@ -46,7 +47,7 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("strategies", [["full"], []], ids=["full", "frozen-encoder"])
 def test_text_tower_not_run_for_cross_entropy_with_a_linear_head(registry, strategies):
-    from clipft.engine.runner import prepare, set_train_mode, train_step_record
+    from clipft.engine.prepare import prepare
 
     cfg = RunConfig(model="tiny-vit", data=DATA, loss="cross-entropy", head="linear",
                     strategies=strategies, batch_size=16)
@@ -54,9 +55,9 @@ def test_text_tower_not_run_for_cross_entropy_with_a_linear_head(registry, strat
     calls = {"text": 0, "image": 0}
     run.model.transformer.register_forward_pre_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
     run.model.visual.register_forward_pre_hook(lambda *a: calls.__setitem__("image", calls["image"] + 1))
-    set_train_mode(run)
-    for batch in run.features.train_loader(run, 0):
-        rec = train_step_record(run, batch)
+    run.trainer.set_train_mode()
+    for batch in run.features.train_epoch(0):
+        rec = run.trainer.record(batch)
         run.loss(rec).backward()
     # two batches through the image tower (live, or once into the cache); no text
     assert calls == {"text": 0, "image": 2}
@@ -65,21 +66,21 @@ def test_text_tower_not_run_for_cross_entropy_with_a_linear_head(registry, strat
 
 def test_contrastive_does_run_the_text_tower(registry):
     """The counter above can see text-tower calls."""
-    from clipft.engine.runner import prepare, set_train_mode, train_step_record
+    from clipft.engine.prepare import prepare
 
     run = prepare(RunConfig(model="tiny-vit", data=DATA, strategies=["full"], batch_size=16), registry)
     calls = []
     run.model.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
-    set_train_mode(run)
-    rec = train_step_record(run, next(iter(run.features.train_loader(run, 0))))
+    run.trainer.set_train_mode()
+    rec = run.trainer.record(next(iter(run.features.train_epoch(0))))
     assert len(calls) == 1 and rec.text_features is not None
 
 
 def test_autograd_stops_at_the_first_trainable_block(registry):
     """Blocks before the first trainable one run without a graph (open_clip runs
     blocks in sequence): their outputs do not require grad."""
-    from clipft.engine.cache import _trainable
-    from clipft.engine.runner import prepare, set_train_mode
+    from clipft.engine.cache.plan import trainable as _trainable
+    from clipft.engine.prepare import prepare
 
     run = prepare(RunConfig(model="tiny-vit", data=DATA, loss="cross-entropy", head="linear",
                             batch_size=16, cache=False), registry)
@@ -89,8 +90,8 @@ def test_autograd_stops_at_the_first_trainable_block(registry):
     assert [_trainable(b) for b in blocks] == [False, False, True, False]
     seen = []
     hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad)) for b in blocks]
-    set_train_mode(run)
-    batch = next(iter(run.loader(run.bundle.train, train=True)))
+    run.trainer.set_train_mode()
+    batch = next(iter(run.loaders.train(0)))
     run.model.encode_image(batch["images"]).sum().backward()
     for h in hooks:
         h.remove()
@@ -114,7 +115,7 @@ def test_grad_checkpointing_flag(invoke, registry, tmp_path, small_shapes):
 
 
 def test_compile_is_opt_in_and_regional(registry):
-    from clipft.engine.runner import prepare
+    from clipft.engine.prepare import prepare
 
     def compiled(run):
         return [m._compiled_call_impl is not None for m in run.model.modules()
@@ -134,7 +135,7 @@ def test_workers_persist_across_epochs_and_do_not_change_results(registry, tmp_p
     run, _, with_workers = _run(registry, tmp_path, "w1", num_workers=1, cache=False)
     _, _, in_process = _run(registry, tmp_path, "w0", num_workers=0, cache=False)
     assert _max_diff(with_workers, in_process) <= 1e-6
-    loader = run._loaders[(id(run.bundle.train), True)]
+    loader = run.loaders._loaders[(id(run.bundle.train), True)]
     assert loader.persistent_workers and loader._iterator is not None   # one worker pool, kept
 
 
@@ -158,7 +159,7 @@ def test_precision_runs_and_is_recorded(invoke, tmp_path, small_shapes):
 
 
 def test_trimmed_text_encoding_matches_encode_text():
-    from clipft.engine.perf import encode_text_trimmed, text_trim_length
+    from clipft.encode import encode_text_trimmed, text_trim_length
     from clipft.models import load_model
 
     lm = load_model("tiny-vit", "none")
@@ -184,7 +185,7 @@ def test_trimmed_text_encoding_matches_encode_text():
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0], ids=["below-max-norm", "clipped"])
 def test_clip_gradients_matches_torch_bit_for_bit(scale):
-    from clipft.engine.runner import clip_gradients
+    from clipft.engine.loop import clip_gradients
 
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(40, 30)) for _ in range(3)]
@@ -206,12 +207,12 @@ def test_peak_rss_is_this_process_not_its_parent():
     import subprocess
     import sys
 
-    from clipft.engine.runner import _peak_rss_mb
+    from clipft.engine.session import peak_rss_mb as _peak_rss_mb
 
     ballast = bytearray(600 * 2**20)
     ballast[::4096] = b"\x01" * len(ballast[::4096])        # touch every page
     parent = _peak_rss_mb()
-    code = "from clipft.engine.runner import _peak_rss_mb; print(_peak_rss_mb())"
+    code = "from clipft.engine.session import peak_rss_mb; print(peak_rss_mb())"
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  check=True).stdout)
     assert 50 < child < parent - 400

@@ -27,13 +27,13 @@ def make_dist(site: Path, dist: str, module: str, source: str, ep_name: str | No
 
 STRATEGY_SRC = """
     import attrs
-    from clipft import Selection, StrategySpec, hookimpl
+    from clipft import Selection, Strategy, StrategySpec, hookimpl
 
     @attrs.frozen
     class Opts:
         pass
 
-    class S:
+    class S(Strategy):
         def apply(self, model, ctx):
             return [Selection("ls", [("logit_scale", model.logit_scale)])]
 

@@ -32,11 +32,11 @@ def tiny():
 
 
 def install(model, classnames=CLASSES, **kw):
-    from clipft.engine.context import BuildContext
+    from clipft.context import BuildContext
     from clipft_prompt import PromptOptions, PromptTuning
     m = copy.deepcopy(model)
     ctx = BuildContext(model=m, model_name="tiny-vit", tokenizer=TOKENIZER[0], device=torch.device("cpu"),
-                       config=None, classnames=list(classnames))
+                       classnames=list(classnames))
     sel = PromptTuning(PromptOptions(**kw)).apply(m, ctx)
     return m, sel
 
@@ -71,7 +71,7 @@ def test_init_from_text_reproduces_the_zero_shot_prompt_exactly(tiny):
     """Context initialised from "a photo of a" at the end = CLIP's template
     "a photo of a {}." token for token, so the encodings are identical."""
     model, tok = tiny
-    from clipft.engine.forward import class_text_features
+    from clipft.encode import class_text_features
     m, _ = install(model)
     assert m.clipft_class_text.n_ctx == 4
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_encoding_matches_open_clip_pipeline(tiny, position, class_specific):
 
 def test_gradients_reach_only_the_context(tiny):
     model, tok = tiny
-    from clipft.engine.forward import class_text_features
+    from clipft.encode import class_text_features
     m, sel = install(model, class_specific=True)
     (name, ctx), = sel[0].params
     assert name == "clipft_class_text.ctx" and ctx.shape == (len(CLASSES), 4, 64)
@@ -118,7 +118,7 @@ def test_gradients_reach_only_the_context(tiny):
 
 def test_shared_context_encodes_new_classes_class_specific_does_not(tiny):
     model, tok = tiny
-    from clipft.engine.forward import class_text_features
+    from clipft.encode import class_text_features
     from clipft.errors import ClipftError
     m, _ = install(model)
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_vision_prompt(tiny, invoke):
         prompts.zero_()
     # zero prompts are still tokens the others attend to: outputs differ from base,
     # but removing the module's hooks gives the base back exactly
-    m.visual.clipft_vision_prompts.clipft_uninstall()
+    m.visual.clipft_vision_prompts.uninstall()
     with torch.no_grad():
         assert torch.equal(m.encode_image(images), base)
     r = invoke("plan", "--model", "tiny-rn", "--data", "shapes:n=8,val_n=8", "--strategy", "vision-prompt")

@@ -376,7 +376,7 @@ def test_differential_lr_changes_rates_only():
                                   hf_like, coca])
 def test_reproject_new_dimension_on_every_projection_type(make):
     from clipft.anatomy import describe
-    from clipft.engine.context import infer_embed_dim
+    from clipft.encode import infer_embed_dim
     m = make()
     before = {n: p for n, p in m.named_parameters()}
     sels = apply(m, "reproject:dim=12")
@@ -457,7 +457,7 @@ def test_checkpoints_resume_and_evaluate_exactly(tmp_path, monkeypatch, model, s
     """A 2-epoch run that dies after its first checkpoint, resumed, ends with
     the tensors and evaluation of the same run left uninterrupted."""
     from clipft.api import RunConfig, run
-    from clipft.engine import runner
+    from clipft.engine.checkpoint import Checkpointer
 
     conf = RunConfig(model=model, data=DATA, batch_size=16, lr=1e-3, epochs=2, strategies=strategies)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -466,16 +466,16 @@ def test_checkpoints_resume_and_evaluate_exactly(tmp_path, monkeypatch, model, s
     class Crash(Exception):
         pass
 
-    real_save = runner.save_checkpoint
+    real_save = Checkpointer.save
 
-    def save_then_crash(*a, **k):
-        real_save(*a, **k)
+    def save_then_crash(self, *a, **k):
+        real_save(self, *a, **k)
         raise Crash
 
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
     with pytest.raises(Crash):
         run(conf, out=resumed)
-    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
     one = tensors(resumed)
     run(resume=resumed)
     a, b = tensors(straight), tensors(resumed)

@@ -254,7 +254,8 @@ def reference_run(model_name, recipe, batches, init, **kw):
 # -- clipft ----------------------------------------------------------------------------
 def clipft_run(tmp_path, registry, model_name, strategies):
     from clipft.api import RunConfig
-    from clipft.engine.runner import prepare, train
+    from clipft.engine.prepare import prepare
+    from clipft.engine.session import train_run as train
     from clipft.progress import Silent
 
     cfg = RunConfig(model=model_name, pretrained="none", strategies=strategies,
@@ -263,10 +264,10 @@ def clipft_run(tmp_path, registry, model_name, strategies):
                     warmup_steps=0, grad_clip=0.0, seed=SEED, device="cpu", cache=False)
     run = prepare(cfg, registry)
     init = {n: p.detach().clone() for n, p in run.model.named_parameters()}
-    batches = list(run.loader(run.bundle.train, train=True, epoch=0))
+    batches = list(run.loaders.train(0))
     assert len(batches) == K
     stats = train(run, tmp_path, Silent())
-    assert stats["steps"] == K
+    assert stats.step == K
     return run.model, init, batches
 
 

@@ -1,9 +1,27 @@
 """clipft: plugin-based fine-tuning of OpenCLIP models.
 
+The public API a plugin (or an embedding codebase) uses lives outside
+``clipft.engine``: the specs and hook marker re-exported here, the protocols
+(:mod:`clipft.protocols`), the build context (:mod:`clipft.context`), the
+loss record (:mod:`clipft.record`), encoding helpers (:mod:`clipft.encode`),
+data helpers (:mod:`clipft.data`), model anatomy (:mod:`clipft.anatomy`),
+errors (:mod:`clipft.errors`) and :mod:`clipft.api`.
+
 Importing this package is cheap: torch and the plugins load only when a command
 or an API call needs them.
 """
+from clipft.errors import ClipftError, ClipftUsageError
 from clipft.hookspecs import hookimpl
+from clipft.protocols import (
+    ClassTextEncoder,
+    InsertedModule,
+    Strategy,
+    StrategyModifier,
+    class_text_encoder,
+    install,
+    installed,
+)
+from clipft.record import ForwardRecord
 from clipft.specs import (
     DataSourceSpec,
     HeadSpec,
@@ -21,5 +39,15 @@ __all__ = [
     "HeadSpec",
     "DataSourceSpec",
     "Selection",
+    "Strategy",
+    "StrategyModifier",
+    "InsertedModule",
+    "ClassTextEncoder",
+    "install",
+    "installed",
+    "class_text_encoder",
+    "ForwardRecord",
+    "ClipftError",
+    "ClipftUsageError",
     "__version__",
 ]

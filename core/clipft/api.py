@@ -37,7 +37,7 @@ def run(config: Union[RunConfig, dict, None] = None, *, plugins: Iterable[object
 
     With ``resume=RUN_DIR`` and no ``config``, the run's own config.toml is used."""
     from clipft.config import load_toml
-    from clipft.engine.runner import execute
+    from clipft.engine.session import execute
     from clipft.progress import Silent
 
     reg = registry or make_registry(plugins, disabled, entry_points)

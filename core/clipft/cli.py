@@ -223,7 +223,7 @@ def build_config(config_file, kw, base: dict | None = None):
 @guarded
 def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
     """Fine-tune a model and write a run directory."""
-    from clipft.engine.runner import execute
+    from clipft.engine.session import execute
     from clipft.progress import RichReporter
     resume_dir = None
     if resume:
@@ -286,7 +286,15 @@ def export_cmd(ctx, run_dir, out, overwrite, device, as_json):
         console.print(f"  {name:32s} {size / 2**20:9.2f} MiB")
     if manifest["merged_adapter_layers"]:
         console.print(f"  merged {manifest['merged_adapter_layers']} adapter layers into the base weights")
-    console.print(f"  verified: reloaded model matches the run's (max |diff| {manifest['verified_max_abs_diff']:.2e})")
+    drops = manifest["plain_open_clip_drops"]
+    console.print(f"  plain open_clip vs the run's model: max |diff| {manifest['verified_max_abs_diff']:.2e}"
+                  f"{'' if drops else ' (verified)'}")
+    for d in drops:
+        console.print(f"  [yellow]plain open_clip drops[/yellow] {d['module']} ({d['kind']}, strategy "
+                      f"{d['strategy']}, in {d['file']}); clipft.engine.export.load_export keeps it")
+    if drops:
+        console.print(f"  verified: load_export reproduces the run's model "
+                      f"(max |diff| {manifest['load_export_max_abs_diff']:.2e})")
 
 
 def main():

@@ -25,7 +25,7 @@ def clipft_register_strategies(register):
 def clipft_register_losses(register):
     """Register losses: ``register(LossSpec(...))``.
 
-    A loss maps a :class:`clipft.engine.forward.ForwardRecord` to a scalar tensor
+    A loss maps a :class:`clipft.ForwardRecord` to a scalar tensor
     or to a dict of named terms with a ``"total"`` entry. ``LossSpec.needs`` states
     what the record must hold (``text``, ``labels``, ``head``).
     """

@@ -14,14 +14,11 @@ def stderr_console() -> Console:
 
 
 class Silent:
-    """Reporter that prints nothing (the Python API's default)."""
+    """Reporter that prints nothing (the Python API's default). Reporters
+    observe the training loop's events (see :class:`clipft.engine.loop.Events`)."""
 
-    def announce(self, run, out_dir): ...
-    def start_epoch(self, epoch, epochs, n_batches): return None
-    def advance(self, task, **kw): ...
-    def end_epoch(self, task): ...
-    def epoch_metrics(self, epoch, metrics, train_loss): ...
-    def final_table(self, summary): ...
+    def run_start(self, run, out_dir): ...
+    def run_end(self, summary): ...
 
 
 def _fmt(v):
@@ -33,7 +30,7 @@ class RichReporter(Silent):
         self.console = console or stderr_console()
         self._progress: Progress | None = None
 
-    def announce(self, run, out_dir):
+    def run_start(self, run, out_dir):
         total, trainable = run.param_counts
         strategies = "+".join(s.name for s, _ in run.resolved.strategies) or "none (head only)"
         self.console.print(
@@ -51,26 +48,30 @@ class RichReporter(Silent):
             self.console.print(f"[yellow]skipped {len(run.bundle.skipped)} unreadable image(s)[/yellow], "
                                f"e.g. {run.bundle.skipped[0][0]}")
 
-    def start_epoch(self, epoch, epochs, n_batches):
+    def epoch_start(self, epoch, epochs, n_batches):
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(),
             console=self.console, transient=False)
         self._progress.start()
-        return self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
+        self._task = self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
 
-    def advance(self, task, loss, lr, sps):
-        self._progress.update(task, advance=1, loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{sps:.0f}")
+    def step_end(self, s):
+        self._progress.update(self._task, advance=1, loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}",
+                              sps=f"{s.samples_per_s:.0f}")
+        if s.batch == s.n_batches:
+            self._progress.stop()
 
-    def end_epoch(self, task):
-        self._progress.stop()
-
-    def epoch_metrics(self, epoch, metrics, train_loss):
+    def eval(self, epoch, metrics, train_loss):
+        if train_loss is None:  # the evaluation before training
+            return
+        if self._progress is not None:
+            self._progress.stop()
         shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if "@" not in k or k.startswith("recall"))
         self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
 
-    def final_table(self, summary):
+    def run_end(self, summary):
         before, after = summary["eval"]["before"], summary["eval"]["after"]
         t = Table(title="evaluation (val split)")
         t.add_column("metric")

@@ -2,10 +2,11 @@
 what two of them share lives here instead of being copied)."""
 from __future__ import annotations
 
+from clipft.protocols import Strategy
 from clipft.specs import Selection
 
 
-class FreezeOneTower:
+class FreezeOneTower(Strategy):
     """Train everything except one tower (seed Strategies 2 and 3).
 
     Parameters outside both towers (CoCa's text decoder) train too. Options used:

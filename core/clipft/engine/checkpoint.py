@@ -64,48 +64,87 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, run, epoch: int, global_step: int, history: list) -> None:
-    final = Path(run_dir) / "checkpoint"
-    tmp = Path(run_dir) / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(changed_state(run.model, run.base_shapes), str(tmp / "model.safetensors"))
-    if run.head is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in run.head.state_dict().items()},
-                  str(tmp / "head.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(run.optimizer)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
-               **{f"rng.{k}": v for k, v in rng.items()}},
-              str(tmp / "optimizer.safetensors"))
-    np_state = np.random.get_state()
-    state = {
-        "format": FORMAT_VERSION,
-        "epoch": epoch,
-        "global_step": global_step,
-        "optimizer": opt_meta,
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "grad_scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "python_random": _jsonable(random.getstate()),
-        "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "history": history,
-        "trainable": sorted(n for n, p in run.model.named_parameters() if p.requires_grad),
-        # what strategies and heads were built for, so that a run directory can be
-        # rebuilt (export, eval, predict) without its data (engine/loadrun.py)
-        "classnames": list(run.bundle.classnames) if run.bundle.classnames else None,
-        "templates": list(run.bundle.templates),
-    }
-    (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
-    # swap in atomically: a crash leaves either the old or the new checkpoint
-    old = Path(run_dir) / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+class Checkpointer:
+    """Writes and restores ``RUN_DIR/checkpoint`` for one run: the parts it
+    saves are handed over when it is built."""
+
+    def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
+                 classnames, templates):
+        self.run_dir = Path(run_dir)
+        self.model, self.head, self.base_shapes = model, head, base_shapes
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.classnames, self.templates = classnames, templates
+
+    # the loop's epoch_end event
+    def epoch_end(self, info, state) -> None:
+        self.save(state.epoch, state.step, state.history)
+
+    def save(self, epoch: int, global_step: int, history: list) -> None:
+        final = self.run_dir / "checkpoint"
+        tmp = self.run_dir / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(changed_state(self.model, self.base_shapes), str(tmp / "model.safetensors"))
+        if self.head is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                      str(tmp / "head.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
+                   **{f"rng.{k}": v for k, v in rng.items()}},
+                  str(tmp / "optimizer.safetensors"))
+        np_state = np.random.get_state()
+        state = {
+            "format": FORMAT_VERSION,
+            "epoch": epoch,
+            "global_step": global_step,
+            "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "python_random": _jsonable(random.getstate()),
+            "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "history": history,
+            "trainable": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
+            # what strategies and heads were built for, so that a run directory can be
+            # rebuilt (export, eval, predict) without its data (engine/loadrun.py)
+            "classnames": list(self.classnames) if self.classnames else None,
+            "templates": list(self.templates),
+        }
+        (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
+        # swap in atomically: a crash leaves either the old or the new checkpoint
+        old = self.run_dir / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self) -> dict:
+        """Load the checkpoint into the model, head, optimizer, schedule, scaler
+        and the RNGs; returns its state (epoch, global_step, history)."""
+        ck = self.run_dir / "checkpoint"
+        if not (ck / "state.json").is_file():
+            raise ClipftError(f"no checkpoint found in {ck}")
+        state = json.loads((ck / "state.json").read_text())
+        load_trained_tensors(ck, self.model, self.head, next(self.model.parameters()).device)
+        rest = load_file(str(ck / "optimizer.safetensors"))
+        opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
+        _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        torch.set_rng_state(rest["rng.torch_cpu"])
+        cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        random.setstate(_tuplify(state["python_random"]))
+        ns = state["numpy_random"]
+        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+        return state
 
 
 def _json_default(o):
@@ -139,26 +178,3 @@ def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None
     model.load_state_dict(model_t, strict=False)
     if head is not None:
         head.load_state_dict(load_file(str(Path(ck) / "head.safetensors"), device=str(device)))
-
-
-def load_checkpoint(run_dir: Path, run) -> dict:
-    ck = Path(run_dir) / "checkpoint"
-    if not (ck / "state.json").is_file():
-        raise ClipftError(f"no checkpoint found in {ck}")
-    state = json.loads((ck / "state.json").read_text())
-    load_trained_tensors(ck, run.model, run.head, run.device)
-    rest = load_file(str(ck / "optimizer.safetensors"))
-    opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
-    _restore_optimizer(run.optimizer, opt_t, state["optimizer"])
-    if run.scheduler is not None and state.get("scheduler"):
-        run.scheduler.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("grad_scaler"):
-        run.scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(rest["rng.torch_cpu"])
-    cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate(_tuplify(state["python_random"]))
-    ns = state["numpy_random"]
-    np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
-    return state

@@ -2,24 +2,26 @@
 
 Rules (also in the README):
 - The model starts fully frozen.
-- Selector strategies (``apply``) run in command-line order; the trainable set is
-  the union of their selections. A parameter claimed twice stays in the group of
-  the first strategy that claimed it.
-- Modifier strategies (``modify``) run afterwards, in order, and may only rescale
-  or regroup what is already selected.
-- Contradictions are errors: the same strategy twice, two strategies that each
-  demand exclusive control, a modifier with nothing selected, a modifier that
-  tries to add parameters, a strategy that selects what another one keeps frozen
-  (``keeps_frozen(model, ctx)`` returns those parameter names), and a strategy
-  that replaces parameters an earlier one already selected (list the replacing
-  strategy, e.g. ``reproject``, first).
+- Selector strategies (``role == "selector"``, :meth:`clipft.Strategy.apply`)
+  run in command-line order; the trainable set is the union of their
+  selections. A parameter claimed twice stays in the group of the first
+  strategy that claimed it.
+- Modifier strategies (``role == "modifier"``, :meth:`clipft.Strategy.modify`)
+  run afterwards, in order, and may only rescale or regroup what is already
+  selected.
+- Contradictions are errors: the same strategy twice, a modifier with nothing
+  selected, a modifier that tries to add parameters, a strategy that selects
+  what another one keeps frozen (:meth:`clipft.Strategy.keeps_frozen`), and a
+  strategy that replaces parameters an earlier one already selected (list the
+  replacing strategy, e.g. ``reproject``, first).
 """
 from __future__ import annotations
 
 import attrs
 import torch
 
-from clipft.errors import ClipftUsageError
+from clipft.errors import ClipftError, ClipftUsageError
+from clipft.protocols import MODIFIER, SELECTOR, Strategy
 from clipft.specs import Selection
 
 NO_DECAY_MARKERS = ("bias", "logit_scale", "logit_bias", "ln_", ".ln", "bn", "norm",
@@ -44,24 +46,32 @@ class Group:
         return sum(p.numel() for _, p in self.params)
 
 
+def check_strategy(name: str, obj) -> Strategy:
+    """A built strategy must be a :class:`clipft.Strategy` with a known role."""
+    if not isinstance(obj, Strategy):
+        raise ClipftError(
+            f"strategy '{name}' built a {type(obj).__name__}, which is not a clipft.Strategy; "
+            "its plugin must subclass clipft.Strategy (or clipft.StrategyModifier)")
+    if obj.role not in (SELECTOR, MODIFIER):
+        raise ClipftError(f"strategy '{name}' has role {obj.role!r}; use 'selector' or 'modifier'")
+    return obj
+
+
 def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]:
     """``strategies``: list of (name, built strategy object). Returns the final
     selections and sets ``requires_grad`` to exactly the union."""
+    for name, strat in strategies:
+        check_strategy(name, strat)
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, _ in strategies]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ClipftUsageError(f"strategy '{sorted(dupes)[0]}' is given twice; give it once with all its options")
-    exclusive = [n for n, s in strategies if getattr(s, "exclusive", False)]
-    if len(exclusive) > 1:
-        raise ClipftUsageError(
-            f"strategies '{exclusive[0]}' and '{exclusive[1]}' each demand exclusive control "
-            "of what trains; choose one")
 
     selections: list[Selection] = []
     for name, strat in strategies:
-        if hasattr(strat, "apply"):
+        if strat.role == SELECTOR:
             new = list(strat.apply(model, ctx) or [])
             present = {id(p) for p in model.parameters()}
             for sel in selections:
@@ -78,9 +88,9 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
                         f"strategy '{name}' selected parameters that are not part of the model ({stray[0]})")
                 selections.append(sel)
     for name, strat in strategies:
-        if hasattr(strat, "modify") and not hasattr(strat, "apply"):
+        if strat.role == MODIFIER:
             if not any(sel.params for sel in selections):
-                selectors = [n for n, s in strategies if hasattr(s, "apply")]
+                selectors = [n for n, s in strategies if s.role == SELECTOR]
                 by = (f"; '{selectors[0]}' selected nothing" if len(selectors) == 1 else
                       f"; {', '.join(repr(x) for x in selectors)} selected nothing" if selectors else "")
                 raise ClipftUsageError(
@@ -102,10 +112,9 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
         if keep:
             final.append(attrs.evolve(sel, params=keep))
     for name, strat in strategies:
-        keeps = getattr(strat, "keeps_frozen", None)
-        if keeps is None:
+        frozen = set(strat.keeps_frozen(model, ctx))
+        if not frozen:
             continue
-        frozen = set(keeps(model, ctx))
         for sel in final:
             hit = [n for n, _ in sel.params if n in frozen] if sel.source != name else []
             if hit:

@@ -3,37 +3,41 @@ from __future__ import annotations
 
 import torch
 
-from clipft.engine.forward import class_text_features
 
+class Evaluator:
+    """Metrics on the val split, from a features provider (cached or live)."""
 
-@torch.no_grad()
-def evaluate(run) -> dict:
-    """``run`` is a :class:`clipft.engine.runner.PreparedRun`."""
-    model, bundle = run.model, run.bundle
-    was_training = model.training
-    model.eval()
-    if run.head is not None:
-        run.head.eval()
-    try:
-        feats, labels, captions = run.features.val_image_features(run)
-        metrics: dict[str, float] = {}
-        if len(labels) == 0:
+    def __init__(self, model, head, features, autocast, has_classes: bool, has_captions: bool):
+        self.model, self.head, self.features, self.autocast = model, head, features, autocast
+        self.has_classes, self.has_captions = has_classes, has_captions
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        model, head = self.model, self.head
+        was_training = model.training
+        model.eval()
+        if head is not None:
+            head.eval()
+        try:
+            feats, labels, captions = self.features.val_image_features()
+            metrics: dict[str, float] = {}
+            if len(labels) == 0:
+                return metrics
+            if self.has_classes:
+                cls = self.features.class_features()
+                pred = (feats @ cls.t()).argmax(dim=-1)
+                metrics["top1"] = float((pred == labels).float().mean())
+            if head is not None:
+                with self.autocast():
+                    logits = head(feats)
+                metrics["head_top1"] = float((logits.float().argmax(-1) == labels).float().mean())
+            if self.has_captions:
+                metrics.update(retrieval_metrics(feats, self.features.caption_features(captions), captions))
             return metrics
-        if bundle.classnames:
-            cls = run.features.class_features(run)
-            pred = (feats @ cls.t()).argmax(dim=-1)
-            metrics["top1"] = float((pred == labels).float().mean())
-        if run.head is not None:
-            with run.autocast():
-                logits = run.head(feats)
-            metrics["head_top1"] = float((logits.float().argmax(-1) == labels).float().mean())
-        if bundle.has_captions:
-            metrics.update(retrieval_metrics(feats, run.features.caption_features(run, captions), captions))
-        return metrics
-    finally:
-        model.train(was_training)
-        if run.head is not None:
-            run.head.train(was_training)
+        finally:
+            model.train(was_training)
+            if head is not None:
+                head.train(was_training)
 
 
 def retrieval_metrics(img: torch.Tensor, txt_unique: torch.Tensor, captions: list[str],

@@ -20,14 +20,13 @@
   files above, the number of merged adapter layers, and the largest difference
   between the run's model and the reloaded export on a probe input).
 
-Protocols for modules that strategies insert (no plugin is special-cased here):
-
-- ``clipft_fold_into_base()``: fold yourself into the base weights and leave a
-  plain open_clip module behind (LoRA layers);
-- ``clipft_export_extra() -> dict``: state that cannot live in open_clip's state
-  dict; returns at least ``file`` and ``strategy`` (and ``options``); the
-  module's tensors go to that file. ``clipft_uninstall()``, when present, is
-  called before the module is detached (to remove hooks).
+What plain open_clip keeps: inserted modules (:class:`clipft.InsertedModule`)
+that fold into the base weights (``folds_into_base``) are merged; those that
+export themselves (``export_info()``) go to their own files, and plain open_clip
+*drops* them. The manifest lists them under ``plain_open_clip_drops``, and
+export checks two things on a probe input: ``load_export`` reproduces the run's
+model (else it is a bug), and how far plain open_clip is from the run's model
+(``verified_max_abs_diff``; it must be ~0 when nothing is dropped).
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def _get(model, path: str):
 def _model_cfg(model, model_name: str) -> dict:
     import open_clip
 
-    from clipft.engine.context import infer_embed_dim
+    from clipft.encode import infer_embed_dim
     from clipft.models import register_tiny_configs
 
     register_tiny_configs()
@@ -110,6 +109,24 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
+def _run_features(model, probe) -> torch.Tensor:
+    """What the run's model computes on the probe, adapters in their slots included."""
+    from clipft.encode import image_embedding, text_embedding
+    images, tokens = probe
+    with torch.no_grad():
+        img = image_embedding(model, model.encode_image(images)).float().flatten()
+        txt = text_embedding(model, model.encode_text(tokens)).float().flatten()
+    return torch.cat([img, txt])
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _within(diff: float, reference: torch.Tensor) -> bool:
+    return diff <= VERIFY_RTOL * max(1.0, float(reference.abs().max()))
+
+
 def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu") -> dict:
     """Export a run directory; returns the manifest."""
     import open_clip
@@ -117,55 +134,54 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     from clipft import __version__
     from clipft.engine.loadrun import load_run
     from clipft.options import options_to_dict
+    from clipft.protocols import inserted_modules
 
     out = Path(out)
     run = load_run(run_dir, registry, device=device)
     model = run.model
     tmp = _prepare_out(out, overwrite)
     try:
+        probe = _probe(model, run.tokenizer)
+        reference = _run_features(model, probe)  # the run's model, everything in place
+
         # 1. inserted modules that cannot live in an open_clip state dict
         extras = []
-        for qname, module in list(model.named_modules()):
-            describe = getattr(module, "clipft_export_extra", None)
-            if qname and callable(describe):
-                info = dict(describe())
-                info.setdefault("classnames", run.classnames)
-                info["module"] = qname
-                tensors = {f"{qname}.{k}": v for k, v in module.state_dict().items()}
-                extras.append((qname, module, info, tensors))
+        for qname, module in inserted_modules(model):
+            info = None if module.folds_into_base else module.export_info()
+            if info is None:
+                continue
+            info = dict(info)
+            info.setdefault("classnames", run.classnames)
+            info["module"] = qname
+            info.setdefault("kind", module.enters)
+            tensors = {f"{qname}.{k}": v for k, v in module.state_dict().items()}
+            extras.append((qname, module, info, tensors))
         files = [i["file"] for _, _, i, _ in extras]
         if len(set(files)) != len(files) or {WEIGHTS, CONFIG, MANIFEST, HEAD} & set(files):
             raise ClipftError(f"inserted modules want clashing export files: {files}")
         for qname, module, _, _ in extras:
-            uninstall = getattr(module, "clipft_uninstall", None)
-            if callable(uninstall):
-                uninstall()
+            module.uninstall()
             parent, _, attr = qname.rpartition(".")
             delattr(_get(model, parent), attr)
 
-        # 2. reference outputs of the run's model (adapters live, unmerged)
-        probe = _probe(model, run.tokenizer)
-        reference = _features(model, probe)
-
-        # 3. fold adapters into the base weights
+        # 2. fold adapters into the base weights
         folded = 0
-        for _, module in list(model.named_modules()):
-            fold = getattr(module, "clipft_fold_into_base", None)
-            if callable(fold):
-                fold()
+        for _, module in inserted_modules(model):
+            if module.folds_into_base:
+                module.fold_into_base()
                 folded += 1
         state = model.state_dict()
         stray = sorted(set(state) - set(run.base_shapes))
         if stray:
             raise ClipftError(
                 f"the model has tensors open_clip does not know ({', '.join(stray[:4])}) from a module "
-                "a strategy inserted that neither folds into the base weights "
-                "(clipft_fold_into_base) nor exports itself (clipft_export_extra)")
+                "a strategy inserted that neither folds into the base weights nor exports itself "
+                "(clipft.InsertedModule: folds_into_base / export_info)")
         missing = sorted(set(run.base_shapes) - set(state))
         if missing:
             raise ClipftError(f"the model lost open_clip tensors: {', '.join(missing[:4])}")
 
-        # 4. write
+        # 3. write
         _save(state, tmp / WEIGHTS)
         cfg = {"model_cfg": _model_cfg(model, run.config.model),
                "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}
@@ -181,17 +197,8 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
             if head_state:
                 head_info["file"] = HEAD
                 _save(head_state, tmp / HEAD, head_info)
-
-        # 5. verify: plain open_clip reloads it and computes what the run computed
-        with _quiet():
-            reloaded = open_clip.create_model(f"local-dir:{tmp}", device=device).eval()
-        diff = float((_features(reloaded, probe) - reference).abs().max())
-        scale = float(reference.abs().max()) or 1.0
-        if diff > VERIFY_RTOL * max(1.0, scale):
-            raise ClipftError(
-                f"the exported model does not reproduce the run's model (max |diff| {diff:.3g}); "
-                "this is a bug, please report it")
-
+        drops = [{"module": i["module"], "kind": i["kind"], "file": i["file"], "strategy": i["strategy"]}
+                 for _, _, i, _ in extras]
         manifest = {
             "format": FORMAT,
             "clipft_version": __version__,
@@ -199,6 +206,7 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
             "model": run.config.model,
             "pretrained": run.pretrained,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
+            "load_all_with": f"clipft.engine.export.load_export('{out}')",
             "weights": WEIGHTS,
             "config": CONFIG,
             "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in run.resolved.strategies],
@@ -206,10 +214,24 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
             "classnames": run.classnames,
             "templates": list(run.templates),
             "extras": [info for _, _, info, _ in extras],
+            "plain_open_clip_drops": drops,
             "head": head_info,
-            "verified_max_abs_diff": diff,
-            "bytes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
         }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+        # 4. verify: load_export gives back the run's model; plain open_clip
+        #    gives it back too unless a module it drops changes the features
+        with _quiet():
+            plain = open_clip.create_model(f"local-dir:{tmp}", device=device).eval()
+        plain_diff = _max_diff(_features(plain, probe), reference)
+        full_diff = _max_diff(_run_features(load_export(tmp, registry, device)["model"], probe), reference)
+        if not _within(full_diff, reference) or (not drops and not _within(plain_diff, reference)):
+            raise ClipftError(
+                f"the exported model does not reproduce the run's model (max |diff| "
+                f"{max(full_diff, plain_diff if not drops else 0.0):.3g}); this is a bug, please report it")
+        manifest["verified_max_abs_diff"] = plain_diff
+        manifest["load_export_max_abs_diff"] = full_diff
+        manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -246,13 +268,14 @@ def read_extra(path) -> tuple[dict, dict]:
 def load_export(out, registry=None, device: str = "cpu") -> dict:
     """Load an export for inference: the open_clip model (through open_clip's
     own ``local-dir:`` loader), with the exported extras re-installed by their
-    strategies and the head rebuilt. Returns a dict with ``model``,
-    ``preprocess``, ``tokenizer``, ``classnames``, ``templates``, ``head`` and
-    ``manifest``; the model's class-prompt encoder (if any) is back in place, so
-    :func:`clipft.engine.forward.class_text_features` uses the learned prompts."""
+    strategies (:func:`clipft.engine.assemble.assemble`, as a run builds them)
+    and the head rebuilt. Returns a dict with ``model``, ``preprocess``,
+    ``tokenizer``, ``classnames``, ``templates``, ``head`` and ``manifest``;
+    the model's class-prompt encoder (if any) is back in place, so
+    :func:`clipft.encode.class_text_features` uses the learned prompts."""
     import open_clip
 
-    from clipft.engine.context import BuildContext
+    from clipft.engine.assemble import assemble
     from clipft.options import build_options
 
     out = Path(out)
@@ -263,39 +286,38 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     with _quiet():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}", device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    model.eval()
     if registry is None and (manifest["extras"] or manifest.get("head")):
         from clipft.plugins import Registry
         registry = Registry().load()
     classnames = manifest.get("classnames")
     templates = tuple(manifest.get("templates") or ("a photo of a {}.",))
 
-    def context(names):
-        return BuildContext(model=model, model_name=f"local-dir:{out}", tokenizer=tokenizer,
-                            device=dev, config=None, classnames=names, templates=templates)
-
+    strategies, extra_tensors = [], {}
     for info in manifest["extras"]:
         tensors, meta = read_extra(out / info["file"])
         spec = registry.get("strategy", meta["strategy"])
-        strategy = spec.build(build_options("strategy", spec, meta.get("options", {})))
-        strategy.apply(model, context(meta.get("classnames") or classnames))
-        model.to(dev)
-        unknown = [k for k in tensors if k not in model.state_dict()]
-        if unknown:
-            raise ClipftError(f"{info['file']} does not fit the model rebuilt by strategy "
-                              f"'{meta['strategy']}': {unknown[:3]}")
-        model.load_state_dict(tensors, strict=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    head = None
+        strategies.append((spec, build_options("strategy", spec, meta.get("options", {}))))
+        extra_tensors[info["file"]] = (tensors, meta["strategy"])
+    head_ref = None
     if manifest.get("head"):
         h = manifest["head"]
         spec = registry.get("head", h["name"])
-        head = spec.build(build_options("head", spec, h.get("options", {})), context(h.get("classnames") or classnames))
-        if h.get("file"):
-            tensors, _ = read_extra(out / h["file"])
-            head.load_state_dict(tensors)
-        head.to(dev).eval()
+        head_ref = (spec, build_options("head", spec, h.get("options", {})))
+    built = assemble(model, model_name=f"local-dir:{out}", tokenizer=tokenizer, device=dev,
+                     strategies=strategies, head=head_ref, classnames=classnames, templates=templates)
+    sd = model.state_dict()
+    for file, (tensors, strategy) in extra_tensors.items():
+        unknown = [k for k in tensors if k not in sd]
+        if unknown:
+            raise ClipftError(f"{file} does not fit the model rebuilt by strategy '{strategy}': {unknown[:3]}")
+        model.load_state_dict(tensors, strict=False)
+    head = built.head
+    if head is not None and manifest["head"].get("file"):
+        tensors, _ = read_extra(out / manifest["head"]["file"])
+        head.load_state_dict(tensors)
+    for m in (model, head):
+        if m is not None:
+            m.requires_grad_(False)
+            m.to(dev).eval()
     return {"model": model, "preprocess": preprocess, "tokenizer": tokenizer,
             "classnames": classnames, "templates": templates, "head": head, "manifest": manifest}

@@ -1,16 +1,17 @@
 """Where embeddings come from during training and evaluation.
 
-``LiveFeatures`` computes everything from the model, every time.
-``CachedFeatures`` serves the frozen part of each tower from a cache (see
-:mod:`clipft.engine.cache` for what counts as frozen and where the image tower is
-cut) and computes only the trainable rest live. :func:`select_features` picks one
-for a prepared run. The training loop only talks to the provider:
+The loop and the evaluator talk to a provider only:
 
-- ``train_loader(run, epoch)``: the batches of one epoch. A cached image tower
-  replays the epoch from the cache in the same order (same sampler and seed) and
-  never decodes an image;
-- ``train_batch(run, batch, need_text)``: image and (when needed) text features;
-- ``val_image_features``, ``class_features``, ``caption_features``: evaluation.
+- ``train_epoch(epoch)``: the :class:`Batch` es of one epoch;
+- ``train_features(batch, need_text)``: image and (when needed) text features;
+- ``val_image_features()``, ``class_features()``, ``caption_features(captions)``.
+
+:class:`LiveFeatures` computes everything from the model, every time.
+:class:`CachedFeatures` serves the frozen part of each tower from a cache
+(:mod:`clipft.engine.cache` decides what and where) and computes only the
+trainable rest live. A cached image tower replays each epoch from the cache in
+the live order (same sampler and seed) and never decodes an image; the first
+epoch runs the live loader and fills the store as it goes.
 
 Cached and live runs train the same parameters: the cache is filled with the
 model in the mode it is used in (train mode for the train split, eval mode for
@@ -20,50 +21,86 @@ trainable part sees the same random numbers.
 """
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Optional
 
+import attrs
 import torch
 import torch.nn.functional as F
 
-from clipft.engine.cache import (
+from clipft.encode import class_text_features, encode_text_trimmed, image_embedding, text_embedding
+from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
+from clipft.engine.cache.stats import CacheStats
+from clipft.engine.cache.store import (
     STATUS_OK,
-    ImageCut,
-    class_prompts_frozen,
     IndexStore,
     StoreTooLarge,
     cache_key,
     dataset_fingerprint,
-    memory_budget_bytes,
-    plan_image_cut,
     prefix_state,
-    stochastic_module,
     tensor_digest,
-    text_modules,
-    text_tower_frozen,
     transform_repr,
 )
-from clipft.engine.forward import encode_images
-from clipft.engine.perf import encode_text_trimmed
-
-try:  # a strategy's class-prompt encoder (prompt tuning), when the core has them
-    from clipft.engine.forward import class_text_encoder
-except ImportError:  # pragma: no cover - older core
-    def class_text_encoder(model):
-        return None
+from clipft.protocols import ENTERS_TEXT_EMBEDDING, class_text_encoder, installed
 
 TEXT_CHUNK = 256
 
 
-def encode_texts(run, tokens: torch.Tensor) -> torch.Tensor:
-    """Normalised caption embeddings; with ``config.trim_text`` the tokens'
-    padding is not run (exact up to float rounding, see
-    :func:`clipft.engine.perf.text_trim_length`)."""
-    if getattr(run.config, "trim_text", False):
-        return F.normalize(encode_text_trimmed(run.model, tokens), dim=-1)
-    return F.normalize(run.model.encode_text(tokens), dim=-1)
+@attrs.define
+class Batch:
+    """One training batch. ``inputs`` is what the provider's image path starts
+    from: pixels (``at == "pixels"``) or a cached prefix value (``at == "cache"``)."""
+
+    index: torch.Tensor
+    inputs: torch.Tensor
+    captions: list
+    labels: torch.Tensor
+    at: str = "pixels"
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+
+def _batch(d: dict, inputs=None, at: str = "pixels") -> Batch:
+    return Batch(d["index"], d["images"] if inputs is None else inputs, d["captions"], d["labels"], at)
+
+
+class Encoders:
+    """The model's encoders as the run uses them (device, text trimming, the
+    installed adapters), without normalisation choices spread over callers."""
+
+    def __init__(self, model, tokenizer, device, classnames, templates, trim_text: bool = False):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.classnames, self.templates = classnames, tuple(templates)
+        self.trim_text = trim_text
+
+    def image_raw(self, pixels):
+        return self.model.encode_image(pixels.to(self.device, non_blocking=True))
+
+    def image_finish(self, raw):
+        return F.normalize(image_embedding(self.model, raw), dim=-1)
+
+    def images(self, pixels):
+        return self.image_finish(self.image_raw(pixels))
+
+    def text_raw(self, captions):
+        tokens = self.tokenizer(list(captions)).to(self.device, non_blocking=True)
+        if self.trim_text:
+            return encode_text_trimmed(self.model, tokens)
+        return self.model.encode_text(tokens)
+
+    def text_finish(self, raw):
+        return F.normalize(text_embedding(self.model, raw), dim=-1)
+
+    def texts(self, captions):
+        return self.text_finish(self.text_raw(captions))
+
+    def class_features(self):
+        return class_text_features(self.model, self.tokenizer, self.classnames, self.templates, self.device)
 
 
 class LiveFeatures:
@@ -71,130 +108,80 @@ class LiveFeatures:
 
     name = "live"
 
-    def __init__(self):
-        self.stats: dict = {}
+    def __init__(self, encoders: Encoders, loaders, autocast):
+        self.enc, self.loaders, self.autocast = encoders, loaders, autocast
 
-    def train_loader(self, run, epoch: int):
-        return run.loader(run.bundle.train, train=True, epoch=epoch)
+    @property
+    def stats(self) -> dict:
+        return {}
 
-    def train_batch(self, run, batch, need_text: bool):
-        images = batch["images"].to(run.device, non_blocking=True)
-        img = encode_images(run.model, images)
-        txt = None
-        if need_text:
-            txt = self.paired_text(run, batch)
-        return img, txt
+    def n_train_batches(self) -> int:
+        return self.loaders.n_batches(self.loaders.bundle.train)
 
-    def paired_text(self, run, batch) -> torch.Tensor:
+    def train_epoch(self, epoch: int):
+        return (_batch(b) for b in self.loaders.train(epoch))
+
+    def image_features(self, batch: Batch):
+        return self.enc.images(batch.inputs)
+
+    def train_features(self, batch: Batch, need_text: bool):
+        img = self.image_features(batch)
+        return img, (self.paired_text(batch) if need_text else None)
+
+    def paired_text(self, batch: Batch):
         """Text features of a batch's paired text: its captions, or, when a
         strategy installed a class-prompt encoder and every image has a label,
         the encoded class prompt of each image's class."""
-        if class_text_encoder(run.model) is not None and _labelled(batch):
-            return self.train_class_features(run)[batch["labels"].to(run.device)]
-        tokens = run.tokenizer(batch["captions"]).to(run.device, non_blocking=True)
-        return encode_texts(run, tokens)
+        if class_text_encoder(self.enc.model) is not None and batch.labelled:
+            return self.train_class_features()[batch.labels.to(self.enc.device)]
+        return self.caption_batch(batch.captions)
 
-    def train_class_features(self, run) -> torch.Tensor:
+    def caption_batch(self, captions):
+        return self.enc.texts(captions)
+
+    def train_class_features(self):
         """Class-prompt features in training (with grad when the text side trains)."""
-        return run.class_text_features()
+        return self.enc.class_features()
 
     @torch.no_grad()
-    def val_image_features(self, run):
+    def val_image_features(self):
         feats, labels, captions = [], [], []
-        for batch in run.loader(run.bundle.val, train=False):
-            if batch is None:
-                continue
-            with run.autocast():
-                feats.append(encode_images(run.model, batch["images"].to(run.device)).float())
-            labels.append(batch["labels"])
-            captions.extend(batch["captions"])
-        if not feats:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), []
-        return torch.cat(feats), torch.cat(labels).to(run.device), captions
+        for b in self.loaders.val():
+            with self.autocast():
+                feats.append(self.enc.images(b["images"]).float())
+            labels.append(b["labels"])
+            captions.extend(b["captions"])
+        return _joined(feats, labels, captions, self.enc.device)
 
     @torch.no_grad()
-    def class_features(self, run):
-        with run.autocast():
-            return run.class_text_features().float()
+    def class_features(self):
+        with self.autocast():
+            return self.enc.class_features().float()
 
     @torch.no_grad()
-    def caption_features(self, run, captions):
+    def caption_features(self, captions):
         uniq = list(dict.fromkeys(captions))
         out = []
         for i in range(0, len(uniq), TEXT_CHUNK):
-            with run.autocast():
-                out.append(encode_texts(run, run.tokenizer(uniq[i:i + TEXT_CHUNK]).to(run.device)).float())
+            with self.autocast():
+                out.append(self.enc.texts(uniq[i:i + TEXT_CHUNK]).float())
         return torch.cat(out)
 
 
-def _labelled(batch) -> bool:
-    labels = batch.get("labels")
-    return labels is not None and len(labels) > 0 and bool((labels >= 0).all())
+def _joined(feats, labels, captions, device):
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), []
+    return torch.cat(feats), torch.cat(labels).to(device), captions
 
 
-class _Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
+@attrs.define
+class StoreKeys:
+    """What an on-disk store is keyed by, besides the split's own data and the
+    frozen weights (a different key is a different store, never a stale one)."""
 
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
-
-
-class _Replay:
-    """Batches of one pass, rebuilt from a store by index: a DataLoader over
-    indices with the live loader's sampler, batch size and RNG draw, so the
-    order and the random stream match a live pass exactly."""
-
-    def __init__(self, provider, run, store: IndexStore, dataset, train: bool, epoch: int):
-        self.provider, self.run, self.store, self.dataset = provider, run, store, dataset
-        sampler = None
-        if train:
-            g = torch.Generator().manual_seed(run.sampler_seed(epoch))
-            sampler = torch.utils.data.RandomSampler(range(store.n), generator=g)
-        self.loader = torch.utils.data.DataLoader(
-            _Indices(store.n), batch_size=run.config.batch_size, sampler=sampler, shuffle=False,
-            num_workers=0, collate_fn=list)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        count, failures, key = self.provider.count, self.run.failures, id(self.dataset)
-        for items in self.loader:
-            index = torch.tensor(items, dtype=torch.long)
-            values, captions, labels, kept = self.store.gather(index)
-            if len(kept) < len(items):
-                failures.add(key, sorted(set(items) - set(kept.tolist())))
-            if len(kept) == 0:
-                continue
-            count("image", hits=len(kept))
-            yield {"index": kept, "image_cache": values, "captions": captions, "labels": labels}
-
-
-class _TrainEpoch:
-    """The batches of one training epoch: replayed from the train store once
-    it is complete; the first epoch runs the live loader and fills the store
-    as it goes (so every step, the first epoch's included, costs what it would
-    cost live, and the progress bar moves); live throughout when the split
-    cannot be cached."""
-
-    def __init__(self, provider, run, epoch: int):
-        self.provider, self.run, self.epoch = provider, run, epoch
-
-    def __len__(self):
-        return math.ceil(len(self.run.bundle.train) / self.run.config.batch_size)
-
-    def __iter__(self):
-        provider, run = self.provider, self.run
-        store = provider._store(run, "train")
-        if store is None:
-            return iter(run.loader(run.bundle.train, train=True, epoch=self.epoch))
-        if store.complete:
-            return iter(_Replay(provider, run, store, run.bundle.train, train=True, epoch=self.epoch))
-        return provider._fill_while_training(run, store, self.epoch)
+    directory: Optional[Path]
+    memory_budget: int
+    base: dict  # model name, data source and options, precision, device type
 
 
 class CachedFeatures(LiveFeatures):
@@ -202,37 +189,25 @@ class CachedFeatures(LiveFeatures):
 
     name = "cache"
 
-    def __init__(self, cut: Optional[ImageCut], image_reason: str, text: bool, text_reason: str,
-                 directory: Optional[Path] = None, memory_budget: Optional[int] = None,
-                 classes: Optional[bool] = None, classes_reason: str = ""):
-        super().__init__()
-        self.cut = cut
-        self.text = text
-        self.classes = text if classes is None else (classes and text)
-        self.directory = Path(directory) if directory is not None else None
-        self.memory_budget = memory_budget if memory_budget is not None else memory_budget_bytes()
+    def __init__(self, encoders: Encoders, loaders, autocast, plan: CachePlan, keys: StoreKeys,
+                 augment: bool = False):
+        super().__init__(encoders, loaders, autocast)
+        self.plan, self.cut, self.keys, self.augment = plan, plan.cut, keys, augment
+        self.cache_stats = CacheStats(plan, str(keys.directory) if keys.directory is not None else "memory")
         self._stores: dict = {}
-        self._text_tables: dict = {True: {}, False: {}}   # model.training -> {caption: feature}
+        # with a text-embedding adapter the tower's raw output is cached and the
+        # adapter runs live; otherwise the finished feature itself
+        self._text_raw = installed(encoders.model, ENTERS_TEXT_EMBEDDING) is not None
+        self._text_tables: dict = {True: {}, False: {}}   # model.training -> {caption: value}
         self._text_train_ok: Optional[bool] = None
         self._classes: dict = {}
-        self.stats = {
-            "hits": 0, "misses": 0, "build_seconds": 0.0,
-            "image_hits": 0, "image_misses": 0, "text_hits": 0, "text_misses": 0,
-            "image": f"{cut.describe()} ({image_reason})" if cut is not None else f"off ({image_reason})",
-            "text": f"on ({text_reason})" if text else f"off ({text_reason})",
-            "class_prompts": "on" if self.classes else f"off ({classes_reason or text_reason})",
-            "location": str(self.directory) if self.directory is not None else "memory",
-            "bytes": 0, "loaded_from_disk": 0,
-        }
 
-    def count(self, tower: str, hits: int = 0, misses: int = 0) -> None:
-        """Embeddings served from the cache (hits) and computed into it (misses)."""
-        for key, n in (("hits", hits), ("misses", misses)):
-            self.stats[key] += n
-            self.stats[f"{tower}_{key}"] += n
+    @property
+    def stats(self) -> dict:
+        return self.cache_stats.to_dict()
 
     # -- image stores --------------------------------------------------------
-    def _store(self, run, split: str) -> Optional[IndexStore]:
+    def _store(self, split: str) -> Optional[IndexStore]:
         """The split's store: complete (loaded from disk, or the val split after
         its fill pass), empty (the train split, filled by its first epoch), or
         None when the split runs live."""
@@ -240,77 +215,71 @@ class CachedFeatures(LiveFeatures):
             return self._stores[split]
         store, why = None, None
         if self.cut is None:
-            why = None
-        elif split == "train" and getattr(run.config, "augment", False):
+            pass
+        elif split == "train" and self.augment:
             why = "random train augmentation"
         else:
             # the train split is filled in train mode: anything random there
             # (dropout, drop-path, BatchNorm updating) would be frozen by a cache
-            noisy = stochastic_module(self.cut.prefix_modules(run.model))
+            noisy = stochastic_module(self.cut.prefix_modules(self.enc.model))
             if noisy:
                 why = f"{noisy} is active in the frozen part"
             else:
-                store = self._open_or_new(run, split)
+                store = self._open_or_new(split)
                 if split == "val" and not store.complete:
-                    store, why = self._fill_val(run, store)
+                    store, why = self._fill_val(store)
         if why:
-            self.stats[f"{split}_image"] = f"live ({why})"
+            self.cache_stats.note(f"{split}_image", f"live ({why})")
         self._stores[split] = store
         return store
 
-    def _key_parts(self, run, split: str, dataset) -> dict:
-        import open_clip
+    def _dataset(self, split: str):
+        return self.loaders.bundle.train if split == "train" else self.loaders.bundle.val
 
-        from clipft.options import options_to_dict
-        spec, opts = run.resolved.data
+    def _key_parts(self, split: str, dataset) -> dict:
+        import open_clip
         return {
-            "what": "image", "cut": self.cut.describe(), "split": split,
+            **self.keys.base, "what": "image", "cut": self.cut.describe(), "split": split,
             "mode": "train" if split == "train" else "eval",
-            "model": run.config.model,
-            "weights": tensor_digest(prefix_state(run.model, self.cut)),
-            "data": {"source": spec.name, "options": options_to_dict(opts),
-                     "dataset": dataset_fingerprint(dataset)},
+            "weights": tensor_digest(prefix_state(self.enc.model, self.cut)),
+            "dataset": dataset_fingerprint(dataset),
             "transform": transform_repr(getattr(dataset, "transform", None)),
-            "precision": run.config.precision, "device": run.device.type,
             "torch": torch.__version__, "open_clip": open_clip.__version__,
         }
 
-    def _open_or_new(self, run, split: str) -> IndexStore:
-        dataset = run.bundle.train if split == "train" else run.bundle.val
-        if self.directory is None:
-            return IndexStore(len(dataset), budget=self.memory_budget)
-        t0 = time.perf_counter()
-        key_parts = self._key_parts(run, split, dataset)
-        directory = self.directory / f"{split}-{cache_key(key_parts)}"
-        found = IndexStore.open(directory, len(dataset), key_parts)
-        self.stats["build_seconds"] += time.perf_counter() - t0
+    def _open_or_new(self, split: str) -> IndexStore:
+        dataset = self._dataset(split)
+        if self.keys.directory is None:
+            return IndexStore(len(dataset), budget=self.keys.memory_budget)
+        with self.cache_stats.building():
+            key_parts = self._key_parts(split, dataset)
+            directory = self.keys.directory / f"{split}-{cache_key(key_parts)}"
+            found, damaged = IndexStore.open(directory, len(dataset), key_parts)
+        if damaged:
+            self.cache_stats.warn(damaged)
         if found is not None:
-            self.stats["loaded_from_disk"] += int((found.status == STATUS_OK).sum())
-            self.stats["bytes"] += found.nbytes
+            self.cache_stats.held(found.nbytes, int((found.status == STATUS_OK).sum()))
             return found
         return IndexStore(len(dataset), directory, key_parts=key_parts)
 
-    def _prefix(self, run, batch) -> torch.Tensor:
-        t0 = time.perf_counter()
-        with torch.no_grad(), run.autocast():
-            values = self.cut.prefix(run.model, batch["images"].to(run.device, non_blocking=True))
-        self.stats["build_seconds"] += time.perf_counter() - t0
-        self.count("image", misses=len(batch["index"]))
+    def _prefix(self, batch: dict) -> torch.Tensor:
+        with self.cache_stats.building(), torch.no_grad(), self.autocast():
+            values = self.cut.prefix(self.enc.model, batch["images"].to(self.enc.device, non_blocking=True))
+        self.cache_stats.count("image", misses=len(batch["index"]))
         return values
 
     def _finish(self, store: IndexStore) -> None:
-        t0 = time.perf_counter()
-        store.finish()
-        self.stats["bytes"] += store.nbytes
-        self.stats["build_seconds"] += time.perf_counter() - t0
+        with self.cache_stats.building():
+            store.finish()
+        self.cache_stats.held(store.nbytes)
 
-    def _fill_val(self, run, store: IndexStore):
+    def _fill_val(self, store: IndexStore):
         """One pass over the val split (evaluation needs all of it at once)."""
         try:
             # the fill pass must not shift the global RNG stream a live run sees
             with torch.random.fork_rng(devices=[]):
-                for batch in run.loader(run.bundle.val, train=False, reuse=False):
-                    store.put(batch["index"], self._prefix(run, batch), batch["captions"], batch["labels"])
+                for b in self.loaders.val(reuse=False):
+                    store.put(b["index"], self._prefix(b), b["captions"], b["labels"])
             self._finish(store)
         except StoreTooLarge as exc:
             store.discard()
@@ -320,24 +289,39 @@ class CachedFeatures(LiveFeatures):
             raise
         return store, None
 
-    def _fill_while_training(self, run, store: IndexStore, epoch: int):
+    def _replay(self, store: IndexStore, split: str, train: bool, epoch: int):
+        """Batches of one pass rebuilt from a store by index, in the live order."""
+        key = id(self._dataset(split))
+        for items in self.loaders.order(store.n, train, epoch):
+            index = torch.tensor(items, dtype=torch.long)
+            values, captions, labels, kept = store.gather(index)
+            if len(kept) < len(items):
+                self.loaders.failures.add(key, sorted(set(items) - set(kept.tolist())))
+            if len(kept) == 0:
+                continue
+            self.cache_stats.count("image", hits=len(kept))
+            yield Batch(kept, values, captions, labels, "cache")
+
+    def _fill_while_training(self, store: IndexStore, epoch: int):
         """The live loader's batches, each with its frozen-part values computed
         (on the batch exactly as a live run computes them) and stored."""
         filling = True
         try:
-            for batch in run.loader(run.bundle.train, train=True, epoch=epoch):
+            for b in self.loaders.train(epoch):
                 if not filling:
-                    yield batch
+                    yield _batch(b)
                     continue
-                values = self._prefix(run, batch)
+                values = self._prefix(b)
                 try:
-                    store.put(batch["index"], values, batch["captions"], batch["labels"])
+                    store.put(b["index"], values, b["captions"], b["labels"])
                 except StoreTooLarge as exc:
                     filling = False
                     store.discard()
                     self._stores["train"] = None
-                    self.stats["train_image"] = f"live ({exc})"
-                yield {**batch, "image_cache": values}
+                    self.cache_stats.note("train_image", f"live ({exc})")
+                    yield _batch(b)
+                    continue
+                yield _batch(b, values, "cache")
             if filling:
                 self._finish(store)
         except BaseException:
@@ -346,139 +330,101 @@ class CachedFeatures(LiveFeatures):
                 self._stores.pop("train", None)
             raise
 
-    def _image_from_cache(self, run, cached: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.cut.suffix(run.model, cached.to(run.device, non_blocking=True)), dim=-1)
+    def train_epoch(self, epoch: int):
+        if self.cut is None:
+            return super().train_epoch(epoch)
+        store = self._store("train")
+        if store is None:
+            return super().train_epoch(epoch)
+        if store.complete:
+            return self._replay(store, "train", True, epoch)
+        return self._fill_while_training(store, epoch)
+
+    def image_features(self, batch: Batch):
+        if batch.at == "cache":
+            return self.enc.image_finish(self.cut.suffix(self.enc.model, batch.inputs.to(self.enc.device)))
+        return super().image_features(batch)
 
     # -- text ----------------------------------------------------------------
-    def _text_cacheable(self, run) -> bool:
-        if not self.text:
+    def _text_cacheable(self) -> bool:
+        if not self.plan.text:
             return False
-        if not run.model.training:
+        if not self.enc.model.training:
             return True
         if self._text_train_ok is None:
-            noisy = stochastic_module(text_modules(run.model))
+            noisy = stochastic_module(text_modules(self.enc.model))
             self._text_train_ok = noisy is None
             if noisy:
-                self.stats["train_text"] = f"live ({noisy} is active in the text tower)"
+                self.cache_stats.note("train_text", f"live ({noisy} is active in the text tower)")
         return self._text_train_ok
 
-    def _cached_texts(self, run, captions: list, chunks: list) -> torch.Tensor:
+    def _cached_texts(self, captions: list, chunks: list) -> torch.Tensor:
         """Features of ``captions`` from the table of the model's current mode.
         On a miss, ``chunks`` (lists of strings) are encoded exactly as the live
         path would encode them, so the first values match a live run's."""
-        table = self._text_tables[run.model.training]
+        table = self._text_tables[self.enc.model.training]
         if any(c not in table for c in captions):
-            t0 = time.perf_counter()
-            with torch.no_grad():
+            with self.cache_stats.building(), torch.no_grad():
                 for chunk in chunks:
-                    feats = encode_texts(run, run.tokenizer(chunk).to(run.device, non_blocking=True))
-                    for c, f in zip(chunk, feats):
+                    raw = self.enc.text_raw(chunk)
+                    values = raw if self._text_raw else self.enc.text_finish(raw)
+                    for c, v in zip(chunk, values):
                         if c not in table:
-                            table[c] = f
-                            self.count("text", misses=1)
+                            table[c] = v
+                            self.cache_stats.count("text", misses=1)
                         else:
-                            self.count("text", hits=1)
-            self.stats["build_seconds"] += time.perf_counter() - t0
+                            self.cache_stats.count("text", hits=1)
         else:
-            self.count("text", hits=len(captions))
-        return torch.stack([table[c] for c in captions])
+            self.cache_stats.count("text", hits=len(captions))
+        stacked = torch.stack([table[c] for c in captions])
+        return self.enc.text_finish(stacked) if self._text_raw else stacked
 
-    def _cached_classes(self, run, compute) -> torch.Tensor:
-        mode = run.model.training
+    def _cached_classes(self, compute) -> torch.Tensor:
+        mode = self.enc.model.training
         if mode in self._classes:
-            self.count("text", hits=len(self._classes[mode]))
+            self.cache_stats.count("text", hits=len(self._classes[mode]))
             return self._classes[mode]
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with self.cache_stats.building(), torch.no_grad():
             feats = compute()
-        self.stats["build_seconds"] += time.perf_counter() - t0
-        self.count("text", misses=len(feats))
+        self.cache_stats.count("text", misses=len(feats))
         self._classes[mode] = feats
         return feats
 
-    # -- the provider interface --------------------------------------------
-    def train_loader(self, run, epoch: int):
-        if self.cut is None:
-            return super().train_loader(run, epoch)
-        return _TrainEpoch(self, run, epoch)
+    def caption_batch(self, captions):
+        if not self._text_cacheable():
+            return super().caption_batch(captions)
+        captions = list(captions)
+        return self._cached_texts(captions, [captions])
 
-    def train_batch(self, run, batch, need_text: bool):
-        if "image_cache" in batch:
-            img = self._image_from_cache(run, batch["image_cache"])
-        else:
-            img = encode_images(run.model, batch["images"].to(run.device, non_blocking=True))
-        txt = None
-        if need_text:
-            txt = self.paired_text(run, batch)
-        return img, txt
-
-    def paired_text(self, run, batch) -> torch.Tensor:
-        if not self._text_cacheable(run) or (
-                class_text_encoder(run.model) is not None and _labelled(batch)):
-            return super().paired_text(run, batch)
-        captions = list(batch["captions"])
-        return self._cached_texts(run, captions, [captions])
-
-    def train_class_features(self, run) -> torch.Tensor:
-        if not (self.classes and self._text_cacheable(run)):
-            return super().train_class_features(run)
-        return self._cached_classes(run, run.class_text_features)
+    def train_class_features(self):
+        if not (self.plan.classes and self._text_cacheable()):
+            return super().train_class_features()
+        return self._cached_classes(self.enc.class_features)
 
     @torch.no_grad()
-    def val_image_features(self, run):
-        store = self._store(run, "val")
+    def val_image_features(self):
+        store = self._store("val")
         if store is None:
-            return super().val_image_features(run)
+            return super().val_image_features()
         feats, labels, captions = [], [], []
-        for batch in _Replay(self, run, store, run.bundle.val, train=False, epoch=0):
-            with run.autocast():
-                feats.append(self._image_from_cache(run, batch["image_cache"]).float())
-            labels.append(batch["labels"])
-            captions.extend(batch["captions"])
-        if not feats:
-            return torch.empty(0), torch.empty(0, dtype=torch.long), []
-        return torch.cat(feats), torch.cat(labels).to(run.device), captions
+        for b in self._replay(store, "val", False, 0):
+            with self.autocast():
+                feats.append(self.image_features(b).float())
+            labels.append(b.labels)
+            captions.extend(b.captions)
+        return _joined(feats, labels, captions, self.enc.device)
 
     @torch.no_grad()
-    def class_features(self, run):
-        if not (self.classes and self._text_cacheable(run)):
-            return super().class_features(run)
-        return self._cached_classes(run, lambda: LiveFeatures.class_features(self, run))
+    def class_features(self):
+        if not (self.plan.classes and self._text_cacheable()):
+            return super().class_features()
+        return self._cached_classes(lambda: LiveFeatures.class_features(self))
 
     @torch.no_grad()
-    def caption_features(self, run, captions):
-        if not self._text_cacheable(run):
-            return super().caption_features(run, captions)
+    def caption_features(self, captions):
+        if not self._text_cacheable():
+            return super().caption_features(captions)
         uniq = list(dict.fromkeys(captions))
         chunks = [uniq[i:i + TEXT_CHUNK] for i in range(0, len(uniq), TEXT_CHUNK)]
-        with run.autocast():
-            return self._cached_texts(run, uniq, chunks).float()
-
-
-def select_features(run, strategies=()) -> LiveFeatures:
-    """The features provider for a prepared run: cached where a tower (or an image
-    prefix) is frozen and ``config.cache`` is on, live otherwise. A strategy
-    object can keep a tower live with ``live_towers = {"image"}`` / ``{"text"}``
-    (for example when it changes the tower in a way the checks cannot see)."""
-    cfg = run.config
-    if not getattr(cfg, "cache", True):
-        return LiveFeatures()
-    live: set = set()
-    for _, strategy in strategies:
-        live |= set(getattr(strategy, "live_towers", ()) or ())
-    if "image" in live:
-        cut, image_reason = None, "a strategy keeps the image tower live"
-    else:
-        cut, image_reason = plan_image_cut(run.model)
-    if "text" in live:
-        text, text_reason = False, "a strategy keeps the text tower live"
-        classes, classes_reason = False, text_reason
-    else:
-        text, text_reason = text_tower_frozen(run.model)
-        classes, classes_reason = class_prompts_frozen(run.model)
-    if cut is None and not text:
-        return LiveFeatures()
-    directory = getattr(cfg, "cache_dir", None)
-    return CachedFeatures(cut, image_reason, text, text_reason,
-                          directory=Path(directory).expanduser() if directory else None,
-                          classes=classes, classes_reason=classes_reason)
+        with self.autocast():
+            return self._cached_texts(uniq, chunks).float()

@@ -23,7 +23,7 @@ from clipft.errors import ClipftUsageError
 class LoadedRun:
     run_dir: Path
     config: object            # RunConfig
-    resolved: object          # runner.Resolved
+    resolved: object          # assemble.Resolved
     model: torch.nn.Module    # strategies applied, trained tensors loaded, eval mode
     tokenizer: object
     preprocess: object        # the val transform
@@ -49,10 +49,8 @@ def _classes_from_data(config, resolved, loaded):
 def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     """The model of a finished (or checkpointed) run, ready for inference."""
     from clipft.config import RunConfig, load_toml
+    from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
     from clipft.engine.checkpoint import load_trained_tensors
-    from clipft.engine.compose import apply_strategies
-    from clipft.engine.context import BuildContext
-    from clipft.engine.runner import pick_device, resolve, seed_everything
     from clipft.models import load_model
 
     run_dir = Path(run_dir)
@@ -72,35 +70,22 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     dev = pick_device(device)
     seed_everything(config.seed)
     loaded = load_model(config.model, config.pretrained, device=str(dev))
-    model = loaded.model
-    base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = json.loads((ck / "state.json").read_text())
     if "classnames" in state:
         classnames = state["classnames"]
         templates = tuple(state.get("templates") or ("a photo of a {}.",))
     else:
         classnames, templates = _classes_from_data(config, resolved, loaded)
-
-    ctx = BuildContext(model=model, model_name=config.model, tokenizer=loaded.tokenizer,
-                       device=dev, config=config, classnames=classnames,
-                       templates=templates, seed=config.seed)
-    strategies = [(spec.name, spec.build(opts)) for spec, opts in resolved.strategies]
-    apply_strategies(model, strategies, ctx)
-    model.to(dev)
-    head = None
-    if resolved.head is not None:
-        head_spec, head_opts = resolved.head
-        head = head_spec.build(head_opts, ctx)
-        head.to(dev)
+    built = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer, device=dev,
+                     strategies=resolved.strategies, head=resolved.head, classnames=classnames,
+                     templates=templates, seed=config.seed)
+    model, head = built.model, built.head
     load_trained_tensors(ck, model, head, dev)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    if head is not None:
-        for p in head.parameters():
-            p.requires_grad_(False)
-        head.eval()
+    for m in (model, head):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
     return LoadedRun(run_dir=run_dir, config=config, resolved=resolved, model=model,
                      tokenizer=loaded.tokenizer, preprocess=loaded.preprocess_val, head=head,
-                     classnames=classnames, templates=templates, base_shapes=base_shapes,
+                     classnames=classnames, templates=templates, base_shapes=built.base_shapes,
                      pretrained=loaded.pretrained, device=dev, state=state)

@@ -21,7 +21,7 @@ document:
 """
 from __future__ import annotations
 
-from clipft.engine.runner import prepare
+from clipft.engine.prepare import prepare
 
 #: optimizer state tensors kept per trainable element
 STATE_TENSORS = {"adamw": 2, "sgd": 1}

@@ -7,7 +7,7 @@ from typing import Literal
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 @attrs.frozen
@@ -21,7 +21,7 @@ def _in_tower(name: str, tower: str) -> bool:
     return tower == "both" or (tower == "vision") == is_vision
 
 
-class BitFit:
+class BitFit(Strategy):
     def __init__(self, opts: BitFitOptions):
         self.opts = opts
 

@@ -28,7 +28,7 @@ from typing import Optional
 
 import attrs
 
-from clipft import StrategySpec, hookimpl
+from clipft import StrategyModifier, StrategySpec, hookimpl
 
 _NAMED = ("visual", "text", "proj", "logit")
 
@@ -98,7 +98,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-class DifferentialLr:
+class DifferentialLr(StrategyModifier):
     """A modifier: ``modify(selections, model, ctx)`` splits each selection by
     multiplier and scales its ``lr_scale``."""
 

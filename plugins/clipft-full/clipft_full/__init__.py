@@ -1,7 +1,7 @@
 """Strategy ``full``: every parameter of the model trains (seed Strategy 1)."""
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 @attrs.frozen
@@ -9,7 +9,7 @@ class FullOptions:
     pass
 
 
-class Full:
+class Full(Strategy):
     def apply(self, model, ctx):
         return [Selection("full", list(model.named_parameters()))]
 

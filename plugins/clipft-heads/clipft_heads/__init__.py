@@ -50,7 +50,7 @@ def _text_head(model, tokenizer, classnames, templates, device, scale):
     import torch
     from torch import nn
 
-    from clipft.engine.forward import class_text_features
+    from clipft.encode import class_text_features
 
     class TextHead(nn.Module):
         """Logits against the *live* text encoder: every call encodes the class

@@ -18,7 +18,7 @@ from typing import Literal
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 def _at_least_one(inst, attribute, value):
@@ -37,7 +37,7 @@ class LastNOptions:
         "help": "also train the tower's projection into the embedding space"})
 
 
-class LastN:
+class LastN(Strategy):
     def __init__(self, opts: LastNOptions):
         self.opts = opts
 

@@ -2,7 +2,7 @@
 and ``logit_bias`` too when the model has one (SigLIP)."""
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 @attrs.frozen
@@ -10,7 +10,7 @@ class LogitScaleOptions:
     pass
 
 
-class LogitScale:
+class LogitScale(Strategy):
     def apply(self, model, ctx):
         from clipft.anatomy import describe, named_params
         from clipft.errors import ClipftUsageError

@@ -19,7 +19,7 @@ from typing import Literal
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 TARGETS = ("q", "k", "v", "out", "mlp")
 
@@ -77,7 +77,7 @@ class LoraOptions:
         "all blocks, or N for the last N blocks of each chosen tower")})
 
 
-class Lora:
+class Lora(Strategy):
     def __init__(self, opts: LoraOptions):
         self.opts = opts
 

@@ -11,8 +11,8 @@ subclass of its own class (:class:`LoRAMultiheadAttention`,
   checkpoint that stores only new and trainable tensors stores only the
   adapters;
 - ``isinstance(layer, nn.MultiheadAttention)`` still holds;
-- :meth:`clipft_fold_into_base` merges the adapters and gives the instance its
-  plain class back, leaving a plain open_clip state dict.
+- :meth:`fold_into_base` (``clipft.InsertedModule``) merges the adapters and
+  gives the instance its plain class back, leaving a plain open_clip state dict.
 
 Why not a Linear wrapper or ``torch.nn.utils.parametrize``
 ----------------------------------------------------------
@@ -47,6 +47,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipft import InsertedModule
 
 QKV = ("q", "k", "v")
 
@@ -95,8 +97,12 @@ def _plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return eff
 
 
-class _LoRAMixin:
-    """State shared by the adapted layer classes (set by :meth:`_attach`)."""
+class _LoRAMixin(InsertedModule):
+    """State shared by the adapted layer classes (set by :meth:`_attach`).
+    As inserted modules they are layers of the tower that fold into it."""
+
+    enters = "layer"
+    folds_into_base = True
 
     lora: nn.ModuleDict
     lora_scale: float
@@ -242,7 +248,7 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
         if d_out is not None:
             self.out_proj.weight.add_(d_out, alpha=sign)
 
-    def clipft_fold_into_base(self) -> None:
+    def fold_into_base(self) -> None:
         """Merge and become a plain ``nn.MultiheadAttention`` again."""
         self.lora_merge()
         _strip(self, nn.MultiheadAttention)
@@ -297,7 +303,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
             self.weight.sub_(self._delta())
             self.lora_merged = False
 
-    def clipft_fold_into_base(self) -> None:
+    def fold_into_base(self) -> None:
         """Merge and become a plain ``nn.Linear`` again."""
         self.lora_merge()
         _strip(self, nn.Linear)
@@ -364,5 +370,5 @@ def fold(model: nn.Module) -> int:
     whose state dict has open_clip's keys only."""
     layers = adapted_layers(model)
     for _, m in layers:
-        m.clipft_fold_into_base()
+        m.fold_into_base()
     return len(layers)

@@ -11,7 +11,7 @@ from typing import Literal
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 @attrs.frozen
@@ -22,7 +22,7 @@ class ProjectionsOptions:
         "help": "whose projection trains: vision, text or both"})
 
 
-class Projections:
+class Projections(Strategy):
     def __init__(self, opts: ProjectionsOptions):
         self.opts = opts
 

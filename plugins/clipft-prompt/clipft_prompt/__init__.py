@@ -2,7 +2,7 @@
 
 The whole CLIP model stays frozen; only the context vectors of the class
 prompts train. The learner is installed on the model as its class-prompt
-encoder (``clipft.engine.forward.CLASS_TEXT_ENCODER``), so zero-shot
+encoder (``clipft.install``, a :class:`clipft.ClassTextEncoder`), so zero-shot
 evaluation, the ``text`` and ``zero-shot`` heads and the paired text of
 labelled images all use the learned prompts.
 
@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 RANDOM_N_CTX = 16
 RANDOM_STD = 0.02
@@ -46,14 +46,14 @@ class PromptOptions:
         "where the class name goes: after the context (end), inside it (middle) or before it (front)")})
 
 
-class PromptTuning:
+class PromptTuning(Strategy):
     def __init__(self, opts: PromptOptions):
         self.opts = opts
 
     def apply(self, model, ctx):
         import torch
 
-        from clipft.engine.forward import CLASS_TEXT_ENCODER
+        from clipft import install
         from clipft.errors import ClipftUsageError
         from clipft.options import options_to_dict
 
@@ -64,18 +64,14 @@ class PromptTuning:
             raise ClipftUsageError(
                 "strategy 'prompt' learns class prompts, so it needs a data source with classes "
                 "(imagefolder, shapes, or captions with labels); this one has none")
-        config = ctx.config
-        loss = getattr(getattr(config, "loss", None), "name", None)
-        head = getattr(getattr(config, "head", None), "name", None)
-        if loss == "cross-entropy" and head in (None, "linear", "zero-shot"):
+        # the prompts train through the class-prompt text: a loss on paired text
+        # (contrastive) or a head that encodes the prompts live (text). A loss
+        # that only reads a weight head's logits never reaches them.
+        if ctx.loss is not None and "text" not in ctx.loss_needs and ctx.head in (None, "linear", "zero-shot"):
             raise ClipftUsageError(
-                f"strategy 'prompt' trains through the class prompts, but --loss cross-entropy "
-                f"only sees the {head or 'missing'} head's own weights, so the prompts would never "
+                f"strategy 'prompt' trains through the class prompts, but --loss {ctx.loss} "
+                f"only sees the {ctx.head or 'missing'} head's own weights, so the prompts would never "
                 "train; use --head text (or the contrastive loss)")
-        if getattr(model, CLASS_TEXT_ENCODER, None) is not None:
-            raise ClipftUsageError(
-                "another strategy already installed a class-prompt encoder on the model; "
-                "use one prompt strategy")
         emb = token_embedding_of(model)
         tokens = Tokens(ctx.tokenizer)
         weight = emb.weight.detach()
@@ -99,8 +95,8 @@ class PromptTuning:
         options = {k: v for k, v in options_to_dict(opts).items()}
         options["n_ctx"] = n_ctx
         learner = PromptLearner(vectors, placeholder, opts.position, list(ctx.classnames), options)
-        setattr(model, CLASS_TEXT_ENCODER, learner)
-        return [Selection("prompt", [(f"{CLASS_TEXT_ENCODER}.ctx", learner.ctx)])]
+        slot = install(model, learner)
+        return [Selection("prompt", [(f"{slot}.ctx", learner.ctx)])]
 
 
 @hookimpl

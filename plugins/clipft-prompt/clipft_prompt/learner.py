@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipft import ClassTextEncoder
 from clipft.errors import ClipftError, ClipftUsageError
 
 POSITIONS = ("end", "middle", "front")
@@ -87,9 +88,9 @@ def build_rows(tokens: Tokens, classnames, n_ctx: int, position: str, placeholde
     return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
 
 
-class PromptLearner(nn.Module):
-    """Learned context for class prompts (CoOp). Installed on the model under
-    ``clipft.engine.forward.CLASS_TEXT_ENCODER``; called as
+class PromptLearner(ClassTextEncoder, nn.Module):
+    """Learned context for class prompts (CoOp). Installed on the model as its
+    class-prompt encoder (``clipft.install``); called as
     ``learner(model, tokenizer, classnames, templates)`` it returns the
     unnormalised text embeddings ``[C, D]`` of the learned class prompts (the
     templates are replaced by the learned context)."""
@@ -157,8 +158,8 @@ class PromptLearner(nn.Module):
         finally:
             handle.remove()
 
-    # -- export protocol (clipft.engine.export) --------------------------------
-    def clipft_export_extra(self) -> dict:
+    # -- clipft.InsertedModule ----------------------------------------------------
+    def export_info(self) -> dict:
         """How ``clipft export`` writes this module: its own file, with what is
         needed to re-install it on a plain open_clip model."""
         return {

@@ -23,7 +23,7 @@ from typing import Optional
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 
 def _dim(inst, attribute, value):
@@ -46,7 +46,7 @@ class ReprojectOptions:
         "help": "init std of the new weights (default: input width ** -0.5, as open_clip)"})
 
 
-class Reproject:
+class Reproject(Strategy):
     def __init__(self, opts: ReprojectOptions):
         self.opts = opts
 

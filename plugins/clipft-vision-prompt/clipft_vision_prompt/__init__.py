@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import attrs
 
-from clipft import Selection, StrategySpec, hookimpl
+from clipft import Selection, Strategy, StrategySpec, hookimpl
 
 #: attribute of ``model.visual`` that holds the prompts
 ATTR = "clipft_vision_prompts"
@@ -42,11 +42,15 @@ def _prompt_module():
     import torch
     from torch import nn
 
-    class VisionPrompts(nn.Module):
+    from clipft import InsertedModule
+
+    class VisionPrompts(InsertedModule, nn.Module):
         """Prompt tokens ``[n, width]`` spliced into ``visual.transformer``'s
         input by a forward pre-hook and removed from its output by a forward
         hook (both registered on the transformer, so every call of it is
         consistent)."""
+
+        enters = "hook"
 
         def __init__(self, visual, n_tokens: int, dropout: float, options: dict):
             super().__init__()
@@ -74,19 +78,19 @@ def _prompt_module():
             k, n = self.prefix, self.prompts.shape[0]
             return torch.cat([output[:, :k], output[:, k + n:]], dim=1)
 
-        def clipft_uninstall(self) -> None:
+        def uninstall(self) -> None:
             """Remove the hooks (before the module is detached, e.g. on export)."""
             for handle in self.__dict__.pop("_handles", []):
                 handle.remove()
 
-        def clipft_export_extra(self) -> dict:
+        def export_info(self) -> dict:
             return {"file": PROMPT_FILE, "kind": "vision-prompts", "strategy": "vision-prompt",
                     "options": self.options, "n_tokens": int(self.prompts.shape[0])}
 
     return VisionPrompts
 
 
-class VisionPrompt:
+class VisionPrompt(Strategy):
     def __init__(self, opts: VisionPromptOptions):
         self.opts = opts
 

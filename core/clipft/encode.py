@@ -1,0 +1,152 @@
+"""Embeddings as clipft computes them, for the engine and for plugins.
+
+``encode_image``/``encode_text`` are open_clip's own, followed by the embedding
+adapter a strategy installed in that slot (:mod:`clipft.protocols`), if any,
+and L2 normalisation. Class prompts go through the model's class-prompt encoder
+when it has one, else through CLIP's template ensemble.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipft.protocols import ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING, class_text_encoder, installed
+
+
+def image_embedding(model, raw: torch.Tensor) -> torch.Tensor:
+    """``encode_image``'s output through the image-embedding adapter, if any."""
+    adapter = installed(model, ENTERS_IMAGE_EMBEDDING)
+    return raw if adapter is None else adapter(raw)
+
+
+def text_embedding(model, raw: torch.Tensor) -> torch.Tensor:
+    adapter = installed(model, ENTERS_TEXT_EMBEDDING)
+    return raw if adapter is None else adapter(raw)
+
+
+def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    return F.normalize(image_embedding(model, model.encode_image(images)), dim=-1)
+
+
+def encode_texts(model, tokens: torch.Tensor, trim: bool = False) -> torch.Tensor:
+    """Normalised text embeddings; ``trim`` skips the padding the causal text
+    tower cannot see (same result up to float rounding, see :func:`text_trim_length`)."""
+    raw = encode_text_trimmed(model, tokens) if trim else model.encode_text(tokens)
+    return F.normalize(text_embedding(model, raw), dim=-1)
+
+
+def class_text_features(model, tokenizer, classnames, templates, device, batch: int = 256) -> torch.Tensor:
+    """Zero-shot classifier weights ``[C, D]``: per class, the normalised mean of
+    the normalised template embeddings (CLIP's prompt ensembling), or the
+    normalised output of the model's class-prompt encoder when it has one."""
+    encoder = class_text_encoder(model)
+    if encoder is not None:
+        raw = encoder(model, tokenizer, list(classnames), tuple(templates))
+        return F.normalize(text_embedding(model, raw), dim=-1)
+    texts = [t.format(c) for c in classnames for t in templates]
+    feats = []
+    for i in range(0, len(texts), batch):
+        feats.append(encode_texts(model, tokenizer(texts[i:i + batch]).to(device)))
+    feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)
+
+
+def infer_embed_dim(model: torch.nn.Module) -> int:
+    """Output dimension of the shared embedding space (reads the live model, so it
+    follows a replaced projection)."""
+    visual = model.visual
+    proj = getattr(visual, "proj", None)
+    if isinstance(proj, torch.nn.Parameter):
+        return int(proj.shape[1])
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    attnpool = getattr(visual, "attnpool", None)
+    if attnpool is not None:
+        return int(attnpool.c_proj.out_features)
+    head = getattr(visual, "head", None)
+    if head is not None and isinstance(getattr(head, "proj", None), torch.nn.Linear):
+        return int(head.proj.out_features)
+    # towers whose projection is a trunk classifier (timm configs without a
+    # head projection): ask the model itself with one blank image
+    size = getattr(visual, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics update from the probe
+    try:
+        with torch.no_grad():
+            out = model.encode_image(torch.zeros(1, 3, *size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+    return int(out.shape[-1])
+
+
+# -- text: do not run the padding ------------------------------------------------
+def text_trim_length(model, tokens: torch.Tensor):
+    """How many leading token positions ``encode_text`` needs, or None when the
+    full row is needed (or the model is not one this applies to).
+
+    CLIP's text tower is causal (position i attends to positions <= i) and pools
+    at the end-of-text token, so the padding after the last end-of-text token of
+    a batch never influences the result: cutting it off gives the same
+    embedding up to float rounding, at a fraction of the cost (a class prompt
+    or caption is ~10 of 77 positions; attention cost is quadratic in length).
+    """
+    from open_clip.model import CLIP
+
+    if "encode_text" in model.__dict__ or type(model).encode_text is not CLIP.encode_text:
+        return None
+    return causal_text_length(model, tokens)
+
+
+def causal_text_length(model, tokens: torch.Tensor):
+    """The cut of :func:`text_trim_length` for a model whose text path is CLIP's
+    (the caller vouches for that): None unless pooling and mask allow it."""
+    pool = getattr(model, "text_pool_type", None)
+    if pool == "argmax":
+        last = tokens.argmax(dim=-1)
+    elif pool == "eos" and getattr(model, "text_eos_id", None) is not None:
+        last = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    if not _is_causal(getattr(model, "attn_mask", None), tokens.shape[1]):
+        return None
+    length = int(last.max()) + 1
+    return length if length < tokens.shape[1] else None
+
+
+def _is_causal(mask, length: int) -> bool:
+    if mask is None or mask.ndim != 2 or mask.shape[0] != length or mask.shape[1] != length:
+        return False
+    blocked = torch.isinf(mask) & (mask < 0)
+    upper = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(blocked, upper)) and bool((mask[~upper] == 0).all())
+
+
+def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the trailing padding (see
+    :func:`text_trim_length`); falls back to ``encode_text`` when it does not apply.
+    The token embedding still sees the full rows, so hooks on it (prompt
+    learners) work unchanged."""
+    length = text_trim_length(model, tokens)
+    if length is None:
+        return model.encode_text(tokens)
+    return encode_text_prefix(model, tokens, length)
+
+
+def encode_text_prefix(model, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """CLIP's ``encode_text`` run on the first ``length`` positions only."""
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding.to(cast_dtype)
+    x = x[:, :length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens[:, :length], model.text_pool_type,
+                         eos_token_id=getattr(model, "text_eos_id", None))
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Module) else x @ proj
+    return x

@@ -1,0 +1,257 @@
+"""Where cached values are kept: per-sample stores by dataset index, in memory
+or, with a cache directory, in memory-mapped files keyed by a fingerprint of
+the frozen weights, the data, the transform, precision and library versions.
+
+An on-disk store is written under a temporary name and renamed into place when
+complete, so a crash never leaves a half-built cache that looks valid; its
+values carry a checksum that is verified when the store is opened again (a
+store that fails it is rebuilt, with a warning in the cache stats).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT = 2
+STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+
+
+# -- fingerprints (on-disk keys) ----------------------------------------------
+def tensor_digest(named_tensors) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in named_tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def prefix_state(model, cut: ImageCut):
+    """(name, tensor) of every parameter and buffer the cached prefix reads."""
+    ids = {}
+    for m in cut.prefix_modules(model):
+        if isinstance(m, torch.nn.Module):
+            for t in list(m.parameters()) + list(m.buffers()):
+                ids[id(t)] = t
+        elif torch.is_tensor(m):
+            ids[id(m)] = m
+    named = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+             if id(t) in ids]
+    return sorted(named, key=lambda x: x[0])
+
+
+_ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def transform_repr(transform) -> str:
+    return _ADDR.sub("", repr(transform))
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A digest of what a dataset would yield: its attributes (not the transform),
+    and size and mtime of every file it names."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(dataset).__qualname__.encode())
+    state = {k: v for k, v in sorted(vars(dataset).items()) if k != "transform"} \
+        if hasattr(dataset, "__dict__") else {}
+
+    def visit(v):
+        if isinstance(v, str) and len(v) < 4096 and os.path.isfile(v):
+            st = os.stat(v)
+            h.update(f"{v}|{st.st_size}|{st.st_mtime_ns};".encode())
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for x in v:
+                visit(x)
+            h.update(b"]")
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(f"{k}=".encode())
+                visit(v[k])
+        else:
+            h.update(_ADDR.sub("", repr(v)).encode() + b";")
+
+    visit(state)
+    h.update(f"len={len(dataset)}".encode())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, read in chunks (stores can be large)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# -- stores --------------------------------------------------------------------
+def memory_budget_bytes(fraction: float = 0.25) -> int:
+    """Default cap on an in-memory store: a quarter of physical memory."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class StoreTooLarge(Exception):
+    pass
+
+
+class IndexStore:
+    """Per-sample values of one split, by dataset index, with each sample's
+    caption and label (so a cached epoch never touches the images).
+
+    In memory by default. With ``directory``, values live in a memory-mapped
+    file written under a temporary name and renamed into place when complete, so
+    a crash never leaves a half-built cache that looks valid.
+    """
+
+    def __init__(self, n: int, directory: Optional[Path] = None, budget: Optional[int] = None,
+                 key_parts: Optional[dict] = None):
+        self.n = n
+        self.directory = Path(directory) if directory is not None else None
+        self.budget = budget
+        self.key_parts = key_parts or {}
+        self.values: Optional[torch.Tensor] = None
+        self.status = torch.zeros(n, dtype=torch.uint8)
+        self.captions: list = [None] * n
+        self.labels = torch.full((n,), -1, dtype=torch.long)
+        self.loaded = False
+        self._tmp: Optional[Path] = None
+
+    # building
+    def _allocate(self, row: torch.Tensor):
+        shape, dtype = tuple(row.shape[1:]), row.dtype
+        numel = self.n * int(torch.Size(shape).numel())
+        nbytes = numel * row.element_size()
+        if self.directory is None:
+            if self.budget is not None and nbytes > self.budget:
+                raise StoreTooLarge(
+                    f"{nbytes / 2**20:.0f} MB needed > {self.budget / 2**20:.0f} MB in-memory limit; "
+                    "pass --cache-dir to keep it on disk")
+            self.values = torch.empty((self.n, *shape), dtype=dtype)
+            return
+        self._tmp = self.directory.with_name(f"{self.directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True)
+        self.values = torch.from_file(str(self._tmp / "values.bin"), shared=True, size=numel,
+                                      dtype=dtype).view(self.n, *shape)
+
+    def put(self, index: torch.Tensor, values: torch.Tensor, captions, labels) -> None:
+        values = values.detach()
+        if self.values is None:
+            self._allocate(values)
+        idx = index.cpu()
+        self.values[idx] = values.to("cpu", self.values.dtype)
+        self.status[idx] = STATUS_OK
+        self.labels[idx] = labels.cpu()
+        for i, c in zip(idx.tolist(), captions):
+            self.captions[i] = c
+
+    def mark_failed(self, indices) -> None:
+        for i in indices:
+            if self.status[i] == STATUS_MISSING:
+                self.status[i] = STATUS_FAILED
+
+    @property
+    def complete(self) -> bool:
+        return self.values is not None and bool((self.status != STATUS_MISSING).all())
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.values is None else self.values.numel() * self.values.element_size()
+
+    def finish(self) -> None:
+        """Samples never seen (undecodable ones the loader dropped) count as failed;
+        an on-disk store is committed with a checksum of its values."""
+        self.status[self.status == STATUS_MISSING] = STATUS_FAILED
+        if self.directory is None or self._tmp is None:
+            return
+        values_path = self._tmp / "values.bin"
+        meta = {"format": FORMAT, "key": self.key_parts, "n": self.n,
+                "shape": list(self.values.shape[1:]), "dtype": str(self.values.dtype).replace("torch.", ""),
+                "captions": self.captions, "labels": self.labels.tolist(),
+                "checksum": file_digest(values_path)}
+        (self._tmp / "status.bin").write_bytes(self.status.numpy().tobytes())
+        (self._tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(self._tmp, self.directory)
+        except OSError:  # another process committed the same key first
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
+        self._load_values()
+
+    def discard(self) -> None:
+        self.values = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # reading
+    @classmethod
+    def open(cls, directory: Path, n: int, key_parts: dict) -> tuple[Optional["IndexStore"], Optional[str]]:
+        """``(store, None)`` for a complete on-disk store with this key;
+        ``(None, None)`` when there is none; ``(None, why)`` when one is there
+        but damaged (it is removed, so that it gets rebuilt)."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            return None, None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return cls._damaged(directory, "unreadable meta.json")
+        if meta.get("format") != FORMAT or meta.get("n") != n or meta.get("key") != json.loads(
+                json.dumps(key_parts, default=str)):
+            return None, None
+        values_path = directory / "values.bin"
+        numel = n * int(torch.Size(tuple(meta["shape"])).numel())
+        expected = numel * getattr(torch, meta["dtype"]).itemsize
+        if not values_path.is_file() or values_path.stat().st_size != expected:
+            return cls._damaged(directory, "values.bin is missing or truncated")
+        if file_digest(values_path) != meta.get("checksum"):
+            return cls._damaged(directory, "values.bin does not match its checksum")
+        status = (directory / "status.bin").read_bytes() if (directory / "status.bin").is_file() else b""
+        if len(status) != n:
+            return cls._damaged(directory, "status.bin is missing or truncated")
+        store = cls(n, directory, key_parts=key_parts)
+        store.status = torch.frombuffer(bytearray(status), dtype=torch.uint8)
+        store.captions = meta["captions"]
+        store.labels = torch.tensor(meta["labels"], dtype=torch.long)
+        store._load_values(meta)
+        store.loaded = True
+        return store, None
+
+    @staticmethod
+    def _damaged(directory: Path, why: str):
+        shutil.rmtree(directory, ignore_errors=True)
+        return None, f"cache {directory.name} was damaged ({why}); rebuilt it"
+
+    def _load_values(self, meta: Optional[dict] = None) -> None:
+        meta = meta or json.loads((self.directory / "meta.json").read_text())
+        shape = tuple(meta["shape"])
+        dtype = getattr(torch, meta["dtype"])
+        numel = self.n * int(torch.Size(shape).numel())
+        # private mapping: pages load on demand, nothing is written back
+        self.values = torch.from_file(str(self.directory / "values.bin"), shared=False,
+                                      size=numel, dtype=dtype).view(self.n, *shape)
+
+    def gather(self, index: torch.Tensor):
+        """(values, captions, labels, index) of the decodable samples among ``index``."""
+        ok = self.status[index] == STATUS_OK
+        idx = index[ok]
+        return self.values[idx], [self.captions[i] for i in idx.tolist()], self.labels[idx], idx

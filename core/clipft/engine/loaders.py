@@ -1,0 +1,79 @@
+"""DataLoaders of a run's train and val splits.
+
+Built once per split and reused across epochs, so worker processes persist
+(``persistent_workers``); the train sampler is reseeded every epoch, giving the
+order a fresh ``RandomSampler`` seeded with :meth:`Loaders.sampler_seed` gives.
+:meth:`Loaders.order` yields the same order as index lists, which is how a
+cached epoch replays a live one without touching the images.
+"""
+from __future__ import annotations
+
+import torch
+
+from clipft.data import Batches, DecodeFailures, GuardedDataset, collate
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+class Loaders:
+    def __init__(self, bundle, *, batch_size: int, seed: int, device, num_workers: int = 0,
+                 persistent_workers: bool = True, failures: DecodeFailures | None = None):
+        self.bundle = bundle
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        #: distinct samples dropped as undecodable, across all passes
+        self.failures = failures if failures is not None else DecodeFailures()
+        self._loaders: dict = {}
+
+    def sampler_seed(self, epoch: int) -> int:
+        """Seed of the train order in ``epoch`` (a cached epoch replays the same order)."""
+        return self.seed * 100003 + epoch
+
+    def n_batches(self, dataset) -> int:
+        return -(-len(dataset) // self.batch_size)
+
+    def _loader(self, dataset, train: bool, reuse: bool):
+        key = (id(dataset), train)
+        loader = self._loaders.get(key) if reuse else None
+        if loader is None:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator()) if train else None
+            loader = torch.utils.data.DataLoader(
+                GuardedDataset(dataset), batch_size=self.batch_size, sampler=sampler,
+                shuffle=False, num_workers=self.num_workers, collate_fn=collate,
+                pin_memory=torch.device(self.device).type == "cuda",
+                persistent_workers=self.num_workers > 0 and self.persistent_workers,
+            )
+            if reuse:
+                self._loaders[key] = loader
+        return loader
+
+    def train(self, epoch: int) -> Batches:
+        """Decoded batches of the train split in ``epoch``'s order."""
+        loader = self._loader(self.bundle.train, True, reuse=True)
+        loader.sampler.generator.manual_seed(self.sampler_seed(epoch))
+        return Batches(loader, self.failures, id(self.bundle.train))
+
+    def val(self, reuse: bool = True) -> Batches:
+        return Batches(self._loader(self.bundle.val, False, reuse), self.failures, id(self.bundle.val))
+
+    def order(self, n: int, train: bool, epoch: int = 0):
+        """Index batches in the order :meth:`train` (or :meth:`val`) yields them;
+        iterating it makes the same global RNG draw a DataLoader pass makes."""
+        sampler = None
+        if train:
+            sampler = torch.utils.data.RandomSampler(
+                range(n), generator=torch.Generator().manual_seed(self.sampler_seed(epoch)))
+        return torch.utils.data.DataLoader(_Indices(n), batch_size=self.batch_size, sampler=sampler,
+                                           shuffle=False, num_workers=0, collate_fn=list)

@@ -1,0 +1,212 @@
+"""The training loop: micro-batches, gradient accumulation, the optimizer step
+and the logit-scale clamp. It logs nothing itself: it fires events
+(:class:`Events`) that observers (progress, ``metrics.jsonl``, checkpoints)
+turn into output."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.engine.compose import freeze_frozen_norm_stats
+from clipft.errors import ClipftError
+from clipft.record import ForwardRecord, caption_ids
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay below 100
+
+
+@attrs.define
+class StepInfo:
+    """What ``step_end`` observers see after each micro-batch."""
+
+    epoch: int            # 1-based
+    batch: int            # 1-based, within the epoch
+    n_batches: int
+    step: int             # optimizer steps so far
+    stepped: bool         # this micro-batch ended an optimizer step
+    loss: float
+    terms: dict
+    lr: float
+    samples: int
+    seconds: float        # wall time of the micro-batch, data loading included
+    grad_norm: Optional[float] = None  # the pre-clip norm, when clipping applied
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("inf")
+
+
+@attrs.define
+class EpochInfo:
+    epoch: int
+    epochs: int
+    train_loss: float
+    seconds: float
+    metrics: dict
+    step: int
+
+
+@attrs.define
+class LoopState:
+    """Counters that a checkpoint saves and a resume restores."""
+
+    epoch: int = 0        # completed epochs
+    step: int = 0         # optimizer steps
+    samples: int = 0
+    seconds: float = 0.0
+    last_loss: float = float("nan")
+    history: list = attrs.field(factory=list)
+
+
+class Events:
+    """Fans each event out to observers, in order. An observer implements any
+    of ``epoch_start(epoch, epochs, n_batches)``, ``step_end(StepInfo)``,
+    ``eval(epoch, metrics, train_loss)``, ``epoch_end(EpochInfo, LoopState)``."""
+
+    NAMES = ("epoch_start", "step_end", "eval", "epoch_end")
+
+    def __init__(self, observers=()):
+        self._calls = {n: [getattr(o, n) for o in observers if callable(getattr(o, n, None))]
+                       for n in self.NAMES}
+
+    def fire(self, name: str, *args) -> None:
+        for fn in self._calls[name]:
+            fn(*args)
+
+
+def clip_gradients(params: list, max_norm: float) -> Optional[float]:
+    """``torch.nn.utils.clip_grad_norm_``, bit for bit, minus one pass over
+    every gradient when nothing needs clipping: torch always multiplies by the
+    clip coefficient clamped to 1 (checking it would sync a GPU); on the CPU the
+    check is free, and a multiply by exactly 1 changes nothing. Returns the
+    pre-clip norm when it clipped."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    if any(g.device.type != "cpu" for g in grads):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return None
+    total = torch.nn.utils.get_total_norm(grads)
+    if bool(max_norm / (total + 1e-6) < 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
+    return None
+
+
+def loss_total(out):
+    if isinstance(out, dict):
+        if "total" not in out:
+            raise ClipftError("a loss returned a dict without a 'total' entry")
+        return out["total"], {k: float(v) for k, v in out.items() if k != "total"}
+    return out, {}
+
+
+@attrs.define
+class Trainer:
+    """Everything one optimizer step needs, handed over when it is built."""
+
+    model: torch.nn.Module
+    head: Optional[torch.nn.Module]
+    loss: object
+    features: object          # a provider from clipft.engine.features
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object            # torch.amp.GradScaler for fp16, else None
+    params: list              # the trainable parameters
+    autocast: object          # () -> context manager
+    device: torch.device
+    needs_text: bool
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        freeze_frozen_norm_stats(self.model)
+        if self.head is not None:
+            self.head.train()
+
+    def record(self, batch) -> ForwardRecord:
+        img, txt = self.features.train_features(batch, self.needs_text)
+        labels = batch.labels.to(self.device)
+        ls = self.model.logit_scale
+        return ForwardRecord(
+            image_features=img, text_features=txt,
+            logit_scale=ls.exp(), logit_bias=getattr(self.model, "logit_bias", None),
+            logits=self.head(img) if self.head is not None else None,
+            labels=labels if batch.labelled else None,
+            caption_ids=caption_ids(batch.captions).to(self.device),
+        )
+
+    def optimizer_step(self) -> Optional[float]:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_gradients(self.params, self.grad_clip) if self.grad_clip > 0 else None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        ls = getattr(self.model, "logit_scale", None)
+        if isinstance(ls, torch.nn.Parameter) and ls.requires_grad:
+            with torch.no_grad():
+                ls.clamp_(0, MAX_LOGIT_SCALE)
+        return norm
+
+
+def train(t: Trainer, epochs: int, state: LoopState, evaluate, events: Events) -> LoopState:
+    """Train from ``state.epoch`` to ``epochs``, evaluating before the first
+    epoch and after each one."""
+    if state.epoch == 0 and not state.history:
+        before = evaluate()
+        state.history.append({"epoch": 0, "eval": before})
+        events.fire("eval", 0, before, None)
+    n_batches = t.features.n_train_batches()
+    for epoch in range(state.epoch, epochs):
+        t.set_train_mode()
+        events.fire("epoch_start", epoch + 1, epochs, n_batches)
+        epoch_loss, seen, pending = 0.0, 0, 0  # pending: micro-batches not yet applied
+        t_epoch = t_last = time.perf_counter()  # step time includes data loading
+        t.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(t.features.train_epoch(epoch)):
+            with t.autocast():
+                total, terms = loss_total(t.loss(t.record(batch)))
+            if not torch.isfinite(total):
+                raise ClipftError(f"loss became {float(total)} at epoch {epoch + 1}, step {i + 1}; "
+                                  "lower --lr or use --precision fp32")
+            scaled = total / t.grad_accum
+            (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
+            pending += 1
+            stepped = pending == t.grad_accum or i + 1 == n_batches
+            norm = None
+            if stepped:
+                norm = t.optimizer_step()
+                pending = 0
+                state.step += 1
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            state.seconds += dt
+            state.samples += len(batch)
+            state.last_loss = float(total.detach())
+            epoch_loss += state.last_loss
+            seen += 1
+            events.fire("step_end", StepInfo(
+                epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
+                loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
+                samples=len(batch), seconds=dt, grad_norm=norm))
+        if pending:  # the last batches were dropped as undecodable: apply what we have
+            t.optimizer_step()
+            state.step += 1
+        train_loss = epoch_loss / max(1, seen)
+        metrics = evaluate()
+        seconds = time.perf_counter() - t_epoch
+        state.history.append({"epoch": epoch + 1, "train_loss": train_loss,
+                              "epoch_seconds": seconds, "eval": metrics})
+        state.epoch = epoch + 1
+        events.fire("eval", epoch + 1, metrics, train_loss)
+        events.fire("epoch_end", EpochInfo(epoch + 1, epochs, train_loss, seconds, metrics, state.step), state)
+    return state

@@ -1,0 +1,184 @@
+"""Building everything a training run needs, in one pass:
+resolve → model → data → strategies + head (:func:`assemble`) → loss →
+optimizer groups → features provider → optimizer, schedule, trainer.
+
+:class:`PreparedRun` is the result: a record of built parts. Nothing it holds
+reaches back into it; each part got what it needs when it was built.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.data import DataContext
+from clipft.engine.assemble import Assembly, Resolved, assemble, live_towers, pick_device, resolve, seed_everything
+from clipft.engine.cache.plan import plan_cache
+from clipft.engine.cache.store import memory_budget_bytes
+from clipft.engine.compose import build_groups
+from clipft.engine.evaluate import Evaluator
+from clipft.engine.features import CachedFeatures, Encoders, LiveFeatures, StoreKeys
+from clipft.engine.loaders import Loaders
+from clipft.engine.loop import Trainer
+from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
+from clipft.engine.perf import AUTOCAST_DTYPES, apply_speed_options, check_precision, grad_scaler
+from clipft.errors import ClipftUsageError
+from clipft.models import load_model
+from clipft.options import options_to_dict
+from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
+
+HEAD_ONLY_LR = 1e-3
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A factory of autocast contexts for the run's precision (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = AUTOCAST_DTYPES[precision]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@attrs.define
+class PreparedRun:
+    config: object            # RunConfig
+    resolved: Resolved
+    device: torch.device
+    assembly: Assembly
+    tokenizer: object
+    pretrained: str
+    bundle: object            # DataBundle
+    loss: object
+    groups: list
+    lr: float
+    loaders: Loaders
+    features: object          # LiveFeatures or CachedFeatures
+    evaluate: Evaluator
+    autocast: object
+    trainer: Optional[Trainer] = None
+    total_steps: int = 0
+    warmup_steps: int = 0
+    #: things the user should know before training starts (printed at start)
+    warnings: list = attrs.field(factory=list)
+    #: what apply_speed_options did (grad checkpointing, compiled modules)
+    speed: dict = attrs.field(factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.assembly.model
+
+    @property
+    def head(self) -> Optional[torch.nn.Module]:
+        return self.assembly.head
+
+    @property
+    def optimizer(self):
+        return self.trainer.optimizer if self.trainer else None
+
+    @property
+    def param_counts(self) -> tuple[int, int]:
+        modules = [self.model] + ([self.head] if self.head is not None else [])
+        params = [p for m in modules for p in m.parameters()]
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _check_data(bundle, res: Resolved) -> None:
+    data_name, loss_spec = res.data[0].name, res.loss[0]
+    if len(bundle.train) == 0:
+        raise ClipftUsageError(f"data source '{data_name}' produced no training samples")
+    if NEED_LABELS in loss_spec.needs and not bundle.has_labels:
+        raise ClipftUsageError(
+            f"loss '{loss_spec.name}' needs class labels, but data source '{data_name}' has none")
+    if res.head is not None and not bundle.has_labels:
+        raise ClipftUsageError(
+            f"head '{res.head[0].name}' needs class labels, but data source '{data_name}' has none")
+
+
+def _default_lr(res: Resolved, config) -> float:
+    lr = next((spec.default_lr for spec, _ in res.strategies if spec.default_lr is not None), HEAD_ONLY_LR)
+    return config.resolved_lr(lr)
+
+
+def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device, bundle, loaders, autocast):
+    enc = Encoders(assembly.model, tokenizer, device, bundle.classnames, bundle.templates,
+                   trim_text=bool(config.trim_text))
+    if not config.cache:
+        return LiveFeatures(enc, loaders, autocast)
+    plan = plan_cache(assembly.model, live_towers(assembly))
+    if not plan.anything:
+        return LiveFeatures(enc, loaders, autocast)
+    spec, opts = res.data
+    directory = Path(config.cache_dir).expanduser() if config.cache_dir else None
+    keys = StoreKeys(directory=directory, memory_budget=memory_budget_bytes(), base={
+        "model": config.model, "data": {"source": spec.name, "options": options_to_dict(opts)},
+        "precision": config.precision, "device": device.type})
+    return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
+
+
+def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
+    res = resolve(config, registry)
+    device = pick_device(config.device)
+    check_precision(device, config.precision)
+    seed_everything(config.seed)
+    loaded = load_model(config.model, config.pretrained, device=str(device))
+
+    deterministic = not config.augment
+    dctx = DataContext(
+        transform_train=loaded.preprocess_val if deterministic else loaded.preprocess_train,
+        transform_val=loaded.preprocess_val, seed=config.seed, deterministic_train=deterministic)
+    bundle = res.data[0].build(res.data[1], dctx)
+    _check_data(bundle, res)
+
+    assembly = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer,
+                        device=device, strategies=res.strategies, head=res.head,
+                        classnames=bundle.classnames, templates=bundle.templates, seed=config.seed,
+                        loss=res.loss)
+    speed = apply_speed_options(assembly.model, config)
+    loss_spec = res.loss[0]
+    loss = loss_spec.build(res.loss[1])
+
+    warnings = []
+    head = assembly.head
+    head_trains = head is not None and any(p.requires_grad for p in head.parameters())
+    if head_trains and NEED_HEAD not in loss_spec.needs:
+        msg = (f"loss '{loss_spec.name}' does not use the head, so head '{res.head[0].name}' "
+               "would never train; use --loss cross-entropy to train it")
+        if not any(sel.params for sel in assembly.selections):
+            raise ClipftUsageError(f"nothing would train: {msg}")
+        warnings.append(msg + " (it is only evaluated)")
+        head.requires_grad_(False)
+        head_trains = False
+    lr = _default_lr(res, config)
+    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None)
+    if not groups:
+        raise ClipftUsageError(
+            "nothing would train: no strategy selected parameters and there is no head. "
+            "Add --strategy (see `clipft plugins`) or --head linear")
+
+    autocast = autocast_for(device, config.precision)
+    loaders = Loaders(bundle, batch_size=config.batch_size, seed=config.seed, device=device,
+                      num_workers=config.num_workers, persistent_workers=config.persistent_workers)
+    features = build_features(config, res, assembly, loaded.tokenizer, device, bundle, loaders, autocast)
+    evaluator = Evaluator(assembly.model, head, features, autocast,
+                          has_classes=bool(bundle.classnames), has_captions=bundle.has_captions)
+    run = PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
+                      tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
+                      loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
+                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed)
+    if build_optimizer:
+        steps_per_epoch = math.ceil(loaders.n_batches(bundle.train) / config.grad_accum)
+        run.total_steps = config.epochs * steps_per_epoch
+        run.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
+                            else default_warmup(run.total_steps))
+        optimizer = make_optimizer(groups, config)
+        run.trainer = Trainer(
+            model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
+            scheduler=make_scheduler(optimizer, run.total_steps, run.warmup_steps, config.schedule),
+            scaler=grad_scaler(device, config.precision),
+            params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
+            needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
+            grad_clip=config.grad_clip)
+    return run

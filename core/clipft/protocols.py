@@ -1,0 +1,176 @@
+"""The contract between clipft's engine and its plugins, in one place.
+
+A plugin meets this contract and nothing else: the engine calls only what is
+declared here (no ``hasattr`` probing, no magic attribute names), and a plugin
+imports only ``clipft``'s public modules, never ``clipft.engine``.
+
+- :class:`Strategy` is what ``StrategySpec.build(options)`` returns: a
+  *selector* (``apply``) or, with ``role = "modifier"``, a modifier
+  (``modify``). See ``core/clipft/engine/compose.py`` for how they compose.
+- :class:`InsertedModule` is a mixin for the ``nn.Module`` objects a strategy
+  inserts into the model (LoRA layers, prompt tokens, adapters). It declares how
+  the module enters the forward pass, whether it folds into the base weights,
+  how it is exported and uninstalled, and whether it can run on top of cached
+  frozen features.
+- :class:`ClassTextEncoder` is the inserted module that encodes class prompts
+  (prompt tuning). :func:`install` puts it, or an embedding adapter, in its slot.
+
+Errors: raise :class:`clipft.errors.ClipftUsageError` for anything the user can
+fix (bad options, an incompatible model or data); the CLI turns it into a
+message and exit code 2. Any other exception is a runtime failure (exit 1).
+
+This module imports no torch, so ``import clipft`` stays cheap.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Iterable, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from clipft.context import BuildContext
+    from clipft.specs import Selection
+
+SELECTOR, MODIFIER = "selector", "modifier"
+TOWERS = ("image", "text")
+
+
+class Strategy:
+    """A built strategy: decides what trains.
+
+    Subclass it and override :meth:`apply` (a selector) or set
+    ``role = "modifier"`` and override :meth:`modify` (a modifier, e.g.
+    ``differential-lr``). The model reaches ``apply`` fully frozen; the engine
+    trains exactly the union of the returned selections.
+    """
+
+    role: ClassVar[str] = SELECTOR
+
+    def apply(self, model, ctx: "BuildContext") -> list["Selection"]:
+        """Freeze/insert/replace as needed and return the parameters to train.
+        May insert modules (see :class:`InsertedModule`) and replace layers."""
+        raise NotImplementedError(f"{type(self).__name__} is a selector but does not implement apply()")
+
+    def modify(self, selections: list["Selection"], model, ctx: "BuildContext") -> list["Selection"]:
+        """(modifiers) Rescale or regroup ``selections``; never add parameters."""
+        raise NotImplementedError(f"{type(self).__name__} is a modifier but does not implement modify()")
+
+    def keeps_frozen(self, model, ctx: "BuildContext") -> Iterable[str]:
+        """Parameter names this strategy insists stay frozen; another strategy
+        selecting one of them is reported as a contradiction."""
+        return ()
+
+    def live_towers(self, model, ctx: "BuildContext") -> Iterable[str]:
+        """Towers (``"image"``, ``"text"``) whose embeddings must never be served
+        from the frozen-tower cache, for a change the engine's checks cannot see
+        (a tower whose output depends on something outside the model, say)."""
+        return ()
+
+
+class StrategyModifier(Strategy):
+    """Base for modifier strategies (override :meth:`Strategy.modify`)."""
+
+    role: ClassVar[str] = MODIFIER
+
+
+#: how an inserted module takes part in the forward pass
+ENTERS_LAYER = "layer"                      # it is (or replaced) a layer inside a tower
+ENTERS_HOOK = "hook"                        # forward (pre-)hooks on a tower module
+ENTERS_CLASS_TEXT = "class-text"            # the class-prompt encoder (see ClassTextEncoder)
+ENTERS_IMAGE_EMBEDDING = "image-embedding"  # maps the image tower's output embedding
+ENTERS_TEXT_EMBEDDING = "text-embedding"    # maps the text tower's output embedding
+ENTERS = (ENTERS_LAYER, ENTERS_HOOK, ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING)
+
+#: the model attribute each installed slot lives under (so it is a submodule:
+#: saved, checkpointed and moved with the model)
+SLOTS = {
+    ENTERS_CLASS_TEXT: "clipft_class_text",
+    ENTERS_IMAGE_EMBEDDING: "clipft_image_adapter",
+    ENTERS_TEXT_EMBEDDING: "clipft_text_adapter",
+}
+
+
+class InsertedModule:
+    """Mixin for an ``nn.Module`` that a strategy inserts into the model.
+
+    ``class MyAdapter(InsertedModule, nn.Module)``; set the class attributes and
+    override what applies:
+
+    - ``enters``: how it takes part in the forward pass (one of :data:`ENTERS`).
+      ``layer`` and ``hook`` modules are placed by the strategy itself; the
+      others go in their slot with :func:`install`, and the engine calls them:
+      an ``image-embedding`` module maps ``encode_image``'s output ``[B, D]`` to
+      a new ``[B, D]`` (before normalisation), likewise ``text-embedding``.
+    - ``folds_into_base``: True when :meth:`fold_into_base` can merge the module
+      into the base weights, leaving a plain open_clip model (LoRA).
+    - :meth:`export_info`: for a module that does not fold, how ``clipft
+      export`` writes it to a file of its own (``load_export`` re-installs it by
+      rebuilding its strategy; plain open_clip drops it, and export says so).
+    - :meth:`uninstall`: remove hooks before the module is detached.
+    - ``runs_on_cached_features``: True (for the embedding slots) means the
+      module only reads the tower's output, so the frozen tower can be served
+      from the cache and the module runs live on the cached embedding.
+    """
+
+    enters: ClassVar[str] = ENTERS_HOOK
+    folds_into_base: ClassVar[bool] = False
+
+    @property
+    def runs_on_cached_features(self) -> bool:
+        return self.enters in (ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING)
+
+    def fold_into_base(self) -> None:
+        """Merge into the base weights and leave a plain open_clip module behind."""
+        raise NotImplementedError(f"{type(self).__name__} does not fold into the base weights")
+
+    def export_info(self) -> Optional[dict]:
+        """``{"file": NAME.safetensors, "strategy": NAME, "options": {...}, ...}``
+        for a module exported to its own file; None for one that folds."""
+        return None
+
+    def uninstall(self) -> None:
+        """Undo side effects (hooks) of the installation."""
+
+
+class ClassTextEncoder(InsertedModule):
+    """Encodes class prompts in place of CLIP's fixed templates (prompt tuning).
+
+    Installed with :func:`install`; from then on zero-shot evaluation, the
+    ``zero-shot`` and ``text`` heads, and the paired text of labelled training
+    images use it. Called as ``encoder(model, tokenizer, classnames,
+    templates)`` (its ``forward``) and returns unnormalised class embeddings
+    ``[C, D]``. A class-text side with a trainable encoder is never cached;
+    one whose parameters are all frozen is.
+    """
+
+    enters: ClassVar[str] = ENTERS_CLASS_TEXT
+
+
+def install(model, module) -> str:
+    """Put ``module`` in the model slot its ``enters`` names; returns the
+    attribute name. One module per slot: a second is a usage error."""
+    from clipft.errors import ClipftUsageError
+
+    slot = SLOTS.get(getattr(module, "enters", None))
+    if slot is None:
+        raise ValueError(f"{type(module).__name__}.enters={getattr(module, 'enters', None)!r} "
+                         f"has no slot; place {ENTERS_LAYER}/{ENTERS_HOOK} modules yourself")
+    if getattr(model, slot, None) is not None:
+        raise ClipftUsageError(
+            f"another strategy already installed a {module.enters} module on the model "
+            f"({type(getattr(model, slot)).__name__}); use one of them")
+    model.add_module(slot, module)
+    return slot
+
+
+def installed(model, enters: str):
+    """The module in slot ``enters`` (class-text, image-/text-embedding), or None."""
+    return getattr(model, SLOTS[enters], None)
+
+
+def class_text_encoder(model) -> Optional[ClassTextEncoder]:
+    """The class-prompt encoder a strategy installed on ``model``, or None."""
+    return installed(model, ENTERS_CLASS_TEXT)
+
+
+def inserted_modules(model) -> list:
+    """``[(qualified name, module)]`` of every :class:`InsertedModule` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, InsertedModule)]
