@@ -217,6 +217,25 @@ def test_on_disk_cache_is_reused_and_keyed(registry, tmp_path):
     assert len(list(cache_dir.iterdir())) == 4
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_damaged_disk_cache_is_detected_and_rebuilt(registry, tmp_path, damage):
+    """A cache shard that no longer matches its checksum is never trained on:
+    it is reported, rebuilt from the images, and the run trains as on a clean cache."""
+    cache_dir = tmp_path / "cache"
+    kw = dict(loss="cross-entropy", head="linear", cache_dir=str(cache_dir))
+    _, first, p1 = train_run(registry, tmp_path, "clean", **kw)
+    values = next(cache_dir.glob("train-*/values.bin"))
+    size = values.stat().st_size
+    values.write_bytes(bytes(size) if damage == "zeroed" else values.read_bytes()[: size // 2])
+    _, second, p2 = train_run(registry, tmp_path, "damaged", **kw)
+    assert any("damaged" in w and damage in ("zeroed", "truncated") for w in second["cache"]["warnings"])
+    assert second["cache"]["loaded_from_disk"] == N_VAL and second["cache"]["image_misses"] == N_TRAIN
+    assert max_diff(p1, p2) == 0.0   # rebuilt by the same kernels on the same inputs
+    assert second["eval"]["after"] == first["eval"]["after"]
+    _, third, _ = train_run(registry, tmp_path, "again", **kw)   # the rebuilt shard is good
+    assert third["cache"]["loaded_from_disk"] == N_TRAIN + N_VAL and "warnings" not in third["cache"]
+
+
 def test_store_over_the_memory_limit_falls_back_to_live(registry, tmp_path):
     kw = dict(strategies=[pick("visual.proj")])
     run, summary, cached = train_run(registry, tmp_path, "small", memory_budget=1024, **kw)
