@@ -102,13 +102,13 @@ class StepClock:
         self.paused = 0.0
         self._last = None
 
-    def announce(self, run, out_dir): ...
+    def run_start(self, run, out_dir): ...
 
-    def start_epoch(self, epoch, epochs, n_batches):
+    def epoch_start(self, epoch, epochs, n_batches):
         self.epochs.append([])
         self._last = now()
 
-    def advance(self, task, **kw):
+    def step_end(self, info):
         t = now()
         self.epochs[-1].append(t - self._last)
         if self.other is not None:
@@ -116,11 +116,7 @@ class StepClock:
         self._last = now()
         self.paused += self._last - t
 
-    def end_epoch(self, task): ...
-
-    def epoch_metrics(self, epoch, metrics, train_loss): ...
-
-    def final_table(self, summary): ...
+    def run_end(self, summary): ...
 
     def step_times(self, skip: int = 1) -> list:
         """Seconds per clipft step, dropping the first ``skip`` steps of every
@@ -160,7 +156,7 @@ def reuse_models():
     random-init ViT-B-32 takes seconds to initialise, which the benchmarks
     would otherwise pay again for every configuration. Copies are identical
     to a fresh build with the same seed."""
-    import clipft.engine.runner as runner
+    import clipft.engine.prepare as runner
     original = runner.load_model
 
     def memo(name, pretrained, device="cpu"):
@@ -188,7 +184,8 @@ def clipft_train(reg, out: Path, other=None, prepared=None, **config):
     seconds of ``train()``: evaluation and checkpoints included, ``other``'s
     steps excluded)."""
     from clipft.config import RunConfig
-    from clipft.engine.runner import prepare, train
+    from clipft.engine.prepare import prepare
+    from clipft.engine.session import train_run as train
 
     cfg = RunConfig(**{"pretrained": "none", "device": "cpu", **config})
     run = prepared or prepare(cfg, reg)
@@ -201,7 +198,7 @@ def clipft_train(reg, out: Path, other=None, prepared=None, **config):
 
 def prepared_run(reg, **config):
     from clipft.config import RunConfig
-    from clipft.engine.runner import prepare
+    from clipft.engine.prepare import prepare
     return prepare(RunConfig(**{"pretrained": "none", "device": "cpu", **config}), reg)
 
 
@@ -217,8 +214,8 @@ def run_child(args: list, timeout: float, env: Optional[dict] = None) -> subproc
 def peak_rss_mb() -> float:
     """Peak resident memory of this process's own address space (clipft's
     summary figure; ru_maxrss would include the parent's size at fork)."""
-    from clipft.engine.runner import _peak_rss_mb
-    return _peak_rss_mb()
+    from clipft.engine.session import peak_rss_mb as clipft_peak_rss_mb
+    return clipft_peak_rss_mb()
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -234,14 +231,15 @@ def steps_only():
     """For rows that measure step throughput: skip clipft's per-epoch
     evaluation and checkpoint writing (neither is part of a step, and a full
     ViT-B-32 checkpoint with AdamW state is 1.8 GB to write)."""
-    import clipft.engine.runner as runner
-    saved = runner.evaluate, runner.save_checkpoint
-    runner.evaluate = lambda run: {}
-    runner.save_checkpoint = lambda *a, **k: None
+    from clipft.engine.checkpoint import Checkpointer
+    from clipft.engine.evaluate import Evaluator
+    saved = Evaluator.__call__, Checkpointer.save
+    Evaluator.__call__ = lambda self: {}
+    Checkpointer.save = lambda *a, **k: None
     try:
         yield
     finally:
-        runner.evaluate, runner.save_checkpoint = saved
+        Evaluator.__call__, Checkpointer.save = saved
 
 
 class ClipftEpochs:
@@ -251,7 +249,8 @@ class ClipftEpochs:
 
     def __init__(self, reg, work: Path, rounds: int, steps: int, batch_size: int, **config):
         from clipft.config import RunConfig
-        from clipft.engine.runner import prepare
+        from clipft.engine.loop import LoopState
+        from clipft.engine.prepare import prepare
 
         n = batch_size * (steps + 1)
         self.cfg = RunConfig(**{"pretrained": "none", "device": "cpu", "epochs": rounds,
@@ -260,16 +259,14 @@ class ClipftEpochs:
         self.run = prepare(self.cfg, reg)
         self.out = work
         self.out.mkdir(parents=True, exist_ok=True)
-        self.epoch, self.global_step, self.history = 0, 0, []
+        self.epoch, self.state = 0, LoopState()
 
     def round(self, other=None) -> StepClock:
         """Train the next epoch; ``other`` runs after every clipft step (see StepClock)."""
-        from clipft.engine.runner import train
+        from clipft.engine.session import train_run
         clock = StepClock(other)
         self.run.config.epochs = self.epoch + 1
         with steps_only():
-            stats = train(self.run, self.out, clock, start_epoch=self.epoch,
-                          global_step=self.global_step, history=self.history)
+            self.state = train_run(self.run, self.out, clock, state=self.state)
         self.epoch += 1
-        self.global_step = stats["steps"]
         return clock

@@ -30,7 +30,7 @@ def run(reg, work) -> list:
                   epochs=EPOCHS, batch_size=BATCH)
     prepared = prepared_run(reg, **config)
     seed = SeedLinearProbe(copy.deepcopy(prepared.model), prepared.bundle.train,
-                           len(prepared.bundle.classnames), prepared.ctx.embed_dim, BATCH)
+                           len(prepared.bundle.classnames), prepared.assembly.ctx.embed_dim, BATCH)
     # one untimed step first: process-wide one-time costs (oneDNN primitives for
     # these shapes, first-touch memory) would otherwise fall on whichever side
     # runs first

@@ -1,6 +1,6 @@
 """BitFit as a clipft strategy: only bias terms train (Ben Zaken et al., 2021).
 
-This file is the whole plugin: an attrs options class, a strategy object with
+This file is the whole plugin: an attrs options class, a clipft.Strategy subclass with
 ``apply(model, ctx) -> [Selection]``, and a hookimpl that registers its spec.
 """
 from typing import Literal
