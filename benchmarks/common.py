@@ -102,13 +102,13 @@ class StepClock:
         self.paused = 0.0
         self._last = None
 
-    def run_start(self, run, out_dir): ...
+    def on_run_start(self, run): ...
 
-    def epoch_start(self, epoch, epochs, n_batches):
+    def on_epoch_start(self, epoch, epochs, n_batches):
         self.epochs.append([])
         self._last = now()
 
-    def step_end(self, info):
+    def on_step_end(self, info):
         t = now()
         self.epochs[-1].append(t - self._last)
         if self.other is not None:
@@ -116,7 +116,7 @@ class StepClock:
         self._last = now()
         self.paused += self._last - t
 
-    def run_end(self, summary): ...
+    def on_run_end(self, summary): ...
 
     def step_times(self, skip: int = 1) -> list:
         """Seconds per clipft step, dropping the first ``skip`` steps of every

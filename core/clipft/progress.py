@@ -7,18 +7,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from clipft.callbacks import Callback
+
 
 def stderr_console() -> Console:
     # created per call so that redirected stderr (tests, pipes) is honoured
     return Console(file=sys.stderr, highlight=False)
 
 
-class Silent:
-    """Reporter that prints nothing (the Python API's default). Reporters
-    observe the training loop's events (see :class:`clipft.engine.loop.Events`)."""
+class Silent(Callback):
+    """Reporter that prints nothing (the Python API's default). Reporters are
+    callbacks (:mod:`clipft.callbacks`) that the session always installs."""
 
-    def run_start(self, run, out_dir): ...
-    def run_end(self, summary): ...
+    def warn(self, message: str) -> None: ...
 
 
 def _fmt(v):
@@ -30,25 +31,27 @@ class RichReporter(Silent):
         self.console = console or stderr_console()
         self._progress: Progress | None = None
 
-    def run_start(self, run, out_dir):
-        total, trainable = run.param_counts
-        strategies = "+".join(s.name for s, _ in run.resolved.strategies) or "none (head only)"
-        self.console.print(
-            f"[bold]clipft[/bold] {run.config.model} ({run.pretrained}) on {run.device} · "
-            f"strategy {strategies} · loss {run.resolved.loss[0].name} · "
-            f"head {run.resolved.head[0].name if run.resolved.head else '-'}")
-        self.console.print(
-            f"data {run.resolved.data[0].name}: {len(run.bundle.train)} train / {len(run.bundle.val)} val"
-            + (f", {len(run.bundle.classnames)} classes" if run.bundle.classnames else "")
-            + f" · trainable {trainable:,} of {total:,} params ({100 * trainable / max(1, total):.2f}%) · "
-            f"lr {run.lr:g} · out {out_dir}")
-        for w in run.warnings:
-            self.console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
-        if run.bundle.skipped:
-            self.console.print(f"[yellow]skipped {len(run.bundle.skipped)} unreadable image(s)[/yellow], "
-                               f"e.g. {run.bundle.skipped[0][0]}")
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
-    def epoch_start(self, epoch, epochs, n_batches):
+    def on_run_start(self, run):
+        strategies = "+".join(run.strategies) or "none (head only)"
+        self.console.print(
+            f"[bold]clipft[/bold] {run.model} ({run.pretrained}) on {run.device} · "
+            f"strategy {strategies} · loss {run.loss} · head {run.head or '-'}")
+        self.console.print(
+            f"data {run.data}: {run.train_size} train / {run.val_size} val"
+            + (f", {len(run.classnames)} classes" if run.classnames else "")
+            + f" · trainable {run.params_trainable:,} of {run.params_total:,} params "
+            f"({100 * run.params_trainable / max(1, run.params_total):.2f}%) · "
+            f"lr {run.lr:g} · out {run.out_dir}")
+        for w in run.warnings:
+            self.warn(w)
+        if run.skipped:
+            self.console.print(f"[yellow]skipped {len(run.skipped)} unreadable image(s)[/yellow], "
+                               f"e.g. {run.skipped[0]}")
+
+    def on_epoch_start(self, epoch, epochs, n_batches):
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
@@ -57,13 +60,14 @@ class RichReporter(Silent):
         self._progress.start()
         self._task = self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
 
-    def step_end(self, s):
+    def on_step_end(self, s):
         self._progress.update(self._task, advance=1, loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}",
                               sps=f"{s.samples_per_s:.0f}")
         if s.batch == s.n_batches:
             self._progress.stop()
 
-    def eval(self, epoch, metrics, train_loss):
+    def on_eval(self, ev):
+        epoch, metrics, train_loss = ev.epoch, ev.metrics, ev.train_loss
         if train_loss is None:  # the evaluation before training
             return
         if self._progress is not None:
@@ -71,7 +75,7 @@ class RichReporter(Silent):
         shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if "@" not in k or k.startswith("recall"))
         self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
 
-    def run_end(self, summary):
+    def on_run_end(self, summary):
         before, after = summary["eval"]["before"], summary["eval"]["after"]
         t = Table(title="evaluation (val split)")
         t.add_column("metric")

@@ -1,7 +1,7 @@
 """The training loop: micro-batches, gradient accumulation, the optimizer step
-and the logit-scale clamp. It logs nothing itself: it fires events
-(:class:`Events`) that observers (progress, ``metrics.jsonl``, checkpoints)
-turn into output."""
+and the logit-scale clamp. It logs nothing itself: it fires the events of
+:mod:`clipft.callbacks` that callbacks (progress, ``metrics.jsonl``,
+checkpoints, plugins) turn into output."""
 from __future__ import annotations
 
 import math
@@ -11,42 +11,12 @@ from typing import Optional
 import attrs
 import torch
 
+from clipft.callbacks import EpochView, EvalView, StepView
 from clipft.engine.compose import freeze_frozen_norm_stats
 from clipft.errors import ClipftError
 from clipft.record import ForwardRecord, caption_ids
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay below 100
-
-
-@attrs.define
-class StepInfo:
-    """What ``step_end`` observers see after each micro-batch."""
-
-    epoch: int            # 1-based
-    batch: int            # 1-based, within the epoch
-    n_batches: int
-    step: int             # optimizer steps so far
-    stepped: bool         # this micro-batch ended an optimizer step
-    loss: float
-    terms: dict
-    lr: float
-    samples: int
-    seconds: float        # wall time of the micro-batch, data loading included
-    grad_norm: Optional[float] = None  # the pre-clip norm, when clipping applied
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("inf")
-
-
-@attrs.define
-class EpochInfo:
-    epoch: int
-    epochs: int
-    train_loss: float
-    seconds: float
-    metrics: dict
-    step: int
 
 
 @attrs.define
@@ -59,22 +29,6 @@ class LoopState:
     seconds: float = 0.0
     last_loss: float = float("nan")
     history: list = attrs.field(factory=list)
-
-
-class Events:
-    """Fans each event out to observers, in order. An observer implements any
-    of ``epoch_start(epoch, epochs, n_batches)``, ``step_end(StepInfo)``,
-    ``eval(epoch, metrics, train_loss)``, ``epoch_end(EpochInfo, LoopState)``."""
-
-    NAMES = ("epoch_start", "step_end", "eval", "epoch_end")
-
-    def __init__(self, observers=()):
-        self._calls = {n: [getattr(o, n) for o in observers if callable(getattr(o, n, None))]
-                       for n in self.NAMES}
-
-    def fire(self, name: str, *args) -> None:
-        for fn in self._calls[name]:
-            fn(*args)
 
 
 def clip_gradients(params: list, max_norm: float) -> Optional[float]:
@@ -158,17 +112,17 @@ class Trainer:
         return norm
 
 
-def train(t: Trainer, epochs: int, state: LoopState, evaluate, events: Events) -> LoopState:
+def train(t: Trainer, epochs: int, state: LoopState, evaluate, events) -> LoopState:
     """Train from ``state.epoch`` to ``epochs``, evaluating before the first
-    epoch and after each one."""
+    epoch and after each one. ``events.fire(name, view)`` receives every event."""
     if state.epoch == 0 and not state.history:
         before = evaluate()
         state.history.append({"epoch": 0, "eval": before})
-        events.fire("eval", 0, before, None)
+        events.fire("on_eval", EvalView(0, before))
     n_batches = t.features.n_train_batches()
     for epoch in range(state.epoch, epochs):
         t.set_train_mode()
-        events.fire("epoch_start", epoch + 1, epochs, n_batches)
+        events.fire("on_epoch_start", epoch + 1, epochs, n_batches)
         epoch_loss, seen, pending = 0.0, 0, 0  # pending: micro-batches not yet applied
         t_epoch = t_last = time.perf_counter()  # step time includes data loading
         t.optimizer.zero_grad(set_to_none=True)
@@ -194,7 +148,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events: Events) -
             state.last_loss = float(total.detach())
             epoch_loss += state.last_loss
             seen += 1
-            events.fire("step_end", StepInfo(
+            events.fire("on_step_end", StepView(
                 epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
                 loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
                 samples=len(batch), seconds=dt, grad_norm=norm))
@@ -207,6 +161,6 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events: Events) -
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                               "epoch_seconds": seconds, "eval": metrics})
         state.epoch = epoch + 1
-        events.fire("eval", epoch + 1, metrics, train_loss)
-        events.fire("epoch_end", EpochInfo(epoch + 1, epochs, train_loss, seconds, metrics, state.step), state)
+        events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
+        events.fire("on_epoch_end", EpochView(epoch + 1, epochs, train_loss, seconds, metrics, state.step))
     return state

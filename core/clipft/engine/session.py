@@ -18,7 +18,9 @@ from clipft import __version__
 from clipft.config import RunConfig, dumps_toml
 from clipft.engine import rundir
 from clipft.engine.checkpoint import Checkpointer
-from clipft.engine.loop import Events, LoopState, train
+from clipft.callbacks import Callback, CheckpointView, RunView
+from clipft.engine.callbacks import CallbackHost
+from clipft.engine.loop import LoopState, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.errors import ClipftUsageError
 from clipft.options import ComponentRef, options_to_dict
@@ -38,23 +40,50 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class MetricsLog:
+class MetricsLog(Callback):
     """``metrics.jsonl``: one row per logged optimizer step and per evaluation."""
 
     def __init__(self, path: Path, log_every: int):
         self.path, self.log_every = path, log_every
 
-    def step_end(self, s) -> None:
+    def on_step_end(self, s) -> None:
         if s.stepped and (s.step % self.log_every == 0 or s.batch == s.n_batches):
             rundir.append_jsonl(self.path, {
                 "type": "step", "epoch": s.epoch, "step": s.step, "loss": s.loss,
                 "lr": s.lr, "samples_per_s": s.samples_per_s, **s.terms})
 
-    def eval(self, epoch, metrics, train_loss) -> None:
-        row = {"type": "eval", "epoch": epoch}
-        if train_loss is not None:
-            row["train_loss"] = train_loss
-        rundir.append_jsonl(self.path, {**row, **metrics})
+    def on_eval(self, ev) -> None:
+        row = {"type": "eval", "epoch": ev.epoch}
+        if ev.train_loss is not None:
+            row["train_loss"] = ev.train_loss
+        rundir.append_jsonl(self.path, {**row, **ev.metrics})
+
+
+class EpochCheckpoints(Callback):
+    """A checkpoint at the end of every epoch, announced with ``on_checkpoint``."""
+
+    def __init__(self, checkpointer: Checkpointer, state: LoopState, host: CallbackHost):
+        self.checkpointer, self.state, self.host = checkpointer, state, host
+
+    def on_epoch_end(self, epoch) -> None:
+        self.checkpointer.save(self.state.epoch, self.state.step, self.state.history)
+        self.host.fire("on_checkpoint", CheckpointView(self.checkpointer.run_dir / "checkpoint",
+                                                       self.state.epoch, self.state.step))
+
+
+def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> RunView:
+    total, trainable = run.param_counts
+    res = run.resolved
+    return RunView(
+        out_dir=Path(out_dir), config=resolved_config(run).to_toml_dict(), model=run.config.model,
+        pretrained=run.pretrained, device=str(run.device),
+        strategies=tuple(s.name for s, _ in res.strategies), loss=res.loss[0].name,
+        head=res.head[0].name if res.head else None, data=res.data[0].name,
+        train_size=len(run.bundle.train), val_size=len(run.bundle.val),
+        classnames=tuple(run.bundle.classnames or ()), params_total=total, params_trainable=trainable,
+        lr=run.lr, epochs=run.config.epochs, total_steps=run.total_steps,
+        resumed_from_epoch=resumed_from_epoch, warnings=tuple(run.warnings),
+        skipped=tuple(str(p) for p, _ in run.bundle.skipped))
 
 
 def build_summary(run: PreparedRun, state: LoopState, out_dir: Path, prior: Optional[dict] = None) -> dict:
@@ -134,16 +163,30 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates)
 
 
-def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[LoopState] = None,
-              checkpoints: Optional[Checkpointer] = None) -> LoopState:
-    """Train a prepared run into ``out_dir`` with the session's observers:
-    ``progress`` (a reporter from :mod:`clipft.progress`), ``metrics.jsonl``
-    and the checkpointer."""
+def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
+                  checkpoints: Optional[Checkpointer] = None, callbacks=(), warn=None) -> CallbackHost:
+    """The run's observers: ``progress`` (a reporter from :mod:`clipft.progress`),
+    ``metrics.jsonl`` and epoch checkpoints (required), then ``callbacks``
+    (``[(name, Callback, required)]``, from plugins)."""
     from clipft.progress import Silent
 
-    events = Events([progress or Silent(), MetricsLog(Path(out_dir) / "metrics.jsonl", run.config.log_every),
-                     checkpoints or checkpointer_for(run, out_dir)])
-    return train(run.trainer, run.config.epochs, state or LoopState(), run.evaluate, events)
+    host = CallbackHost(warn=warn)
+    host.add("progress", progress or Silent(), builtin=True)
+    host.add("metrics", MetricsLog(Path(out_dir) / "metrics.jsonl", run.config.log_every), builtin=True)
+    for name, cb, required in callbacks:
+        host.add(name, cb, required)
+    # last, so that on_checkpoint follows every callback's on_epoch_end
+    host.add("checkpoint", EpochCheckpoints(checkpoints or checkpointer_for(run, out_dir), state, host),
+             builtin=True)
+    return host
+
+
+def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[LoopState] = None,
+              checkpoints: Optional[Checkpointer] = None, host: Optional[CallbackHost] = None) -> LoopState:
+    """Train a prepared run into ``out_dir``, firing the callbacks' events."""
+    state = state or LoopState()
+    host = host or callback_host(run, out_dir, state, progress, checkpoints)
+    return train(run.trainer, run.config.epochs, state, run.evaluate, host)
 
 
 def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = None,
@@ -171,9 +214,12 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         # everything is validated and built: only now touch the run directory
         rundir.start_run_dir(out_dir, overwrite)
     rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
-    progress.run_start(run, out_dir)
-    state = train_run(run, out_dir, progress, state, checkpoints)
+    host = callback_host(run, out_dir, state, progress, checkpoints, warn=getattr(progress, "warn", None))
+    host.fire("on_run_start", run_view(run, out_dir, state.epoch))
+    state = train_run(run, out_dir, state=state, host=host)
     summary = build_summary(run, state, out_dir, prior)
+    if host.failures:
+        summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
     rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    progress.run_end(summary)
+    host.fire("on_run_end", summary)
     return summary

@@ -1,0 +1,121 @@
+"""Callbacks: observers of a training run (the fifth component kind).
+
+A callback plugin registers a :class:`clipft.specs.CallbackSpec` whose
+``build(options)`` returns a :class:`Callback`. The engine calls its ``on_*``
+methods with read-only views of the run; none of them can change training.
+The progress bars and the ``metrics.jsonl`` writer are callbacks too.
+
+Events, in order:
+
+- ``on_run_start(RunView)``: once, after the run directory is set up (also on
+  ``--resume``, with ``resumed_from_epoch`` > 0);
+- ``on_epoch_start(epoch, epochs, n_batches)``;
+- ``on_step_end(StepView)``: after every micro-batch (``stepped`` says whether it
+  ended an optimizer step);
+- ``on_eval(EvalView)``: after each evaluation, epoch 0 being the one before training;
+- ``on_epoch_end(EpochView)``;
+- ``on_checkpoint(CheckpointView)``: after a checkpoint was written;
+- ``on_run_end(summary)``: with the dict written to ``summary.json``.
+
+A callback that raises is reported once, with its name, and disabled for the
+rest of the run; training goes on, unless the user selected it with
+``required=true`` (``--callback NAME:required=true``), which makes its failure
+stop the run (exit 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+import attrs
+
+
+def _frozen_map(value) -> Mapping:
+    return MappingProxyType(dict(value or {}))
+
+
+@attrs.frozen
+class RunView:
+    out_dir: Path
+    #: the fully resolved config, as written to config.toml (a TOML-shaped dict)
+    config: Mapping = attrs.field(converter=_frozen_map)
+    model: str = ""
+    pretrained: str = ""
+    device: str = ""
+    strategies: tuple = ()
+    loss: str = ""
+    head: Optional[str] = None
+    data: str = ""
+    train_size: int = 0
+    val_size: int = 0
+    classnames: tuple = ()
+    params_total: int = 0
+    params_trainable: int = 0
+    lr: float = 0.0
+    epochs: int = 0
+    #: optimizer steps the whole run will take
+    total_steps: int = 0
+    #: epochs already done when the run was resumed (0 for a fresh run)
+    resumed_from_epoch: int = 0
+    warnings: tuple = ()
+    skipped: tuple = ()
+
+
+@attrs.frozen
+class StepView:
+    epoch: int            # 1-based
+    batch: int            # 1-based, within the epoch
+    n_batches: int
+    step: int             # optimizer steps so far
+    stepped: bool         # this micro-batch ended an optimizer step
+    loss: float
+    terms: Mapping = attrs.field(converter=_frozen_map)  # a loss's named terms, if any
+    lr: float = 0.0       # first parameter group's learning rate
+    samples: int = 0      # in this micro-batch
+    seconds: float = 0.0  # wall time of the micro-batch, data loading included
+    grad_norm: Optional[float] = None  # the pre-clip norm, when clipping applied
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("inf")
+
+
+@attrs.frozen
+class EvalView:
+    epoch: int            # 0: before training
+    metrics: Mapping = attrs.field(converter=_frozen_map)
+    train_loss: Optional[float] = None  # the epoch's mean train loss (None at epoch 0)
+
+
+@attrs.frozen
+class EpochView:
+    epoch: int
+    epochs: int
+    train_loss: float
+    seconds: float
+    metrics: Mapping = attrs.field(converter=_frozen_map)
+    step: int = 0
+
+
+@attrs.frozen
+class CheckpointView:
+    path: Path
+    epoch: int
+    step: int
+
+
+class Callback:
+    """Base class: override the events you need; the others do nothing."""
+
+    def on_run_start(self, run: RunView) -> None: ...
+    def on_epoch_start(self, epoch: int, epochs: int, n_batches: int) -> None: ...
+    def on_step_end(self, step: StepView) -> None: ...
+    def on_eval(self, ev: EvalView) -> None: ...
+    def on_epoch_end(self, epoch: EpochView) -> None: ...
+    def on_checkpoint(self, checkpoint: CheckpointView) -> None: ...
+    def on_run_end(self, summary: Mapping) -> None: ...
+
+
+EVENTS = ("on_run_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end",
+          "on_checkpoint", "on_run_end")
