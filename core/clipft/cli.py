@@ -170,6 +170,10 @@ def run_options(fn):
                      help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
         click.option("--trim-text/--no-trim-text", default=None,
                      help="Skip caption padding in the causal text tower (same result up to rounding)."),
+        click.option("--checkpoint-every", metavar="N|Nm|epoch",
+                     help="Step checkpoints every N optimizer steps or N minutes (default 30m), "
+                          "besides one per epoch."),
+        click.option("--keep-checkpoints", type=int, help="Checkpoints to keep (default 1)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -183,7 +187,8 @@ FLAG_TO_FIELD = {
     "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
     "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
     "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
-    "compile": "compile", "trim_text": "trim_text",
+    "compile": "compile", "trim_text": "trim_text", "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
 }
 
 
@@ -230,10 +235,12 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
         resume_dir = Path(resume)
         if not (resume_dir / "config.toml").is_file():
             raise ClipftUsageError(f"--resume {resume}: no config.toml there; is it a clipft run directory?")
-        changed = [k for k, v in kw.items() if v not in (None, ()) and k not in ("epochs", "device", "num_workers")]
+        resumable = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints")
+        changed = [k for k, v in kw.items() if v not in (None, ()) and k not in resumable]
         if changed or config_file:
             raise ClipftUsageError(
-                "only --epochs, --device and --num-workers can change when resuming; "
+                "only --epochs, --device, --num-workers, --checkpoint-every and --keep-checkpoints "
+                "can change when resuming; "
                 f"got --{(changed or ['config'])[0].replace('_', '-')}")
         config_file = str(resume_dir / "config.toml")
     cfg = build_config(config_file, kw)

@@ -34,6 +34,25 @@ def _non_negative(inst, attribute, value):
         raise ClipftUsageError(f"'{attribute.name}' must be >= 0, got {value!r}")
 
 
+def parse_every(value) -> tuple:
+    """``("steps", N)``, ``("minutes", X)`` or ``("epoch", 0)`` from a
+    ``--checkpoint-every`` value; a usage error naming the option otherwise."""
+    text = str(value).strip().lower()
+    try:
+        if text == "epoch":
+            return ("epoch", 0)
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if math.isfinite(minutes) and minutes > 0:
+                return ("minutes", minutes)
+        elif int(text) > 0:
+            return ("steps", int(text))
+    except ValueError:
+        pass
+    raise ClipftUsageError(
+        f"'checkpoint_every' must be a number of steps (500), of minutes (30m) or 'epoch', got {value!r}")
+
+
 def _ref(value):
     if value is None or isinstance(value, ComponentRef):
         return value
@@ -92,6 +111,11 @@ class RunConfig:
     #: do not run caption padding through the (causal) text tower: exact up to
     #: float rounding, several times cheaper on short captions (opt-in)
     trim_text: bool = False
+    #: a step checkpoint every N optimizer steps ("500") or N minutes of training
+    #: ("30m"), besides the one at the end of every epoch; "epoch": epochs only
+    checkpoint_every: str = attrs.field(default="30m", converter=str, validator=lambda i, a, v: parse_every(v))
+    #: checkpoints kept: the newest in checkpoint/, older ones beside it
+    keep_checkpoints: int = attrs.field(default=1, validator=_positive)
     out: Optional[str] = None
 
     def resolved_lr(self, default: float) -> float:

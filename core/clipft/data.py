@@ -144,8 +144,15 @@ class Batches:
         return len(self.loader)
 
     def __iter__(self):
-        for batch in self.loader:
+        # the DataLoader's iterator (and its global RNG draw) is created here,
+        # not at the first batch: a resume restores the RNG right after it
+        return self._usable(iter(self.loader), getattr(self.loader.sampler, "skip", 0) // max(
+            1, self.loader.batch_size or 1))
+
+    def _usable(self, it, first: int):
+        for position, batch in enumerate(it, start=first):
             if batch["failed"]:
                 self.failures.add(self.key, batch["failed"])
             if batch["images"] is not None:
+                batch["position"] = position
                 yield batch

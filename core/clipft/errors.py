@@ -15,3 +15,12 @@ class ClipftUsageError(ClipftError):
 
 class PluginConflictError(ClipftUsageError):
     """Two distributions registered the same component name in the same kind."""
+
+
+class RunInterrupted(ClipftError):
+    """Training stopped on a signal after writing a resumable checkpoint
+    (exit 130 for SIGINT/Ctrl-C, 143 for SIGTERM, as a shell reports them)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,11 +1,23 @@
-"""Checkpoints: safetensors tensors plus a JSON state, written atomically.
+"""Checkpoints: safetensors tensors plus a JSON state, written crash-safely.
 
-Layout of ``RUN_DIR/checkpoint/``:
+Layout of a checkpoint folder:
 - ``model.safetensors``: trainable tensors, buffers of trained modules, and any
   tensor a strategy added or reshaped (the rest comes from the base model);
 - ``head.safetensors``: the head's state, when there is a head;
-- ``optimizer.safetensors`` + ``state.json``: optimizer and scheduler state, RNG
-  states, epoch and step counters, so that ``--resume`` continues exactly.
+- ``optimizer.safetensors`` + ``state.json``: optimizer, scheduler and grad
+  scaler state, RNG states, and where training is (epoch, step, position in the
+  epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
+  continues exactly, also from the middle of an epoch.
+
+``RUN_DIR/checkpoint/`` is always the newest complete checkpoint; the older ones
+``--keep-checkpoints`` keeps live beside it as ``checkpoint-step00000120/``. A
+new checkpoint is written to ``.checkpoint.tmp-PID/``, every file fsynced,
+``state.json`` last (it lists the other files and their sizes, which is what
+makes a folder "complete"); then ``checkpoint`` is renamed to its step name and
+the new one renamed into place, and the directory is fsynced. A crash at any
+point leaves at least one complete checkpoint, and :func:`newest_complete`
+finds it. A failed write (a full disk) removes the partial folder and leaves the
+previous checkpoint as it was.
 """
 from __future__ import annotations
 
@@ -21,7 +33,77 @@ from safetensors.torch import load_file, save_file
 
 from clipft.errors import ClipftError
 
-FORMAT_VERSION = 1
+FORMAT = "clipft-checkpoint"
+FORMAT_VERSION = 2
+CURRENT = "checkpoint"
+STEP_PREFIX = "checkpoint-step"
+TMP_PREFIX = ".checkpoint.tmp-"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_state(folder: Path):
+    """The state of a *complete* checkpoint folder, or None: ``state.json``
+    parses, is clipft's, and every file it lists is there with its size."""
+    try:
+        state = json.loads((Path(folder) / "state.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    if state.get("format") == 1 and "global_step" in state:   # written before FORMAT_VERSION 2
+        return state
+    if state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
+        return None
+    for name, size in state["files"].items():
+        f = Path(folder) / name
+        if not f.is_file() or f.stat().st_size != size:
+            return None
+    return state
+
+
+def _order(state) -> tuple:
+    return (int(state.get("global_step", 0)), int(state.get("epoch", 0)))
+
+
+def candidates(run_dir: Path) -> list:
+    """Folders that may hold a checkpoint, newest naming first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return [run_dir / CURRENT] + sorted(
+        (p for p in run_dir.iterdir() if p.name.startswith((STEP_PREFIX, TMP_PREFIX)) and p.is_dir()),
+        reverse=True)
+
+
+def newest_complete(run_dir: Path):
+    """``(folder, state)`` of the newest complete checkpoint in ``run_dir``
+    (by step), or ``(None, None)``."""
+    best = (None, None)
+    for folder in candidates(run_dir):
+        state = read_state(folder)
+        if state is not None and (best[1] is None or _order(state) > _order(best[1])):
+            best = (folder, state)
+    return best
 
 
 def changed_state(model: torch.nn.Module, base_shapes: dict) -> dict:
@@ -65,29 +147,24 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
 
 
 class Checkpointer:
-    """Writes and restores ``RUN_DIR/checkpoint`` for one run: the parts it
-    saves are handed over when it is built."""
+    """Writes and restores the checkpoints of one run: the parts it saves are
+    handed over when it is built."""
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
-                 classnames, templates):
+                 classnames, templates, keep: int = 1):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.classnames, self.templates = classnames, templates
+        self.keep = max(1, int(keep))
+        #: (step, epoch, batch) of the last checkpoint written, so one point is saved once
+        self.last_saved = None
 
-    # the loop's epoch_end event
-    def epoch_end(self, info, state) -> None:
-        self.save(state.epoch, state.step, state.history)
-
-    def save(self, epoch: int, global_step: int, history: list) -> None:
-        final = self.run_dir / "checkpoint"
-        tmp = self.run_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(changed_state(self.model, self.base_shapes), str(tmp / "model.safetensors"))
+    def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
+        save_file(changed_state(self.model, self.base_shapes), str(folder / "model.safetensors"))
         if self.head is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                      str(tmp / "head.safetensors"))
+                      str(folder / "head.safetensors"))
         opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -95,12 +172,19 @@ class Checkpointer:
                 rng[f"torch_cuda_{i}"] = s
         save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
                    **{f"rng.{k}": v for k, v in rng.items()}},
-                  str(tmp / "optimizer.safetensors"))
+                  str(folder / "optimizer.safetensors"))
+        files = {}
+        for f in sorted(folder.iterdir()):
+            _fsync_file(f)
+            files[f.name] = f.stat().st_size
         np_state = np.random.get_state()
         state = {
-            "format": FORMAT_VERSION,
-            "epoch": epoch,
-            "global_step": global_step,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "epoch": loop["epoch"],
+            "global_step": loop["step"],
+            "loop": loop,
+            "files": files,
             "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -112,38 +196,83 @@ class Checkpointer:
             # rebuilt (export, eval, predict) without its data (engine/loadrun.py)
             "classnames": list(self.classnames) if self.classnames else None,
             "templates": list(self.templates),
+            **extra,
         }
-        (tmp / "state.json").write_text(json.dumps(state, default=_json_default))
-        # swap in atomically: a crash leaves either the old or the new checkpoint
-        old = self.run_dir / "checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        path = folder / "state.json"
+        with open(path, "w") as f:
+            f.write(json.dumps(state, default=_json_default))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(folder)
 
-    def restore(self) -> dict:
-        """Load the checkpoint into the model, head, optimizer, schedule, scaler
-        and the RNGs; returns its state (epoch, global_step, history)."""
-        ck = self.run_dir / "checkpoint"
-        if not (ck / "state.json").is_file():
-            raise ClipftError(f"no checkpoint found in {ck}")
-        state = json.loads((ck / "state.json").read_text())
-        load_trained_tensors(ck, self.model, self.head, next(self.model.parameters()).device)
-        rest = load_file(str(ck / "optimizer.safetensors"))
+    def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
+        """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
+        the current one; returns its folder."""
+        tmp = self.run_dir / f"{TMP_PREFIX}{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            self._write(tmp, loop, history, extra or {})
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
+            raise ClipftError(
+                f"could not write a checkpoint in {self.run_dir}: {exc.strerror or exc} "
+                f"(the previous checkpoint is intact: {previous})") from exc
+        current = self.run_dir / CURRENT
+        old = read_state(current) if current.is_dir() else None
+        if current.is_dir():
+            if old is not None and self.keep > 1:
+                aside = self.run_dir / f"{STEP_PREFIX}{_order(old)[0]:08d}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(current, aside)
+            else:
+                # not kept: set aside under a temporary name, dropped once the new one is in
+                aside = self.run_dir / f"{TMP_PREFIX}old-{os.getpid()}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(current, aside)
+        os.replace(tmp, current)
+        fsync_dir(self.run_dir)
+        self._prune()
+        self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
+        return current
+
+    def _prune(self) -> None:
+        for p in self.run_dir.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+        kept = sorted((p for p in self.run_dir.iterdir() if p.name.startswith(STEP_PREFIX)), reverse=True)
+        for p in kept[self.keep - 1:]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def restore(self, folder: Path) -> dict:
+        """Load a checkpoint folder into the model, head, optimizer, schedule
+        and scaler; returns its state, with ``restore_rng``, a function that puts
+        the RNG states back (the loop calls it at the point they were saved)."""
+        state = read_state(folder)
+        if state is None:
+            raise ClipftError(f"{folder} is not a complete checkpoint")
+        load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
+        rest = load_file(str(folder / "optimizer.safetensors"))
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
-        torch.set_rng_state(rest["rng.torch_cpu"])
-        cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(_tuplify(state["python_random"]))
-        ns = state["numpy_random"]
-        np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+
+        def restore_rng():
+            torch.set_rng_state(rest["rng.torch_cpu"])
+            cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
+            if cuda_states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(cuda_states)
+            random.setstate(_tuplify(state["python_random"]))
+            ns = state["numpy_random"]
+            np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+
+        state["restore_rng"] = restore_rng
+        loop = state.get("loop") or {"epoch": state["epoch"], "step": state["global_step"], "batch": 0}
+        self.last_saved = (loop["step"], loop["epoch"], loop.get("batch", 0))
         return state
 
 

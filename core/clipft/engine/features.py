@@ -56,6 +56,8 @@ class Batch:
     captions: list
     labels: torch.Tensor
     at: str = "pixels"
+    #: which batch of the epoch this is (0-based; batches dropped as undecodable count)
+    position: int = 0
 
     def __len__(self):
         return len(self.index)
@@ -66,7 +68,8 @@ class Batch:
 
 
 def _batch(d: dict, inputs=None, at: str = "pixels") -> Batch:
-    return Batch(d["index"], d["images"] if inputs is None else inputs, d["captions"], d["labels"], at)
+    return Batch(d["index"], d["images"] if inputs is None else inputs, d["captions"], d["labels"], at,
+                 d.get("position", 0))
 
 
 class Encoders:
@@ -118,8 +121,9 @@ class LiveFeatures:
     def n_train_batches(self) -> int:
         return self.loaders.n_batches(self.loaders.bundle.train)
 
-    def train_epoch(self, epoch: int):
-        return (_batch(b) for b in self.loaders.train(epoch))
+    def train_epoch(self, epoch: int, skip_batches: int = 0):
+        """The batches of ``epoch``, from batch ``skip_batches`` on (a resume)."""
+        return (_batch(b) for b in self.loaders.train(epoch, skip_batches))
 
     def image_features(self, batch: Batch):
         return self.enc.images(batch.inputs)
@@ -289,10 +293,14 @@ class CachedFeatures(LiveFeatures):
             raise
         return store, None
 
-    def _replay(self, store: IndexStore, split: str, train: bool, epoch: int):
+    def _replay(self, store: IndexStore, split: str, train: bool, epoch: int, skip_batches: int = 0):
         """Batches of one pass rebuilt from a store by index, in the live order."""
-        key = id(self._dataset(split))
-        for items in self.loaders.order(store.n, train, epoch):
+        # the order's iterator (and its RNG draw) is created now, not at the first batch
+        return self._replayed(store, id(self._dataset(split)),
+                              iter(self.loaders.order(store.n, train, epoch, skip_batches)), skip_batches)
+
+    def _replayed(self, store, key, order, first: int):
+        for position, items in enumerate(order, start=first):
             index = torch.tensor(items, dtype=torch.long)
             values, captions, labels, kept = store.gather(index)
             if len(kept) < len(items):
@@ -300,7 +308,7 @@ class CachedFeatures(LiveFeatures):
             if len(kept) == 0:
                 continue
             self.cache_stats.count("image", hits=len(kept))
-            yield Batch(kept, values, captions, labels, "cache")
+            yield Batch(kept, values, captions, labels, "cache", position)
 
     def _fill_while_training(self, store: IndexStore, epoch: int):
         """The live loader's batches, each with its frozen-part values computed
@@ -330,14 +338,18 @@ class CachedFeatures(LiveFeatures):
                 self._stores.pop("train", None)
             raise
 
-    def train_epoch(self, epoch: int):
+    def train_epoch(self, epoch: int, skip_batches: int = 0):
         if self.cut is None:
-            return super().train_epoch(epoch)
+            return super().train_epoch(epoch, skip_batches)
         store = self._store("train")
         if store is None:
-            return super().train_epoch(epoch)
+            return super().train_epoch(epoch, skip_batches)
         if store.complete:
-            return self._replay(store, "train", True, epoch)
+            return self._replay(store, "train", True, epoch, skip_batches)
+        if skip_batches:
+            # resumed part-way through the epoch that fills the store: its first
+            # batches are gone, so this epoch runs live and the next one fills
+            return super().train_epoch(epoch, skip_batches)
         return self._fill_while_training(store, epoch)
 
     def image_features(self, batch: Batch):

@@ -1,10 +1,12 @@
 """DataLoaders of a run's train and val splits.
 
 Built once per split and reused across epochs, so worker processes persist
-(``persistent_workers``); the train sampler is reseeded every epoch, giving the
-order a fresh ``RandomSampler`` seeded with :meth:`Loaders.sampler_seed` gives.
-:meth:`Loaders.order` yields the same order as index lists, which is how a
-cached epoch replays a live one without touching the images.
+(``persistent_workers``). The train order of epoch ``e`` is the permutation a
+``RandomSampler`` seeded with :meth:`Loaders.sampler_seed` gives; an epoch can
+start part-way (``skip`` samples in, for a resume from a step checkpoint) and
+still yield exactly the rest of that order. :meth:`Loaders.order` yields the
+same order as index lists, which is how a cached epoch replays a live one
+without touching the images.
 """
 from __future__ import annotations
 
@@ -22,6 +24,24 @@ class _Indices(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return i
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The permutation ``torch.randperm(n)`` under a seeded generator (what
+    ``RandomSampler(generator=g)`` yields), from position ``skip`` on."""
+
+    def __init__(self, n: int):
+        self.n, self.seed, self.skip = n, 0, 0
+
+    def set_epoch(self, seed: int, skip: int = 0) -> None:
+        self.seed, self.skip = seed, skip
+
+    def __len__(self):
+        return max(0, self.n - self.skip)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        yield from torch.randperm(self.n, generator=g).tolist()[self.skip:]
 
 
 class Loaders:
@@ -48,7 +68,7 @@ class Loaders:
         key = (id(dataset), train)
         loader = self._loaders.get(key) if reuse else None
         if loader is None:
-            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator()) if train else None
+            sampler = EpochSampler(len(dataset)) if train else None
             loader = torch.utils.data.DataLoader(
                 GuardedDataset(dataset), batch_size=self.batch_size, sampler=sampler,
                 shuffle=False, num_workers=self.num_workers, collate_fn=collate,
@@ -59,21 +79,22 @@ class Loaders:
                 self._loaders[key] = loader
         return loader
 
-    def train(self, epoch: int) -> Batches:
-        """Decoded batches of the train split in ``epoch``'s order."""
+    def train(self, epoch: int, skip_batches: int = 0) -> Batches:
+        """Decoded batches of the train split in ``epoch``'s order, from batch
+        ``skip_batches`` on."""
         loader = self._loader(self.bundle.train, True, reuse=True)
-        loader.sampler.generator.manual_seed(self.sampler_seed(epoch))
+        loader.sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
         return Batches(loader, self.failures, id(self.bundle.train))
 
     def val(self, reuse: bool = True) -> Batches:
         return Batches(self._loader(self.bundle.val, False, reuse), self.failures, id(self.bundle.val))
 
-    def order(self, n: int, train: bool, epoch: int = 0):
+    def order(self, n: int, train: bool, epoch: int = 0, skip_batches: int = 0):
         """Index batches in the order :meth:`train` (or :meth:`val`) yields them;
         iterating it makes the same global RNG draw a DataLoader pass makes."""
         sampler = None
         if train:
-            sampler = torch.utils.data.RandomSampler(
-                range(n), generator=torch.Generator().manual_seed(self.sampler_seed(epoch)))
+            sampler = EpochSampler(n)
+            sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
         return torch.utils.data.DataLoader(_Indices(n), batch_size=self.batch_size, sampler=sampler,
                                            shuffle=False, num_workers=0, collate_fn=list)

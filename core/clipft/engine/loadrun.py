@@ -9,7 +9,6 @@ the checkpoint state (older checkpoints fall back to building the data source).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -50,18 +49,18 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     """The model of a finished (or checkpointed) run, ready for inference."""
     from clipft.config import RunConfig, load_toml
     from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
-    from clipft.engine.checkpoint import load_trained_tensors
+    from clipft.engine.checkpoint import load_trained_tensors, newest_complete
     from clipft.models import load_model
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
-    ck = run_dir / "checkpoint"
-    if not (ck / "state.json").is_file():
+    ck, state = newest_complete(run_dir)
+    if ck is None:
         raise ClipftUsageError(
-            f"{run_dir} has no checkpoint (checkpoint/state.json); a run writes one at the end "
-            "of each epoch")
+            f"{run_dir} has no complete checkpoint (checkpoint/state.json); a run writes one at the "
+            "end of each epoch")
     if registry is None:
         from clipft.plugins import Registry
         registry = Registry().load()
@@ -70,7 +69,6 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     dev = pick_device(device)
     seed_everything(config.seed)
     loaded = load_model(config.model, config.pretrained, device=str(dev))
-    state = json.loads((ck / "state.json").read_text())
     if "classnames" in state:
         classnames = state["classnames"]
         templates = tuple(state.get("templates") or ("a photo of a {}.",))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
 import torch
@@ -21,7 +21,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay 
 
 @attrs.define
 class LoopState:
-    """Counters that a checkpoint saves and a resume restores."""
+    """Where training is: what a checkpoint saves and a resume restores."""
 
     epoch: int = 0        # completed epochs
     step: int = 0         # optimizer steps
@@ -29,6 +29,27 @@ class LoopState:
     seconds: float = 0.0
     last_loss: float = float("nan")
     history: list = attrs.field(factory=list)
+    #: within the current epoch: micro-batches done, and the sums behind its mean loss
+    batch: int = 0
+    epoch_loss: float = 0.0
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    #: set by a resume: restores the RNG states at the point the checkpoint was
+    #: taken (after the epoch's data iterator was created, for a mid-epoch one)
+    restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
+
+    def counters(self) -> dict:
+        return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
+                                               "batch", "epoch_loss", "epoch_seen", "epoch_seconds")}
+
+
+class StopTraining(Exception):
+    """Raised by the loop after the optimizer step during which a stop was
+    requested (SIGTERM, Ctrl-C); the state is consistent and checkpointable."""
+
+    def __init__(self, state: "LoopState", reason: str):
+        super().__init__(reason)
+        self.state, self.reason = state, reason
 
 
 def clip_gradients(params: list, max_norm: float) -> Optional[float]:
@@ -112,9 +133,18 @@ class Trainer:
         return norm
 
 
-def train(t: Trainer, epochs: int, state: LoopState, evaluate, events) -> LoopState:
-    """Train from ``state.epoch`` to ``epochs``, evaluating before the first
-    epoch and after each one. ``events.fire(name, view)`` receives every event."""
+def _restore_rng(state: LoopState) -> None:
+    if state.restore_rng is not None:
+        state.restore_rng()
+        state.restore_rng = None
+
+
+def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
+          stop_requested: Callable[[], Optional[str]] = lambda: None) -> LoopState:
+    """Train from ``state`` (an epoch boundary, or part-way into an epoch after a
+    resume) to ``epochs``, evaluating before the first epoch and after each one.
+    ``events.fire(name, ...)`` receives every event; ``stop_requested()``, checked
+    after each optimizer step, ends training with :class:`StopTraining`."""
     if state.epoch == 0 and not state.history:
         before = evaluate()
         state.history.append({"epoch": 0, "eval": before})
@@ -122,15 +152,21 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events) -> LoopSt
     n_batches = t.features.n_train_batches()
     for epoch in range(state.epoch, epochs):
         t.set_train_mode()
+        skip = state.batch   # > 0 only when resuming inside this epoch
+        if not skip:
+            _restore_rng(state)
         events.fire("on_epoch_start", epoch + 1, epochs, n_batches)
-        epoch_loss, seen, pending = 0.0, 0, 0  # pending: micro-batches not yet applied
-        t_epoch = t_last = time.perf_counter()  # step time includes data loading
+        pending = 0  # micro-batches whose gradients are not applied yet (0 at a checkpoint)
+        t_last = time.perf_counter()  # step time includes data loading
         t.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(t.features.train_epoch(epoch)):
+        batches = t.features.train_epoch(epoch, skip)
+        _restore_rng(state)
+        for batch in batches:
+            i = batch.position
             with t.autocast():
                 total, terms = loss_total(t.loss(t.record(batch)))
             if not torch.isfinite(total):
-                raise ClipftError(f"loss became {float(total)} at epoch {epoch + 1}, step {i + 1}; "
+                raise ClipftError(f"loss became {float(total)} at epoch {epoch + 1}, batch {i + 1}; "
                                   "lower --lr or use --precision fp32")
             scaled = total / t.grad_accum
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
@@ -144,23 +180,34 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events) -> LoopSt
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             state.seconds += dt
+            state.epoch_seconds += dt
             state.samples += len(batch)
             state.last_loss = float(total.detach())
-            epoch_loss += state.last_loss
-            seen += 1
+            state.epoch_loss += state.last_loss
+            state.epoch_seen += 1
+            state.batch = i + 1
             events.fire("on_step_end", StepView(
                 epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
                 loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
                 samples=len(batch), seconds=dt, grad_norm=norm))
+            if stepped and i + 1 < n_batches:
+                reason = stop_requested()
+                if reason:
+                    raise StopTraining(state, reason)
         if pending:  # the last batches were dropped as undecodable: apply what we have
             t.optimizer_step()
             state.step += 1
-        train_loss = epoch_loss / max(1, seen)
+        train_loss = state.epoch_loss / max(1, state.epoch_seen)
+        t_eval = time.perf_counter()
         metrics = evaluate()
-        seconds = time.perf_counter() - t_epoch
+        seconds = state.epoch_seconds + (time.perf_counter() - t_eval)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                               "epoch_seconds": seconds, "eval": metrics})
         state.epoch = epoch + 1
+        state.batch, state.epoch_loss, state.epoch_seen, state.epoch_seconds = 0, 0.0, 0, 0.0
         events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
         events.fire("on_epoch_end", EpochView(epoch + 1, epochs, train_loss, seconds, metrics, state.step))
+        reason = stop_requested()
+        if reason and epoch + 1 < epochs:
+            raise StopTraining(state, reason)
     return state

@@ -1,4 +1,22 @@
-"""The run directory contract: config.toml, metrics.jsonl, summary.json, checkpoint/."""
+"""The run directory contract: config.toml, metrics.jsonl, summary.json,
+checkpoint/ (and older checkpoints beside it), plus the ``.clipft-run`` marker.
+
+No command deletes what is not clipft's. A directory counts as a clipft run
+when it holds the marker (written when a run starts, listing every entry the
+run created) or a clipft checkpoint. ``--overwrite`` replaces only such a run,
+and only when every entry in it is one the run created; anything else is
+refused with a list of what is there.
+
+``--overwrite`` keeps the old run until the new one has a checkpoint: the old
+run is moved to a hidden sibling (``.NAME.clipft-previous``), the new run starts
+in its place, and the sibling is removed when the new run writes its first
+checkpoint. If the new run fails before that, the old run is moved back. (Why
+not build the new run beside the old one and swap at the first checkpoint:
+callbacks hold paths into the run directory from the start, and a swap would
+move their files from under them.) After a ``kill -9`` before the first
+checkpoint, the old run is still in the sibling, and the next command on that
+directory says how to get it back.
+"""
 from __future__ import annotations
 
 import json
@@ -7,35 +25,125 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
+from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, fsync_dir, newest_complete
 from clipft.errors import ClipftUsageError
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint")
+MARKER = ".clipft-run"
+MARKER_FORMAT = "clipft-run"
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", CURRENT, MARKER)
 
 
-def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+def _is_run_entry(name: str) -> bool:
+    return name in RUN_FILES or name.startswith((STEP_PREFIX, TMP_PREFIX)) or name.startswith(".") and \
+        name.endswith(".tmp")
+
+
+def read_marker(path: Path) -> Optional[dict]:
+    try:
+        m = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return m if isinstance(m, dict) and m.get("format") == MARKER_FORMAT else None
+
+
+def is_clipft_run(path: Path) -> bool:
+    return read_marker(path) is not None or newest_complete(path)[0] is not None
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries of ``path`` that its clipft run did not create."""
+    marker = read_marker(path) or {}
+    ours = set(marker.get("entries", ()))
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in ours and not _is_run_entry(p.name))
+
+
+def backup_of(path: Path) -> Path:
+    return path.parent / f".{path.name}.clipft-previous"
+
+
+def _listing(path: Path, limit: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def check_out_dir(path: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that a run would clobber; explain what to do."""
+    path = Path(path)
+    backup = backup_of(path)
+    if backup.exists() and newest_complete(path)[0] is None:
+        raise ClipftUsageError(
+            f"--out {path}: an earlier --overwrite of this directory was interrupted before the new "
+            f"run's first checkpoint; the previous run is kept in {backup}. Restore it with "
+            f"`rm -rf {path} && mv {backup} {path}`, or remove it with `rm -rf {backup}`")
     if path.exists() and not path.is_dir():
         raise ClipftUsageError(f"--out {path} exists and is not a directory")
-    if holds_run(path) and not overwrite:
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not is_clipft_run(path):
+        raise ClipftUsageError(
+            f"--out {path} is not empty and is not a clipft run ({_listing(path)}); "
+            "clipft will not write into it. Choose another directory")
+    if newest_complete(path)[0] is None and not foreign_entries(path):
+        return   # a run that died before its first checkpoint: nothing to lose, reuse it
+    if not overwrite:
         raise ClipftUsageError(
             f"--out {path} already holds a run; choose another directory, "
             "pass --overwrite to replace it, or --resume it")
+    foreign = foreign_entries(path)
+    if foreign:
+        raise ClipftUsageError(
+            f"--overwrite: {path} holds a clipft run but also files the run did not create "
+            f"({', '.join(foreign[:8])}); move them out first, clipft will not delete them")
 
 
-def start_run_dir(path: Path, overwrite: bool) -> None:
-    check_out_dir(path, overwrite)
-    path.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for f in RUN_FILES + ("checkpoint.tmp", "checkpoint.old"):
-            p = path / f
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+class RunDirectory:
+    """Creating the run directory, the marker, and the --overwrite backup."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.backup: Optional[Path] = None
+
+    def start(self, overwrite: bool) -> None:
+        """Only called once the run is fully built and validated."""
+        check_out_dir(self.path, overwrite)
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if newest_complete(self.path)[0] is not None:   # a finished or checkpointed run: keep it aside
+                self.backup = backup_of(self.path)
+                os.replace(self.path, self.backup)
+            else:   # died before its first checkpoint: only clipft's own files are left
+                for p in self.path.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.abandon()
+            raise ClipftUsageError(f"cannot write to {self.path}: {exc.strerror or exc}") from exc
+        self.record()
+
+    def record(self) -> None:
+        """(Re)write the marker: every entry the run has created so far."""
+        entries = sorted({p.name for p in self.path.iterdir()} | {MARKER})
+        write_atomic(self.path / MARKER, json.dumps(
+            {"format": MARKER_FORMAT, "version": 1, "entries": entries}))
+
+    def committed(self) -> None:
+        """The new run has a checkpoint: the replaced run can go."""
+        self.record()
+        if self.backup is not None:
+            shutil.rmtree(self.backup, ignore_errors=True)
+            self.backup = None
+            fsync_dir(self.path.parent)
+
+    def abandon(self) -> None:
+        """The new run failed before its first checkpoint: put the old one back."""
+        if self.backup is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self.backup, self.path)
+        self.backup = None
 
 
 def default_run_dir(model: str, strategies) -> Path:
@@ -48,6 +156,8 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,3 +168,25 @@ def write_atomic(path: Path, text: str) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def truncate_lines(path: Path, keep: int) -> int:
+    """Keep the first ``keep`` lines of ``path`` (rows written after a
+    checkpoint are replayed by the resumed run); returns how many were dropped."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return 0
+    if len(lines) <= keep:
+        return 0
+    write_atomic(path, b"".join(lines[:keep]).decode())
+    return len(lines) - keep

@@ -1,28 +1,34 @@
-"""A training session: the run directory, resume, the observers of the loop,
-and the summary.
+"""A training session: the run directory, resume, signals, the callbacks of
+the loop, and the summary.
 
 ``execute`` validates and builds everything (:func:`prepare`) before it touches
-the run directory, then trains with three observers of the loop's events: the
-progress reporter, the ``metrics.jsonl`` writer and the checkpointer.
+the run directory, then trains with the callbacks: the progress reporter, the
+``metrics.jsonl`` writer, the plugins' callbacks and the checkpoints (at every
+epoch end, every ``--checkpoint-every`` steps or minutes, and when a SIGTERM or
+Ctrl-C stops the run).
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 import attrs
 
 from clipft import __version__
-from clipft.config import RunConfig, dumps_toml
+from clipft.config import RunConfig, dumps_toml, parse_every
 from clipft.engine import rundir
-from clipft.engine.checkpoint import Checkpointer
 from clipft.callbacks import Callback, CheckpointView, RunView
 from clipft.engine.callbacks import CallbackHost
-from clipft.engine.loop import LoopState, train
+from clipft.engine.checkpoint import Checkpointer, newest_complete
+from clipft.engine.loop import LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
-from clipft.errors import ClipftUsageError
+from clipft.errors import ClipftUsageError, RunInterrupted
 from clipft.options import ComponentRef, options_to_dict
 
 
@@ -41,34 +47,100 @@ def peak_rss_mb() -> float:
 
 
 class MetricsLog(Callback):
-    """``metrics.jsonl``: one row per logged optimizer step and per evaluation."""
+    """``metrics.jsonl``: one row per logged optimizer step and per evaluation.
+    ``rows`` is saved with each checkpoint, so a resume drops the rows written
+    after it (the resumed run writes them again)."""
 
     def __init__(self, path: Path, log_every: int):
         self.path, self.log_every = path, log_every
+        self.rows = rundir.count_lines(path)
+
+    def _append(self, row: dict) -> None:
+        rundir.append_jsonl(self.path, row)
+        self.rows += 1
 
     def on_step_end(self, s) -> None:
         if s.stepped and (s.step % self.log_every == 0 or s.batch == s.n_batches):
-            rundir.append_jsonl(self.path, {
-                "type": "step", "epoch": s.epoch, "step": s.step, "loss": s.loss,
-                "lr": s.lr, "samples_per_s": s.samples_per_s, **s.terms})
+            self._append({"type": "step", "epoch": s.epoch, "step": s.step, "loss": s.loss,
+                          "lr": s.lr, "samples_per_s": s.samples_per_s, **s.terms})
 
     def on_eval(self, ev) -> None:
         row = {"type": "eval", "epoch": ev.epoch}
         if ev.train_loss is not None:
             row["train_loss"] = ev.train_loss
-        rundir.append_jsonl(self.path, {**row, **ev.metrics})
+        self._append({**row, **ev.metrics})
 
 
-class EpochCheckpoints(Callback):
-    """A checkpoint at the end of every epoch, announced with ``on_checkpoint``."""
+class Checkpoints(Callback):
+    """Checkpoints at every epoch end and on the ``--checkpoint-every``
+    schedule (optimizer steps or minutes of training), each announced with
+    ``on_checkpoint``. The first one commits an ``--overwrite`` (the replaced
+    run is removed only then)."""
 
-    def __init__(self, checkpointer: Checkpointer, state: LoopState, host: CallbackHost):
-        self.checkpointer, self.state, self.host = checkpointer, state, host
+    def __init__(self, checkpointer: Checkpointer, state: LoopState, host: CallbackHost,
+                 metrics: MetricsLog, every: str = "epoch", directory=None):
+        self.checkpointer, self.state, self.host, self.metrics = checkpointer, state, host, metrics
+        self.every = parse_every(every)
+        self.directory = directory
+        self._t_last = time.monotonic()
+
+    def _due(self) -> bool:
+        kind, n = self.every
+        if kind == "steps":
+            return self.state.step % n == 0
+        if kind == "minutes":
+            return time.monotonic() - self._t_last >= 60.0 * n
+        return False
+
+    def on_step_end(self, s) -> None:
+        if s.stepped and s.batch < s.n_batches and self._due():
+            self.save()
 
     def on_epoch_end(self, epoch) -> None:
-        self.checkpointer.save(self.state.epoch, self.state.step, self.state.history)
-        self.host.fire("on_checkpoint", CheckpointView(self.checkpointer.run_dir / "checkpoint",
-                                                       self.state.epoch, self.state.step))
+        self.save()
+
+    def save(self) -> None:
+        st = self.state
+        if self.checkpointer.last_saved == (st.step, st.epoch, st.batch):
+            return
+        folder = self.checkpointer.save(st.counters(), st.history, {"metrics_rows": self.metrics.rows})
+        self._t_last = time.monotonic()
+        if self.directory is not None:
+            self.directory.committed()
+        self.host.fire("on_checkpoint", CheckpointView(folder, st.epoch, st.step))
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) ask training to stop after the current
+    optimizer step (the session then checkpoints and exits 143 / 130); a second
+    signal exits at once. Installed only in the main thread."""
+
+    CODES = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+    def __init__(self):
+        self.received = None
+        self._saved = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.CODES:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.received is not None:   # the second one: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = self.CODES[signum]
+
+    def __call__(self):
+        return self.received[0] if self.received else None
 
 
 def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> RunView:
@@ -86,11 +158,10 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> Ru
         skipped=tuple(str(p) for p, _ in run.bundle.skipped))
 
 
-def build_summary(run: PreparedRun, state: LoopState, out_dir: Path, prior: Optional[dict] = None) -> dict:
+def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     total, trainable = run.param_counts
     history = state.history
-    seconds = state.seconds + (prior or {}).get("seconds", 0.0)
-    samples = state.samples + (prior or {}).get("samples", 0)
+    seconds, samples = state.seconds, state.samples
     res = run.resolved
     summary = {
         "clipft_version": __version__,
@@ -160,38 +231,70 @@ def config_for_dir(config: RunConfig, out_dir: Path) -> str:
 def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     t = run.trainer
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
-                        t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates)
+                        t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
+                        keep=run.config.keep_checkpoints)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
-                  checkpoints: Optional[Checkpointer] = None, callbacks=(), warn=None) -> CallbackHost:
-    """The run's observers: ``progress`` (a reporter from :mod:`clipft.progress`),
-    ``metrics.jsonl`` and epoch checkpoints (required), then ``callbacks``
-    (``[(name, Callback, required)]``, from plugins)."""
+                  checkpoints: Optional[Checkpointer] = None, callbacks=(), warn=None,
+                  directory=None) -> CallbackHost:
+    """The run's callbacks: ``progress`` (a reporter from :mod:`clipft.progress`),
+    ``metrics.jsonl`` and the checkpoints (the engine's own), with ``callbacks``
+    (``[(name, Callback, required)]``, from plugins) before the checkpoints, so
+    that ``on_checkpoint`` follows every ``on_epoch_end``."""
     from clipft.progress import Silent
 
     host = CallbackHost(warn=warn)
     host.add("progress", progress or Silent(), builtin=True)
-    host.add("metrics", MetricsLog(Path(out_dir) / "metrics.jsonl", run.config.log_every), builtin=True)
+    metrics = MetricsLog(Path(out_dir) / "metrics.jsonl", run.config.log_every)
+    host.add("metrics", metrics, builtin=True)
     for name, cb, required in callbacks:
         host.add(name, cb, required)
-    # last, so that on_checkpoint follows every callback's on_epoch_end
-    host.add("checkpoint", EpochCheckpoints(checkpoints or checkpointer_for(run, out_dir), state, host),
-             builtin=True)
+    host.add("checkpoint", Checkpoints(checkpoints or checkpointer_for(run, out_dir), state, host, metrics,
+                                       run.config.checkpoint_every, directory), builtin=True)
     return host
 
 
 def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[LoopState] = None,
-              checkpoints: Optional[Checkpointer] = None, host: Optional[CallbackHost] = None) -> LoopState:
+              checkpoints: Optional[Checkpointer] = None, host: Optional[CallbackHost] = None,
+              stop=lambda: None) -> LoopState:
     """Train a prepared run into ``out_dir``, firing the callbacks' events."""
     state = state or LoopState()
     host = host or callback_host(run, out_dir, state, progress, checkpoints)
-    return train(run.trainer, run.config.epochs, state, run.evaluate, host)
+    return train(run.trainer, run.config.epochs, state, run.evaluate, host, stop)
+
+
+def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress) -> LoopState:
+    folder, _ = newest_complete(out_dir)
+    if folder is None:
+        raise ClipftUsageError(
+            f"--resume {out_dir}: nothing to resume, the run stopped before its first checkpoint; "
+            f"run it again without --resume (the directory is reused as it is)")
+    if folder.name != "checkpoint":
+        getattr(progress, "warn", lambda m: None)(
+            f"{out_dir}/checkpoint is missing or incomplete; resuming from {folder.name}, "
+            "the newest complete checkpoint")
+    saved = checkpoints.restore(folder)
+    loop = saved.get("loop")
+    if loop is None:   # written before step checkpoints: epoch boundaries, counters in summary.json
+        old = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
+        loop = {"epoch": saved["epoch"], "step": saved["global_step"],
+                "samples": old.get("train", {}).get("samples", 0),
+                "seconds": old.get("train", {}).get("seconds", 0.0)}
+    state = LoopState(**loop, history=saved["history"], restore_rng=saved["restore_rng"])
+    if state.epoch >= run.config.epochs:
+        raise ClipftUsageError(
+            f"the run in {out_dir} already finished {state.epoch} epoch(s); "
+            f"pass --epochs N with N > {state.epoch} to continue it")
+    if "metrics_rows" in saved:
+        rundir.truncate_lines(out_dir / "metrics.jsonl", saved["metrics_rows"])
+    return state
 
 
 def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = None,
             overwrite: bool = False, resume: Optional[Path] = None) -> dict:
     """Run (or resume) a training run; returns the summary dict."""
+    directory = None
     if resume is not None:
         out_dir = Path(resume)
     else:
@@ -199,27 +302,44 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         rundir.check_out_dir(out_dir, overwrite)
     run = prepare(config, registry)
     checkpoints = checkpointer_for(run, out_dir)
-    state, prior = LoopState(), None
     if resume is not None:
-        saved = checkpoints.restore()
-        state = LoopState(epoch=saved["epoch"], step=saved["global_step"], history=saved["history"])
-        old = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
-        prior = {"seconds": old.get("train", {}).get("seconds", 0.0),
-                 "samples": old.get("train", {}).get("samples", 0)}
-        if state.epoch >= config.epochs:
-            raise ClipftUsageError(
-                f"the run in {out_dir} already finished {state.epoch} epoch(s); "
-                f"pass --epochs N with N > {state.epoch} to continue it")
+        state = _resume_state(run, out_dir, checkpoints, progress)
     else:
         # everything is validated and built: only now touch the run directory
-        rundir.start_run_dir(out_dir, overwrite)
-    rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
-    host = callback_host(run, out_dir, state, progress, checkpoints, warn=getattr(progress, "warn", None))
-    host.fire("on_run_start", run_view(run, out_dir, state.epoch))
-    state = train_run(run, out_dir, state=state, host=host)
-    summary = build_summary(run, state, out_dir, prior)
+        state = LoopState()
+        directory = rundir.RunDirectory(out_dir)
+        directory.start(overwrite)
+    try:
+        rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
+        host = callback_host(run, out_dir, state, progress, checkpoints, warn=getattr(progress, "warn", None),
+                             directory=directory)
+        host.fire("on_run_start", run_view(run, out_dir, state.epoch))
+        with StopSignals() as stop:
+            try:
+                state = train_run(run, out_dir, state=state, host=host, stop=stop)
+            except StopTraining as stopped:
+                _stop(host, stopped, out_dir, stop.received)
+    except BaseException:
+        if directory is not None:
+            directory.abandon()   # a no-op once the new run has a checkpoint
+        raise
+    summary = build_summary(run, state, out_dir)
     if host.failures:
         summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
     rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if directory is not None:
+        directory.record()
     host.fire("on_run_end", summary)
     return summary
+
+
+def _stop(host: CallbackHost, stopped: StopTraining, out_dir: Path, received) -> None:
+    """A stop request: checkpoint where the loop stopped, say how to resume, exit."""
+    name, code = received
+    checkpoint = next(e.callback for e in host.entries if e.name == "checkpoint")
+    checkpoint.save()
+    st = stopped.state
+    where = f"epoch {st.epoch + 1}, batch {st.batch}" if st.batch else f"the end of epoch {st.epoch}"
+    raise RunInterrupted(
+        f"{name}: stopped after optimizer step {st.step} ({where}) and saved a checkpoint; "
+        f"resume with: clipft run --resume {out_dir}", code)
