@@ -174,6 +174,8 @@ def run_options(fn):
                      help="Step checkpoints every N optimizer steps or N minutes (default 30m), "
                           "besides one per epoch."),
         click.option("--keep-checkpoints", type=int, help="Checkpoints to keep (default 1)."),
+        click.option("--skip-nonfinite", type=int, metavar="N",
+                     help="Skip up to N steps whose loss is NaN/inf instead of stopping (default 0)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -188,7 +190,7 @@ FLAG_TO_FIELD = {
     "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
     "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
     "compile": "compile", "trim_text": "trim_text", "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints",
+    "keep_checkpoints": "keep_checkpoints", "skip_nonfinite": "skip_nonfinite",
 }
 
 

@@ -116,6 +116,8 @@ class RunConfig:
     checkpoint_every: str = attrs.field(default="30m", converter=str, validator=lambda i, a, v: parse_every(v))
     #: checkpoints kept: the newest in checkpoint/, older ones beside it
     keep_checkpoints: int = attrs.field(default=1, validator=_positive)
+    #: skip up to N optimizer steps whose loss is NaN/inf instead of stopping (0: stop at the first)
+    skip_nonfinite: int = attrs.field(default=0, validator=_non_negative)
     out: Optional[str] = None
 
     def resolved_lr(self, default: float) -> float:

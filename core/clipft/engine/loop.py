@@ -34,13 +34,16 @@ class LoopState:
     epoch_loss: float = 0.0
     epoch_seen: int = 0
     epoch_seconds: float = 0.0
+    #: optimizer steps skipped because their loss was not finite (--skip-nonfinite)
+    skipped_nonfinite: int = 0
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
 
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
-                                               "batch", "epoch_loss", "epoch_seen", "epoch_seconds")}
+                                               "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
+                                               "skipped_nonfinite")}
 
 
 class StopTraining(Exception):
@@ -96,6 +99,8 @@ class Trainer:
     needs_text: bool
     grad_accum: int = 1
     grad_clip: float = 0.0
+    #: optimizer steps with a non-finite loss that may be skipped before the run stops
+    skip_nonfinite: int = 0
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -166,8 +171,19 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             with t.autocast():
                 total, terms = loss_total(t.loss(t.record(batch)))
             if not torch.isfinite(total):
-                raise ClipftError(f"loss became {float(total)} at epoch {epoch + 1}, batch {i + 1}; "
-                                  "lower --lr or use --precision fp32")
+                if state.skipped_nonfinite >= t.skip_nonfinite:
+                    skipped = (f" (after skipping {state.skipped_nonfinite} such steps)"
+                               if state.skipped_nonfinite else "")
+                    raise ClipftError(
+                        f"loss became {float(total.detach())} at epoch {epoch + 1}, batch {i + 1}{skipped}; "
+                        "lower --lr, use --precision fp32, or --skip-nonfinite N to skip such steps "
+                        "(the last checkpoint is intact)")
+                # drop the whole optimizer step this micro-batch belongs to
+                state.skipped_nonfinite += 1
+                state.batch = i + 1
+                t.optimizer.zero_grad(set_to_none=True)
+                pending = 0
+                continue
             scaled = total / t.grad_accum
             (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
             pending += 1

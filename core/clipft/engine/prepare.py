@@ -180,5 +180,5 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
             scaler=grad_scaler(device, config.precision),
             params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
             needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
-            grad_clip=config.grad_clip)
+            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite)
     return run

@@ -196,6 +196,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "samples_per_s": samples / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
             "final_loss": state.last_loss,
+            "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
         },
         "eval": {
