@@ -10,15 +10,12 @@ from pathlib import Path
 
 import click
 
-from clipft import __version__
+from clipft import __version__, kinds
 from clipft.errors import ClipftError, ClipftUsageError
 
-KIND_ALIASES = {
-    "strategy": "strategy", "strategies": "strategy",
-    "loss": "loss", "losses": "loss",
-    "head": "head", "heads": "head",
-    "data": "data", "data-source": "data", "data-sources": "data", "datasource": "data",
-}
+#: every spelling ``clipft describe`` accepts for a kind -> the kind's name
+#: (derived from the table in clipft.kinds)
+KIND_ALIASES = kinds.aliases()
 
 
 def _err(msg: str) -> None:
@@ -97,18 +94,16 @@ def plugins_cmd(ctx, as_json):
             console.print(f"[red]{r['distribution']}[/] ({r['name']}) failed: {r['error']}")
 
 
-@cli.command("describe")
+@cli.command("describe",
+             help=f"Show the options of a component: KIND is {kinds.human_list()}.")
 @click.argument("kind")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @guarded
 def describe_cmd(ctx, kind, name, as_json):
-    """Show the options of a component: KIND is strategy, loss, head or data."""
     from clipft.options import describe_options
-    k = KIND_ALIASES.get(kind.lower())
-    if k is None:
-        raise ClipftUsageError(f"unknown kind '{kind}'; use one of strategy, loss, head, data")
+    k = kinds.lookup(kind).name
     reg = _registry(ctx)
     spec = reg.get(k, name)
     rows = describe_options(spec)

@@ -19,19 +19,18 @@ from typing import Iterable, Optional
 import attrs
 import pluggy
 
-from clipft import hookspecs
+from clipft import hookspecs, kinds
 from clipft.errors import ClipftUsageError, PluginConflictError
-from clipft.specs import KINDS, SPEC_BY_KIND
 
 ENTRY_POINT_GROUP = "clipft"
 DISABLE_ENV = "CLIPFT_DISABLE_PLUGINS"
 
-HOOK_BY_KIND = {
-    "strategy": "clipft_register_strategies",
-    "loss": "clipft_register_losses",
-    "head": "clipft_register_heads",
-    "data": "clipft_register_data_sources",
-}
+
+def __getattr__(name):
+    # The older kind -> hook mapping, derived from the table in clipft.kinds.
+    if name == "HOOK_BY_KIND":
+        return {k.name: k.hook for k in kinds.KINDS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @attrs.define
@@ -43,7 +42,7 @@ class PluginRecord:
     version: str
     status: str = "active"  # active | failed | disabled
     error: Optional[str] = None
-    provides: dict = attrs.field(factory=lambda: {k: [] for k in KINDS})
+    provides: dict = attrs.field(factory=lambda: {k: [] for k in kinds.kind_names()})
 
     def to_json(self) -> dict:
         return {
@@ -81,7 +80,8 @@ class Registry:
         self._use_entry_points = entry_points
         self._loaded = False
         self.records: list[PluginRecord] = []
-        self.components: dict[str, dict[str, tuple[object, PluginRecord]]] = {k: {} for k in KINDS}
+        self.components: dict[str, dict[str, tuple[object, PluginRecord]]] = {
+            k: {} for k in kinds.kind_names()}
 
     # -- loading -----------------------------------------------------------
     def load(self) -> "Registry":
@@ -129,19 +129,16 @@ class Registry:
 
     def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord) -> None:
         staged: list[tuple[str, object]] = []
-        for kind, hook_name in HOOK_BY_KIND.items():
-            hook = getattr(pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
+        for kind in kinds.KINDS:
+            for impl in getattr(pm.hook, kind.hook).get_hookimpls():
                 if impl.plugin is not obj:
                     continue
-                spec_cls = SPEC_BY_KIND[kind]
 
-                def register(spec, _kind=kind, _cls=spec_cls):
-                    if not isinstance(spec, _cls):
-                        raise TypeError(
-                            f"{hook_name} expects {_cls.__name__} objects, got {type(spec).__name__}"
-                        )
-                    staged.append((_kind, spec))
+                def register(spec, _kind=kind):
+                    if not isinstance(spec, _kind.spec):
+                        raise TypeError(f"{_kind.hook} expects {_kind.spec.__name__} objects, "
+                                        f"got {type(spec).__name__}")
+                    staged.append((_kind.name, spec))
 
                 try:
                     impl.function(register=register)
@@ -165,10 +162,11 @@ class Registry:
     # -- lookup ------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         self.load()
-        return sorted(self.components[kind])
+        return sorted(self.components[kinds.lookup(kind).name])
 
     def get(self, kind: str, name: str):
         self.load()
+        kind = kinds.lookup(kind).name
         hit = self.components[kind].get(name)
         if hit is None:
             available = ", ".join(self.names(kind)) or "(none installed)"
@@ -186,4 +184,4 @@ class Registry:
 
     def distribution_of(self, kind: str, name: str) -> str:
         self.load()
-        return self.components[kind][name][1].distribution
+        return self.components[kinds.lookup(kind).name][name][1].distribution
