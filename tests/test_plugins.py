@@ -190,3 +190,18 @@ def test_in_process_plugin_conflicting_with_entry_point_is_reported():
 
     with pytest.raises(PluginConflictError, match="<in-process:Dup>"):
         Registry(plugins=[Dup()]).load()
+
+
+def test_entry_point_plugin_with_a_misspelt_hook_is_failed(site, invoke):
+    make_dist(site, "clipft-typo", "clipft_typo",
+              STRATEGY_SRC.format(name="typo").replace("def clipft_register_strategies",
+                                                       "def clipft_register_strategy"))
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert rows["clipft-typo"]["status"] == "failed"
+    assert "'clipft_register_strategy' is not a clipft hook" in rows["clipft-typo"]["error"]
+    assert "did you mean 'clipft_register_strategies'?" in rows["clipft-typo"]["error"]
+    assert rows["clipft-full"]["status"] == "active"
+    r = invoke("plugins")
+    assert "clipft_register_strategy" in r.stderr and "failed" in r.stderr

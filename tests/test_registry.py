@@ -107,3 +107,62 @@ def test_plugins_command_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["plugins"]
     assert out.stderr.strip().splitlines()[-1] == "False"
+
+
+# -- hooks are verified per plugin --------------------------------------------------
+
+def strategy_spec(name):
+    from clipft import StrategySpec
+    return StrategySpec(name=name, summary="test", build=lambda o: None)
+
+
+class Good:
+    @hookimpl
+    def clipft_register_strategies(self, register):
+        register(strategy_spec("good"))
+
+
+class Typo:
+    @hookimpl
+    def clipft_register_strategy(self, register):  # the hook is ..._strategies
+        register(strategy_spec("typo"))
+
+    @hookimpl
+    def clipft_register_losses(self, register):
+        from clipft import LossSpec
+        register(LossSpec(name="typo-loss", summary="", build=lambda o: None))
+
+
+def test_misspelt_hook_fails_only_that_plugin_with_a_suggestion():
+    reg = Registry(plugins=[Typo(), Good()], entry_points=False).load()
+    typo, good = reg.records
+    assert typo.status == "failed"
+    assert "'clipft_register_strategy' is not a clipft hook" in typo.error
+    assert "did you mean 'clipft_register_strategies'?" in typo.error
+    assert "test_registry.py" in typo.error  # where the bad function is
+    assert good.status == "active" and good.provides["strategy"] == ["good"]
+    # nothing of the failed plugin is registered, its correct hooks included
+    assert reg.names("strategy") == ["good"] and reg.names("loss") == []
+    assert typo.to_json()["provides"] == {}
+
+
+def test_unknown_hook_without_close_match_lists_the_hooks():
+    class Odd:
+        @hookimpl
+        def frobnicate(self):
+            pass
+
+    rec = Registry(plugins=[Odd()], entry_points=False).load().records[0]
+    assert rec.status == "failed" and "'frobnicate' is not a clipft hook" in rec.error
+    assert all(k.hook in rec.error for k in kinds.KINDS)
+
+
+def test_optional_hook_of_a_newer_clipft_does_not_fail_the_plugin():
+    class Ahead(Good):
+        @hookimpl(optionalhook=True)
+        def clipft_register_gadgets(self, register):
+            pass
+
+    rec = Registry(plugins=[Ahead()], entry_points=False).load().records[0]
+    assert rec.status == "active", rec.error
+    assert rec.provides["strategy"] == ["good"]

@@ -11,6 +11,7 @@ a duplicate registration.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
 import os
 import traceback
@@ -66,6 +67,54 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+class UnknownHookError(Exception):
+    """A plugin marks a function ``@hookimpl`` whose name is no clipft hookspec."""
+
+
+def _where(fn) -> str:
+    code = getattr(fn, "__code__", None)
+    return f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, obj: object) -> list[str]:
+    """One message per ``@hookimpl`` of ``obj`` that matches no hookspec.
+
+    pluggy's ``check_pending()`` finds these for the whole manager at once; asking
+    per plugin lets one bad plugin fail alone. ``@hookimpl(optionalhook=True)``
+    opts out, as it does for ``check_pending()``.
+    """
+    known = sorted(name for name in vars(pm.hook) if not name.startswith("_")
+                   and getattr(pm.hook, name).has_spec())
+    problems = []
+    for caller in pm.get_hookcallers(obj) or []:
+        if caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not obj or impl.optionalhook:
+                continue
+            guess = difflib.get_close_matches(caller.name, known, n=1)
+            hint = (f"did you mean '{guess[0]}'?" if guess
+                    else f"clipft hooks are {', '.join(known)}")
+            problems.append(f"'{caller.name}' is not a clipft hook ({hint}){_where(impl.function)}")
+    return problems
+
+
+def _register(pm: pluggy.PluginManager, obj: object, name: str) -> None:
+    """Register ``obj``, or raise (with ``obj`` left unregistered) when pluggy
+    rejects it or it implements a hook that does not exist (a misspelt hook
+    would otherwise register nothing, silently)."""
+    pm.register(obj, name=name)
+    problems = _unknown_hooks(pm, obj)
+    if problems:
+        pm.unregister(obj)
+        raise UnknownHookError("; ".join(problems))
+
+
+def _error_text(exc: BaseException) -> str:
+    # our own message already says where; a traceback frame in this file would not help
+    return str(exc) if isinstance(exc, UnknownHookError) else _short_error(exc)
+
+
 class Registry:
     """Loads plugins and indexes their components by kind and name."""
 
@@ -103,9 +152,9 @@ class Registry:
                     continue
                 try:
                     obj = ep.load()
-                    pm.register(obj, name=f"{dist}:{ep.name}")
+                    _register(pm, obj, name=f"{dist}:{ep.name}")
                 except Exception as exc:  # a broken plugin must not break the rest
-                    rec.status, rec.error = "failed", _short_error(exc)
+                    rec.status, rec.error = "failed", _error_text(exc)
                     continue
                 pending.append((obj, rec))
 
@@ -117,9 +166,9 @@ class Registry:
                 rec.status = "disabled"
                 continue
             try:
-                pm.register(obj, name=f"in-process:{i}:{name}")
+                _register(pm, obj, name=f"in-process:{i}:{name}")
             except Exception as exc:
-                rec.status, rec.error = "failed", _short_error(exc)
+                rec.status, rec.error = "failed", _error_text(exc)
                 continue
             pending.append((obj, rec))
 
