@@ -205,3 +205,48 @@ def test_entry_point_plugin_with_a_misspelt_hook_is_failed(site, invoke):
     assert rows["clipft-full"]["status"] == "active"
     r = invoke("plugins")
     assert "clipft_register_strategy" in r.stderr and "failed" in r.stderr
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("import sys\nsys.exit(3)", "SystemExit: 3"),
+    ("raise SystemExit('no GPU, bye')", "SystemExit: no GPU, bye"),
+    ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+], ids=["sys.exit", "SystemExit", "KeyboardInterrupt"])
+def test_plugin_that_exits_or_interrupts_at_import_is_contained(site, invoke, source, needle):
+    make_dist(site, "clipft-quitter", "clipft_quitter", source)
+    rec = next(r for r in Registry().load().records if r.distribution == "clipft-quitter")
+    assert rec.status == "failed" and needle in rec.error and "clipft_quitter.py" in rec.error
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert rows["clipft-quitter"]["status"] == "failed"
+    assert rows["clipft-full"]["status"] == "active"
+    assert invoke("describe", "strategy", "full").exit_code == 0
+
+
+def test_plugin_hook_that_exits_is_contained(site):
+    make_dist(site, "clipft-hookexit", "clipft_hookexit", """
+    import sys
+    from clipft import hookimpl
+    @hookimpl
+    def clipft_register_strategies(register):
+        sys.exit("refusing")
+    """)
+    reg = Registry().load()
+    rec = next(r for r in reg.records if r.distribution == "clipft-hookexit")
+    assert rec.status == "failed" and "SystemExit: refusing" in rec.error
+    assert "full" in reg.names("strategy")
+
+
+def test_a_real_ctrl_c_while_plugins_load_still_stops_the_command(site):
+    import signal
+    make_dist(site, "clipft-slow", "clipft_slow", """
+    import os, signal
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C during a slow import
+    for _ in range(1000):
+        pass
+    """)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Registry().load()
+    assert signal.getsignal(signal.SIGINT) is before

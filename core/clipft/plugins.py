@@ -14,6 +14,8 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
+import signal
+import threading
 import traceback
 from typing import Iterable, Optional
 
@@ -64,7 +66,48 @@ def disabled_from_env() -> set[str]:
 def _short_error(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    text = str(exc)
+    return f"{type(exc).__name__}{': ' + text if text else ''}{where}"
+
+
+class _InterruptWatch:
+    """Tells a real Ctrl-C apart from a KeyboardInterrupt that plugin code raises.
+
+    Plugin code (its import, its hooks) is contained: any exception it raises,
+    ``SystemExit`` and ``KeyboardInterrupt`` included, fails that plugin only. The
+    one exception is a SIGINT really delivered to this process while the plugins
+    load: the user wants the command to stop, so it propagates. While active this
+    wraps the SIGINT handler to note delivery. Signals reach only the main thread,
+    so elsewhere (or when SIGINT is ignored or default) any KeyboardInterrupt is the
+    plugin's own.
+    """
+
+    def __init__(self):
+        self.delivered = False
+        self._previous = None
+
+    def __enter__(self) -> "_InterruptWatch":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):
+            return self
+
+        def note_and_forward(signum, frame):
+            self.delivered = True
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, note_and_forward)
+        self._previous = previous
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def is_host_interrupt(self, exc: BaseException) -> bool:
+        return isinstance(exc, KeyboardInterrupt) and self.delivered
 
 
 class UnknownHookError(Exception):
@@ -137,6 +180,11 @@ class Registry:
         if self._loaded:
             return self
         self._loaded = True
+        with _InterruptWatch() as watch:
+            self._load(watch)
+        return self
+
+    def _load(self, watch: _InterruptWatch) -> None:
         pm = pluggy.PluginManager(hookspecs.PROJECT)
         pm.add_hookspecs(hookspecs)
         pending: list[tuple[object, PluginRecord]] = []
@@ -153,7 +201,9 @@ class Registry:
                 try:
                     obj = ep.load()
                     _register(pm, obj, name=f"{dist}:{ep.name}")
-                except Exception as exc:  # a broken plugin must not break the rest
+                except BaseException as exc:  # a broken plugin must not break the rest
+                    if watch.is_host_interrupt(exc):
+                        raise
                     rec.status, rec.error = "failed", _error_text(exc)
                     continue
                 pending.append((obj, rec))
@@ -167,16 +217,18 @@ class Registry:
                 continue
             try:
                 _register(pm, obj, name=f"in-process:{i}:{name}")
-            except Exception as exc:
+            except BaseException as exc:
+                if watch.is_host_interrupt(exc):
+                    raise
                 rec.status, rec.error = "failed", _error_text(exc)
                 continue
             pending.append((obj, rec))
 
         for obj, rec in pending:
-            self._collect(pm, obj, rec)
-        return self
+            self._collect(pm, obj, rec, watch)
 
-    def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord) -> None:
+    def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord,
+                 watch: _InterruptWatch) -> None:
         staged: list[tuple[str, object]] = []
         for kind in kinds.KINDS:
             for impl in getattr(pm.hook, kind.hook).get_hookimpls():
@@ -191,7 +243,9 @@ class Registry:
 
                 try:
                     impl.function(register=register)
-                except Exception as exc:
+                except BaseException as exc:
+                    if watch.is_host_interrupt(exc):
+                        raise
                     rec.status, rec.error = "failed", _short_error(exc)
                     return
         # Only a plugin whose hooks all succeeded contributes components.
