@@ -123,23 +123,89 @@ def test_registering_a_wrong_spec_type_fails_the_plugin(site):
     assert rec.status == "failed" and "StrategySpec" in rec.error
 
 
-def test_two_distributions_registering_one_name_is_an_error_naming_both(site, invoke):
+def test_two_distributions_registering_one_name_fail_only_its_lookup(site, invoke, tmp_path):
     make_dist(site, "clipft-alpha", "clipft_alpha", STRATEGY_SRC.format(name="twin"))
-    make_dist(site, "clipft-beta", "clipft_beta", STRATEGY_SRC.format(name="twin"))
+    make_dist(site, "clipft-beta", "clipft_beta", STRATEGY_SRC.format(name="twin") + """
+    @hookimpl
+    def clipft_register_losses(register):
+        from clipft import LossSpec
+        register(LossSpec(name="beta-loss", summary="", build=lambda o: None))
+    """)
+    reg = Registry().load()  # loading is not fatal
     with pytest.raises(PluginConflictError) as exc:
-        Registry().load()
-    assert "clipft-alpha" in str(exc.value) and "clipft-beta" in str(exc.value)
+        reg.get("strategy", "twin")
+    msg = str(exc.value)
+    assert "'clipft-alpha' (clipft_alpha) and 'clipft-beta' (clipft_beta)" in msg
+    # beta was installed last: it is the one to disable; keeping beta is shown too
+    assert "disable the newer install with --disable-plugin clipft-beta " in msg
+    assert "to keep 'clipft-beta' instead: --disable-plugin clipft-alpha" in msg
+    with pytest.raises(PluginConflictError):
+        reg.distribution_of("strategy", "twin")
+    # the rest of both plugins, and everything else, still works
+    assert reg.distribution_of("loss", "beta-loss") == "clipft-beta"
+    assert reg.get("strategy", "full").name == "full"
+
+    assert invoke("--help").exit_code == 0
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    for dist, other in (("clipft-alpha", "clipft-beta"), ("clipft-beta", "clipft-alpha")):
+        assert rows[dist]["status"] == "active"
+        assert rows[dist]["provides"]["strategy"] == ["twin"]
+        assert rows[dist]["conflicts"] == [{"kind": "strategy", "name": "twin", "with": [other]}]
+    assert rows["clipft-full"]["conflicts"] == []
     r = invoke("plugins")
+    assert r.exit_code == 0
+    assert "twin (conflict)" in r.stderr
+    assert "conflict: strategy 'twin' is registered by two distributions" in r.stderr
+    r = invoke("describe", "strategy", "twin")
     assert r.exit_code == 2 and "clipft-alpha" in r.stderr and "clipft-beta" in r.stderr
-    # the remedy the message suggests works
-    reg = Registry(disabled=["clipft_beta"]).load()
-    assert reg.distribution_of("strategy", "twin") == "clipft-alpha"
+    r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "twin",
+               "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--disable-plugin clipft-beta" in r.stderr
+    # both remedies the message suggests work
+    assert Registry(disabled=["clipft-beta"]).load().distribution_of("strategy", "twin") == "clipft-alpha"
+    assert Registry(disabled=["clipft-alpha"]).load().distribution_of("strategy", "twin") == "clipft-beta"
+    r = invoke("--disable-plugin", "clipft-beta", "describe", "strategy", "twin")
+    assert r.exit_code == 0 and "clipft-alpha" in r.stderr
 
 
-def test_conflict_with_a_builtin_name(site):
+def test_conflict_with_a_builtin_suggests_disabling_the_newcomer(site, invoke):
+    # entry point "clipft_myfull" sorts (and loads) before the built-in "full": the
+    # suggestion must still not be to disable the built-in
     make_dist(site, "clipft-myfull", "clipft_myfull", STRATEGY_SRC.format(name="full"))
-    with pytest.raises(PluginConflictError, match="clipft-full.*clipft-myfull|clipft-myfull.*clipft-full"):
-        Registry().load()
+    reg = Registry().load()
+    with pytest.raises(PluginConflictError) as exc:
+        reg.get("strategy", "full")
+    msg = str(exc.value)
+    assert "clipft-full" in msg and "clipft-myfull" in msg
+    assert "disable the newer install with --disable-plugin clipft-myfull " in msg
+    assert "to keep 'clipft-myfull' instead: --disable-plugin clipft-full" in msg
+    r = invoke("plugins")
+    assert r.exit_code == 0 and "clipft-myfull" in r.stderr
+    r = invoke("--disable-plugin", "clipft-myfull", "describe", "strategy", "full")
+    assert r.exit_code == 0 and "(clipft-full)" in r.stderr
+
+
+def test_three_distributions_on_one_name():
+    import clipft
+    from clipft.specs import StrategySpec
+
+    def plugin(name):
+        class P:
+            @clipft.hookimpl
+            def clipft_register_strategies(self, register):
+                register(StrategySpec(name="same", summary=name, build=lambda o: None))
+        P.__name__ = name
+        return P()
+
+    reg = Registry(plugins=[plugin("one"), plugin("two"), plugin("three")], entry_points=False).load()
+    with pytest.raises(PluginConflictError) as exc:
+        reg.get("strategy", "same")
+    msg = str(exc.value)
+    assert "registered by 3 distributions" in msg
+    assert "--disable-plugin two --disable-plugin three" in msg
+    assert [c["with"] for c in reg.records[0].conflicts] == [["<in-process:two>", "<in-process:three>"]]
 
 
 def test_listing_plugins_does_not_import_torch():
@@ -188,8 +254,12 @@ def test_in_process_plugin_conflicting_with_entry_point_is_reported():
         def clipft_register_strategies(self, register):
             register(StrategySpec(name="full", summary="", build=lambda o: None))
 
-    with pytest.raises(PluginConflictError, match="<in-process:Dup>"):
-        Registry(plugins=[Dup()]).load()
+    reg = Registry(plugins=[Dup()]).load()
+    with pytest.raises(PluginConflictError, match="<in-process:Dup>") as exc:
+        reg.get("strategy", "full")
+    # the in-process plugin is the newcomer; it is disabled by its own name
+    assert "disable the newer install with --disable-plugin Dup " in str(exc.value)
+    assert Registry(plugins=[Dup()], disabled=["Dup"]).load().get("strategy", "full").summary
 
 
 def test_entry_point_plugin_with_a_misspelt_hook_is_failed(site, invoke):

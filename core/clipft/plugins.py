@@ -8,6 +8,12 @@ The core calls every hookimpl itself (rather than ``pm.hook.x()``) so that it
 knows which distribution registered which component, can report a plugin whose
 hook raises as ``failed`` without losing the others, and can name both sides of
 a duplicate registration.
+
+Containment: whatever a plugin does wrong (fails to import, exits or raises
+``KeyboardInterrupt`` there, implements a hook that does not exist, raises in a
+hook, registers the wrong spec type) fails that plugin only. A name registered
+by two distributions is recorded as a conflict on both records; it fails only a
+lookup of that name, so ``clipft plugins`` still shows what is installed.
 """
 from __future__ import annotations
 
@@ -46,6 +52,13 @@ class PluginRecord:
     status: str = "active"  # active | failed | disabled
     error: Optional[str] = None
     provides: dict = attrs.field(factory=lambda: {k: [] for k in kinds.kind_names()})
+    #: names this plugin provides that another distribution provides too:
+    #: ``{"kind", "name", "with": [other distributions]}``; looking one up fails
+    conflicts: list = attrs.field(factory=list)
+    #: the ``--disable-plugin`` value that blocks exactly this plugin's distribution
+    disable_as: str = attrs.field(default="", repr=False)
+    #: when its distribution was installed (dist-info mtime); None if unknown
+    installed_at: Optional[float] = attrs.field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {
@@ -55,7 +68,58 @@ class PluginRecord:
             "status": self.status,
             "error": self.error,
             "provides": {k: v for k, v in self.provides.items() if v},
+            "conflicts": [dict(c) for c in self.conflicts],
         }
+
+
+def _installed_at(dist) -> Optional[float]:
+    """The mtime of a distribution's metadata directory: when pip installed it.
+
+    ``importlib.metadata`` has no public accessor for that directory, so this
+    reads ``PathDistribution._path`` and gives up quietly elsewhere.
+    """
+    path = getattr(dist, "_path", None)
+    try:
+        return os.stat(path).st_mtime if path is not None else None
+    except (OSError, TypeError):
+        return None
+
+
+def _newest_last(owners: list["PluginRecord"], order: dict) -> list["PluginRecord"]:
+    """Owners of one name, the one installed first first.
+
+    Which side of a conflict is the newcomer? Sorting by entry-point name (the
+    load order) says nothing about it: ``clipft_myfull`` sorts before ``full``,
+    so "disable the second" would disable the built-in. The core has no list of
+    built-ins either (they are ordinary distributions). What does tell is install
+    time: a plugin that clashes was almost always installed after the working
+    set, built-ins included. So the newest install is the one to disable; ties and
+    unknown times (in-process plugins, which the embedding code adds on top of
+    the installed ones) fall back to load order. Both remedies are shown anyway.
+    """
+    inf = float("inf")
+    return sorted(owners, key=lambda r: (r.installed_at if r.installed_at is not None else inf,
+                                         order[id(r)]))
+
+
+def _disable_flags(recs) -> str:
+    return " ".join(f"--disable-plugin {r.disable_as}" for r in recs)
+
+
+def conflict_message(kind: str, name: str, owners: list["PluginRecord"]) -> str:
+    """Names every distribution registering ``kind`` ``name`` and how to pick one.
+
+    ``owners`` is ordered oldest install first (see :func:`_newest_last`)."""
+    both = "two" if len(owners) == 2 else str(len(owners))
+    who = " and ".join(f"'{r.distribution}' ({r.name})" for r in owners)
+    keep, newer = owners[0], owners[1:]
+    msg = (f"{kind} '{name}' is registered by {both} distributions: {who}. Uninstall one, "
+           f"or disable the newer install with {_disable_flags(newer)} "
+           f"(or {DISABLE_ENV}={','.join(r.disable_as for r in newer)})")
+    for other in newer:
+        rest = [r for r in owners if r is not other]
+        msg += f"; to keep '{other.distribution}' instead: {_disable_flags(rest)}"
+    return msg + "."
 
 
 def disabled_from_env() -> set[str]:
@@ -174,6 +238,8 @@ class Registry:
         self.records: list[PluginRecord] = []
         self.components: dict[str, dict[str, tuple[object, PluginRecord]]] = {
             k: {} for k in kinds.kind_names()}
+        #: (kind, name) -> every record registering it, oldest install first
+        self._conflicts: dict[tuple[str, str], list[PluginRecord]] = {}
 
     # -- loading -----------------------------------------------------------
     def load(self) -> "Registry":
@@ -193,7 +259,9 @@ class Registry:
             for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
                 dist = ep.dist.name if ep.dist is not None else "?"
                 version = ep.dist.version if ep.dist is not None else "?"
-                rec = PluginRecord(name=ep.name, distribution=dist, version=version)
+                rec = PluginRecord(name=ep.name, distribution=dist, version=version,
+                                   disable_as=dist if ep.dist is not None else ep.name,
+                                   installed_at=_installed_at(ep.dist))
                 self.records.append(rec)
                 if ep.name in self._disabled or dist in self._disabled:
                     rec.status = "disabled"
@@ -210,7 +278,8 @@ class Registry:
 
         for i, obj in enumerate(self._extra):
             name = getattr(obj, "__name__", None) or type(obj).__name__
-            rec = PluginRecord(name=name, distribution=f"<in-process:{name}>", version="-")
+            rec = PluginRecord(name=name, distribution=f"<in-process:{name}>", version="-",
+                               disable_as=name)
             self.records.append(rec)
             if name in self._disabled:
                 rec.status = "disabled"
@@ -226,6 +295,13 @@ class Registry:
 
         for obj, rec in pending:
             self._collect(pm, obj, rec, watch)
+
+        order = {id(r): i for i, r in enumerate(self.records)}
+        for (kind, name), owners in self._conflicts.items():
+            owners[:] = _newest_last(owners, order)
+            for rec in owners:
+                rec.conflicts.append({"kind": kind, "name": name, "with": [
+                    r.distribution for r in owners if r is not rec]})
 
     def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord,
                  watch: _InterruptWatch) -> None:
@@ -252,24 +328,35 @@ class Registry:
         for kind, spec in staged:
             existing = self.components[kind].get(spec.name)
             if existing is not None and existing[1] is not rec:
-                other = existing[1]
-                raise PluginConflictError(
-                    f"{kind} '{spec.name}' is registered by two distributions: "
-                    f"'{other.distribution}' ({other.name}) and '{rec.distribution}' ({rec.name}). "
-                    f"Uninstall one, or disable one with --disable-plugin {rec.name} "
-                    f"or {DISABLE_ENV}={rec.name}."
-                )
-            self.components[kind][spec.name] = (spec, rec)
-            rec.provides[kind].append(spec.name)
+                # Not fatal here: listing plugins (and every run that does not use
+                # this name) keeps working; looking the name up fails, naming both.
+                owners = self._conflicts.setdefault((kind, spec.name), [existing[1]])
+                if rec not in owners:
+                    owners.append(rec)
+            else:
+                self.components[kind][spec.name] = (spec, rec)
+            if spec.name not in rec.provides[kind]:
+                rec.provides[kind].append(spec.name)
 
     # -- lookup ------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         self.load()
         return sorted(self.components[kinds.lookup(kind).name])
 
+    def conflicts(self) -> dict:
+        """``(kind, name)`` -> the records that all register it, oldest install first."""
+        self.load()
+        return {key: list(owners) for key, owners in self._conflicts.items()}
+
+    def _check_unambiguous(self, kind: str, name: str) -> None:
+        owners = self._conflicts.get((kind, name))
+        if owners:
+            raise PluginConflictError(conflict_message(kind, name, owners))
+
     def get(self, kind: str, name: str):
         self.load()
         kind = kinds.lookup(kind).name
+        self._check_unambiguous(kind, name)
         hit = self.components[kind].get(name)
         if hit is None:
             available = ", ".join(self.names(kind)) or "(none installed)"
@@ -287,4 +374,6 @@ class Registry:
 
     def distribution_of(self, kind: str, name: str) -> str:
         self.load()
-        return self.components[kinds.lookup(kind).name][name][1].distribution
+        kind = kinds.lookup(kind).name
+        self._check_unambiguous(kind, name)
+        return self.components[kind][name][1].distribution
