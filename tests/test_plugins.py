@@ -320,3 +320,44 @@ def test_a_real_ctrl_c_while_plugins_load_still_stops_the_command(site):
     with pytest.raises(KeyboardInterrupt):
         Registry().load()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("dist,module,ep", [
+    ("clipft-foo", "clipft_foo", None),         # distribution clipft-X
+    ("acme-tuners", "acme_foo", "foo"),          # entry point X
+], ids=["distribution", "entry-point"])
+def test_unknown_name_of_a_failed_plugin_shows_its_error_not_pip_install(site, invoke, tmp_path,
+                                                                        dist, module, ep):
+    make_dist(site, dist, module, "raise ImportError('needs libfoo')", ep_name=ep)
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("strategy", "foo")
+    msg = str(exc.value)
+    assert "pip install" not in msg
+    assert f"failed to load: {dist}" in msg and "needs libfoo" in msg
+    r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "foo",
+               "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "needs libfoo" in r.stderr and "pip install" not in r.stderr
+
+
+def test_unknown_name_of_a_disabled_plugin_says_so():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry(disabled=["clipft-full"]).load().get("strategy", "full")
+    msg = str(exc.value)
+    assert "is disabled: clipft-full (full)" in msg and "pip install" not in msg
+
+
+def test_unknown_name_in_the_wrong_kind_points_at_the_right_one():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("loss", "lora")
+    msg = str(exc.value)
+    assert "clipft-lora is installed and provides strategy 'lora'" in msg
+    assert "pip install" not in msg
+
+
+def test_unknown_name_close_to_a_known_one_is_suggested():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("strategy", "last_n")
+    msg = str(exc.value)
+    assert "unknown strategy 'last_n' (did you mean 'last-n'?)" in msg
+    assert "clipft-last-n is installed and provides strategy 'last-n'" in msg
+    assert "pip install" not in msg

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
+import re
 import signal
 import threading
 import traceback
@@ -100,6 +101,21 @@ def _newest_last(owners: list["PluginRecord"], order: dict) -> list["PluginRecor
     inf = float("inf")
     return sorted(owners, key=lambda r: (r.installed_at if r.installed_at is not None else inf,
                                          order[id(r)]))
+
+
+def _normal(name: str) -> str:
+    """PEP 503-style: ``clipft_My.Plugin`` and ``clipft-my-plugin`` compare equal."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _names_plugin(component: str, rec: "PluginRecord") -> bool:
+    """Is ``rec`` the plugin a user would install for ``component``?
+    (entry-point or distribution name ``X``, ``clipft-X`` or ``clipft_X``)"""
+    want = _normal(component)
+    for have in (_normal(rec.name), _normal(rec.distribution)):
+        if want in (have, have.removeprefix("clipft-")):
+            return True
+    return False
 
 
 def _disable_flags(recs) -> str:
@@ -359,18 +375,43 @@ class Registry:
         self._check_unambiguous(kind, name)
         hit = self.components[kind].get(name)
         if hit is None:
-            available = ", ".join(self.names(kind)) or "(none installed)"
-            failed = [r for r in self.records if r.status == "failed"]
-            note = ""
-            if failed:
-                note = " Plugins that failed to load: " + ", ".join(
-                    f"{r.distribution} ({r.error})" for r in failed) + "."
-            raise ClipftUsageError(
-                f"unknown {kind} '{name}'. Available: {available}. "
-                f"Install a plugin that provides it (e.g. `pip install clipft-{name}`) "
-                f"and check `clipft plugins`.{note}"
-            )
+            raise ClipftUsageError(self._unknown_message(kind, name))
         return hit[0]
+
+    def _unknown_message(self, kind: str, name: str) -> str:
+        names = self.names(kind)
+        msg = f"unknown {kind} '{name}'"
+        guess = difflib.get_close_matches(name, names, n=1)
+        if guess:
+            msg += f" (did you mean '{guess[0]}'?)"
+        msg += f". Available: {', '.join(names) or '(none installed)'}."
+        # A plugin named after the component is installed: say what became of it
+        # rather than suggest installing it again.
+        named = [r for r in self.records if _names_plugin(name, r)]
+        failed = [r for r in named if r.status == "failed"]
+        disabled = [r for r in named if r.status == "disabled"]
+        active = [r for r in named if r.status == "active"]
+        if failed:
+            msg += " The plugin that should provide it failed to load: " + "; ".join(
+                f"{r.distribution} ({r.name}): {r.error}" for r in failed) + \
+                ". Fix or reinstall it; see `clipft plugins`."
+        elif disabled:
+            msg += " The plugin that should provide it is disabled: " + ", ".join(
+                f"{r.distribution} ({r.name})" for r in disabled) + \
+                f" (by --disable-plugin or {DISABLE_ENV})."
+        elif active:
+            msg += " " + "; ".join(
+                f"{r.distribution} is installed and provides " + (", ".join(
+                    f"{k} '{n}'" for k, v in r.provides.items() for n in v) or "nothing")
+                for r in active) + "."
+        else:
+            msg += (f" Install a plugin that provides it (e.g. `pip install clipft-{name}`) "
+                    "and check `clipft plugins`.")
+        others = [r for r in self.records if r.status == "failed" and r not in failed]
+        if others:
+            msg += " Plugins that failed to load: " + ", ".join(
+                f"{r.distribution} ({r.error})" for r in others) + "."
+        return msg
 
     def distribution_of(self, kind: str, name: str) -> str:
         self.load()
