@@ -59,7 +59,9 @@ def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
          "--target", str(target), str(ROOT / "examples" / "third-party-plugin")],
         check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # prepend: an inherited PYTHONPATH (a checkout tested against another's venv) must stay
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(target), os.environ.get("PYTHONPATH")) if p)}
     cli = [sys.executable, "-m", "clipft.cli"]
     plugins = subprocess.run(cli + ["plugins", "--json"], env=env, capture_output=True, text=True)
     rows = {p["distribution"]: p for p in json.loads(plugins.stdout)["plugins"]}
