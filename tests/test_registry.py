@@ -166,3 +166,31 @@ def test_optional_hook_of_a_newer_clipft_does_not_fail_the_plugin():
     rec = Registry(plugins=[Ahead()], entry_points=False).load().records[0]
     assert rec.status == "active", rec.error
     assert rec.provides["strategy"] == ["good"]
+
+
+# -- the config's TOML keys come from the table ------------------------------------
+
+def test_config_toml_keys_follow_the_table():
+    from clipft.config import RunConfig, dumps_toml
+    from clipft.options import ComponentRef
+    d = {"strategy": [{"name": "last-n", "n": 2}, "logit-scale"], "loss": {"name": "contrastive"},
+         "head": "none", "data": {"name": "shapes", "n": 8}}
+    cfg = RunConfig.from_toml_dict(d)
+    assert cfg.strategies == [ComponentRef("last-n", {"n": 2}), ComponentRef("logit-scale")]
+    assert cfg.head is None and cfg.loss.name == "contrastive" and cfg.data.options == {"n": 8}
+    out = cfg.to_toml_dict()
+    assert {k.toml_key for k in kinds.KINDS} - {"head"} <= set(out) and "head" not in out
+    assert "[[strategy]]" in dumps_toml(out) and "[data]" in dumps_toml(out)
+    assert RunConfig.from_toml_dict(out) == cfg
+    # a single [strategy] table is one strategy
+    assert len(RunConfig.from_toml_dict({"strategy": {"name": "full"}}).strategies) == 1
+
+
+def test_config_field_name_of_a_component_is_not_a_toml_key():
+    from clipft.config import RunConfig
+    with pytest.raises(ClipftUsageError) as exc:
+        RunConfig.from_toml_dict({"strategies": ["full"]})
+    msg = str(exc.value)
+    assert "unknown key 'strategies'" in msg
+    valid = msg.split("Valid keys: ")[1].split(", ")
+    assert "strategy" in valid and "strategies" not in valid and "head" in valid

@@ -38,6 +38,8 @@ class Kind:
     config_field: str
     #: True: the flag may repeat and the TOML key is an array of tables
     repeatable: bool = False
+    #: True: ``none`` (the TOML value or the flag's) means no component of this kind
+    can_be_none: bool = False
     #: further names ``clipft describe`` accepts
     aliases: tuple = ()
 
@@ -54,7 +56,8 @@ KINDS: tuple = (
     Kind(name="loss", plural="losses", hook="clipft_register_losses",
          spec=LossSpec, flag="--loss", toml_key="loss", config_field="loss"),
     Kind(name="head", plural="heads", hook="clipft_register_heads",
-         spec=HeadSpec, flag="--head", toml_key="head", config_field="head"),
+         spec=HeadSpec, flag="--head", toml_key="head", config_field="head",
+         can_be_none=True),
     Kind(name="data", plural="data-sources", hook="clipft_register_data_sources",
          spec=DataSourceSpec, flag="--data", toml_key="data", config_field="data",
          aliases=("data-source", "datasource", "datasources")),
