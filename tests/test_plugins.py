@@ -59,7 +59,9 @@ def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
          "--target", str(target), str(ROOT / "examples" / "third-party-plugin")],
         check=True, capture_output=True)
-    env = {**os.environ, "PYTHONPATH": str(target)}
+    # prepend: an inherited PYTHONPATH (a checkout tested against another's venv) must stay
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(target), os.environ.get("PYTHONPATH")) if p)}
     cli = [sys.executable, "-m", "clipft.cli"]
     plugins = subprocess.run(cli + ["plugins", "--json"], env=env, capture_output=True, text=True)
     rows = {p["distribution"]: p for p in json.loads(plugins.stdout)["plugins"]}
@@ -123,23 +125,89 @@ def test_registering_a_wrong_spec_type_fails_the_plugin(site):
     assert rec.status == "failed" and "StrategySpec" in rec.error
 
 
-def test_two_distributions_registering_one_name_is_an_error_naming_both(site, invoke):
+def test_two_distributions_registering_one_name_fail_only_its_lookup(site, invoke, tmp_path):
     make_dist(site, "clipft-alpha", "clipft_alpha", STRATEGY_SRC.format(name="twin"))
-    make_dist(site, "clipft-beta", "clipft_beta", STRATEGY_SRC.format(name="twin"))
+    make_dist(site, "clipft-beta", "clipft_beta", STRATEGY_SRC.format(name="twin") + """
+    @hookimpl
+    def clipft_register_losses(register):
+        from clipft import LossSpec
+        register(LossSpec(name="beta-loss", summary="", build=lambda o: None))
+    """)
+    reg = Registry().load()  # loading is not fatal
     with pytest.raises(PluginConflictError) as exc:
-        Registry().load()
-    assert "clipft-alpha" in str(exc.value) and "clipft-beta" in str(exc.value)
+        reg.get("strategy", "twin")
+    msg = str(exc.value)
+    assert "'clipft-alpha' (clipft_alpha) and 'clipft-beta' (clipft_beta)" in msg
+    # beta was installed last: it is the one to disable; keeping beta is shown too
+    assert "disable the newer install with --disable-plugin clipft-beta " in msg
+    assert "to keep 'clipft-beta' instead: --disable-plugin clipft-alpha" in msg
+    with pytest.raises(PluginConflictError):
+        reg.distribution_of("strategy", "twin")
+    # the rest of both plugins, and everything else, still works
+    assert reg.distribution_of("loss", "beta-loss") == "clipft-beta"
+    assert reg.get("strategy", "full").name == "full"
+
+    assert invoke("--help").exit_code == 0
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    for dist, other in (("clipft-alpha", "clipft-beta"), ("clipft-beta", "clipft-alpha")):
+        assert rows[dist]["status"] == "active"
+        assert rows[dist]["provides"]["strategy"] == ["twin"]
+        assert rows[dist]["conflicts"] == [{"kind": "strategy", "name": "twin", "with": [other]}]
+    assert rows["clipft-full"]["conflicts"] == []
     r = invoke("plugins")
+    assert r.exit_code == 0
+    assert "twin (conflict)" in r.stderr
+    assert "conflict: strategy 'twin' is registered by two distributions" in r.stderr
+    r = invoke("describe", "strategy", "twin")
     assert r.exit_code == 2 and "clipft-alpha" in r.stderr and "clipft-beta" in r.stderr
-    # the remedy the message suggests works
-    reg = Registry(disabled=["clipft_beta"]).load()
-    assert reg.distribution_of("strategy", "twin") == "clipft-alpha"
+    r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "twin",
+               "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--disable-plugin clipft-beta" in r.stderr
+    # both remedies the message suggests work
+    assert Registry(disabled=["clipft-beta"]).load().distribution_of("strategy", "twin") == "clipft-alpha"
+    assert Registry(disabled=["clipft-alpha"]).load().distribution_of("strategy", "twin") == "clipft-beta"
+    r = invoke("--disable-plugin", "clipft-beta", "describe", "strategy", "twin")
+    assert r.exit_code == 0 and "clipft-alpha" in r.stderr
 
 
-def test_conflict_with_a_builtin_name(site):
+def test_conflict_with_a_builtin_suggests_disabling_the_newcomer(site, invoke):
+    # entry point "clipft_myfull" sorts (and loads) before the built-in "full": the
+    # suggestion must still not be to disable the built-in
     make_dist(site, "clipft-myfull", "clipft_myfull", STRATEGY_SRC.format(name="full"))
-    with pytest.raises(PluginConflictError, match="clipft-full.*clipft-myfull|clipft-myfull.*clipft-full"):
-        Registry().load()
+    reg = Registry().load()
+    with pytest.raises(PluginConflictError) as exc:
+        reg.get("strategy", "full")
+    msg = str(exc.value)
+    assert "clipft-full" in msg and "clipft-myfull" in msg
+    assert "disable the newer install with --disable-plugin clipft-myfull " in msg
+    assert "to keep 'clipft-myfull' instead: --disable-plugin clipft-full" in msg
+    r = invoke("plugins")
+    assert r.exit_code == 0 and "clipft-myfull" in r.stderr
+    r = invoke("--disable-plugin", "clipft-myfull", "describe", "strategy", "full")
+    assert r.exit_code == 0 and "(clipft-full)" in r.stderr
+
+
+def test_three_distributions_on_one_name():
+    import clipft
+    from clipft.specs import StrategySpec
+
+    def plugin(name):
+        class P:
+            @clipft.hookimpl
+            def clipft_register_strategies(self, register):
+                register(StrategySpec(name="same", summary=name, build=lambda o: None))
+        P.__name__ = name
+        return P()
+
+    reg = Registry(plugins=[plugin("one"), plugin("two"), plugin("three")], entry_points=False).load()
+    with pytest.raises(PluginConflictError) as exc:
+        reg.get("strategy", "same")
+    msg = str(exc.value)
+    assert "registered by 3 distributions" in msg
+    assert "--disable-plugin two --disable-plugin three" in msg
+    assert [c["with"] for c in reg.records[0].conflicts] == [["<in-process:two>", "<in-process:three>"]]
 
 
 def test_listing_plugins_does_not_import_torch():
@@ -188,5 +256,110 @@ def test_in_process_plugin_conflicting_with_entry_point_is_reported():
         def clipft_register_strategies(self, register):
             register(StrategySpec(name="full", summary="", build=lambda o: None))
 
-    with pytest.raises(PluginConflictError, match="<in-process:Dup>"):
-        Registry(plugins=[Dup()]).load()
+    reg = Registry(plugins=[Dup()]).load()
+    with pytest.raises(PluginConflictError, match="<in-process:Dup>") as exc:
+        reg.get("strategy", "full")
+    # the in-process plugin is the newcomer; it is disabled by its own name
+    assert "disable the newer install with --disable-plugin Dup " in str(exc.value)
+    assert Registry(plugins=[Dup()], disabled=["Dup"]).load().get("strategy", "full").summary
+
+
+def test_entry_point_plugin_with_a_misspelt_hook_is_failed(site, invoke):
+    make_dist(site, "clipft-typo", "clipft_typo",
+              STRATEGY_SRC.format(name="typo").replace("def clipft_register_strategies",
+                                                       "def clipft_register_strategy"))
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert rows["clipft-typo"]["status"] == "failed"
+    assert "'clipft_register_strategy' is not a clipft hook" in rows["clipft-typo"]["error"]
+    assert "did you mean 'clipft_register_strategies'?" in rows["clipft-typo"]["error"]
+    assert rows["clipft-full"]["status"] == "active"
+    r = invoke("plugins")
+    assert "clipft_register_strategy" in r.stderr and "failed" in r.stderr
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("import sys\nsys.exit(3)", "SystemExit: 3"),
+    ("raise SystemExit('no GPU, bye')", "SystemExit: no GPU, bye"),
+    ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+], ids=["sys.exit", "SystemExit", "KeyboardInterrupt"])
+def test_plugin_that_exits_or_interrupts_at_import_is_contained(site, invoke, source, needle):
+    make_dist(site, "clipft-quitter", "clipft_quitter", source)
+    rec = next(r for r in Registry().load().records if r.distribution == "clipft-quitter")
+    assert rec.status == "failed" and needle in rec.error and "clipft_quitter.py" in rec.error
+    r = invoke("plugins", "--json")
+    assert r.exit_code == 0
+    rows = {p["distribution"]: p for p in json.loads(r.stdout)["plugins"]}
+    assert rows["clipft-quitter"]["status"] == "failed"
+    assert rows["clipft-full"]["status"] == "active"
+    assert invoke("describe", "strategy", "full").exit_code == 0
+
+
+def test_plugin_hook_that_exits_is_contained(site):
+    make_dist(site, "clipft-hookexit", "clipft_hookexit", """
+    import sys
+    from clipft import hookimpl
+    @hookimpl
+    def clipft_register_strategies(register):
+        sys.exit("refusing")
+    """)
+    reg = Registry().load()
+    rec = next(r for r in reg.records if r.distribution == "clipft-hookexit")
+    assert rec.status == "failed" and "SystemExit: refusing" in rec.error
+    assert "full" in reg.names("strategy")
+
+
+def test_a_real_ctrl_c_while_plugins_load_still_stops_the_command(site):
+    import signal
+    make_dist(site, "clipft-slow", "clipft_slow", """
+    import os, signal
+    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C during a slow import
+    for _ in range(1000):
+        pass
+    """)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        Registry().load()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("dist,module,ep", [
+    ("clipft-foo", "clipft_foo", None),         # distribution clipft-X
+    ("acme-tuners", "acme_foo", "foo"),          # entry point X
+], ids=["distribution", "entry-point"])
+def test_unknown_name_of_a_failed_plugin_shows_its_error_not_pip_install(site, invoke, tmp_path,
+                                                                        dist, module, ep):
+    make_dist(site, dist, module, "raise ImportError('needs libfoo')", ep_name=ep)
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("strategy", "foo")
+    msg = str(exc.value)
+    assert "pip install" not in msg
+    assert f"failed to load: {dist}" in msg and "needs libfoo" in msg
+    r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "foo",
+               "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "needs libfoo" in r.stderr and "pip install" not in r.stderr
+
+
+def test_unknown_name_of_a_disabled_plugin_says_so():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry(disabled=["clipft-full"]).load().get("strategy", "full")
+    msg = str(exc.value)
+    assert "is disabled: clipft-full (full)" in msg and "pip install" not in msg
+
+
+def test_unknown_name_in_the_wrong_kind_points_at_the_right_one():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("loss", "lora")
+    msg = str(exc.value)
+    assert "clipft-lora is installed and provides strategy 'lora'" in msg
+    assert "pip install" not in msg
+
+
+def test_unknown_name_close_to_a_known_one_is_suggested():
+    with pytest.raises(ClipftUsageError) as exc:
+        Registry().load().get("strategy", "last_n")
+    msg = str(exc.value)
+    assert "unknown strategy 'last_n' (did you mean 'last-n'?)" in msg
+    assert "clipft-last-n is installed and provides strategy 'last-n'" in msg
+    assert "pip install" not in msg

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import click
 
-from clipft import __version__
+from clipft import __version__, kinds
 from clipft.errors import ClipftError, ClipftUsageError
 
-KIND_ALIASES = {
-    "strategy": "strategy", "strategies": "strategy",
-    "loss": "loss", "losses": "loss",
-    "head": "head", "heads": "head",
-    "data": "data", "data-source": "data", "data-sources": "data", "datasource": "data",
-}
+#: every spelling ``clipft describe`` accepts for a kind -> the kind's name
+#: (derived from the table in clipft.kinds)
+KIND_ALIASES = kinds.aliases()
 
 
 def _err(msg: str) -> None:
@@ -80,35 +77,43 @@ def plugins_cmd(ctx, as_json):
     if as_json:
         click.echo(json.dumps({"plugins": records}, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
+    from clipft.plugins import conflict_message
     from clipft.progress import stderr_console
     t = Table(title="clipft plugins")
     for col in ("distribution", "version", "status", "provides"):
         t.add_column(col)
     for r in records:
-        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["provides"].items())
+        clashing = {(c["kind"], c["name"]) for c in r["conflicts"]}
+        provides = "; ".join(
+            f"{k}: " + ", ".join(escape(n) + (" [red](conflict)[/]" if (k, n) in clashing else "")
+                                 for n in v)
+            for k, v in r["provides"].items())
         status = {"active": "[green]active[/]", "failed": "[red]failed[/]",
                   "disabled": "[yellow]disabled[/]"}[r["status"]]
-        t.add_row(r["distribution"], r["version"], status, provides or (r["error"] or ""))
+        t.add_row(escape(r["distribution"]), r["version"], status, provides or escape(r["error"] or ""))
     console = stderr_console()
     console.print(t)
     for r in records:
         if r["status"] == "failed":
-            console.print(f"[red]{r['distribution']}[/] ({r['name']}) failed: {r['error']}")
+            console.print(f"[red]{escape(r['distribution'])}[/] ({escape(r['name'])}) failed: "
+                          f"{escape(r['error'])}", soft_wrap=True)
+    for (kind, name), owners in reg.conflicts().items():
+        console.print(f"[red]conflict[/]: {escape(conflict_message(kind, name, owners))}",
+                      soft_wrap=True)
 
 
-@cli.command("describe")
+@cli.command("describe",
+             help=f"Show the options of a component: KIND is {kinds.human_list()}.")
 @click.argument("kind")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @guarded
 def describe_cmd(ctx, kind, name, as_json):
-    """Show the options of a component: KIND is strategy, loss, head or data."""
     from clipft.options import describe_options
-    k = KIND_ALIASES.get(kind.lower())
-    if k is None:
-        raise ClipftUsageError(f"unknown kind '{kind}'; use one of strategy, loss, head, data")
+    k = kinds.lookup(kind).name
     reg = _registry(ctx)
     spec = reg.get(k, name)
     rows = describe_options(spec)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import attrs
 
+from clipft import kinds
 from clipft.errors import ClipftUsageError
 from clipft.options import ComponentRef, parse_ref, ref_from_table
 
@@ -126,41 +127,48 @@ class RunConfig:
     # -- TOML --------------------------------------------------------------
     def to_toml_dict(self) -> dict:
         d: dict[str, Any] = {}
+        components = {k.config_field for k in kinds.KINDS}
         for f in attrs.fields(RunConfig):
             v = getattr(self, f.name)
-            if f.name in ("data", "loss", "head", "strategies", "out"):
+            if f.name in components or f.name == "out":
                 continue
             if v is None:
                 continue
             d[f.name] = v
-        d["data"] = self.data.to_table()
-        if self.loss is not None:
-            d["loss"] = self.loss.to_table()
-        if self.head is not None:
-            d["head"] = self.head.to_table()
-        d["strategy"] = [s.to_table() for s in self.strategies]
+        # component references: the TOML keys come from the table in clipft.kinds
+        for k in kinds.KINDS:
+            v = getattr(self, k.config_field)
+            if k.repeatable:
+                d[k.toml_key] = [r.to_table() for r in v]
+            elif v is not None:
+                d[k.toml_key] = v.to_table()
         return d
 
     @classmethod
     def from_toml_dict(cls, d: dict, where: str = "config") -> "RunConfig":
         d = dict(d)
         kwargs: dict[str, Any] = {}
-        if "data" in d:
-            kwargs["data"] = ref_from_table(d.pop("data"), f"{where}: [data]")
-        if "loss" in d:
-            kwargs["loss"] = ref_from_table(d.pop("loss"), f"{where}: [loss]")
-        if "head" in d:
-            h = d.pop("head")
-            kwargs["head"] = None if h in ("none", None) else ref_from_table(h, f"{where}: [head]")
-        if "strategy" in d:
-            s = d.pop("strategy")
-            s = s if isinstance(s, list) else [s]
-            kwargs["strategies"] = [ref_from_table(x, f"{where}: [[strategy]]") for x in s]
+        # component references: ``[key]`` tables, or ``[[key]]`` arrays for the
+        # repeatable kinds, keys and fields from the table in clipft.kinds
+        for k in kinds.KINDS:
+            if k.toml_key not in d:
+                continue
+            raw = d.pop(k.toml_key)
+            if k.repeatable:
+                raw = raw if isinstance(raw, list) else [raw]
+                kwargs[k.config_field] = [
+                    ref_from_table(x, f"{where}: [[{k.toml_key}]]") for x in raw]
+            elif k.can_be_none and raw in ("none", None):
+                kwargs[k.config_field] = None
+            else:
+                kwargs[k.config_field] = ref_from_table(raw, f"{where}: [{k.toml_key}]")
         names = {f.name: f for f in attrs.fields(cls)}
+        # a component's RunConfig field is spelt by its TOML key in a file
+        shadowed = {k.config_field for k in kinds.KINDS} - {k.toml_key for k in kinds.KINDS}
         for key, value in d.items():
             f = names.get(key)
-            if f is None or key == "strategies":
-                valid = ", ".join(sorted(set(names) - {"strategies"} | {"strategy"}))
+            if f is None or key in shadowed:
+                valid = ", ".join(sorted(set(names) - shadowed | {k.toml_key for k in kinds.KINDS}))
                 raise ClipftUsageError(f"{where}: unknown key '{key}'. Valid keys: {valid}")
             kwargs[key] = _check_type(key, value, f.type, where)
         try:

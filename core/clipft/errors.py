@@ -14,7 +14,9 @@ class ClipftUsageError(ClipftError):
 
 
 class PluginConflictError(ClipftUsageError):
-    """Two distributions registered the same component name in the same kind."""
+    """Two distributions registered the same component name in the same kind.
+
+    Raised when that name is looked up (not while plugins load), naming both."""
 
 
 class RunInterrupted(ClipftError):

@@ -1,8 +1,12 @@
-"""The four registration hooks a clipft plugin may implement.
+"""The registration hooks a clipft plugin may implement, one per component kind.
 
-Each hook receives a ``register`` callback. Call it once per component with a
-frozen spec object from :mod:`clipft.specs`. Keep torch imports inside the spec's
-``build`` factory so that listing plugins stays fast.
+The table in :mod:`clipft.kinds` names the hook and spec class of each kind; a
+new kind adds its hookspec here. Each hook receives a ``register`` callback. Call
+it once per component with a frozen spec object from :mod:`clipft.specs`. Keep
+torch imports inside the spec's ``build`` factory so that listing plugins stays
+fast. A plugin function marked ``@hookimpl`` whose name is none of these hooks
+fails that plugin (a misspelt hook would otherwise register nothing, silently),
+unless it is marked ``@hookimpl(optionalhook=True)``.
 """
 import pluggy
 

@@ -4,14 +4,15 @@ Each spec names a component, summarises it, points at an attrs ``options`` class
 (whose fields carry type, default, validator and help in ``metadata["help"]``)
 and a ``build`` factory. The core validates user options against ``options``
 before it calls ``build``.
+
+Which spec class goes with which kind (and hook) is in the table in
+:mod:`clipft.kinds`, which also sets each class's ``kind`` attribute.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 import attrs
-
-KINDS = ("strategy", "loss", "head", "data")
 
 # Needs a loss can declare; the core checks them before training starts.
 NEED_TEXT = "text"      # paired text for every image (captions or class prompts)
@@ -24,14 +25,6 @@ class NoOptions:
     """Options class for components that take none."""
 
 
-def _spec(kind: str):
-    def deco(cls):
-        cls.kind = kind
-        return cls
-    return deco
-
-
-@_spec("strategy")
 @attrs.frozen
 class StrategySpec:
     name: str
@@ -42,7 +35,6 @@ class StrategySpec:
     default_lr: Optional[float] = None
 
 
-@_spec("loss")
 @attrs.frozen
 class LossSpec:
     name: str
@@ -52,7 +44,6 @@ class LossSpec:
     needs: frozenset = attrs.field(default=frozenset(), converter=frozenset)
 
 
-@_spec("head")
 @attrs.frozen
 class HeadSpec:
     name: str
@@ -63,21 +54,12 @@ class HeadSpec:
     needs_classes: bool = False
 
 
-@_spec("data")
 @attrs.frozen
 class DataSourceSpec:
     name: str
     summary: str
     build: Callable[[Any, Any], Any]
     options: type = NoOptions
-
-
-SPEC_BY_KIND = {
-    "strategy": StrategySpec,
-    "loss": LossSpec,
-    "head": HeadSpec,
-    "data": DataSourceSpec,
-}
 
 
 @attrs.define
@@ -94,3 +76,18 @@ class Selection:
     weight_decay: Optional[bool] = None
     #: name of the strategy that produced the selection (filled by the core)
     source: str = ""
+
+
+def __getattr__(name):
+    # Older names, now derived from the table in clipft.kinds (looked up lazily:
+    # clipft.kinds imports this module).
+    from clipft import kinds
+    if name == "KINDS":
+        return kinds.kind_names()
+    if name == "SPEC_BY_KIND":
+        return {k.name: k.spec for k in kinds.KINDS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Load the table with the spec classes so that ``StrategySpec.kind`` is always set.
+import clipft.kinds  # noqa: E402,F401  (after the classes: clipft.kinds imports them)
