@@ -22,7 +22,9 @@ from clipft.protocols import (
     installed,
 )
 from clipft.record import ForwardRecord
+from clipft.callbacks import Callback
 from clipft.specs import (
+    CallbackSpec,
     DataSourceSpec,
     HeadSpec,
     LossSpec,
@@ -39,6 +41,8 @@ __all__ = [
     "HeadSpec",
     "DataSourceSpec",
     "Selection",
+    "CallbackSpec",
+    "Callback",
     "Strategy",
     "StrategyModifier",
     "InsertedModule",

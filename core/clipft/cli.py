@@ -148,6 +148,8 @@ def run_options(fn):
         click.option("--pretrained", help="Pretrained tag, local checkpoint file, 'none' or 'auto'."),
         click.option("--data", help="Data source, e.g. imagefolder:root=PATH or shapes:n=512."),
         click.option("--strategy", "strategies", multiple=True, help="Strategy NAME[:k=v,...]; repeat to compose."),
+        click.option("--callback", "callbacks", multiple=True,
+                     help="Callback NAME[:k=v,...] (repeatable); 'none' turns off the default ones."),
         click.option("--loss", help="Loss NAME[:k=v,...] (contrastive, cross-entropy, ...)."),
         click.option("--head", help="Head NAME[:k=v,...] (linear, zero-shot, ...) or 'none'."),
         click.option("--epochs", type=int),
@@ -217,6 +219,8 @@ def build_config(config_file, kw, base: dict | None = None):
         cfg.head = None if kw["head"] == "none" else parse_ref(kw["head"])
     if kw.get("strategies"):
         cfg.strategies = [parse_ref(s) for s in kw["strategies"]]
+    if kw.get("callbacks"):
+        cfg.callbacks = [parse_ref(s) for s in kw["callbacks"]]
     import attrs
     try:
         attrs.validate(cfg)
@@ -242,7 +246,7 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
         resume_dir = Path(resume)
         if not (resume_dir / "config.toml").is_file():
             raise ClipftUsageError(f"--resume {resume}: no config.toml there; is it a clipft run directory?")
-        resumable = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints")
+        resumable = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "callbacks")
         changed = [k for k, v in kw.items() if v not in (None, ()) and k not in resumable]
         if changed or config_file:
             raise ClipftUsageError(

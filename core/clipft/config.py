@@ -74,6 +74,8 @@ class RunConfig:
     pretrained: str = "auto"
     data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_ref)
     strategies: list = attrs.field(factory=list, converter=_refs)
+    #: callbacks selected on top of the default ones ("none" turns the defaults off)
+    callbacks: list = attrs.field(factory=list, converter=_refs)
     #: None: cross-entropy through the head when there is one, else contrastive
     loss: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
     head: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)

@@ -51,3 +51,16 @@ def clipft_register_data_sources(register):
     ``build(options, ctx)`` returns a :class:`clipft.data.DataBundle` with the
     train/val datasets, class names and prompt templates.
     """
+
+
+@hookspec
+def clipft_register_callbacks(register):
+    """Register callbacks: ``register(CallbackSpec(...))``.
+
+    ``build(options)`` returns a :class:`clipft.callbacks.Callback`, whose
+    ``on_*`` methods observe the run (steps, evaluations, checkpoints, the
+    summary). ``CallbackSpec.default=True`` turns it on in every run while the
+    plugin is installed; otherwise ``--callback NAME`` (or ``[[callback]]`` in
+    TOML) selects it. Every callback also takes the option ``required`` (its
+    failure stops the run instead of disabling it).
+    """

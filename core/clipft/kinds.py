@@ -15,7 +15,7 @@ from typing import Optional
 import attrs
 
 from clipft.errors import ClipftUsageError
-from clipft.specs import DataSourceSpec, HeadSpec, LossSpec, StrategySpec
+from clipft.specs import CallbackSpec, DataSourceSpec, HeadSpec, LossSpec, StrategySpec
 
 
 @attrs.frozen
@@ -61,6 +61,10 @@ KINDS: tuple = (
     Kind(name="data", plural="data-sources", hook="clipft_register_data_sources",
          spec=DataSourceSpec, flag="--data", toml_key="data", config_field="data",
          aliases=("data-source", "datasource", "datasources")),
+    # `--callback none` turns off the callbacks that are on by default
+    Kind(name="callback", plural="callbacks", hook="clipft_register_callbacks",
+         spec=CallbackSpec, flag="--callback", toml_key="callback", config_field="callbacks",
+         repeatable=True),
 )
 
 # Each spec class knows its kind (``StrategySpec.kind == "strategy"``), taken from

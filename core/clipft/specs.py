@@ -62,6 +62,18 @@ class DataSourceSpec:
     options: type = NoOptions
 
 
+@attrs.frozen
+class CallbackSpec:
+    name: str
+    summary: str
+    #: ``build(options)`` returns a :class:`clipft.callbacks.Callback`
+    build: Callable[[Any], Any]
+    options: type = NoOptions
+    #: on in every run while the plugin is installed (``--callback none`` turns
+    #: the defaults off); otherwise only when selected with ``--callback NAME``
+    default: bool = False
+
+
 @attrs.define
 class Selection:
     """A group of parameters a strategy wants trained.

@@ -31,6 +31,8 @@ class Resolved:
     strategies: list
     loss: tuple
     head: Optional[tuple]
+    #: ``[(spec, options, required)]``: the selected callbacks and the default ones
+    callbacks: list = attrs.field(factory=list)
 
 
 def default_loss(config) -> ComponentRef:
@@ -59,12 +61,43 @@ def resolve(config, registry) -> Resolved:
         loss=one("loss", default_loss(config)),
         head=one("head", config.head) if config.head is not None else None,
     )
+    res.callbacks = resolve_callbacks(config.callbacks, registry)
     needs = res.loss[0].needs
     if NEED_HEAD in needs and res.head is None:
         raise ClipftUsageError(
             f"loss '{res.loss[0].name}' needs a classification head; add --head linear "
             "(or --head zero-shot)")
     return res
+
+
+_TRUE, _FALSE = (True, "true", "1", "yes", "on"), (False, "false", "0", "no", "off")
+
+
+def resolve_callbacks(refs, registry) -> list:
+    """The explicitly selected callbacks, then the installed ones that are on
+    by default (unless ``none`` is selected). Every callback takes the option
+    ``required``, which the engine handles; the rest go to its options class."""
+    explicit = [r for r in refs if r.name != "none"]
+    if any(r.name == "none" and r.options for r in refs):
+        raise ClipftUsageError("callback 'none' takes no options")
+    names = [r.name for r in explicit]
+    if len(set(names)) != len(names):
+        raise ClipftUsageError(f"callback '{max(names, key=names.count)}' is given twice; give it once")
+    out = []
+    for ref in explicit:
+        options = dict(ref.options)
+        raw = options.pop("required", False)
+        raw = raw.lower() if isinstance(raw, str) else raw
+        if raw not in _TRUE + _FALSE:
+            raise ClipftUsageError(f"callback '{ref.name}': required must be true or false, got {raw!r}")
+        spec = registry.get("callback", ref.name)
+        out.append((spec, build_options("callback", spec, options), raw in _TRUE))
+    if not any(r.name == "none" for r in refs):
+        for name in registry.names("callback"):
+            spec = registry.get("callback", name)
+            if spec.default and name not in names:
+                out.append((spec, build_options("callback", spec, {}), False))
+    return out
 
 
 def pick_device(name: str) -> torch.device:

@@ -265,6 +265,31 @@ def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[Lo
     return train(run.trainer, run.config.epochs, state, run.evaluate, host, stop)
 
 
+def build_callbacks(run: PreparedRun, progress) -> list:
+    """``[(name, Callback, required)]`` of the run's callback plugins. One the
+    user selected must build; a default one that cannot (a missing optional
+    dependency, say) is reported and left out."""
+    from clipft.callbacks import Callback as Base
+    out = []
+    for spec, options, required in run.resolved.callbacks:
+        try:
+            cb = spec.build(options)
+            if not isinstance(cb, Base):
+                raise TypeError(f"built a {type(cb).__name__}, not a clipft.Callback")
+        except ClipftUsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's failure, reported by name
+            explicit = any(r.name == spec.name for r in run.config.callbacks)
+            if explicit or required:
+                raise ClipftUsageError(f"callback '{spec.name}' could not be built: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+            getattr(progress, "warn", lambda m: None)(
+                f"default callback '{spec.name}' left out: {type(exc).__name__}: {exc}")
+            continue
+        out.append((spec.name, cb, required))
+    return out
+
+
 def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress) -> LoopState:
     folder, _ = newest_complete(out_dir)
     if folder is None:
@@ -302,6 +327,7 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         out_dir = Path(out_dir or config.out or rundir.default_run_dir(config.model, config.strategies))
         rundir.check_out_dir(out_dir, overwrite)
     run = prepare(config, registry)
+    callbacks = build_callbacks(run, progress)
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
         state = _resume_state(run, out_dir, checkpoints, progress)
@@ -312,8 +338,8 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         directory.start(overwrite)
     try:
         rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
-        host = callback_host(run, out_dir, state, progress, checkpoints, warn=getattr(progress, "warn", None),
-                             directory=directory)
+        host = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
+                             warn=getattr(progress, "warn", None), directory=directory)
         host.fire("on_run_start", run_view(run, out_dir, state.epoch))
         with StopSignals() as stop:
             try:
