@@ -20,7 +20,7 @@ def hookspec_names():
 
 def test_every_hookspec_has_one_kind_and_every_kind_a_hookspec():
     assert sorted(k.hook for k in kinds.KINDS) == sorted(hookspec_names())
-    assert kinds.kind_names() == ("strategy", "loss", "head", "data")
+    assert kinds.kind_names() == ("strategy", "loss", "head", "data", "callback")
 
 
 def test_kind_names_and_aliases_are_unambiguous():
@@ -30,7 +30,7 @@ def test_kind_names_and_aliases_are_unambiguous():
         assert k.flag == f"--{k.name}"
         assert k.spec.kind == k.name
         assert {"name", "summary", "build", "options"} <= {f.name for f in attrs.fields(k.spec)}
-    assert [k.name for k in kinds.KINDS if k.repeatable] == ["strategy"]
+    assert [k.name for k in kinds.KINDS if k.repeatable] == ["strategy", "callback"]
 
 
 def test_old_names_derive_from_the_table():
@@ -64,8 +64,8 @@ def test_describe_accepts_a_plural_kind(invoke):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["kind"] == "data"
     r = invoke("describe", "widgets", "x")
-    assert r.exit_code == 2 and "use one of strategy, loss, head, data" in r.stderr
-    assert "strategy, loss, head or data" in invoke("describe", "--help").stdout
+    assert r.exit_code == 2 and "use one of strategy, loss, head, data, callback" in r.stderr
+    assert "strategy, loss, head, data or callback" in invoke("describe", "--help").stdout
 
 
 def test_a_fifth_kind_is_one_table_entry_plus_its_hookspec_and_spec(monkeypatch):
