@@ -96,12 +96,30 @@ class NotAStrategy:
         return []
 
 
+class BadSelection(clipft.Strategy):
+    def __init__(self, opts):
+        self.kind = opts.kind
+
+    def apply(self, model, ctx):
+        import torch
+        if self.kind == "stray":
+            return [clipft.Selection("x", [("logit_scale", torch.nn.Parameter(torch.zeros(1)))])]
+        return [clipft.Selection("x", [("visual.not_there", model.logit_scale)])]
+
+
+@attrs.frozen
+class BadOptions:
+    kind: str = attrs.field(default="stray", metadata={"help": "stray or misnamed"})
+
+
 class AdapterPlugin:
     @clipft.hookimpl
     def clipft_register_strategies(self, register):
         register(clipft.StrategySpec(name="image-adapter", summary="test: image-embedding adapter",
                                      options=AdapterOptions, build=AddImageAdapter, default_lr=1e-3))
         register(clipft.StrategySpec(name="duck", summary="test: no Strategy base", build=NotAStrategy))
+        register(clipft.StrategySpec(name="bad-selection", summary="test", options=BadOptions,
+                                     build=BadSelection))
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +195,11 @@ def test_one_module_per_slot(registry, tmp_path):
         clipft.install(model, ImageAdapter(16, 0.2))
     with pytest.raises(ValueError, match="no slot"):
         clipft.install(model, type("Hooked", (clipft.InsertedModule, torch.nn.Module), {})())
+
+
+@pytest.mark.parametrize("kind,message", [("stray", "not part of the model"),
+                                          ("misnamed", "wrong name .'visual.not_there'; the model calls it 'logit_scale'")])
+def test_selections_are_checked(registry, tmp_path, kind, message):
+    with pytest.raises(ClipftError, match=message):
+        run(RunConfig(model="tiny-vit", data=DATA, strategies=[f"bad-selection:kind={kind}"]),
+            registry=registry, out=tmp_path / kind)

@@ -80,12 +80,21 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
                     raise ClipftUsageError(
                         f"strategy '{name}' replaced parameters that strategy '{sel.source}' had "
                         f"already selected ({gone[0]}); list '{name}' before '{sel.source}'")
+            named = dict(model.named_parameters())
             for sel in new:
                 sel.source = sel.source or name
                 stray = [n for n, p in sel.params if id(p) not in present]
                 if stray:
-                    raise ClipftUsageError(
+                    raise ClipftError(
                         f"strategy '{name}' selected parameters that are not part of the model ({stray[0]})")
+                # the name is what checkpoints, groups and plans show: it must be the parameter's own
+                misnamed = [(n, p) for n, p in sel.params if named.get(n) is not p]
+                if misnamed:
+                    bad, param = misnamed[0]
+                    real = next(k for k, v in named.items() if v is param)
+                    raise ClipftError(
+                        f"strategy '{name}' selected a parameter under the wrong name "
+                        f"({bad!r}; the model calls it {real!r})")
                 selections.append(sel)
     for name, strat in strategies:
         if strat.role == MODIFIER:
