@@ -327,6 +327,11 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         out_dir = Path(out_dir or config.out or rundir.default_run_dir(config.model, config.strategies))
         rundir.check_out_dir(out_dir, overwrite)
     run = prepare(config, registry)
+    warn = getattr(progress, "warn", lambda m: None)
+    failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
+    if failed:   # once per run, whether or not the run uses them
+        warn("plugins that failed to load: " + "; ".join(f"{r.distribution} ({r.error})" for r in failed)
+             + " (see `clipft plugins`)")
     callbacks = build_callbacks(run, progress)
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
