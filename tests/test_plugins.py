@@ -57,7 +57,7 @@ def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_
     target = tmp_path / "target"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "examples" / "third-party-plugin")],
+         "--target", str(target), str(ROOT / "examples" / "clipft-bitfit")],
         check=True, capture_output=True)
     # prepend: an inherited PYTHONPATH (a checkout tested against another's venv) must stay
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -315,6 +315,25 @@ def export_cmd(ctx, run_dir, out, overwrite, device, as_json):
                       f"(max |diff| {manifest['load_export_max_abs_diff']:.2e})")
 
 
+@cli.command("new", help=(
+    f"Scaffold a plugin distribution: a KIND ({kinds.human_list()}) component NAME, with "
+    "its pyproject.toml entry point, a working example component, a README and tests "
+    "using clipft.testing. Then: pip install -e DIR && pytest DIR."))
+@click.argument("kind")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False),
+              help="Where to write the distribution (default ./clipft-NAME); must be empty or absent.")
+@click.pass_context
+@guarded
+def new_cmd(ctx, kind, name, directory):
+    from clipft.scaffold import scaffold
+    target, written = scaffold(kind, name, Path(directory) if directory else None, _registry(ctx))
+    click.echo(f"wrote {kinds.lookup(kind).name} plugin clipft-{name} in {target}:", err=True)
+    for path in written:
+        click.echo(f"  {path.relative_to(target)}", err=True)
+    click.echo(f"next: pip install -e {target} && pytest {target}", err=True)
+
+
 def main():
     cli(prog_name="clipft")
 
