@@ -78,7 +78,7 @@ def loss_total(out):
     if isinstance(out, dict):
         if "total" not in out:
             raise ClipftError("a loss returned a dict without a 'total' entry")
-        return out["total"], {k: float(v) for k, v in out.items() if k != "total"}
+        return out["total"], {k: float(v.detach() if hasattr(v, "detach") else v) for k, v in out.items() if k != "total"}
     return out, {}
 
 
