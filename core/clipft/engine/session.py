@@ -336,6 +336,7 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
         state = _resume_state(run, out_dir, checkpoints, progress)
+        directory = rundir.RunDirectory(out_dir)   # keeps the marker's list of entries current
     else:
         # everything is validated and built: only now touch the run directory
         state = LoopState()
@@ -359,9 +360,9 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
     if host.failures:
         summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
     rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if directory is not None:
-        directory.record()
     host.fire("on_run_end", summary)
+    if directory is not None:
+        directory.record()   # last: callbacks write their files (curves.png) at the end
     return summary
 
 
