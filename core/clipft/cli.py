@@ -210,7 +210,10 @@ def build_config(config_file, kw, base: dict | None = None):
     cfg = RunConfig.from_toml_dict(d, where=str(config_file or "config"))
     for flag, field in FLAG_TO_FIELD.items():
         if kw.get(flag) is not None:
-            setattr(cfg, field, kw[flag])
+            try:
+                setattr(cfg, field, kw[flag])   # runs the field's validator
+            except ClipftUsageError as exc:
+                raise ClipftUsageError(f"--{flag.replace('_', '-')} {kw[flag]}: {exc}") from None
     if kw.get("data"):
         cfg.data = parse_ref(kw["data"])
     if kw.get("loss"):
