@@ -256,11 +256,13 @@ def _check_type(key, value, tp, where):
 
 
 def load_toml(path: str | Path) -> dict:
+    from clipft.data import read_text_utf8
+
     p = Path(path)
     if not p.is_file():
         raise ClipftUsageError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(read_text_utf8(p, "config file"))
     except tomllib.TOMLDecodeError as exc:
         raise ClipftUsageError(f"{p}: invalid TOML: {exc}") from None
 
