@@ -66,6 +66,34 @@ def read_text_utf8(path, what: str = "file") -> str:
             "save it as UTF-8") from None
 
 
+def check_templates(templates: Sequence[str]) -> None:
+    """A ValueError unless every template has exactly one ``{}`` for the class
+    name (``{{`` and ``}}`` are literal braces)."""
+    import string
+
+    if not templates:
+        raise ValueError("give at least one template with one '{}' for the class name")
+    for t in templates:
+        if not isinstance(t, str):
+            raise ValueError(f"template {t!r} is not a string")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            ok = fields in ([""], ["0"]) and isinstance(t.format("x"), str)
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"template {t!r} is not a valid format string ({exc}); write it with "
+                             "one '{}' for the class name ('{{' and '}}' for literal braces)") from None
+        if not ok:
+            if not fields:
+                found = ("no '{}' placeholder (on the command line a comma separates templates; "
+                         "put templates with commas in a TOML config)")
+            elif len(fields) > 1:
+                found = f"{len(fields)} placeholders"
+            else:
+                found = f"the placeholder '{{{fields[0]}}}'"
+            raise ValueError(
+                f"template {t!r} has {found}; every template needs exactly one '{{}}' for the class name")
+
+
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     return [[t.format(c) for t in templates] for c in classnames]
 
