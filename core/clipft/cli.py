@@ -2,6 +2,7 @@
 exactly one JSON document on stdout. Exit codes: 0 ok, 2 usage/config, 1 runtime."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -42,6 +43,14 @@ def guarded(fn):
         except Exception as exc:  # noqa: BLE001 - last-resort guard for users
             if os.environ.get("CLIPFT_DEBUG"):
                 raise
+            if isinstance(exc, OSError) and exc.filename:
+                # a file-system failure names its file (a read-only or full disk,
+                # a permission): say which, and whether it was a write
+                writing = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                        getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+                _err(f"{'cannot write to' if writing else 'cannot access'} {exc.filename}: "
+                     f"{exc.strerror or exc}")
+                sys.exit(1)
             _err(f"unexpected failure: {type(exc).__name__}: {exc} "
                  "(set CLIPFT_DEBUG=1 to see the traceback)")
             sys.exit(1)
@@ -210,7 +219,10 @@ def build_config(config_file, kw, base: dict | None = None):
     cfg = RunConfig.from_toml_dict(d, where=str(config_file or "config"))
     for flag, field in FLAG_TO_FIELD.items():
         if kw.get(flag) is not None:
-            setattr(cfg, field, kw[flag])
+            try:
+                setattr(cfg, field, kw[flag])   # runs the field's validator
+            except ClipftUsageError as exc:
+                raise ClipftUsageError(f"--{flag.replace('_', '-')} {kw[flag]}: {exc}") from None
     if kw.get("data"):
         cfg.data = parse_ref(kw["data"])
     if kw.get("loss"):

@@ -6,6 +6,7 @@ A resolved config is written to ``RUN_DIR/config.toml``; running
 from __future__ import annotations
 
 import math
+import numbers
 import tomllib
 from pathlib import Path
 from typing import Any, Optional
@@ -25,14 +26,65 @@ def _one_of(*choices):
     return check
 
 
+#: the largest run seed. Not 2**63: the sampler seeds each epoch with
+#: ``seed * 100003 + epoch`` (engine/loaders.py) and a torch generator takes 64
+#: bits, so 2**47 is what fits with room for epochs (numpy gets ``seed % 2**32``).
+MAX_SEED = 2**47 - 1
+#: any int field: a 64-bit signed integer (what torch, numpy and TOML hold)
+MAX_INT = 2**63 - 1
+#: DataLoader workers beyond this are a typo, not a machine
+MAX_WORKERS = 1024
+
+
+def _check_number(name, value, *, integer: bool = False) -> None:
+    """Numbers are finite (floats) and fit 64 bits (ints); the message names the field."""
+    if integer:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ClipftUsageError(f"'{name}' must be an integer, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise ClipftUsageError(f"'{name}' is out of range (at most {MAX_INT}), got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ClipftUsageError(f"'{name}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ClipftUsageError(f"'{name}' must be a finite number, got {value!r}")
+
+
+def _is_int(attribute) -> bool:
+    return "int" in str(attribute.type)   # "int", "Optional[int]" (annotations are strings here)
+
+
 def _positive(inst, attribute, value):
-    if value is None or value <= 0:
+    if value is None:
+        raise ClipftUsageError(f"'{attribute.name}' must be > 0, got {value!r}")
+    _check_number(attribute.name, value, integer=_is_int(attribute))
+    if value <= 0:
         raise ClipftUsageError(f"'{attribute.name}' must be > 0, got {value!r}")
 
 
 def _non_negative(inst, attribute, value):
-    if value is not None and value < 0:
+    if value is None:
+        return
+    _check_number(attribute.name, value, integer=_is_int(attribute))
+    if value < 0:
         raise ClipftUsageError(f"'{attribute.name}' must be >= 0, got {value!r}")
+
+
+def _between(low, high, high_text=None):
+    """An int field in ``[low, high]``; the message gives the range."""
+    def check(inst, attribute, value):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ClipftUsageError(f"'{attribute.name}' must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ClipftUsageError(
+                f"'{attribute.name}' must be an integer from {low} to {high_text or high}, got {value!r}")
+    return check
+
+
+def _momentum(inst, attribute, value):
+    _check_number(attribute.name, value)
+    if not 0.0 <= value < 1.0:
+        raise ClipftUsageError(f"'{attribute.name}' must be in [0, 1), got {value!r}")
 
 
 def parse_every(value) -> tuple:
@@ -86,7 +138,8 @@ class RunConfig:
     lr: Optional[float] = attrs.field(default=None, validator=_non_negative)
     weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
     optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw", "sgd"))
-    momentum: float = 0.9
+    #: SGD momentum, in [0, 1)
+    momentum: float = attrs.field(default=0.9, validator=_momentum)
     schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))
     #: None: 5% of the optimizer steps
     warmup_steps: Optional[int] = attrs.field(default=None, validator=_non_negative)
@@ -94,10 +147,11 @@ class RunConfig:
     grad_accum: int = attrs.field(default=1, validator=_positive)
     precision: str = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
-    seed: int = 0
+    #: 0 <= seed <= MAX_SEED
+    seed: int = attrs.field(default=0, validator=_between(0, MAX_SEED, "2**47 - 1"))
     #: DataLoader worker processes (0: on 2 CPU cores workers compete with the compute
     #: threads; measured within ~10% either way, README "Performance")
-    num_workers: int = attrs.field(default=0, validator=_non_negative)
+    num_workers: int = attrs.field(default=0, validator=_between(0, MAX_WORKERS))
     #: keep DataLoader workers alive across epochs (only with num_workers > 0)
     persistent_workers: bool = True
     log_every: int = attrs.field(default=10, validator=_positive)
@@ -177,6 +231,8 @@ class RunConfig:
             return cls(**kwargs)
         except TypeError as exc:
             raise ClipftUsageError(f"{where}: {exc}") from None
+        except ClipftUsageError as exc:
+            raise ClipftUsageError(f"{where}: {exc}") from None
 
 
 def _check_type(key, value, tp, where):
@@ -200,11 +256,13 @@ def _check_type(key, value, tp, where):
 
 
 def load_toml(path: str | Path) -> dict:
+    from clipft.data import read_text_utf8
+
     p = Path(path)
     if not p.is_file():
         raise ClipftUsageError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(read_text_utf8(p, "config file"))
     except tomllib.TOMLDecodeError as exc:
         raise ClipftUsageError(f"{p}: invalid TOML: {exc}") from None
 

@@ -9,6 +9,7 @@ function drops it and counts it.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import attrs
@@ -45,6 +46,52 @@ class DataBundle:
     @property
     def has_labels(self) -> bool:
         return bool(self.classnames)
+
+
+def read_text_utf8(path, what: str = "file") -> str:
+    """The text of ``path`` (UTF-8, a BOM dropped), or a usage error naming the
+    file: unreadable, or not UTF-8 (with the line of the first bad byte)."""
+    from clipft.errors import ClipftUsageError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ClipftUsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ClipftUsageError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+            "save it as UTF-8") from None
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """A ValueError unless every template has exactly one ``{}`` for the class
+    name (``{{`` and ``}}`` are literal braces)."""
+    import string
+
+    if not templates:
+        raise ValueError("give at least one template with one '{}' for the class name")
+    for t in templates:
+        if not isinstance(t, str):
+            raise ValueError(f"template {t!r} is not a string")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            ok = fields in ([""], ["0"]) and isinstance(t.format("x"), str)
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"template {t!r} is not a valid format string ({exc}); write it with "
+                             "one '{}' for the class name ('{{' and '}}' for literal braces)") from None
+        if not ok:
+            if not fields:
+                found = ("no '{}' placeholder (on the command line a comma separates templates; "
+                         "put templates with commas in a TOML config)")
+            elif len(fields) > 1:
+                found = f"{len(fields)} placeholders"
+            else:
+                found = f"the placeholder '{{{fields[0]}}}'"
+            raise ValueError(
+                f"template {t!r} has {found}; every template needs exactly one '{{}}' for the class name")
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

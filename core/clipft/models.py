@@ -93,6 +93,59 @@ def _offline_if_unreachable(enabled: bool):
         constants.HF_HUB_OFFLINE = old
 
 
+CHECKPOINT_EXPECTED = ("expected open_clip weights: a .safetensors file or a torch state dict "
+                       "(.pt, .pth, .bin), or a pretrained tag, or 'none'")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_checkpoint_file(path: str) -> None:
+    """A usage error naming ``path`` unless it looks like weights open_clip can
+    read: a safetensors file whose header parses, a torch zip archive or a
+    (legacy) pickle, or big_vision ``.npz``/``.npy``."""
+    p = Path(path)
+    if p.is_dir():
+        raise ClipftUsageError(
+            f"--pretrained {path} is a directory; {CHECKPOINT_EXPECTED} "
+            f"(an export directory loads with --model local-dir:{path})")
+    suffix = p.suffix.lower()
+    if suffix in (".npz", ".npy"):
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ClipftUsageError(f"cannot read --pretrained {path}: {exc.strerror or exc}") from None
+
+    def safetensors_error():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                f.keys()
+            return None
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+            return _first_line(exc)
+
+    if suffix == ".safetensors":
+        err = safetensors_error()
+        if err is not None:
+            raise ClipftUsageError(f"--pretrained {path} is not a valid safetensors file ({err}); "
+                                   f"{CHECKPOINT_EXPECTED}")
+        return
+    import zipfile
+    if zipfile.is_zipfile(p) or head[:1] == b"\x80":    # torch.save: a zip, or a pickle before torch 1.6
+        return
+    if len(head) == 8 and safetensors_error() is None:
+        raise ClipftUsageError(
+            f"--pretrained {path} is a safetensors file without the .safetensors suffix; "
+            "open_clip picks the reader by suffix, so rename it")
+    raise ClipftUsageError(
+        f"--pretrained {path} is not a checkpoint (it starts with {head!r}); {CHECKPOINT_EXPECTED}")
+
+
 def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedModel:
     register_tiny_configs()
     import open_clip
@@ -112,6 +165,8 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
             raise ClipftUsageError(
                 f"unknown pretrained tag '{pretrained}' for model '{model_name}'. "
                 f"Known tags: {', '.join(tags) or '(none)'}; or pass a local checkpoint file, or 'none'.")
+    if is_file:
+        check_checkpoint_file(pretrained)
     try:
         # open_clip logs a warning for every random init (for "none" that is the
         # request) and an error before raising on failed downloads (we report it)
@@ -128,16 +183,24 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
         finally:
             quiet.setLevel(level)
         tokenizer = open_clip.get_tokenizer(model_name)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
         text = f"{type(exc).__name__} {exc}".lower()
-        network = any(s in text for s in (
+        network = isinstance(exc, (OSError, RuntimeError, ValueError)) and any(s in text for s in (
             "download", "connection", "offline", "resolve", "hub", "timed out",
             "localentrynotfound", "network", "max retries"))
-        if network:
+        if network and not is_file:
             raise ClipftError(_offline_message(model_name, pretrained, exc)) from None
-        if is_file:
+        if is_file and isinstance(exc, RuntimeError) and "state_dict" in str(exc):
+            # readable weights of another architecture
             raise ClipftError(
                 f"could not load checkpoint '{pretrained}' into '{model_name}': "
                 f"{str(exc).splitlines()[0][:400]}") from None
+        if is_file:
+            why = (f"{type(exc).__name__}: {_first_line(exc)}" if "weights only load failed" not in text
+                   else "it is a pickle of more than tensors, and clipft loads torch files with "
+                        "weights_only=True")
+            raise ClipftUsageError(
+                f"--pretrained {pretrained}: open_clip could not read it as '{model_name}' weights "
+                f"({why}); {CHECKPOINT_EXPECTED}") from None
         raise
     return LoadedModel(model, pre_train, pre_val, tokenizer, model_name, pretrained)

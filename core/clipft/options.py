@@ -5,6 +5,7 @@ command line (strings to coerce) and TOML tables (already typed values).
 """
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any
 
@@ -81,6 +82,9 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: an int option is a 64-bit signed integer; an option with a sane maximum
+#: (a data set size, an image side) says so in its own validator
+INT_LIMIT = 2**63
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -115,21 +119,22 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value.lower() in _TRUE
         raise ValueError("must be true or false")
     if tp is int:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ValueError("must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            return int(value)
-        raise ValueError("must be an integer")
+        number = int(value)
+        if not -INT_LIMIT <= number < INT_LIMIT:
+            raise ValueError("out of range: an integer option must fit in 64 bits")
+        return number
     if tp is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError("must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)
-        raise ValueError("must be a number")
+        try:
+            number = float(value)
+        except OverflowError:    # float(10**400)
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ValueError("must be a string")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipft.errors import ClipftError
+from clipft.errors import ClipftError, ClipftUsageError
 
 FORMAT = "clipft-checkpoint"
 FORMAT_VERSION = 2
@@ -64,21 +64,36 @@ def fsync_dir(path: Path) -> None:
 def read_state(folder: Path):
     """The state of a *complete* checkpoint folder, or None: ``state.json``
     parses, is clipft's, and every file it lists is there with its size."""
+    return inspect_checkpoint(folder)[0]
+
+
+def inspect_checkpoint(folder: Path) -> tuple:
+    """``(state, None)`` for a complete checkpoint folder, else ``(None, why)``
+    with what is wrong, naming the file (for messages; :func:`read_state` is
+    the predicate)."""
+    folder = Path(folder)
+    path = folder / "state.json"
     try:
-        state = json.loads((Path(folder) / "state.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except OSError as exc:
+        return None, f"{path} cannot be read ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"{path} is corrupt (not valid JSON: {str(exc).splitlines()[0][:120]})"
     if not isinstance(state, dict):
-        return None
+        return None, f"{path} is corrupt (a JSON {type(state).__name__}, not an object)"
     if state.get("format") == 1 and "global_step" in state:   # written before FORMAT_VERSION 2
-        return state
+        return state, None
     if state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
-        return None
+        return None, f"{path} is not a clipft checkpoint state (no format/files)"
     for name, size in state["files"].items():
-        f = Path(folder) / name
-        if not f.is_file() or f.stat().st_size != size:
-            return None
-    return state
+        f = folder / name
+        if not f.is_file():
+            return None, f"{f} is missing (state.json lists it)"
+        if f.stat().st_size != size:
+            return None, f"{f} is {f.stat().st_size} bytes, state.json says {size}: incomplete or corrupt"
+    return state, None
 
 
 def _order(state) -> tuple:
@@ -296,14 +311,48 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
+def _older_checkpoints_hint(ck: Path) -> str:
+    older = sorted((p.name for p in Path(ck).parent.glob(f"{STEP_PREFIX}*") if read_state(p) is not None),
+                   reverse=True)
+    if not older or Path(ck).name != CURRENT:
+        return ""
+    return f"; move {ck} aside to fall back to {older[0]}, the newest older checkpoint"
+
+
+def _read_tensors(path: Path, device) -> dict:
+    """A checkpoint's safetensors file, or a usage error saying it is corrupt."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise ClipftUsageError(f"checkpoint file {path} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ClipftUsageError(
+            f"checkpoint file {path} is corrupt: not a readable safetensors file "
+            f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+            f"{_older_checkpoints_hint(path.parent)}") from None
+
+
 def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None:
     """Load ``model.safetensors`` (and ``head.safetensors``) of a checkpoint
-    folder into a model rebuilt from the same config, strategies re-applied."""
-    model_t = load_file(str(Path(ck) / "model.safetensors"), device=str(device))
+    folder into a model rebuilt from the same config, strategies re-applied.
+    A file that does not read, or does not fit, is a usage error naming it."""
+    path = Path(ck) / "model.safetensors"
+    model_t = _read_tensors(path, device)
     sd = model.state_dict()
     missing = [k for k in model_t if k not in sd]
-    if missing:
-        raise ClipftError(f"checkpoint tensors do not fit the rebuilt model: {missing[:5]}")
+    misshapen = [k for k in model_t if k in sd and tuple(sd[k].shape) != tuple(model_t[k].shape)]
+    if missing or misshapen:
+        raise ClipftUsageError(
+            f"checkpoint tensors in {path} do not fit the model rebuilt from the run's config: "
+            f"{(missing or misshapen)[:5]}")
     model.load_state_dict(model_t, strict=False)
     if head is not None:
-        head.load_state_dict(load_file(str(Path(ck) / "head.safetensors"), device=str(device)))
+        path = Path(ck) / "head.safetensors"
+        try:
+            head.load_state_dict(_read_tensors(path, device))
+        except RuntimeError as exc:
+            raise ClipftUsageError(
+                f"{path} does not fit the head rebuilt from the run's config: "
+                f"{str(exc).splitlines()[0][:200]}") from None

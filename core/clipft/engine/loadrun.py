@@ -49,7 +49,7 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     """The model of a finished (or checkpointed) run, ready for inference."""
     from clipft.config import RunConfig, load_toml
     from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
-    from clipft.engine.checkpoint import load_trained_tensors, newest_complete
+    from clipft.engine.checkpoint import CURRENT, inspect_checkpoint, load_trained_tensors, newest_complete
     from clipft.models import load_model
 
     run_dir = Path(run_dir)
@@ -58,6 +58,9 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
     ck, state = newest_complete(run_dir)
     if ck is None:
+        if (run_dir / CURRENT).is_dir():   # there is one, but it is damaged: say which file
+            raise ClipftUsageError(
+                f"{run_dir} has no complete checkpoint: {inspect_checkpoint(run_dir / CURRENT)[1]}")
         raise ClipftUsageError(
             f"{run_dir} has no complete checkpoint (checkpoint/state.json); a run writes one at the "
             "end of each epoch")

@@ -5,7 +5,7 @@ import random
 
 import attrs
 
-from clipft.data import load_image
+from clipft.data import check_templates, load_image
 
 
 def positive_int(inst, attribute, value):
@@ -27,8 +27,7 @@ def templates_field():
 
 
 def _check_templates(v):
-    if not v or any("{}" not in t for t in v):
-        raise ValueError("every template needs one '{}' placeholder for the class name")
+    check_templates(v)
 
 
 class FileDataset:

@@ -11,7 +11,6 @@ import attrs
 
 from clipft.data import DataBundle
 
-from clipft_data.common import positive_int
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
@@ -29,12 +28,35 @@ def _names(value, known, what):
     return items
 
 
+#: documented maxima: images are drawn on access, so a large n costs no memory,
+#: but the sampler's permutation does (8 bytes a sample); past these it is a typo
+MAX_IMAGES = 10_000_000
+MAX_SIZE = 1024
+
+
+def _between(low, high):
+    def check(inst, attribute, value):
+        if not low <= value <= high:
+            raise ValueError(f"{attribute.name} must be from {low} to {high:_}, got {value}")
+    return check
+
+
+def _non_negative(inst, attribute, value):
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
 @attrs.frozen
 class ShapesOptions:
-    n: int = attrs.field(default=512, validator=positive_int, metadata={"help": "training images"})
-    seed: int = attrs.field(default=0, metadata={"help": "generator seed"})
-    val_n: int = attrs.field(default=128, validator=positive_int, metadata={"help": "validation images"})
-    size: int = attrs.field(default=64, validator=positive_int, metadata={"help": "image side in pixels"})
+    n: int = attrs.field(default=512, validator=_between(1, MAX_IMAGES), metadata={
+        "help": f"training images (at most {MAX_IMAGES:_})"})
+    # numpy's SeedSequence takes any non-negative int (options are 64-bit already)
+    seed: int = attrs.field(default=0, validator=_non_negative, metadata={
+        "help": "generator seed (>= 0)"})
+    val_n: int = attrs.field(default=128, validator=_between(1, MAX_IMAGES), metadata={
+        "help": f"validation images (at most {MAX_IMAGES:_})"})
+    size: int = attrs.field(default=64, validator=_between(1, MAX_SIZE), metadata={
+        "help": f"image side in pixels (at most {MAX_SIZE})"})
     colours: tuple = attrs.field(default=("red", "green", "blue"),
                                  converter=lambda v: _names(v, COLOURS, "colours"),
                                  metadata={"help": f"colours to use ({', '.join(COLOURS)})"})
