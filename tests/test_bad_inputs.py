@@ -282,12 +282,14 @@ CASES = [
      r"already finished 1 epoch\(s\); pass --epochs N", "resumable"),
     ("resume-corrupt-model-safetensors", lambda c: resume_of_corrupt(c, "model.safetensors"), 2,
      r"checkpoint/model\.safetensors is corrupt", "unchanged"),
-    pytest.param(
-        "resume-corrupt-state-json", lambda c: resume_of_corrupt(c, "state.json"), 2,
-        r"checkpoint/state\.json is corrupt", "unchanged",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "session._resume_state says 'nothing to resume, the run stopped before its first checkpoint'; "
-            "it should use checkpoint.inspect_checkpoint (session.py is outside this branch)"))),
+    ("resume-corrupt-state-json", lambda c: resume_of_corrupt(c, "state.json"), 2,
+     r"no complete checkpoint to resume from: .*checkpoint/state\.json is corrupt", "unchanged"),
+    ("resume-corrupt-optimizer", lambda c: resume_of_corrupt(c, "optimizer.safetensors"), 2,
+     r"checkpoint/optimizer\.safetensors is corrupt", "unchanged"),
+    # a run whose only checkpoint is damaged still holds a run: never wiped as an empty one
+    ("rerun-over-corrupt-checkpoint", lambda c: (resume_of_corrupt(c, "state.json"),
+                                                 [*RUN, "--out", c.out])[1], 2,
+     r"already holds a run", "unchanged"),
     # export, describe, plan
     ("export-corrupt-model-safetensors", lambda c: export_of_corrupt(c, "model.safetensors"), 2,
      r"checkpoint/model\.safetensors is corrupt", "absent"),

@@ -268,7 +268,7 @@ class Checkpointer:
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
         load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
-        rest = load_file(str(folder / "optimizer.safetensors"))
+        rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, fsync_dir, newest_complete
+from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, candidates, fsync_dir, newest_complete
 from clipft.errors import ClipftUsageError
 
 MARKER = ".clipft-run"
@@ -86,7 +86,7 @@ def check_out_dir(path: Path, overwrite: bool) -> None:
         raise ClipftUsageError(
             f"--out {path} is not empty and is not a clipft run ({_listing(path)}); "
             "clipft will not write into it. Choose another directory")
-    if newest_complete(path)[0] is None and not foreign_entries(path):
+    if not any(p.is_dir() for p in candidates(path)) and not foreign_entries(path):
         return   # a run that died before its first checkpoint: nothing to lose, reuse it
     if not overwrite:
         raise ClipftUsageError(
@@ -110,7 +110,7 @@ class RunDirectory:
         """Only called once the run is fully built and validated."""
         check_out_dir(self.path, overwrite)
         if self.path.is_dir() and any(self.path.iterdir()):
-            if newest_complete(self.path)[0] is not None:   # a finished or checkpointed run: keep it aside
+            if any(p.is_dir() for p in candidates(self.path)):   # a checkpointed run: keep it aside
                 self.backup = backup_of(self.path)
                 os.replace(self.path, self.backup)
             else:   # died before its first checkpoint: only clipft's own files are left

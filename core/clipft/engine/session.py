@@ -25,7 +25,7 @@ from clipft.config import RunConfig, dumps_toml, parse_every
 from clipft.engine import rundir
 from clipft.callbacks import Callback, CheckpointView, RunView
 from clipft.engine.callbacks import CallbackHost
-from clipft.engine.checkpoint import Checkpointer, newest_complete
+from clipft.engine.checkpoint import Checkpointer, inspect_checkpoint, newest_complete
 from clipft.engine.loop import LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.errors import ClipftUsageError, RunInterrupted
@@ -292,6 +292,9 @@ def build_callbacks(run: PreparedRun, progress) -> list:
 
 def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress) -> LoopState:
     folder, _ = newest_complete(out_dir)
+    if folder is None and (out_dir / "checkpoint").is_dir():
+        _, why = inspect_checkpoint(out_dir / "checkpoint")
+        raise ClipftUsageError(f"--resume {out_dir}: no complete checkpoint to resume from: {why}")
     if folder is None:
         raise ClipftUsageError(
             f"--resume {out_dir}: nothing to resume, the run stopped before its first checkpoint; "
