@@ -10,7 +10,7 @@ EXAMPLE_PLUGINS := examples/clipft-bitfit/pyproject.toml
 # against; installing them first keeps pip from resolving a newer multi-GB wheel.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-numerics bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests examples/clipft-bitfit/tests
+
+# The numerically sensitive tests (marked numerics) again on other kernel paths:
+# one OpenMP thread, MKL held to AVX2, and ATen's AVX2 kernels instead of AVX-512.
+# A tolerance or an "improves" margin that holds on one CPU only fails here.
+test-numerics: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m numerics
+	MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest tests -m numerics
+	ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest tests -m numerics
 
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel, float_tol
 from peft_base import SMALL_NOVEL, base_checkpoint
 
 
@@ -75,19 +76,25 @@ def lora_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.numerics
 def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, invoke, tmp_path_factory):
     from clipft.engine.loadrun import load_run
     run = load_run(lora_run)
     adapters = {k: v for k, v in run.model.state_dict().items() if ".lora." in k}
     assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith(".B"))
-    probe(run.model, run.tokenizer, tmp_path / "probe.safetensors")
+    probed = probe(run.model, run.tokenizer, tmp_path / "probe.safetensors")
+    # merged weights (W + s BA rounded once) against the live adapters: rounding in
+    # every block of a tower, relative to the size of the features compared
+    tol = float_tol(TINY_REDUCTION, TINY_DEPTH)
+    scale = {k: float(probed[k].abs().max()) for k in ("image", "text")}
 
     out = tmp_path / "export"
     r = invoke("export", lora_run, out, "--json")
     assert r.exit_code == 0, r.stderr
     manifest = json.loads(r.stdout)
     assert manifest["merged_adapter_layers"] == 8 * 3      # attn, c_fc, c_proj in 8 blocks
-    assert manifest["verified_max_abs_diff"] < 1e-5
+    # export's own probe is other inputs to the same model: features of the same size
+    assert manifest["verified_max_abs_diff"] <= tol * max(scale.values()), (manifest, scale)
     weights = load_file(str(out / "open_clip_model.safetensors"))
     assert set(weights) == set(run.base_shapes)           # open_clip's keys, nothing else
     assert not any(".lora." in k or "clipft" in k for k in weights)
@@ -95,10 +102,11 @@ def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, inv
     assert cfg["model_cfg"]["embed_dim"] == 64 and cfg["preprocess_cfg"]["size"] in (32, [32, 32])
 
     got = run_plain_open_clip(out, tmp_path / "probe.safetensors")
-    assert got["image"] < 1e-5 and got["text"] < 1e-5, got  # merged == adapted, within 1e-5
+    assert got["image"] <= tol * scale["image"] and got["text"] <= tol * scale["text"], (got, scale)
     # the adapters did change the model: the export is not the base
     base = load_file(str(base_checkpoint(tmp_path_factory)["weights"]))
     k = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    # a trained adapter moves W by ~lr x steps (1e-2 x 4); rounding by an ulp of |W| ~ 1e-8
     assert (weights[k] - base[k]).abs().max() > 1e-6
 
     # the learned prompts are a separate, documented file with the class names
@@ -110,6 +118,7 @@ def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, inv
     assert manifest["head"]["name"] == "text" and manifest["head"]["file"] is None
 
 
+@pytest.mark.numerics
 def test_load_export_restores_prompts_and_head(lora_run, tmp_path, invoke):
     from clipft.engine.export import load_export
     from clipft.encode import class_text_features
@@ -125,10 +134,14 @@ def test_load_export_restores_prompts_and_head(lora_run, tmp_path, invoke):
         feats = torch.nn.functional.normalize(exp["model"].encode_image(img), dim=-1)
         logits_exp = exp["head"](feats)
         logits_run = run.head(torch.nn.functional.normalize(run.model.encode_image(img), dim=-1))
-    assert (a - b).abs().max() < 1e-5
-    torch.testing.assert_close(logits_exp, logits_run, rtol=0, atol=1e-3)
+    # merged LoRA (export) against live adapters (run), as above
+    assert_close_rel(a, b, reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="export class text features")
+    # logits: both feature errors, then one more product (64 terms) times the logit scale
+    assert_close_rel(logits_exp, logits_run, reduction=TINY_REDUCTION, depth=TINY_DEPTH + 1,
+                     what="export logits")
 
 
+@pytest.mark.numerics
 def test_export_head_weights_and_vision_prompts(tmp_path_factory, tmp_path, invoke):
     base = base_checkpoint(tmp_path_factory)
     run_dir = tmp_path / "run"
@@ -144,14 +157,17 @@ def test_export_head_weights_and_vision_prompts(tmp_path_factory, tmp_path, invo
     assert manifest["head"]["file"] == "head.safetensors"
     # the open_clip weights are the base's: vision prompts live outside them
     weights, base_w = load_file(str(out / "open_clip_model.safetensors")), load_file(str(base["weights"]))
-    assert all(torch.equal(weights[k], base_w[k]) for k in base_w)
+    assert all(torch.equal(weights[k], base_w[k]) for k in base_w)      # a copy: exact
     from clipft.engine.export import load_export
     from clipft.engine.loadrun import load_run
     exp, run = load_export(out), load_run(run_dir)
     img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(exp["model"].encode_image(img), run.model.encode_image(img), rtol=0, atol=1e-6)
-        torch.testing.assert_close(exp["head"].weight, run.head.weight)
+        # the same weights and prompts, but two differently built models (their
+        # parameters' requires_grad flags, which steer kernel choice, may differ)
+        assert_close_rel(exp["model"].encode_image(img), run.model.encode_image(img),
+                         reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="export vision prompts")
+    assert torch.equal(exp["head"].weight, run.head.weight)       # both read head.safetensors: exact
 
 
 def test_export_errors(invoke, tmp_path, lora_run):
@@ -174,6 +190,6 @@ def test_base_export_is_a_pretrained_checkpoint_for_open_clip(tmp_path_factory):
     base = base_checkpoint(tmp_path_factory)
     w = load_file(str(base["weights"]))
     ck = load_file(str(base["run"] / "checkpoint" / "model.safetensors"))
-    assert set(ck) == set(w) and all(torch.equal(w[k], ck[k]) for k in ck)
+    assert set(ck) == set(w) and all(torch.equal(w[k], ck[k]) for k in ck)   # a copy: exact
     print(f"base (full, contrastive) top-1 on its own task: {base['top1']:.3f}")
     assert base["top1"] > 0.5

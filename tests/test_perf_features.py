@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipft.config import RunConfig
+from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
 
 DATA = "shapes:n=32,val_n=16"
 
@@ -99,6 +100,7 @@ def test_autograd_stops_at_the_first_trainable_block(registry):
     assert blocks[0].mlp.c_fc.weight.grad is None and blocks[2].mlp.c_fc.weight.grad is not None
 
 
+@pytest.mark.numerics
 def test_grad_checkpointing_flag(invoke, registry, tmp_path, small_shapes):
     res = invoke("run", "--model", "tiny-vit", "--data", small_shapes, "--strategy", "full",
                  "--epochs", "1", "--grad-checkpointing", "--out", tmp_path / "gc", "--json")
@@ -110,8 +112,9 @@ def test_grad_checkpointing_flag(invoke, registry, tmp_path, small_shapes):
     assert run.speed == {"grad_checkpointing": True}
     plain_run, _, plain = _run(registry, tmp_path, "without", epochs=1)
     assert not plain_run.model.visual.transformer.grad_checkpointing
-    # recomputing activations changes memory, not results
-    assert _max_diff(with_gc, plain) <= 1e-6
+    # recomputing activations changes memory, not results: backward recomputes
+    # each block's forward with the same kernels on the same inputs, so exact
+    assert _max_diff(with_gc, plain) == 0.0
 
 
 def test_compile_is_opt_in_and_regional(registry):
@@ -131,10 +134,12 @@ def test_compile_is_opt_in_and_regional(registry):
     assert [n for n, _ in on.model.named_parameters()] == [n for n, _ in off.model.named_parameters()]
 
 
+@pytest.mark.numerics
 def test_workers_persist_across_epochs_and_do_not_change_results(registry, tmp_path):
     run, _, with_workers = _run(registry, tmp_path, "w1", num_workers=1, cache=False)
     _, _, in_process = _run(registry, tmp_path, "w0", num_workers=0, cache=False)
-    assert _max_diff(with_workers, in_process) <= 1e-6
+    # a worker process decodes the same images into the same tensors: exact
+    assert _max_diff(with_workers, in_process) == 0.0
     loader = run.loaders._loaders[(id(run.bundle.train), True)]
     assert loader.persistent_workers and loader._iterator is not None   # one worker pool, kept
 
@@ -158,6 +163,7 @@ def test_precision_runs_and_is_recorded(invoke, tmp_path, small_shapes):
     assert s["precision"] == "bf16" and s["train"]["final_loss"] == s["train"]["final_loss"]
 
 
+@pytest.mark.numerics
 def test_trimmed_text_encoding_matches_encode_text():
     from clipft.encode import encode_text_trimmed, text_trim_length
     from clipft.models import load_model
@@ -167,7 +173,9 @@ def test_trimmed_text_encoding_matches_encode_text():
     assert text_trim_length(model, tokens) == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
     with torch.no_grad():
         full, trimmed = model.encode_text(tokens), encode_text_trimmed(model, tokens)
-    assert torch.allclose(full, trimmed, atol=1e-5, rtol=1e-5)
+    # the padding is causally masked, so the maths is the same, but products and
+    # softmax run over shorter rows (other blocking) in each text block
+    assert_close_rel(trimmed, full, reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="trimmed text")
     # hooks on the token embedding (prompt learners) still see full rows
     seen = []
     h = model.token_embedding.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
@@ -196,6 +204,8 @@ def test_clip_gradients_matches_torch_bit_for_bit(scale):
     before = [p.grad.clone() for p in ours]
     clip_gradients(ours, 1.0)
     torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    # exact: clip_gradients is torch's norm and scaling (the same ops on the same
+    # tensors), minus the multiply by exactly 1 when nothing needs clipping
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(ours, ref))
     changed = any(not torch.equal(p.grad, b) for p, b in zip(ours, before))
     assert changed == (scale > 1)

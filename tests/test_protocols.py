@@ -132,6 +132,7 @@ def _trained(out: Path) -> dict:
     return load_file(str(out / "checkpoint" / "model.safetensors"))
 
 
+@pytest.mark.numerics
 def test_image_adapter_runs_on_the_cached_image_embedding(registry, tmp_path):
     conf = dict(model="tiny-vit", data=DATA, strategies=["image-adapter"], epochs=2, batch_size=16,
                 loss="contrastive")
