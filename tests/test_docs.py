@@ -31,7 +31,7 @@ EXAMPLE_MARKER = "<!-- worked-example: clipft_clip_adapter.py -->"
 
 # -- reading the docs -----------------------------------------------------------------
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
-_INLINE = re.compile(r"`([^`\n]+)`")
+_INLINE = re.compile(r"`((?:[^`\n]|\n(?![ \t]*\n))+)`")  # may wrap, not across paragraphs
 _HEADING = re.compile(r"^#{1,6} .*$", re.M)
 
 
