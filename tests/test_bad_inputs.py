@@ -203,6 +203,8 @@ CASES = [
     ("unknown-loss", lambda c: RUN + ["--loss", "hinge9", *out(c)], 2, r"unknown loss 'hinge9'", "absent"),
     ("unknown-head", lambda c: RUN + ["--head", "mlp9", *out(c)], 2, r"unknown head 'mlp9'", "absent"),
     ("unknown-data", lambda c: RUN + ["--data", "webcam", *out(c)], 2, r"unknown data 'webcam'", "absent"),
+    ("data-missing-required-option", lambda c: BASE + ["--data", "captions", *out(c)], 2,
+     r"data 'captions' needs option 'file' \(CSV, TSV or JSONL", "absent"),
     ("unknown-model", lambda c: RUN + ["--model", "ViT-Q-99", *out(c)], 2, r"unknown model 'ViT-Q-99'", "absent"),
     ("loss-needs-head", lambda c: RUN + ["--loss", "cross-entropy", *out(c)], 2, r"needs a classification head",
      "absent"),

@@ -159,6 +159,13 @@ def build_options(kind: str, spec, raw: dict) -> Any:
             raise ClipftUsageError(
                 f"bad value {value!r} for option '{key}' of {kind} '{spec.name}' "
                 f"(expected {type_name(f.type)}): {exc}. Valid options: {valid}") from None
+    missing = [f for name, f in fields.items() if f.default is attrs.NOTHING and name not in values]
+    if missing:
+        f = missing[0]
+        what = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
+        raise ClipftUsageError(
+            f"{kind} '{spec.name}' needs option '{f.name}'{what}, e.g. "
+            f"{spec.name}:{f.name}=VALUE. Valid options: {valid}")
     try:
         return spec.options(**values)
     except (ValueError, TypeError) as exc:
