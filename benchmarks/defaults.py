@@ -1,5 +1,5 @@
 """The measurements behind clipft's defaults on the machine at hand
-(README "Performance"): autocast precision and DataLoader workers.
+(docs/performance.md): autocast precision and DataLoader workers.
 
 - precision: clipft's full contrastive ViT-B-32 step at batch 16 in fp32,
   interleaved step by step with the same step under bf16 autocast (the seed

@@ -135,6 +135,7 @@ def describe_cmd(ctx, kind, name, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
+    from rich.markup import escape
     from rich.table import Table
     from clipft.progress import stderr_console
     console = stderr_console()
@@ -146,7 +147,9 @@ def describe_cmd(ctx, kind, name, as_json):
     for col in ("option", "type", "default", "help"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["type"], "(required)" if r["required"] else repr(r["default"]), r["help"])
+        # escaped: rich would read `list[str]` or a default like `[1, 2]` as markup
+        t.add_row(*(escape(x) for x in (r["name"], r["type"],
+                                        "(required)" if r["required"] else repr(r["default"]), r["help"])))
     console.print(t)
 
 

@@ -150,7 +150,7 @@ class RunConfig:
     #: 0 <= seed <= MAX_SEED
     seed: int = attrs.field(default=0, validator=_between(0, MAX_SEED, "2**47 - 1"))
     #: DataLoader worker processes (0: on 2 CPU cores workers compete with the compute
-    #: threads; measured within ~10% either way, README "Performance")
+    #: threads; measured within ~10% either way, docs/performance.md)
     num_workers: int = attrs.field(default=0, validator=_between(0, MAX_WORKERS))
     #: keep DataLoader workers alive across epochs (only with num_workers > 0)
     persistent_workers: bool = True

@@ -1,6 +1,6 @@
 """Composing strategies into the trainable set and optimizer parameter groups.
 
-Rules (also in the README):
+Rules (also in docs/strategies.md):
 - The model starts fully frozen.
 - Selector strategies (``role == "selector"``, :meth:`clipft.Strategy.apply`)
   run in command-line order; the trainable set is the union of their

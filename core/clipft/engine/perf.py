@@ -1,7 +1,7 @@
 """Speed and memory switches of a run: precision support, gradient
 checkpointing, torch.compile.
 
-Defaults were measured, not assumed (README "Performance"): on the 2-core CPU
+Defaults were measured, not assumed (docs/performance.md): on the 2-core CPU
 this project is developed on, fp32 stays the default precision (bf16 autocast
 changes the numbers a run produces, and where a CPU lacks native bf16 it is
 emulated and slow); ``--precision bf16`` is there for CPUs with AMX/AVX512-BF16
