@@ -320,10 +320,16 @@ def test_a_real_ctrl_c_while_plugins_load_still_stops_the_command(site):
     for _ in range(1000):
         pass
     """)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        Registry().load()
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started
+    # in the background by a non-interactive shell starts with SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            Registry().load()
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.mark.parametrize("dist,module,ep", [
