@@ -12,6 +12,8 @@ from numerics import assert_close_rel
 
 DATA = "shapes:n=48,val_n=16"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def cfg(**kw):
     base = dict(model="tiny-vit", data=DATA, epochs=1, batch_size=16)

@@ -263,7 +263,14 @@ def test_only_adapters_train_and_checkpoint_holds_only_them(invoke, tmp_path):
         assert torch.equal(sd[k], v)
 
 
+@pytest.mark.numerics
 def test_lora_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_path):
+    """The base differs from one CPU to the next (4 chaotic epochs of full
+    training), and its zero-shot top-1 on unseen colours is luck: 0.00-0.58 over 8
+    bases (seeds 0-3, AVX-512 / AVX2 / scalar ATen kernels). LoRA on both towers
+    reached 0.56-0.77 on all of them, at least +0.16 over zero-shot; seeds move it
+    by <= 0.03, so one run is enough and the margin asked is a third of the worst
+    gain seen."""
     base = base_checkpoint(tmp_path_factory)
     out = tmp_path / "lora"
     r = invoke("run", "--model", "tiny-vit", "--pretrained", base["weights"], "--data", NOVEL_DATA,
@@ -273,7 +280,8 @@ def test_lora_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_pat
     s = json.loads(r.stdout)
     before, after = s["eval"]["before"]["top1"], s["eval"]["after"]["top1"]
     print(f"lora zero-shot top-1 on unseen colours: {before:.3f} -> {after:.3f}")
-    assert after >= before + 0.1, (before, after)
+    assert after >= before + 0.05, (before, after)
+    assert after >= 0.4, after                   # chance is 1/6; 0.56 was the worst seen
 
 
 def test_lora_with_logit_scale(invoke, tmp_path_factory, tmp_path):

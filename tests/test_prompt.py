@@ -194,36 +194,56 @@ def test_vision_prompt(tiny, invoke):
     assert r.exit_code == 2 and "no token sequence" in r.stderr
 
 
+# The novel task at half NOVEL_DATA's size: the runs below are 4 instead of 2
+PROMPT_DATA = NOVEL_DATA.replace("n=512,", "n=256,")
+SEEDS = (0, 1, 2)
+
+
 @pytest.mark.numerics
 def test_prompt_tuning_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_path):
     """The issue's command, defaults: context from "a photo of a", so the
     summary's ``before`` is exactly the base model's zero-shot top-1 (the data's
-    template). Both it and CoOp's 16 random context vectors improve on it."""
+    template). CoOp's 16 random context vectors learn the new task.
+
+    What is robust and what is not. The base (4 chaotic epochs of full training)
+    differs from one CPU to the next, and its zero-shot top-1 on colours it never
+    saw is luck: 0.00-0.58 over 8 bases (seeds 0-3, AVX-512 / AVX2 / scalar ATen
+    kernels). A shared context initialised from the template cannot remap two
+    untrained colour words: on 5 of those 8 bases it ends at or below zero-shot
+    (0.58 -> 0.55, 0.39 -> 0.28, 0.00 -> 0.00), so the defaults are checked for
+    training (the loss falls), not for a gain. 16 random context vectors with lr
+    5e-3 for 10 epochs reach 0.57-0.75 (mean of 3 seeds) on every base, at least
+    0.14 above its zero-shot; single seeds dip to 0.49, hence the mean. Which variant wins
+    is not asserted: it flips from base to base."""
     base = base_checkpoint(tmp_path_factory)
-    results = {}
-    for tag, strategy in (("default", "prompt"), ("random16", "prompt:init=none")):
+
+    def tune(tag, strategy, seed, *args):
         out = tmp_path / tag
-        r = invoke("run", "--model", "tiny-vit", "--pretrained", base["weights"], "--data", NOVEL_DATA,
-                   "--strategy", strategy, "--head", "text", "--epochs", "3", "--batch-size", "32",
+        r = invoke("run", "--model", "tiny-vit", "--pretrained", base["weights"], "--data", PROMPT_DATA,
+                   "--strategy", strategy, "--head", "text", "--batch-size", "32", "--seed", seed, *args,
                    "--out", out, "--json")
         assert r.exit_code == 0, r.stderr
-        results[tag] = s = json.loads(r.stdout)
+        s = json.loads(r.stdout)
         assert s["eval"]["after"]["head_top1"] == s["eval"]["after"]["top1"]  # text head = zero-shot classifier
         saved = load_file(str(out / "checkpoint" / "model.safetensors"))
         assert list(saved) == ["clipft_class_text.ctx"]
         assert s["params"]["trainable"] == saved["clipft_class_text.ctx"].numel()
-    zero_shot = results["default"]["eval"]["before"]["top1"]
-    default = results["default"]["eval"]["after"]["top1"]
-    random16 = results["random16"]["eval"]["after"]["top1"]
+        return s
+
+    default = tune("default", "prompt", 0, "--epochs", "3")
+    zero_shot = default["eval"]["before"]["top1"]
+    losses = [h["train_loss"] for h in default["eval"]["history"][1:]]
+    # on every base above the epoch-mean loss falls, by 0.24 or more (2.7% at worst)
+    assert losses[-1] < losses[0], losses
+    random16 = [tune(f"random16-{seed}", "prompt:init=none", seed, "--epochs", "10", "--lr", "5e-3")
+                ["eval"]["after"]["top1"] for seed in SEEDS]
+    mean16 = sum(random16) / len(random16)
     print(f"base top-1 on its own task {base['top1']:.3f}; on unseen colours: zero-shot {zero_shot:.3f}, "
-          f"prompt (defaults) {default:.3f}, prompt init=none (16 ctx) {random16:.3f}")
-    # Only what holds on every CPU: which variant wins flips between machines
-    # (AMX vs AVX-512: defaults 0.35 / init=none 0.47 on one, 0.69 / 0.365 on
-    # another, zero-shot 0.27 on both), so neither is asserted to win. Each beats
-    # zero-shot (smallest gap seen: 0.08), and together by a wide margin (mean
-    # gap seen: 0.14 to 0.26).
-    assert min(default, random16) >= zero_shot + 0.05, (zero_shot, default, random16)
-    assert (default + random16) / 2 >= zero_shot + 0.1, (zero_shot, default, random16)
+          f"prompt (defaults) {default['eval']['after']['top1']:.3f}, prompt init=none (16 ctx) "
+          f"{' '.join(f'{a:.3f}' for a in random16)} (mean {mean16:.3f})")
+    # worst base seen: +0.14 over zero-shot and 0.57 (chance is 1/6)
+    assert mean16 >= zero_shot + 0.05, (zero_shot, random16)
+    assert mean16 >= 0.4, random16
     # the learned prompts are what a rebuilt run evaluates with
     from clipft.engine.loadrun import load_run
     run = load_run(tmp_path / "default")
