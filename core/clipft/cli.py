@@ -299,22 +299,28 @@ def plan_cmd(ctx, config_file, as_json, **kw):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--wise-ft", "wise_ft", type=float, metavar="ALPHA",
+              help="Write the WiSE-FT weights (1-ALPHA)*zero-shot + ALPHA*fine-tuned, ALPHA in [0, 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest on stdout.")
 @click.pass_context
 @guarded
-def export_cmd(ctx, run_dir, out, overwrite, device, as_json):
+def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json):
     """Write a run as a plain open_clip model: OUT/open_clip_model.safetensors
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
     head weights go to separate files (see OUT/clipft_export.json)."""
     from clipft.engine.export import export_run
-    manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device)
+    manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device,
+                          wise_ft=wise_ft)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     from clipft.progress import stderr_console
     console = stderr_console()
     console.print(f"exported {run_dir} to {out}: load with {manifest['load_with']}")
+    if manifest["wise_ft"]:
+        console.print(f"  WiSE-FT α={manifest['wise_ft']['alpha']}: (1-α)·zero-shot ({manifest['wise_ft']['zero_shot']})"
+                      " + α·fine-tuned")
     for name, size in manifest["bytes"].items():
         console.print(f"  {name:32s} {size / 2**20:9.2f} MiB")
     if manifest["merged_adapter_layers"]:
@@ -328,6 +334,171 @@ def export_cmd(ctx, run_dir, out, overwrite, device, as_json):
     if drops:
         console.print(f"  verified: load_export reproduces the run's model "
                       f"(max |diff| {manifest['load_export_max_abs_diff']:.2e})")
+
+
+def source_options(fn):
+    """SOURCE (a run or export directory) or --model/--pretrained, for eval and predict."""
+    opts = [
+        click.option("--model", "model_name", help="Evaluate a plain open_clip model instead of a SOURCE."),
+        click.option("--pretrained", help="With --model: pretrained tag or local checkpoint file."),
+        click.option("--templates", help="Prompt templates: simple, openai-imagenet, @FILE or a,b "
+                                         "(default: the run's, else the data source's)."),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--num-workers", type=int, default=0, show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _templates(value):
+    if not value:
+        return None
+    from clipft.data import resolve_templates
+    try:
+        return resolve_templates(value)
+    except ValueError as exc:
+        raise ClipftUsageError(f"--templates {value}: {exc}") from None
+
+
+def _data_ref(value, flag="--data"):
+    from clipft.options import parse_ref
+    if not value:
+        raise ClipftUsageError(f"{flag} is required, e.g. {flag} imagefolder:root=./pets")
+    return parse_ref(value)
+
+
+@cli.command("eval")
+@click.argument("source", required=False)
+@source_options
+@click.option("--data", help="Data source to evaluate on, e.g. imagefolder:root=PATH.")
+@click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
+              help="Which split of --data (a run's own data splits as the run split it).")
+@click.option("--control-data", help="A second data source, to see what was forgotten.")
+@click.option("--confusion", type=click.Path(dir_okay=False), help="Write a confusion-matrix PNG.")
+@click.option("--per-class", "per_class", type=click.Path(dir_okay=False), help="Write per-class accuracy CSV.")
+@click.option("--wise-ft-sweep", "wise_ft_sweep", metavar="A,B,...",
+              help="Evaluate the WiSE-FT interpolations of a run at these α (0 = zero-shot, 1 = fine-tuned).")
+@click.option("--wise-ft-plot", "wise_ft_plot", type=click.Path(dir_okay=False),
+              help="With --wise-ft-sweep: plot the curve to this PNG (e.g. wise_ft.png).")
+@click.pass_context
+@guarded
+def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_workers, device, as_json,
+             data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot):
+    """Evaluate a run, an export or a plain model on a data source: zero-shot and head
+    top-1/top-5, per-class and balanced accuracy, calibration (ECE), caption recall@k."""
+    from clipft.engine import inference
+    from clipft.engine.source import KIND_RUN, load_source
+    reg = _registry(ctx)
+    task_ref = _data_ref(data)
+    control_ref = _data_ref(control_data, "--control-data") if control_data else None
+    tmpl = _templates(templates)
+    if wise_ft_plot and not wise_ft_sweep:
+        raise ClipftUsageError("--wise-ft-plot goes with --wise-ft-sweep")
+    alphas = None
+    if wise_ft_sweep:
+        from clipft.engine.wiseft import parse_alphas
+        alphas = parse_alphas(wise_ft_sweep)
+        if wise_ft_plot:
+            inference.require_matplotlib("--wise-ft-plot")
+    if confusion:
+        inference.require_matplotlib("--confusion")
+    src = load_source(source, model_name, pretrained, reg, device)
+    sets = [("data", task_ref, inference.build_data(task_ref, reg, src))]
+    if control_ref is not None:
+        sets.append(("control", control_ref, inference.build_data(control_ref, reg, src)))
+
+    def measure():
+        return {name: inference.evaluate_source(src, bundle, ref, split, tmpl, batch_size, num_workers)
+                for name, ref, bundle in sets}
+
+    from clipft.progress import stderr_console
+    console = stderr_console()
+    if alphas is not None:
+        if src.kind != KIND_RUN:
+            raise ClipftUsageError("--wise-ft-sweep needs a run directory as SOURCE (it interpolates "
+                                   "the run's weights with the model it started from)")
+        from clipft.engine import wiseft
+        ends = wiseft.endpoints(src.run)
+        curve = []
+        for a in alphas:
+            wiseft.apply(src.run, ends, a)
+            curve.append({"alpha": a, **{k: r.doc["metrics"] for k, r in measure().items()}})
+        doc = {"source": src.description, "split": split, "wise_ft": curve}
+        if wise_ft_plot:
+            inference.write_wise_ft_png(curve, Path(wise_ft_plot))
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            inference.render_wise_ft(doc, console)
+        return
+    results = measure()
+    main = results["data"]
+    if per_class:
+        inference.write_per_class_csv(main, Path(per_class))
+    if confusion:
+        inference.write_confusion_png(main, Path(confusion))
+    doc = dict(main.doc)
+    if "control" in results:
+        doc["control"] = results["control"].doc
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        inference.render_eval(doc, console)
+
+
+@cli.command("predict")
+@click.argument("args", nargs=-1, metavar="[SOURCE] IMAGE|FOLDER...")
+@source_options
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--labels", help="Comma-separated labels for zero-shot prediction.")
+@click.option("--labels-file", type=click.Path(dir_okay=False), help="One label per line.")
+@click.pass_context
+@guarded
+def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_workers, device, as_json,
+                top_k, labels, labels_file):
+    """Top-k labels with probabilities for images: the run's classes (through its head
+    when it has one), or ad-hoc --labels for zero-shot use. --json prints JSON Lines."""
+    from clipft.engine import inference
+    from clipft.engine.source import load_source
+    args = list(args)
+    source = None if model_name else (args.pop(0) if args else None)
+    if not args:
+        raise ClipftUsageError("no images given: clipft predict SOURCE IMAGE|FOLDER...")
+    if top_k < 1:
+        raise ClipftUsageError(f"--top-k {top_k}: must be >= 1")
+    if labels and labels_file:
+        raise ClipftUsageError("give --labels or --labels-file, not both")
+    names = None
+    if labels:
+        names = [x.strip() for x in labels.split(",") if x.strip()]
+    elif labels_file:
+        from clipft.data import read_text_utf8
+        names = [x.strip() for x in read_text_utf8(labels_file, "labels file").splitlines() if x.strip()]
+    if names is not None and not names:
+        raise ClipftUsageError("no labels given")
+    if names is not None and len(set(names)) != len(names):
+        raise ClipftUsageError("labels repeat: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    paths = inference.image_paths(args)
+    src = load_source(source, model_name, pretrained, _registry(ctx), device)
+    classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
+    failed = 0
+    for rec in inference.predict(src, paths, classifier, classes, top_k, batch_size):
+        failed += "error" in rec
+        if as_json:
+            click.echo(json.dumps(rec))
+        elif "error" in rec:
+            click.echo(f"{rec['image']}\terror: {rec['error']}", err=True)
+        else:
+            click.echo(rec["image"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in rec["top"]),
+                       err=True)
+    if failed:
+        click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
+        if failed == len(paths):
+            sys.exit(1)
 
 
 @cli.command("new", help=(

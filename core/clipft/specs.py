@@ -52,6 +52,11 @@ class HeadSpec:
     options: type = NoOptions
     #: True when the head needs class names/prompts (zero-shot, text heads).
     needs_classes: bool = False
+    #: True when the head starts from weights derived from the model itself
+    #: (class-prompt embeddings), so rebuilding it on the zero-shot model gives
+    #: its zero-shot endpoint: WiSE-FT can interpolate it. A randomly
+    #: initialised head (``linear``) cannot be interpolated.
+    zero_shot_init: bool = False
 
 
 @attrs.frozen

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from clipft.metrics import retrieval_metrics
+
 
 class Evaluator:
     """Metrics on the val split, from a features provider (cached or live)."""
@@ -38,25 +40,3 @@ class Evaluator:
             model.train(was_training)
             if head is not None:
                 head.train(was_training)
-
-
-def retrieval_metrics(img: torch.Tensor, txt_unique: torch.Tensor, captions: list[str],
-                      ks=(1, 5)) -> dict:
-    """Recall@k over the val set. Identical captions are encoded once, so an image
-    counts as retrieved when its own caption string is in the top k (image→text);
-    text→image counts any image whose caption is that string."""
-    uniq = list(dict.fromkeys(captions))
-    pos = {c: i for i, c in enumerate(uniq)}
-    target = torch.tensor([pos[c] for c in captions])
-    sim = img @ txt_unique.t()                       # [N_img, N_uniq]
-    out = {}
-    for k in ks:
-        kk = min(k, sim.shape[1])
-        i2t = (sim.topk(kk, dim=1).indices == target[:, None]).any(dim=1).float().mean()
-        kk_t = min(k, sim.shape[0])
-        top_imgs = sim.t().topk(kk_t, dim=1).indices  # [N_uniq, k]
-        t2i = (target[top_imgs] == torch.arange(len(uniq))[:, None]).any(dim=1).float().mean()
-        out[f"i2t_recall@{k}"] = float(i2t)
-        out[f"t2i_recall@{k}"] = float(t2i)
-        out[f"recall@{k}"] = float((i2t + t2i) / 2)
-    return out

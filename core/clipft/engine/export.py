@@ -127,8 +127,11 @@ def _within(diff: float, reference: torch.Tensor) -> bool:
     return diff <= VERIFY_RTOL * max(1.0, float(reference.abs().max()))
 
 
-def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu") -> dict:
-    """Export a run directory; returns the manifest."""
+def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu",
+               wise_ft: Optional[float] = None) -> dict:
+    """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
+    WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
+    fine-tuned weights (:mod:`clipft.engine.wiseft`)."""
     import open_clip
 
     from clipft import __version__
@@ -139,10 +142,18 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     out = Path(out)
     run = load_run(run_dir, registry, device=device)
     model = run.model
+    wise = None
+    if wise_ft is not None:
+        from clipft.engine import wiseft
+        wiseft.check_alpha(wise_ft)
+        ends = wiseft.endpoints(run)     # refuses (before anything is written) where it has no meaning
+        wiseft.apply(run, ends, wise_ft)
+        wise = {"alpha": wise_ft, "zero_shot": f"{run.config.model} pretrained {run.config.pretrained}",
+                "head": ends.head_tuned is not None}
     tmp = _prepare_out(out, overwrite)
     try:
         probe = _probe(model, run.tokenizer)
-        reference = _run_features(model, probe)  # the run's model, everything in place
+        reference = _run_features(model, probe)  # the model as exported, everything in place
 
         # 1. inserted modules that cannot live in an open_clip state dict
         extras = []
@@ -216,6 +227,8 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
             "extras": [info for _, _, info, _ in extras],
             "plain_open_clip_drops": drops,
             "head": head_info,
+            "seed": run.config.seed,
+            "wise_ft": wise,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 

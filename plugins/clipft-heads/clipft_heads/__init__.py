@@ -112,7 +112,8 @@ def clipft_register_heads(register):
         name="zero-shot",
         summary="Classifier initialised from class-prompt text embeddings (WiSE-FT/FLYP); "
                 "starts at zero-shot accuracy.",
-        options=ZeroShotOptions, build=build_zero_shot, needs_classes=True))
+        options=ZeroShotOptions, build=build_zero_shot, needs_classes=True,
+        zero_shot_init=True))
     register(HeadSpec(
         name="text",
         summary="Classifies against the live text encoder over class prompts (no weights of its "

@@ -1,0 +1,388 @@
+"""``clipft eval`` and ``clipft predict``: a :class:`~clipft.engine.source.Source`
+applied to a data split, or to image files.
+
+Two classifiers score an image embedding: zero-shot (cosine similarity to the
+class-prompt embeddings, scaled by the model's logit scale, so that softmax
+gives CLIP's own probabilities) and the run's head when it has one. Each
+prediction command says which one it used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import attrs
+import torch
+
+from clipft.data import DEFAULT_TEMPLATES, IMAGE_EXTENSIONS
+from clipft.errors import ClipftUsageError
+
+SPLITS = ("val", "train", "all")
+RECALL_KS = (1, 5, 10)
+TEXT_CHUNK = 256
+
+
+def logit_scale(model) -> torch.Tensor:
+    """exp(logit_scale), capped at 100 as CLIP trains it."""
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        return torch.tensor(100.0)
+    return scale.detach().float().exp().clamp(max=100.0)
+
+
+class ZeroShot:
+    """Scores against class-prompt embeddings (the model's learned prompts when
+    it has a class-prompt encoder, else the template ensemble)."""
+
+    name = "zero-shot"
+
+    def __init__(self, source, classnames: Sequence[str], templates: Sequence[str]):
+        from clipft.encode import class_text_features
+        with torch.no_grad():
+            self.weights = class_text_features(source.model, source.tokenizer, list(classnames),
+                                               tuple(templates), source.device).float()
+        self.scale = logit_scale(source.model).to(self.weights.device)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.scale * feats @ self.weights.t()
+
+
+class HeadScores:
+    """The run's head, its columns put in the order of ``classnames``."""
+
+    name = "head"
+
+    def __init__(self, head, head_classes: Sequence[str], classnames: Sequence[str]):
+        self.head = head
+        pos = {c: i for i, c in enumerate(head_classes)}
+        self.columns = torch.tensor([pos[c] for c in classnames])
+
+    @staticmethod
+    def applies(head, head_classes, classnames) -> bool:
+        return head is not None and head_classes is not None and sorted(head_classes) == sorted(classnames)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.head(feats).float()
+        return out[:, self.columns.to(out.device)]
+
+
+# -- data -------------------------------------------------------------------------------
+def build_data(data_ref, registry, source):
+    """The data source's bundle, both splits with the model's val transform, the
+    split seeded as the run seeded it."""
+    from clipft.data import DataContext
+    from clipft.options import build_options
+    spec = registry.get("data", data_ref.name)
+    opts = build_options("data", spec, data_ref.options)
+    ctx = DataContext(transform_train=source.preprocess, transform_val=source.preprocess,
+                      seed=source.seed, deterministic_train=True)
+    return spec.build(opts, ctx)
+
+
+def split_dataset(bundle, split: str):
+    if split == "val":
+        return bundle.val
+    if split == "train":
+        return bundle.train
+    return torch.utils.data.ConcatDataset([bundle.train, bundle.val])
+
+
+@torch.no_grad()
+def embed_dataset(source, dataset, batch_size: int = 64, num_workers: int = 0):
+    """Normalised image embeddings, labels and captions of every decodable
+    sample, and the number of samples that could not be decoded."""
+    from clipft.data import Batches, DecodeFailures, GuardedDataset, collate
+    from clipft.encode import encode_images
+    loader = torch.utils.data.DataLoader(GuardedDataset(dataset), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=collate)
+    failures = DecodeFailures()
+    feats, labels, captions = [], [], []
+    for b in Batches(loader, failures, "eval"):
+        feats.append(encode_images(source.model, b["images"].to(source.device)).float())
+        labels.append(b["labels"])
+        captions.extend(b["captions"])
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), [], failures.count
+    return torch.cat(feats), torch.cat(labels).to(source.device), captions, failures.count
+
+
+@torch.no_grad()
+def caption_embeddings(source, captions: list[str]) -> torch.Tensor:
+    from clipft.encode import encode_texts
+    uniq = list(dict.fromkeys(captions))
+    out = [encode_texts(source.model, source.tokenizer(uniq[i:i + TEXT_CHUNK]).to(source.device)).float()
+           for i in range(0, len(uniq), TEXT_CHUNK)]
+    return torch.cat(out)
+
+
+def pick_templates(explicit: Optional[Sequence[str]], data_ref, source, bundle) -> tuple:
+    """``--templates``, then templates named in ``--data``, then the ones the
+    model was trained with, then the data source's default."""
+    if explicit:
+        return tuple(explicit)
+    if "templates" not in data_ref.options and source.templates:
+        return tuple(source.templates)
+    return tuple(bundle.templates or DEFAULT_TEMPLATES)
+
+
+# -- eval -------------------------------------------------------------------------------
+@attrs.define
+class EvalResult:
+    doc: dict
+    #: classifier name -> [true, predicted] counts, for the confusion plot
+    confusion: dict = attrs.field(factory=dict)
+    classnames: Optional[list] = None
+
+
+def evaluate_source(source, bundle, data_ref, split: str = "val", templates=None,
+                    batch_size: int = 64, num_workers: int = 0) -> EvalResult:
+    from clipft.metrics import classification_metrics, retrieval_metrics
+    if split not in SPLITS:
+        raise ClipftUsageError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    dataset = split_dataset(bundle, split)
+    if len(dataset) == 0:
+        raise ClipftUsageError(f"the {split} split of {bundle.description or data_ref.name} is empty")
+    feats, labels, captions, failed = embed_dataset(source, dataset, batch_size, num_workers)
+    if len(feats) == 0:
+        raise ClipftUsageError(f"no image of the {split} split could be decoded ({failed} failed)")
+    doc = {"source": source.description, "data": bundle.description or data_ref.name, "split": split,
+           "samples": len(feats), "unreadable": failed, "metrics": {}, "notes": []}
+    result = EvalResult(doc)
+    if bundle.has_labels:
+        names = list(bundle.classnames)
+        tmpl = pick_templates(templates, data_ref, source, bundle)
+        doc["classes"], doc["templates"] = names, list(tmpl)
+        classifiers = [ZeroShot(source, names, tmpl)]
+        if HeadScores.applies(source.head, source.classnames, names):
+            classifiers.append(HeadScores(source.head, source.classnames, names))
+        elif source.head is not None:
+            doc["notes"].append(f"head skipped: it was trained for {len(source.classnames or [])} other "
+                                f"classes than the data's {len(names)}")
+        per_class = [{"class": c} for c in names]
+        doc["reliability"] = {}
+        for clf in classifiers:
+            prefix = "" if clf.name == "zero-shot" else "head_"
+            logits = clf.logits(feats)
+            head, details = classification_metrics(logits, logits.softmax(dim=1), labels, len(names), prefix)
+            doc["metrics"].update(head)
+            for row, (n, acc) in zip(per_class, details["per_class"]):
+                row["samples"], row[f"{prefix}top1"] = n, acc
+            doc["reliability"][clf.name] = details["reliability"]
+            result.confusion[clf.name] = details["confusion"]
+        doc["per_class"] = per_class
+        result.classnames = names
+    if bundle.has_captions:
+        doc["metrics"].update(retrieval_metrics(feats, caption_embeddings(source, captions), captions,
+                                                ks=RECALL_KS))
+    if not doc["metrics"]:
+        doc["notes"].append("the data has neither class labels nor captions: nothing to measure")
+    return result
+
+
+def write_per_class_csv(result: EvalResult, path: Path) -> None:
+    import csv
+    rows = result.doc.get("per_class")
+    if not rows:
+        raise ClipftUsageError("--per-class needs data with class labels")
+    cols = ["class", "samples"] + [k for k in rows[0] if k not in ("class", "samples")]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
+    tmp.replace(path)
+
+
+def require_matplotlib(flag: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ClipftUsageError(f"{flag} draws with matplotlib, which is not installed; install the "
+                               "'plots' extra: pip install 'clipft[plots]' (or pip install matplotlib)") from None
+    return plt
+
+
+def write_confusion_png(result: EvalResult, path: Path) -> None:
+    if not result.confusion:
+        raise ClipftUsageError("--confusion needs data with class labels")
+    plt = require_matplotlib("--confusion")
+    name = "head" if "head" in result.confusion else "zero-shot"
+    cm = result.confusion[name].cpu().numpy()
+    names = result.classnames
+    size = min(4 + 0.35 * len(names), 30)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    try:
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion ({name}), {int(cm.sum())} images")
+        if len(names) <= 50:
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            if len(names) <= 20:
+                for i in range(len(names)):
+                    for j in range(len(names)):
+                        if cm[i, j]:
+                            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+        fig.tight_layout()
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save_png(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+
+
+# -- predict ----------------------------------------------------------------------------
+def image_paths(args: Iterable[str]) -> list[Path]:
+    """Files as given, and the images under each folder (sorted, recursive)."""
+    out = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_EXTENSIONS and x.is_file())
+            if not found:
+                raise ClipftUsageError(f"{p} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def classifier_for_predict(source, labels: Optional[list], templates: Optional[Sequence[str]]):
+    """Ad-hoc labels: zero-shot over them. Otherwise the run's classes, through
+    its head when it has one."""
+    if labels:
+        return ZeroShot(source, labels, tuple(templates or source.templates or DEFAULT_TEMPLATES)), labels
+    if not source.classnames:
+        raise ClipftUsageError(f"{source.description} has no class names: pass --labels a,b,c or "
+                               "--labels-file FILE for zero-shot prediction")
+    names = list(source.classnames)
+    if source.head is not None and not templates:
+        return HeadScores(source.head, names, names), names
+    return ZeroShot(source, names, tuple(templates or source.templates or DEFAULT_TEMPLATES)), names
+
+
+@torch.no_grad()
+def predict(source, paths: Sequence[Path], classifier, names: list, top_k: int = 5,
+            batch_size: int = 32) -> Iterator[dict]:
+    """One record per path, in order: ``{"image", "used", "top": [{"label",
+    "prob"}]}``, or ``{"image", "error"}`` for a file that cannot be read."""
+    from clipft.data import load_image
+    from clipft.encode import encode_images
+    k = min(top_k, len(names))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        records, tensors, slots = [None] * len(chunk), [], []
+        for i, p in enumerate(chunk):
+            if not p.is_file():
+                records[i] = {"image": str(p), "error": "no such file"}
+                continue
+            img = load_image(p)
+            if img is None:
+                records[i] = {"image": str(p), "error": "cannot decode the image"}
+                continue
+            try:
+                tensors.append(source.preprocess(img))
+            except Exception as exc:  # noqa: BLE001 - a bad image is reported, the rest go on
+                records[i] = {"image": str(p), "error": f"cannot transform the image: {exc}"}
+                continue
+            slots.append(i)
+        if tensors:
+            feats = encode_images(source.model, torch.stack(tensors).to(source.device)).float()
+            probs = classifier.logits(feats).softmax(dim=1)
+            top = probs.topk(k, dim=1)
+            for row, i in enumerate(slots):
+                records[i] = {"image": str(chunk[i]), "used": classifier.name,
+                              "top": [{"label": names[j], "prob": float(v)}
+                                      for v, j in zip(top.values[row].tolist(), top.indices[row].tolist())]}
+        yield from records
+
+
+# -- output -----------------------------------------------------------------------------
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_eval(doc: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    for part, d in [("data", doc)] + ([("control", doc["control"])] if "control" in doc else []):
+        t = Table(title=escape(f"{d['source']} on {d['data']} ({d['split']}, {d['samples']} images"
+                               + (f", {d['unreadable']} unreadable" if d["unreadable"] else "") + ")"
+                               + (" [control]" if part == "control" else "")))
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k, v in d["metrics"].items():
+            t.add_row(k, _fmt(v))
+        console.print(t)
+        rows = d.get("per_class") or []
+        if rows and part == "data":
+            key = "head_top1" if "head_top1" in rows[0] else "top1"
+            worst = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key])[:10]
+            pc = Table(title=f"per-class {key}, worst {len(worst)} of {len(rows)}")
+            for col in ("class", "images", key):
+                pc.add_column(col)
+            for r in worst:
+                pc.add_row(escape(r["class"]), str(r["samples"]), _fmt(r[key]))
+            console.print(pc)
+            rel = d["reliability"].get("head" if key == "head_top1" else "zero-shot", [])
+            used = [b for b in rel if b["count"]]
+            if used:
+                console.print("reliability (confidence bin: images, mean confidence -> accuracy): "
+                              + "; ".join(f"({b['lo']:.2f},{b['hi']:.2f}] {b['count']} "
+                                          f"{b['confidence']:.2f}->{b['accuracy']:.2f}" for b in used),
+                              soft_wrap=True)
+        for note in d["notes"]:
+            console.print(f"[yellow]note[/yellow]: {escape(note)}")
+
+
+def _curve_columns(curve: list) -> list:
+    """(part, metric) pairs shown for a WiSE-FT curve: top-1s and recall@1."""
+    cols = []
+    for part in ("data", "control"):
+        if part in curve[0]:
+            for m in ("top1", "head_top1", "recall@1"):
+                if m in curve[0][part]:
+                    cols.append((part, m))
+    return cols
+
+
+def render_wise_ft(doc: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    curve = doc["wise_ft"]
+    t = Table(title=escape(f"WiSE-FT: {doc['source']} ({doc['split']})"))
+    t.add_column("α", justify="right")
+    cols = _curve_columns(curve)
+    for part, m in cols:
+        t.add_column(f"{m}" if part == "data" else f"control {m}", justify="right")
+    for row in curve:
+        t.add_row(f"{row['alpha']:g}", *(_fmt(row[p][m]) for p, m in cols))
+    console.print(t)
+
+
+def write_wise_ft_png(curve: list, path: Path) -> None:
+    plt = require_matplotlib("--wise-ft-plot")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    try:
+        xs = [r["alpha"] for r in curve]
+        for part, m in _curve_columns(curve):
+            ax.plot(xs, [r[part][m] for r in curve], marker="o",
+                    label=m if part == "data" else f"control {m}")
+        ax.set_xlabel("α (0 = zero-shot, 1 = fine-tuned)")
+        ax.set_ylabel("accuracy")
+        ax.set_title("WiSE-FT")
+        ax.legend()
+        fig.tight_layout()
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)

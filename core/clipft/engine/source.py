@@ -1,0 +1,84 @@
+"""What ``clipft eval`` and ``clipft predict`` evaluate: a run directory, an
+export directory, or a plain open_clip model (``--model M --pretrained P``).
+
+Each becomes a :class:`Source`: a model in eval mode with its tokenizer and
+val transform, the head when there is one, and the class names and templates
+the model was trained for (None for a plain model).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.errors import ClipftUsageError
+
+KIND_RUN, KIND_EXPORT, KIND_MODEL = "run", "export", "model"
+
+
+@attrs.define
+class Source:
+    kind: str
+    description: str
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: object
+    head: Optional[torch.nn.Module]
+    classnames: Optional[list]
+    templates: Optional[tuple]
+    device: torch.device
+    #: the split seed of the run (so a run's own val split is the one it saw)
+    seed: int = 0
+    #: the run's RunConfig, for a run directory
+    config: object = None
+    #: the loaded run (``clipft.engine.loadrun.LoadedRun``), for a run directory
+    run: object = None
+
+
+def source_kind(path: Path) -> str:
+    from clipft.engine.export import MANIFEST
+    if (path / "config.toml").is_file():
+        return KIND_RUN
+    if (path / MANIFEST).is_file():
+        return KIND_EXPORT
+    if not path.exists():
+        raise ClipftUsageError(f"{path} does not exist; SOURCE is a run directory, an export "
+                               "directory, or give --model M --pretrained P instead")
+    raise ClipftUsageError(f"{path} is neither a clipft run directory (config.toml) nor an export "
+                           "(clipft_export.json); or give --model M --pretrained P instead")
+
+
+def load_source(source: Optional[str], model_name: Optional[str] = None, pretrained: Optional[str] = None,
+                registry=None, device: str = "cpu") -> Source:
+    from clipft.engine.assemble import pick_device
+
+    if source and model_name:
+        raise ClipftUsageError(f"give either SOURCE ({source}) or --model, not both")
+    if not source and not model_name:
+        raise ClipftUsageError("nothing to evaluate: give a run directory, an export directory, "
+                               "or --model M --pretrained P")
+    if pretrained and not model_name:
+        raise ClipftUsageError("--pretrained goes with --model (a run or export knows its weights)")
+    dev = pick_device(device)
+    if model_name:
+        from clipft.models import load_model
+        loaded = load_model(model_name, pretrained or "auto", device=str(dev))
+        loaded.model.requires_grad_(False)
+        loaded.model.eval()
+        return Source(KIND_MODEL, f"{model_name} ({loaded.pretrained})", loaded.model, loaded.tokenizer,
+                      loaded.preprocess_val, None, None, None, dev)
+    path = Path(source)
+    kind = source_kind(path)
+    if kind == KIND_RUN:
+        from clipft.engine.loadrun import load_run
+        run = load_run(path, registry, device=str(dev))
+        return Source(KIND_RUN, f"run {path}", run.model, run.tokenizer, run.preprocess, run.head,
+                      run.classnames, tuple(run.templates), dev, seed=run.config.seed,
+                      config=run.config, run=run)
+    from clipft.engine.export import load_export
+    exp = load_export(path, registry, device=str(dev))
+    return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
+                  exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,
+                  dev, seed=int(exp["manifest"].get("seed", 0)))
