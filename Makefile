@@ -10,7 +10,7 @@ EXAMPLE_PLUGINS := examples/clipft-bitfit/pyproject.toml
 # against; installing them first keeps pip from resolving a newer multi-GB wheel.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-numerics bench clean
+.PHONY: install demo base test test-numerics bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml $(PLUGINS) $(EXAMPLE_PLUGINS)
 
 demo: install
 	CLIPFT_DEMO=1 $(BIN)/clipft run --config examples/configs/demo.toml --out runs/demo --overwrite
+
+# A "pretrained" tiny CLIP (shapes in four colours) for the README's walkthrough:
+# runs/base (the run) and runs/base-export/open_clip_model.safetensors (the weights).
+base: install
+	$(BIN)/clipft run --config examples/configs/base.toml --out runs/base --overwrite
+	$(BIN)/clipft export runs/base runs/base-export --overwrite
 
 test: install
 	$(BIN)/python -m pytest tests examples/clipft-bitfit/tests

@@ -44,3 +44,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _use_run(invoke, out, *args):
+    from peft_base import SMALL_NOVEL
+    res = invoke("run", "--model", "tiny-vit", "--data", SMALL_NOVEL, "--epochs", "1", "--batch-size", "16",
+                 "--callback", "none", "--out", out, "--json", *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Runs fine-tuned from the shared "pretrained" base (tests/peft_base.py) on
+    its novel colours, one epoch each: ``full`` (contrastive), ``head``
+    (last-n:n=1 with a zero-shot head, cross-entropy) and ``lora``; built once
+    per session for the eval, predict and WiSE-FT tests."""
+    from click.testing import CliRunner
+
+    from peft_base import SMALL_NOVEL, base_checkpoint
+
+    from clipft.cli import cli
+    base = base_checkpoint(tmp_path_factory)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    root = tmp_path_factory.mktemp("use")
+    out = {"base": base, "root": root}
+    out["full"] = root / "full"
+    out["full_summary"] = _use_run(invoke, out["full"], "--pretrained", base["weights"], "--strategy", "full",
+                               "--lr", "1e-3")
+    out["head"] = root / "head"
+    out["head_summary"] = _use_run(invoke, out["head"], "--pretrained", base["weights"], "--strategy", "last-n:n=1",
+                               "--head", "zero-shot", "--loss", "cross-entropy")
+    out["lora"] = root / "lora"
+    out["lora_summary"] = _use_run(invoke, out["lora"], "--pretrained", base["weights"], "--strategy", "lora")
+    return out

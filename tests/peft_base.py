@@ -1,7 +1,8 @@
 """A "pretrained" tiny-vit for the prompt-tuning, LoRA and export tests.
 
-Built once per test session by a short contrastive run (``--strategy full``) on
-the ``shapes`` data with four colours, then exported with ``clipft export``.
+Built once per test session by the recipe ``make base`` runs
+(``examples/configs/base.toml``: a short contrastive run, ``full``, on the
+``shapes`` data with four colours), then exported with ``clipft export``.
 The tests tune it on *other* colours (purple, orange), a task it was not
 trained for, and check that zero-shot top-1 improves.
 """
@@ -10,6 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+#: the recipe (``make base`` runs the same file)
+BASE_CONFIG = ROOT / "examples" / "configs" / "base.toml"
+#: the base's own concepts (its val split is the control set for forgetting)
 BASE_DATA = "shapes:n=1536,val_n=96,colours=red,green,blue,yellow,shapes=circle,square,triangle"
 NOVEL_DATA = "shapes:n=512,val_n=96,seed=1,colours=purple,orange,shapes=circle,square,triangle"
 SMALL_NOVEL = "shapes:n=64,val_n=32,seed=1,colours=purple,orange,shapes=circle,square,triangle"
@@ -28,10 +33,8 @@ def base_checkpoint(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("peft-base")
     run_dir, export_dir = root / "run", root / "export"
     runner = CliRunner()
-    res = runner.invoke(cli, ["run", "--model", "tiny-vit", "--pretrained", "none", "--data", BASE_DATA,
-                              "--strategy", "full", "--loss", "contrastive", "--lr", "2e-3", "--epochs", "4",
-                              "--batch-size", "32", "--out", str(run_dir), "--json"],
-                        catch_exceptions=False)
+    res = runner.invoke(cli, ["run", "--config", str(BASE_CONFIG), "--callback", "none",
+                              "--out", str(run_dir), "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     res = runner.invoke(cli, ["export", str(run_dir), str(export_dir)], catch_exceptions=False)

@@ -501,6 +501,65 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
             sys.exit(1)
 
 
+@cli.command("sweep")
+@run_options
+@click.option("--strategies", "members", required=True, metavar="A,B:k=v,C+D",
+              help="Members to compare: commas separate them, '+' composes strategies in one member.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per member (mean ± std).")
+@click.option("--control-data", help="A second data source, to measure forgetting.")
+@click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default runs/sweep-<time>).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier sweep in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
+@click.pass_context
+@guarded
+def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as_json, **kw):
+    """Run several strategies on the same data, budget and seeds; one table of top-1
+    before/after, forgetting, trainable params, time, memory and checkpoint size."""
+    import time as _time
+
+    from clipft.engine import sweep
+    if kw.get("strategies"):
+        raise ClipftUsageError("clipft sweep takes its strategies from --strategies, not --strategy")
+    if seeds < 1:
+        raise ClipftUsageError(f"--seeds {seeds}: must be >= 1")
+    refs = sweep.parse_members(members)
+    cfg = build_config(config_file, kw)
+    reg = _registry(ctx)
+    from clipft.engine.assemble import resolve
+    import attrs
+    for m in refs:                      # every member resolves before the first one trains
+        resolve(attrs.evolve(cfg, strategies=m), reg)
+    control = _data_ref(control_data, "--control-data") if control_data else None
+    if control is not None:
+        reg.get("data", control.name)
+    out_dir = Path(out) if out else Path("runs") / f"sweep-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if (out_dir / sweep.SWEEP_JSON).exists() and not overwrite:
+        raise ClipftUsageError(f"{out_dir} holds a sweep already; pass --overwrite to replace it")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / sweep.SWEEP_JSON).exists() \
+            and not any(out_dir.glob("*/seed*.toml")):
+        raise ClipftUsageError(f"{out_dir} exists and is not a sweep directory; choose another --out")
+    from clipft.progress import stderr_console
+    console = stderr_console()
+
+    def progress(done, total, name, seed):
+        console.print(f"[{done + 1}/{total}] {name} seed {seed}")
+
+    spec = sweep.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
+                           disabled=tuple(sorted(ctx.find_root().obj["disabled"])))
+    doc = sweep.run_sweep(spec, reg, console, on_member=progress)
+    try:
+        sweep.write_sweep_png(doc, out_dir / sweep.SWEEP_PNG)
+    except ClipftUsageError as exc:     # no matplotlib: the table and sweep.json are what matter
+        console.print(f"[yellow]note[/yellow]: no {sweep.SWEEP_PNG}: {exc}")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        sweep.render_sweep(doc, console)
+        console.print(f"wrote {out_dir / sweep.SWEEP_JSON}")
+    if all(m["ok"] == 0 for m in doc["members"]):
+        sys.exit(1)
+
+
 @cli.command("new", help=(
     f"Scaffold a plugin distribution: a KIND ({kinds.human_list()}) component NAME, with "
     "its pyproject.toml entry point, a working example component, a README and tests "

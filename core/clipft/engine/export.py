@@ -142,12 +142,13 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     out = Path(out)
     run = load_run(run_dir, registry, device=device)
     model = run.model
-    wise = None
+    wise, folded = None, 0
     if wise_ft is not None:
         from clipft.engine import wiseft
         wiseft.check_alpha(wise_ft)
         ends = wiseft.endpoints(run)     # refuses (before anything is written) where it has no meaning
         wiseft.apply(run, ends, wise_ft)
+        folded = ends.folded
         wise = {"alpha": wise_ft, "zero_shot": f"{run.config.model} pretrained {run.config.pretrained}",
                 "head": ends.head_tuned is not None}
     tmp = _prepare_out(out, overwrite)
@@ -176,11 +177,8 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
             delattr(_get(model, parent), attr)
 
         # 2. fold adapters into the base weights
-        folded = 0
-        for _, module in inserted_modules(model):
-            if module.folds_into_base:
-                module.fold_into_base()
-                folded += 1
+        from clipft.engine.wiseft import fold_adapters
+        folded += fold_adapters(model)
         state = model.state_dict()
         stray = sorted(set(state) - set(run.base_shapes))
         if stray:

@@ -62,6 +62,8 @@ class Endpoints:
     tuned: dict
     head_zero_shot: Optional[dict] = None
     head_tuned: Optional[dict] = None
+    #: adapter layers folded into the base weights to get ``tuned``
+    folded: int = 0
 
 
 def fold_adapters(model) -> int:
@@ -83,7 +85,7 @@ def endpoints(run) -> Endpoints:
     reason = refusal(run)
     if reason:
         raise ClipftUsageError(f"WiSE-FT: {reason}")
-    fold_adapters(run.model)
+    folded = fold_adapters(run.model)
     tuned = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     cfg = run.config
     seed_everything(cfg.seed)          # a random-init base is rebuilt as the run built it
@@ -103,7 +105,7 @@ def endpoints(run) -> Endpoints:
                          templates=run.templates, seed=cfg.seed)
         head_zero = {k: v.detach().clone() for k, v in built.head.state_dict().items()}
         head_tuned = {k: v.detach().clone() for k, v in run.head.state_dict().items()}
-    return Endpoints({k: zero[k] for k in tuned}, tuned, head_zero, head_tuned)
+    return Endpoints({k: zero[k] for k in tuned}, tuned, head_zero, head_tuned, folded)
 
 
 def interpolate(zero: dict, tuned: dict, alpha: float) -> dict:

@@ -1,0 +1,242 @@
+"""``clipft sweep``: several strategies on the same data, budget and seeds, in
+one table: in-task top-1 before and after, forgetting on a control set, and
+the cost (trainable parameters, train seconds, peak RSS, checkpoint bytes).
+
+Each member run is an ordinary ``clipft run`` in its own process, writing an
+ordinary run directory (``OUT/<member>/seed<S>/``), so ``clipft runs OUT``
+lists them, a member that fails or crashes does not stop the others, and each
+member's peak RSS is its own (one process's high-water mark would only grow).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import attrs
+
+from clipft.errors import ClipftUsageError
+from clipft.options import ComponentRef, parse_ref
+
+SWEEP_JSON = "sweep.json"
+SWEEP_PNG = "sweep.png"
+#: the numbers averaged over seeds, in table order
+NUMBERS = ("top1_before", "top1_after", "head_top1_after", "control_before", "control_after",
+           "forgetting", "trainable", "train_seconds", "peak_rss_mb", "checkpoint_mb")
+
+
+def parse_members(text: str) -> list[list[ComponentRef]]:
+    """``projections,last-n:n=2,tower=vision,lora,reproject:dim=64+last-n:n=1``:
+    commas separate members, a ``k=v`` piece after a member is one more option
+    of it, and ``+`` composes strategies inside one member."""
+    members, current = [], None
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece.split("=", 1)[0] and current is not None:
+            current += "," + piece
+            continue
+        if current is not None:
+            members.append(current)
+        current = piece
+    if current is not None:
+        members.append(current)
+    if not members:
+        raise ClipftUsageError("--strategies is empty; e.g. --strategies projections,last-n:n=2,lora")
+    out = [[parse_ref(s) for s in m.split("+")] for m in members]
+    names = [member_name(m) for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ClipftUsageError(f"--strategies names {', '.join(dup)} twice")
+    return out
+
+
+def member_name(refs) -> str:
+    """A folder-safe name: ``last-n.n=2+lora``."""
+    parts = []
+    for r in refs:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(r.options.items()))
+        parts.append(r.name + (f".{opts}" if opts else ""))
+    return "+".join(parts).replace("/", "_").replace(" ", "_")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _mean_std(values: list) -> tuple:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+@attrs.define
+class SweepSpec:
+    config: object                 # RunConfig shared by the members (strategies, seed replaced)
+    members: list                  # [[ComponentRef]]
+    seeds: int
+    out: Path
+    control: Optional[ComponentRef] = None
+    disabled: tuple = ()
+
+
+def _run_member(spec: SweepSpec, refs, seed: int, run_dir: Path) -> dict:
+    from clipft.engine.session import config_for_dir
+    cfg = attrs.evolve(spec.config, strategies=list(refs), seed=seed)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir.parent / f"seed{seed}.toml"
+    cfg_file.write_text(config_for_dir(cfg, run_dir))
+    cmd = [sys.executable, "-m", "clipft.cli"]
+    for d in spec.disabled:
+        cmd += ["--disable-plugin", d]
+    cmd += ["run", "--config", str(cfg_file), "--out", str(run_dir), "--overwrite", "--json"]
+    env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "120"))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    row = {"seed": seed, "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - started}
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        row.update(status="failed", exit_code=proc.returncode,
+                   error=(errors[-1][7:] if errors else (proc.stderr.strip().splitlines() or ["?"])[-1]))
+        return row
+    summary = json.loads(proc.stdout)
+    before, after = summary["eval"]["before"], summary["eval"]["after"]
+    row.update(status="ok", top1_before=before.get("top1"), top1_after=after.get("top1"),
+               head_top1_after=after.get("head_top1"), trainable=summary["params"]["trainable"],
+               trainable_fraction=summary["params"]["trainable_fraction"],
+               train_seconds=summary["train"]["seconds"], peak_rss_mb=summary["train"]["peak_rss_mb"],
+               checkpoint_mb=_dir_bytes(run_dir / "checkpoint") / 2**20)
+    return row
+
+
+def _control_top1(source_args: dict, control_ref, registry) -> float:
+    from clipft.engine import inference
+    from clipft.engine.source import load_source
+    src = load_source(registry=registry, **source_args)
+    bundle = inference.build_data(control_ref, registry, src)
+    res = inference.evaluate_source(src, bundle, control_ref)
+    return res.doc["metrics"].get("top1")
+
+
+def run_sweep(spec: SweepSpec, registry, console=None, on_member=None) -> dict:
+    """Run every member with every seed; returns (and writes) ``sweep.json``."""
+    spec.out.mkdir(parents=True, exist_ok=True)
+    cfg = spec.config
+    control_before = None
+    if spec.control is not None:
+        control_before = _control_top1({"source": None, "model_name": cfg.model, "pretrained": cfg.pretrained,
+                                        "device": cfg.device}, spec.control, registry)
+    seeds = [cfg.seed + k for k in range(spec.seeds)]
+    members = []
+    total, done = len(spec.members) * len(seeds), 0
+    for refs in spec.members:
+        name = member_name(refs)
+        runs = []
+        for seed in seeds:
+            if on_member:
+                on_member(done, total, name, seed)
+            row = _run_member(spec, refs, seed, spec.out / name / f"seed{seed}")
+            if row["status"] == "ok" and spec.control is not None:
+                row["control_before"] = control_before
+                row["control_after"] = _control_top1({"source": row["run_dir"], "device": cfg.device},
+                                                     spec.control, registry)
+                row["forgetting"] = control_before - row["control_after"]
+            runs.append(row)
+            done += 1
+        ok = [r for r in runs if r["status"] == "ok"]
+        stats = {k: _mean_std([r.get(k) for r in ok]) for k in NUMBERS}
+        members.append({"name": name, "strategies": [{"name": r.name, **r.options} for r in refs],
+                        "runs": runs, "ok": len(ok), "failed": len(runs) - len(ok),
+                        "mean": {k: v[0] for k, v in stats.items()},
+                        "std": {k: v[1] for k, v in stats.items()}})
+    doc = {"out": str(spec.out), "seeds": seeds, "model": cfg.model, "pretrained": cfg.pretrained,
+           "data": {"name": cfg.data.name, **cfg.data.options}, "epochs": cfg.epochs,
+           "control_data": ({"name": spec.control.name, **spec.control.options} if spec.control else None),
+           "members": members}
+    tmp = spec.out / f".{SWEEP_JSON}.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(spec.out / SWEEP_JSON)
+    return doc
+
+
+def _pm(m, sd, fmt="{:.3f}") -> str:
+    if m is None:
+        return "-"
+    return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd else "")
+
+
+def render_sweep(doc: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    n = len(doc["seeds"])
+    t = Table(title=escape(f"sweep: {doc['model']} on {doc['data']['name']}, {doc['epochs']} epochs, "
+                           f"{n} seed{'s' if n > 1 else ''} (mean ± std)"))
+    control = doc["control_data"] is not None
+    cols = ["strategy", "top1 before", "top1 after"]
+    if any(m["mean"]["head_top1_after"] is not None for m in doc["members"]):
+        cols.append("head top1")
+    if control:
+        cols += ["control after", "forgetting"]
+    cols += ["trainable", "train s", "peak RSS MB", "ckpt MB", "runs"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "strategy" else "right")
+    for m in doc["members"]:
+        mean, sd = m["mean"], m["std"]
+        row = [escape(m["name"]), _pm(mean["top1_before"], sd["top1_before"]),
+               _pm(mean["top1_after"], sd["top1_after"])]
+        if "head top1" in cols:
+            row.append(_pm(mean["head_top1_after"], sd["head_top1_after"]))
+        if control:
+            row += [_pm(mean["control_after"], sd["control_after"]), _pm(mean["forgetting"], sd["forgetting"])]
+        row += ["-" if mean["trainable"] is None else f"{mean['trainable']:,.0f}",
+                _pm(mean["train_seconds"], None, "{:.1f}"), _pm(mean["peak_rss_mb"], None, "{:.0f}"),
+                _pm(mean["checkpoint_mb"], None, "{:.2f}"),
+                f"{m['ok']} ok" + (f", [red]{m['failed']} failed[/red]" if m["failed"] else "")]
+        t.add_row(*row)
+    console.print(t)
+    if control:
+        console.print(f"control before (the base model): {doc['members'][0]['runs'][0].get('control_before', '-')}"
+                      if doc["members"] and doc["members"][0]["runs"] else "")
+    for m in doc["members"]:
+        for r in m["runs"]:
+            if r["status"] != "ok":
+                console.print(f"[red]{escape(m['name'])} seed {r['seed']} failed[/red]: {escape(r['error'])}",
+                              soft_wrap=True)
+
+
+def write_sweep_png(doc: dict, path: Path) -> None:
+    from clipft.engine.inference import _save_png, require_matplotlib
+    plt = require_matplotlib("the sweep plot")
+    members = [m for m in doc["members"] if m["ok"]]
+    if not members:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(members)), 4), dpi=100)
+    try:
+        xs = range(len(members))
+        series = [("top1_after", "in-task top-1")]
+        if doc["control_data"]:
+            series.append(("control_after", "control top-1"))
+        width = 0.8 / len(series)
+        for i, (key, label) in enumerate(series):
+            ax.bar([x + i * width for x in xs], [m["mean"][key] for m in members], width,
+                   yerr=[m["std"][key] or 0 for m in members], label=label, capsize=3)
+        before = members[0]["mean"]["top1_before"]
+        if before is not None:
+            ax.axhline(before, color="grey", linestyle="--", label="in-task before")
+        ax.set_xticks([x + (len(series) - 1) * width / 2 for x in xs], [m["name"] for m in members],
+                      rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("top-1")
+        ax.set_title(f"sweep over {len(doc['seeds'])} seed(s)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)
