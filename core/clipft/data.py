@@ -42,6 +42,13 @@ class DataBundle:
     #: files found unreadable while indexing the data (path, reason)
     skipped: list = attrs.field(factory=list)
     description: str = ""
+    #: how the training split was chosen, when it is a sample (few-shot):
+    #: ``{"shots": K, "shots_seed": s, "train": [paths...]}``; the engine writes
+    #: it to ``RUN/data_split.json`` so the split can be audited
+    split: Optional[dict] = None
+    #: messages for the user, shown when the run starts (a class taken whole
+    #: because it has fewer images than ``shots``)
+    warnings: list = attrs.field(factory=list)
 
     @property
     def has_labels(self) -> bool:
@@ -83,15 +90,98 @@ def check_templates(templates: Sequence[str]) -> None:
             raise ValueError(f"template {t!r} is not a valid format string ({exc}); write it with "
                              "one '{}' for the class name ('{{' and '}}' for literal braces)") from None
         if not ok:
+            hint = ""
             if not fields:
-                found = ("no '{}' placeholder (on the command line a comma separates templates; "
-                         "put templates with commas in a TOML config)")
+                found = "no '{}' placeholder"
+                # a bare word is most likely a misspelt set name, a comma a split template
+                hint = (f" (or name a template set: {', '.join(TEMPLATE_SETS)}, or @FILE with one "
+                        "template a line; on the command line a comma separates templates, so put "
+                        "templates with commas in a TOML config or a file)")
             elif len(fields) > 1:
                 found = f"{len(fields)} placeholders"
             else:
                 found = f"the placeholder '{{{fields[0]}}}'"
             raise ValueError(
-                f"template {t!r} has {found}; every template needs exactly one '{{}}' for the class name")
+                f"template {t!r} has {found}; every template needs exactly one '{{}}' for the class "
+                f"name{hint}")
+
+
+#: named template sets for a ``templates`` option (``templates=openai-imagenet``)
+TEMPLATE_SETS = ("simple", "openai-imagenet")
+
+
+def _template_set(name: str) -> tuple:
+    if name == "simple":
+        return DEFAULT_TEMPLATES
+    # open_clip's own copy of the 80 prompts of CLIP's ImageNet evaluation.
+    # Imported here: importing open_clip loads torch, and listing plugins or
+    # validating options must stay fast
+    try:
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    except ImportError as exc:
+        from clipft.errors import ClipftUsageError
+        raise ClipftUsageError(f"templates={name}: this open_clip has no zero_shot_metadata "
+                               f"({exc}); list the templates instead") from None
+    # stored as lambdas (f-strings); formatting one with "{}" gives the template
+    return tuple(t("{}") if callable(t) else str(t) for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def _template_file(ref: str) -> tuple:
+    """``@FILE``: one template a non-empty line; a bad line is named."""
+    from clipft.errors import ClipftUsageError
+
+    if not ref[1:].strip():
+        raise ClipftUsageError("templates=@FILE needs a file name after '@'")
+    path = Path(ref[1:].strip()).expanduser()
+    text = read_text_utf8(path, "templates file")
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            check_templates([line])
+        except ValueError as exc:
+            raise ClipftUsageError(f"templates file {path}:{n}: {exc}") from None
+        out.append(line)
+    if not out:
+        raise ClipftUsageError(f"templates file {path} has no templates (one a line, each with one '{{}}')")
+    return tuple(out)
+
+
+def resolve_templates(value, keep_names: bool = False) -> tuple:
+    """Prompt templates from what a user wrote for ``templates``: a string or a
+    sequence of strings, each a template with one ``{}``, the name of a set in
+    :data:`TEMPLATE_SETS` (``simple``: ``("a photo of a {}.",)``;
+    ``openai-imagenet``: open_clip's 80 ImageNet templates) or ``@FILE`` (one
+    template a non-empty line, UTF-8). Names and files expand in place.
+
+    ``keep_names=True`` leaves set names as they are (files still expand): the
+    form a run's ``config.toml`` keeps, short and still exact, while a file's
+    content is recorded because the file may change or move. A bad template, an
+    unknown word or an unreadable file is a :class:`ClipftUsageError`."""
+    from clipft.errors import ClipftUsageError
+
+    items = (value,) if isinstance(value, str) else tuple(value)
+    out: list = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ClipftUsageError(f"template {item!r} is not a string")
+        word = item.strip()   # a template itself is kept as written
+        if word in TEMPLATE_SETS:
+            out.extend((word,) if keep_names else _template_set(word))
+        elif word.startswith("@"):
+            out.extend(_template_file(word))
+        else:
+            try:
+                check_templates([item])
+            except ValueError as exc:
+                raise ClipftUsageError(str(exc)) from None
+            out.append(item)
+    if not out:
+        raise ClipftUsageError("give at least one template with one '{}' for the class name, "
+                               f"a named set ({', '.join(TEMPLATE_SETS)}) or @FILE")
+    return tuple(out)
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

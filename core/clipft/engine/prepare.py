@@ -140,7 +140,7 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     loss_spec = res.loss[0]
     loss = loss_spec.build(res.loss[1])
 
-    warnings = []
+    warnings = list(bundle.warnings)   # the data source's notes come first, as its data does
     head = assembly.head
     head_trains = head is not None and any(p.requires_grad for p in head.parameters())
     if head_trains and NEED_HEAD not in loss_spec.needs:

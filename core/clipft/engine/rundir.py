@@ -1,5 +1,6 @@
 """The run directory contract: config.toml, metrics.jsonl, summary.json,
-checkpoint/ (and older checkpoints beside it), plus the ``.clipft-run`` marker.
+checkpoint/ (and older checkpoints beside it), data_split.json for a few-shot
+split, plus the ``.clipft-run`` marker.
 
 No command deletes what is not clipft's. A directory counts as a clipft run
 when it holds the marker (written when a run starts, listing every entry the
@@ -32,7 +33,8 @@ from clipft.errors import ClipftUsageError
 
 MARKER = ".clipft-run"
 MARKER_FORMAT = "clipft-run"
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", CURRENT, MARKER)
+#: ``data_split.json``: the training files of a sampled (few-shot) split
+RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", CURRENT, MARKER)
 
 
 def _is_run_entry(name: str) -> bool:

@@ -205,6 +205,9 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "history": history,
         },
     }
+    split = run.bundle.split
+    if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
+        summary["data"]["shots"] = split["shots"]
     if run.features.stats:
         summary["cache"] = run.features.stats
     return summary
@@ -222,6 +225,14 @@ def resolved_config(run: PreparedRun) -> RunConfig:
         run.config, pretrained=run.pretrained, lr=run.lr, warmup_steps=run.warmup_steps,
         data=ref(res.data), loss=ref(res.loss), head=ref(res.head) if res.head else None,
         strategies=[ref(s) for s in res.strategies])
+
+
+def write_split(run: PreparedRun, out_dir: Path) -> None:
+    """``data_split.json``, when the data source sampled its training split
+    (``DataBundle.split``): the files it chose, so the split can be audited;
+    ``config.toml`` has what chooses them again."""
+    if run.bundle.split is not None:
+        rundir.write_atomic(out_dir / "data_split.json", json.dumps(run.bundle.split, indent=2) + "\n")
 
 
 def config_for_dir(config: RunConfig, out_dir: Path) -> str:
@@ -347,6 +358,7 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         directory.start(overwrite)
     try:
         rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
+        write_split(run, out_dir)
         host = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
                              warn=getattr(progress, "warn", None), directory=directory)
         host.fire("on_run_start", run_view(run, out_dir, state.epoch))

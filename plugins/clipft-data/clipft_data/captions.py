@@ -18,10 +18,21 @@ from typing import Optional
 
 import attrs
 
-from clipft.data import DataBundle, check_image, read_text_utf8
+from clipft.data import DataBundle, check_image, read_text_utf8, resolve_templates
 from clipft.errors import ClipftUsageError
 
-from clipft_data.common import FileDataset, fraction, split_items, templates_field
+from clipft_data.common import (
+    FileDataset,
+    fraction,
+    relative_key,
+    sample_shots,
+    shots_field,
+    shots_min_field,
+    shots_seed_field,
+    split_items,
+    split_record,
+    templates_field,
+)
 
 
 @attrs.frozen
@@ -35,6 +46,16 @@ class CaptionsOptions:
     val_fraction: float = attrs.field(default=0.2, validator=fraction, metadata={
         "help": "share of pairs held out for validation"})
     templates: tuple = templates_field()
+    shots: Optional[int] = shots_field("pairs (needs label_column)")
+    shots_seed: int = shots_seed_field()
+    shots_min: bool = shots_min_field("pairs")
+
+    def __attrs_post_init__(self):
+        # few-shot is K pairs per class: without classes there is nothing to count
+        if self.shots is not None and not self.label_column:
+            raise ValueError(
+                f"shots={self.shots} samples K pairs per class, so it needs class labels: "
+                "set label_column to the column that holds the class name")
 
 
 def _read_jsonl(path: Path, text: str) -> tuple[list, list[str]]:
@@ -130,8 +151,13 @@ def build_captions(opts: CaptionsOptions, ctx) -> DataBundle:
     if not items:
         raise ClipftUsageError(f"captions: none of the {len(rows)} images in {path} could be read")
     train, val = split_items(items, opts.val_fraction, ctx.seed, by_label=False)
+    warnings: list = []
+    if opts.shots is not None:   # after the val split, so val is the same with and without shots
+        train, warnings = sample_shots(train, classnames, opts.shots, opts.shots_seed, opts.shots_min,
+                                       relative_key(path.parent), "captions", unit="pair")
     return DataBundle(
         train=FileDataset(train, ctx.transform_train),
         val=FileDataset(val, ctx.transform_val),
-        classnames=classnames, templates=opts.templates, has_captions=True, skipped=skipped,
-        description=f"captions {path}")
+        classnames=classnames, templates=resolve_templates(opts.templates), has_captions=True,
+        skipped=skipped, description=f"captions {path}" + (f" ({opts.shots}-shot)" if opts.shots else ""),
+        split=split_record(opts, train) if opts.shots is not None else None, warnings=warnings)

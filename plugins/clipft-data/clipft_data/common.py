@@ -1,11 +1,14 @@
 """Pieces shared by the file-based sources."""
 from __future__ import annotations
 
+import hashlib
 import random
+from pathlib import Path
 
 import attrs
 
-from clipft.data import check_templates, load_image
+from clipft.data import TEMPLATE_SETS, load_image, resolve_templates
+from clipft.errors import ClipftUsageError
 
 
 def positive_int(inst, attribute, value):
@@ -21,13 +24,95 @@ def fraction(inst, attribute, value):
 def templates_field():
     return attrs.field(
         default=("a photo of a {}.",),
-        converter=tuple,
-        validator=lambda i, a, v: _check_templates(v),
-        metadata={"help": "prompt templates with one {} for the class name"})
+        converter=_templates_option,
+        metadata={"help": "prompt templates with one {} for the class name, a named set "
+                          f"({', '.join(TEMPLATE_SETS)}) or @FILE (one template a line)"})
 
 
-def _check_templates(v):
-    check_templates(v)
+def _templates_option(value) -> tuple:
+    """The option keeps set names (config.toml stays short) and expands @FILE
+    (the run directory must not depend on a file that may change); the source
+    resolves the names when it builds."""
+    try:
+        return resolve_templates(value, keep_names=True)
+    except ClipftUsageError as exc:   # a ValueError is reported with the option and source
+        raise ValueError(str(exc)) from None
+
+
+# -- few-shot ------------------------------------------------------------------------
+
+def _shots(inst, attribute, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"shots must be > 0 (or none for all training images), got {value}")
+
+
+def shots_field(unit: str = "images"):
+    return attrs.field(default=None, validator=_shots, metadata={
+        "help": f"few-shot: K training {unit} per class, sampled from the train split (val is untouched)"})
+
+
+def shots_seed_field():
+    return attrs.field(default=0, metadata={
+        "help": "seed of the few-shot sample (not the run's --seed)"})
+
+
+def shots_min_field(unit: str = "images"):
+    return attrs.field(default=True, metadata={
+        "help": f"a class with fewer than `shots` training {unit} is an error; false: take it whole, with a warning"})
+
+
+def _rank(shots_seed: int, cls: str, key: str) -> str:
+    # each file's place in the sample order is its own hash, not a position in a
+    # shuffled list: the sample does not depend on listing order, on where the
+    # data folder lives, or (beyond the files it excludes) on the val split
+    return hashlib.blake2b(f"{shots_seed}:{cls}:{key}".encode(), digest_size=16).hexdigest()
+
+
+def sample_shots(train: list, classes: list, shots: int, shots_seed: int, shots_min: bool,
+                 key, source: str, unit: str = "image") -> tuple[list, list]:
+    """``shots`` items per class of ``train`` (``(path, caption, label)``), in
+    class order and then by ``key(item)`` (a stable name: the path relative to
+    the data). ``classes[label]`` names a class as the data spells it; ``unit``
+    is what an item is, for messages. Returns the items and the warnings for
+    classes taken whole."""
+    by_label: dict = {label: [] for label in range(len(classes))}
+    for it in train:
+        by_label[it[2]].append(it)
+    chosen, warnings = [], []
+    for label, cls in enumerate(classes):
+        group = sorted(by_label[label], key=lambda it: (key(it), str(it[1])))
+        if len(group) < shots:
+            if shots_min:
+                raise ClipftUsageError(
+                    f"{source}: shots={shots}, but class '{cls}' has only {len(group)} training "
+                    f"{unit}(s); lower shots, or pass shots_min=false to take such a class whole")
+            warnings.append(f"{source}: class '{cls}' has {len(group)} training {unit}(s), fewer than "
+                            f"shots={shots}; all of them are used (shots_min=false)")
+            chosen.extend(group)
+            continue
+        ranked = sorted(range(len(group)), key=lambda i: (_rank(shots_seed, cls, key(group[i])), i))
+        chosen.extend(group[i] for i in sorted(ranked[:shots]))
+    return chosen, warnings
+
+
+def relative_key(base: Path):
+    """``key`` for :func:`sample_shots`: an item's path relative to ``base``
+    (POSIX form), or the path itself when it lies outside."""
+    base = Path(base)
+
+    def key(item) -> str:
+        p = Path(item[0])
+        try:
+            return p.relative_to(base).as_posix()
+        except ValueError:
+            return p.as_posix()
+    return key
+
+
+def split_record(opts, train: list) -> dict:
+    """``DataBundle.split`` for a few-shot sample: what ``data_split.json`` holds."""
+    return {"shots": opts.shots, "shots_seed": opts.shots_seed, "shots_min": opts.shots_min,
+            "train": [str(it[0]) for it in train]}
 
 
 class FileDataset:

@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import attrs
 
-from clipft.data import IMAGE_EXTENSIONS, DataBundle, check_image
+from clipft.data import IMAGE_EXTENSIONS, DataBundle, check_image, resolve_templates
 from clipft.errors import ClipftUsageError
 
-from clipft_data.common import FileDataset, fraction, split_items, templates_field
+from clipft_data.common import (
+    FileDataset,
+    fraction,
+    relative_key,
+    sample_shots,
+    shots_field,
+    shots_min_field,
+    shots_seed_field,
+    split_items,
+    split_record,
+    templates_field,
+)
 
 
 @attrs.frozen
@@ -19,6 +31,9 @@ class ImageFolderOptions:
     templates: tuple = templates_field()
     underscores_to_spaces: bool = attrs.field(default=True, metadata={
         "help": "turn 'golden_retriever' into 'golden retriever' in prompts"})
+    shots: Optional[int] = shots_field()
+    shots_seed: int = shots_seed_field()
+    shots_min: bool = shots_min_field()
 
 
 def _scan(root: Path):
@@ -71,15 +86,21 @@ def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
                                  opts.val_fraction, ctx.seed, by_label=True)
     if not train:
         raise ClipftUsageError(f"imagefolder: no readable images under {root} ({len(skipped)} unreadable)")
+    warnings: list = []
+    if opts.shots is not None:   # after the val split, so val is the same with and without shots
+        train, warnings = sample_shots(train, classes, opts.shots, opts.shots_seed, opts.shots_min,
+                                       relative_key(root), "imagefolder")
     names = [c.replace("_", " ") if opts.underscores_to_spaces else c for c in classes]
+    templates = resolve_templates(opts.templates)
     # the training caption of an image is a class prompt; templates rotate by
     # sample so that every template is seen, deterministically
     def caption(i, label):
-        return opts.templates[i % len(opts.templates)].format(names[label])
+        return templates[i % len(templates)].format(names[label])
     train = [(p, caption(i, y), y) for i, (p, _, y) in enumerate(train)]
     val = [(p, caption(i, y), y) for i, (p, _, y) in enumerate(val)]
     return DataBundle(
         train=FileDataset(train, ctx.transform_train),
         val=FileDataset(val, ctx.transform_val),
-        classnames=names, templates=opts.templates, has_captions=False, skipped=skipped,
-        description=f"imagefolder {root}")
+        classnames=names, templates=templates, has_captions=False, skipped=skipped,
+        description=f"imagefolder {root}" + (f" ({opts.shots}-shot)" if opts.shots else ""),
+        split=split_record(opts, train) if opts.shots is not None else None, warnings=warnings)
