@@ -358,9 +358,9 @@ def _templates(value):
     if not value:
         return None
     from clipft.data import resolve_templates
-    try:
-        return resolve_templates(value)
-    except ValueError as exc:
+    try:   # as in --data: a comma separates templates
+        return resolve_templates([t for t in value.split(",") if t.strip()])
+    except (ValueError, ClipftError) as exc:
         raise ClipftUsageError(f"--templates {value}: {exc}") from None
 
 
