@@ -579,6 +579,36 @@ def new_cmd(ctx, kind, name, directory):
     click.echo(f"next: pip install -e {target} && pytest {target}", err=True)
 
 
+@cli.command("runs")
+@click.argument("directory", required=False, metavar="[DIR]")
+@click.option("--compare", nargs=2, metavar="A B",
+              help="Compare two runs: paths, or names relative to DIR as the table shows them.")
+@click.option("--all", "show_all", is_flag=True, help="With --compare: also list the equal config keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.pass_context
+@guarded
+def runs_cmd(ctx, directory, compare, show_all, as_json):
+    """List the runs under DIR (default runs/, searched a few levels down),
+    oldest first: strategy, loss, head, data, trainable %, top-1 before ->
+    after, train time, peak RSS. --compare A B shows two runs side by side."""
+    from clipft import runs
+    from clipft.progress import stderr_console
+    base = Path(directory or "runs")
+    if show_all and not compare:
+        raise ClipftUsageError("--all goes with --compare A B")
+    if compare:
+        a, b = (runs.resolve_run(x, base) for x in compare)
+        doc = runs.compare(a, b, _registry(ctx))
+    else:
+        doc = runs.list_runs(base, _registry(ctx))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    elif compare:
+        runs.render_compare(doc, stderr_console(), show_all=show_all)
+    else:
+        runs.render_runs(doc, stderr_console())
+
+
 def main():
     cli(prog_name="clipft")
 
