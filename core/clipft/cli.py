@@ -541,12 +541,21 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     from clipft.progress import stderr_console
     console = stderr_console()
 
+    from rich.markup import escape
+
     def progress(done, total, name, seed):
-        console.print(f"[{done + 1}/{total}] {name} seed {seed}")
+        console.print(f"[{done + 1}/{total}] {escape(name)} seed {seed}")
+
+    def finished(name, row):
+        if row["status"] == "ok":
+            console.print(f"  top1 {row['top1_before']} -> {row['top1_after']} in {row['train_seconds']:.1f}s")
+        else:      # reported now; the sweep goes on with the next member
+            console.print(f"  [red]{escape(name)} seed {row['seed']} failed[/red]: {escape(row['error'])}",
+                          soft_wrap=True)
 
     spec = sweep.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
                            disabled=tuple(sorted(ctx.find_root().obj["disabled"])))
-    doc = sweep.run_sweep(spec, reg, console, on_member=progress)
+    doc = sweep.run_sweep(spec, reg, on_member=progress, on_done=finished)
     try:
         sweep.write_sweep_png(doc, out_dir / sweep.SWEEP_PNG)
     except ClipftUsageError as exc:     # no matplotlib: the table and sweep.json are what matter

@@ -126,8 +126,10 @@ def _control_top1(source_args: dict, control_ref, registry) -> float:
     return res.doc["metrics"].get("top1")
 
 
-def run_sweep(spec: SweepSpec, registry, console=None, on_member=None) -> dict:
-    """Run every member with every seed; returns (and writes) ``sweep.json``."""
+def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
+    """Run every member with every seed; returns (and writes) ``sweep.json``.
+    ``on_member(done, total, name, seed)`` is called before each member run,
+    ``on_done(name, row)`` after it."""
     spec.out.mkdir(parents=True, exist_ok=True)
     cfg = spec.config
     control_before = None
@@ -149,6 +151,8 @@ def run_sweep(spec: SweepSpec, registry, console=None, on_member=None) -> dict:
                 row["control_after"] = _control_top1({"source": row["run_dir"], "device": cfg.device},
                                                      spec.control, registry)
                 row["forgetting"] = control_before - row["control_after"]
+            if on_done:
+                on_done(name, row)
             runs.append(row)
             done += 1
         ok = [r for r in runs if r["status"] == "ok"]
@@ -202,14 +206,10 @@ def render_sweep(doc: dict, console) -> None:
                 f"{m['ok']} ok" + (f", [red]{m['failed']} failed[/red]" if m["failed"] else "")]
         t.add_row(*row)
     console.print(t)
-    if control:
-        console.print(f"control before (the base model): {doc['members'][0]['runs'][0].get('control_before', '-')}"
-                      if doc["members"] and doc["members"][0]["runs"] else "")
-    for m in doc["members"]:
-        for r in m["runs"]:
-            if r["status"] != "ok":
-                console.print(f"[red]{escape(m['name'])} seed {r['seed']} failed[/red]: {escape(r['error'])}",
-                              soft_wrap=True)
+    befores = [r["control_before"] for m in doc["members"] for r in m["runs"] if "control_before" in r]
+    if befores:
+        console.print(f"control top-1 of the model before fine-tuning: {befores[0]:.3f}; "
+                      "forgetting = control before - control after")
 
 
 def write_sweep_png(doc: dict, path: Path) -> None:
