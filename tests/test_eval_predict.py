@@ -220,3 +220,20 @@ def test_predict_errors(invoke, runs, images, tmp_path):
     assert res.exit_code == 2 and "holds no images" in res.stderr
     res = invoke("predict", runs["full"], tmp_path / "missing.png", "--json")
     assert res.exit_code == 1 and json.loads(res.stdout)["error"] == "no such file"
+
+
+def test_eval_on_captions_without_labels_reports_recall_only(invoke, runs, images, tmp_path):
+    _, files, _ = images
+    table = tmp_path / "pairs.csv"
+    lines = ["image,caption"] + [f"{p},a photo of a {p.parent.name.replace('_', ' ')}." for p in files]
+    table.write_text("\n".join(lines) + "\n")
+    doc = _eval(invoke, runs["full"], "--data", f"captions:file={table}", "--split", "all")
+    assert doc["samples"] == len(files)
+    assert {"recall@1", "recall@5", "recall@10", "i2t_recall@10", "t2i_recall@1"} <= set(doc["metrics"])
+    assert "top1" not in doc["metrics"] and "per_class" not in doc
+
+
+def test_a_head_for_other_classes_is_skipped_with_a_note(invoke, runs):
+    doc = _eval(invoke, runs["head"], "--data", CONTROL)
+    assert "top1" in doc["metrics"] and "head_top1" not in doc["metrics"]
+    assert any("head skipped" in n for n in doc["notes"])
