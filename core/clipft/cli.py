@@ -548,7 +548,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
 
     def finished(name, row):
         if row["status"] == "ok":
-            console.print(f"  top1 {row['top1_before']} -> {row['top1_after']} in {row['train_seconds']:.1f}s")
+            shown = " -> ".join("-" if v is None else f"{v:.3f}" for v in (row["top1_before"], row["top1_after"]))
+            console.print(f"  top1 {shown} in {row['train_seconds']:.1f}s")
         else:      # reported now; the sweep goes on with the next member
             console.print(f"  [red]{escape(name)} seed {row['seed']} failed[/red]: {escape(row['error'])}",
                           soft_wrap=True)
