@@ -20,7 +20,8 @@ KIND_ALIASES = kinds.aliases()
 
 
 def _err(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    rank = os.environ.get("RANK", "0")   # under torchrun: which process says it
+    click.echo(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", err=True)
 
 
 def guarded(fn):
@@ -175,7 +176,10 @@ def run_options(fn):
         click.option("--grad-accum", type=int, help="Micro-batches per optimizer step."),
         click.option("--seed", type=int),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"])),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+        click.option("--tf32/--no-tf32", default=None,
+                     help="TF32 matmuls for fp32 on Ampere+ GPUs (default on)."),
         click.option("--num-workers", type=int, help="DataLoader worker processes."),
         click.option("--augment/--no-augment", default=None, help="Random train augmentation."),
         click.option("--cache/--no-cache", default=None, help="Cache embeddings of frozen towers."),
@@ -208,7 +212,7 @@ FLAG_TO_FIELD = {
     "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
     "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
     "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
-    "compile": "compile", "trim_text": "trim_text", "checkpoint_every": "checkpoint_every",
+    "compile": "compile", "trim_text": "trim_text", "tf32": "tf32", "checkpoint_every": "checkpoint_every",
     "keep_checkpoints": "keep_checkpoints", "skip_nonfinite": "skip_nonfinite",
 }
 
@@ -250,10 +254,15 @@ def build_config(config_file, kw, base: dict | None = None):
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 @click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json on stdout.")
+@click.option("--nproc", type=int, metavar="N",
+              help="Train on N processes on this machine (launches torchrun; --batch-size is per process).")
 @click.pass_context
 @guarded
-def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
+def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
     """Fine-tune a model and write a run directory."""
+    if nproc is not None:
+        from clipft.engine.launch import launch_torchrun
+        sys.exit(launch_torchrun(nproc, sys.argv[1:]))
     from clipft.engine.session import execute
     from clipft.progress import RichReporter
     resume_dir = None
@@ -273,7 +282,7 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, **kw):
     reg = _registry(ctx)
     summary = execute(cfg, reg, RichReporter(), out_dir=Path(out) if out else None,
                       overwrite=overwrite, resume=resume_dir)
-    if as_json:
+    if as_json and int(os.environ.get("RANK", "0")) == 0:   # one document, from rank 0
         click.echo(json.dumps(summary))
 
 

@@ -145,7 +145,10 @@ class RunConfig:
     warmup_steps: Optional[int] = attrs.field(default=None, validator=_non_negative)
     grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
     grad_accum: int = attrs.field(default=1, validator=_positive)
-    precision: str = attrs.field(default="fp32", validator=_one_of("fp32", "bf16", "fp16"))
+    #: auto: bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 on the CPU
+    precision: str = attrs.field(default="auto", validator=_one_of("auto", "fp32", "bf16", "fp16"))
+    #: TF32 matmuls for fp32 on Ampere or newer GPUs (no effect elsewhere)
+    tf32: bool = True
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
     #: 0 <= seed <= MAX_SEED
     seed: int = attrs.field(default=0, validator=_between(0, MAX_SEED, "2**47 - 1"))

@@ -1,7 +1,7 @@
 """``ForwardRecord``: what a loss receives for one batch."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 
@@ -28,12 +28,33 @@ class ForwardRecord:
     logit_bias: Optional[Any] = None
     logits: Optional[Any] = None
     labels: Optional[Any] = None
-    #: equal ids mark identical caption strings within the batch (e.g. class
-    #: prompts of the same class), so a loss can treat them as positives
+    #: equal ids mark identical caption strings (e.g. class prompts of the same
+    #: class), so a loss can treat them as positives; ids are a stable hash of
+    #: the string, so they compare across the ranks of a distributed run too
     caption_ids: Optional[Any] = None
+    #: data parallelism (``torchrun``): this process's rank and the number of
+    #: processes; 0 and 1 in a one-process run
+    rank: int = 0
+    world_size: int = 1
+    #: ``gather(tensor, with_grad=True) -> (all_ranks, start)``: the tensor of
+    #: every rank concatenated along dim 0 in rank order, and the row where this
+    #: rank's own rows start. ``with_grad`` keeps the gradient through every
+    #: shard (open_clip's ``gather_with_grad``); without it only this rank's
+    #: rows carry gradient. In a one-process run it returns ``(tensor, 0)``.
+    gather: Optional[Callable] = None
+
+    def gathered(self, tensor, with_grad: bool = True):
+        """``gather`` when there is one, else ``(tensor, 0)``."""
+        if self.gather is None or self.world_size == 1:
+            return tensor, 0
+        return self.gather(tensor, with_grad)
 
 
 def caption_ids(captions):
+    """A stable 63-bit id per caption string (blake2b), equal for equal strings
+    on every process."""
+    import hashlib
+
     import torch
-    seen: dict[str, int] = {}
-    return torch.tensor([seen.setdefault(c, len(seen)) for c in captions], dtype=torch.long)
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode("utf-8"), digest_size=8).digest(), "little")
+                         >> 1 for c in captions], dtype=torch.long)

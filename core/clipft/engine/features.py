@@ -119,7 +119,7 @@ class LiveFeatures:
         return {}
 
     def n_train_batches(self) -> int:
-        return self.loaders.n_batches(self.loaders.bundle.train)
+        return self.loaders.n_train_batches()
 
     def train_epoch(self, epoch: int, skip_batches: int = 0):
         """The batches of ``epoch``, from batch ``skip_batches`` on (a resume)."""

@@ -28,26 +28,40 @@ class _Indices(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """The permutation ``torch.randperm(n)`` under a seeded generator (what
-    ``RandomSampler(generator=g)`` yields), from position ``skip`` on."""
+    ``RandomSampler(generator=g)`` yields), from position ``skip`` on. Under
+    data parallelism, only this rank's share of it
+    (:func:`clipft.engine.distributed.rank_share`)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, share: list | None = None):
         self.n, self.seed, self.skip = n, 0, 0
+        self.share = share
 
     def set_epoch(self, seed: int, skip: int = 0) -> None:
         self.seed, self.skip = seed, skip
 
     def __len__(self):
-        return max(0, self.n - self.skip)
+        return max(0, (self.n if self.share is None else len(self.share)) - self.skip)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)
-        yield from torch.randperm(self.n, generator=g).tolist()[self.skip:]
+        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.share is not None:
+            perm = [perm[i] for i in self.share]
+        yield from perm[self.skip:]
 
 
 class Loaders:
     def __init__(self, bundle, *, batch_size: int, seed: int, device, num_workers: int = 0,
-                 persistent_workers: bool = True, failures: DecodeFailures | None = None):
+                 persistent_workers: bool = True, failures: DecodeFailures | None = None, dist=None):
+        from clipft.engine.distributed import SINGLE, rank_share
         self.bundle = bundle
+        self.dist = dist or SINGLE
+        #: this rank's positions in each epoch's permutation (None: all of them)
+        self.share = None
+        self.dropped_per_epoch = 0
+        if self.dist.enabled:
+            self.share, self.dropped_per_epoch = rank_share(len(bundle.train), batch_size,
+                                                            self.dist.world, self.dist.rank)
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -64,15 +78,20 @@ class Loaders:
     def n_batches(self, dataset) -> int:
         return -(-len(dataset) // self.batch_size)
 
+    def n_train_batches(self) -> int:
+        """Batches of the train split per epoch on this rank."""
+        n = len(self.bundle.train) if self.share is None else len(self.share)
+        return -(-n // self.batch_size)
+
     def _loader(self, dataset, train: bool, reuse: bool):
         key = (id(dataset), train)
         loader = self._loaders.get(key) if reuse else None
         if loader is None:
-            sampler = EpochSampler(len(dataset)) if train else None
+            sampler = EpochSampler(len(dataset), self.share) if train else None
             loader = torch.utils.data.DataLoader(
                 GuardedDataset(dataset), batch_size=self.batch_size, sampler=sampler,
                 shuffle=False, num_workers=self.num_workers, collate_fn=collate,
-                pin_memory=torch.device(self.device).type == "cuda",
+                pin_memory=torch.device(self.device).type == "cuda",  # copies are non_blocking
                 persistent_workers=self.num_workers > 0 and self.persistent_workers,
             )
             if reuse:

@@ -4,6 +4,7 @@ and the logit-scale clamp. It logs nothing itself: it fires the events of
 checkpoints, plugins) turn into output."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable, Optional
@@ -36,6 +37,8 @@ class LoopState:
     epoch_seconds: float = 0.0
     #: optimizer steps skipped because their loss was not finite (--skip-nonfinite)
     skipped_nonfinite: int = 0
+    #: processes the run trains on (a resume must use as many)
+    world_size: int = 1
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -43,7 +46,7 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite")}
+                                               "skipped_nonfinite", "world_size")}
 
 
 class StopTraining(Exception):
@@ -101,6 +104,21 @@ class Trainer:
     grad_clip: float = 0.0
     #: optimizer steps with a non-finite loss that may be skipped before the run stops
     skip_nonfinite: int = 0
+    #: the training forward (``distributed.TrainForward``), wrapped in DDP when
+    #: the run has several processes; None: call the features provider directly
+    forward: Optional[torch.nn.Module] = None
+    dist: object = None       # distributed.Dist; None: one process
+
+    @property
+    def ddp(self) -> bool:
+        return isinstance(self.forward, torch.nn.parallel.DistributedDataParallel)
+
+    def sync(self, will_step: bool):
+        """DDP reduces gradients only on the micro-batch that steps (``no_sync``
+        on the others); nothing to do in one process."""
+        if self.ddp and not will_step:
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -109,16 +127,56 @@ class Trainer:
             self.head.train()
 
     def record(self, batch) -> ForwardRecord:
-        img, txt = self.features.train_features(batch, self.needs_text)
+        if self.forward is not None:
+            img, txt, logits = self.forward(batch)
+        else:
+            img, txt = self.features.train_features(batch, self.needs_text)
+            logits = self.head(img) if self.head is not None else None
+        return self.record_from(batch, img, txt, logits)
+
+    def record_from(self, batch, img, txt, logits, gather: bool = True) -> ForwardRecord:
         labels = batch.labels.to(self.device)
         ls = self.model.logit_scale
+        dist = self.dist
         return ForwardRecord(
             image_features=img, text_features=txt,
             logit_scale=ls.exp(), logit_bias=getattr(self.model, "logit_bias", None),
-            logits=self.head(img) if self.head is not None else None,
+            logits=logits,
             labels=labels if batch.labelled else None,
             caption_ids=caption_ids(batch.captions).to(self.device),
+            rank=dist.rank if dist else 0, world_size=dist.world if dist else 1,
+            gather=dist.gather if gather and dist is not None and dist.enabled else None,
         )
+
+    def reduce_unsynced_grads(self) -> None:
+        """Average gradients that ``no_sync`` left local (an epoch whose last
+        micro-batches failed to decode ends between two syncs)."""
+        if not self.ddp:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.dist.world
+
+    def reduce_step(self, loss: float, samples: int) -> tuple[float, int]:
+        """The step's loss averaged over the ranks and its samples summed (one
+        collective); as given in one process."""
+        if self.dist is None or not self.dist.enabled:
+            return loss, samples
+        t = torch.tensor([loss, float(samples)], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.to(self.device)
+        torch.distributed.all_reduce(t)
+        return float(t[0]) / self.dist.world, int(round(float(t[1])))
+
+    def stop_agreed(self, reason: Optional[str]) -> Optional[str]:
+        """A stop request on any rank stops every rank after the same step."""
+        if self.dist is None or not self.dist.enabled:
+            return reason
+        if self.dist.any(bool(reason)):
+            return reason or "stop requested on another rank"
+        return None
 
     def optimizer_step(self) -> Optional[float]:
         if self.scaler is not None:
@@ -168,14 +226,21 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         _restore_rng(state)
         for batch in batches:
             i = batch.position
-            with t.autocast():
-                total, terms = loss_total(t.loss(t.record(batch)))
-            if not torch.isfinite(total):
+            will_step = pending + 1 == t.grad_accum or i + 1 == n_batches
+            with t.sync(will_step):
+                with t.autocast():
+                    total, terms = loss_total(t.loss(t.record(batch)))
+                # the logged loss is every rank's mean, and every rank agrees on finiteness
+                value, seen = t.reduce_step(float(total.detach()), len(batch))
+                if math.isfinite(value):
+                    scaled = total / t.grad_accum
+                    (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
+            if not math.isfinite(value):
                 if state.skipped_nonfinite >= t.skip_nonfinite:
                     skipped = (f" (after skipping {state.skipped_nonfinite} such steps)"
                                if state.skipped_nonfinite else "")
                     raise ClipftError(
-                        f"loss became {float(total.detach())} at epoch {epoch + 1}, batch {i + 1}{skipped}; "
+                        f"loss became {value} at epoch {epoch + 1}, batch {i + 1}{skipped}; "
                         "lower --lr, use --precision fp32, or --skip-nonfinite N to skip such steps "
                         "(the last checkpoint is intact)")
                 # drop the whole optimizer step this micro-batch belongs to
@@ -184,8 +249,6 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 t.optimizer.zero_grad(set_to_none=True)
                 pending = 0
                 continue
-            scaled = total / t.grad_accum
-            (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
             pending += 1
             stepped = pending == t.grad_accum or i + 1 == n_batches
             norm = None
@@ -197,20 +260,21 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             dt, t_last = now - t_last, now
             state.seconds += dt
             state.epoch_seconds += dt
-            state.samples += len(batch)
-            state.last_loss = float(total.detach())
+            state.samples += seen
+            state.last_loss = value
             state.epoch_loss += state.last_loss
             state.epoch_seen += 1
             state.batch = i + 1
             events.fire("on_step_end", StepView(
                 epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
                 loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
-                samples=len(batch), seconds=dt, grad_norm=norm))
+                samples=seen, seconds=dt, grad_norm=norm))
             if stepped and i + 1 < n_batches:
-                reason = stop_requested()
+                reason = t.stop_agreed(stop_requested())
                 if reason:
                     raise StopTraining(state, reason)
         if pending:  # the last batches were dropped as undecodable: apply what we have
+            t.reduce_unsynced_grads()
             t.optimizer_step()
             state.step += 1
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
@@ -223,7 +287,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         state.batch, state.epoch_loss, state.epoch_seen, state.epoch_seconds = 0, 0.0, 0, 0.0
         events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
         events.fire("on_epoch_end", EpochView(epoch + 1, epochs, train_loss, seconds, metrics, state.step))
-        reason = stop_requested()
+        reason = t.stop_agreed(stop_requested())
         if reason and epoch + 1 < epochs:
             raise StopTraining(state, reason)
     return state

@@ -29,6 +29,28 @@ def native_precisions(device: torch.device) -> dict:
     return ok
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 autocast on a CUDA device that supports it, fp16 (with a
+    grad scaler) on older GPUs, fp32 on the CPU (exact, and what the tests pin)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def set_tf32(device: torch.device, precision: str, allow: bool) -> bool:
+    """TF32 matmuls and convolutions for fp32 on Ampere or newer (10-bit
+    mantissa in the multiply, fp32 accumulate: ~8x the fp32 throughput);
+    ``allow=False`` (``--no-tf32``) keeps full fp32. Returns whether it is on."""
+    on = bool(allow and precision == "fp32" and device.type == "cuda"
+              and torch.cuda.get_device_capability(device)[0] >= 8)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
 def check_precision(device: torch.device, precision: str) -> None:
     """A usage error when the device cannot autocast to ``precision`` at all.
     (On a CPU without native support bf16/fp16 still run, emulated and slow.)"""

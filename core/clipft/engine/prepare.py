@@ -25,7 +25,8 @@ from clipft.engine.features import CachedFeatures, Encoders, LiveFeatures, Store
 from clipft.engine.loaders import Loaders
 from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
-from clipft.engine.perf import AUTOCAST_DTYPES, apply_speed_options, check_precision, grad_scaler
+from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_precision, effective_precision,
+                                grad_scaler, set_tf32)
 from clipft.errors import ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
@@ -59,6 +60,9 @@ class PreparedRun:
     evaluate: Evaluator
     autocast: object
     trainer: Optional[Trainer] = None
+    #: the precision the run trains at (``auto`` resolved for the device)
+    precision: str = "fp32"
+    dist: object = None       # distributed.Dist
     total_steps: int = 0
     warmup_steps: int = 0
     #: things the user should know before training starts (printed at start)
@@ -102,10 +106,11 @@ def _default_lr(res: Resolved, config) -> float:
     return config.resolved_lr(lr)
 
 
-def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device, bundle, loaders, autocast):
+def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device, bundle, loaders, autocast,
+                   precision: str = "fp32", distributed: bool = False):
     enc = Encoders(assembly.model, tokenizer, device, bundle.classnames, bundle.templates,
                    trim_text=bool(config.trim_text))
-    if not config.cache:
+    if not config.cache or distributed:   # the cache replays one process's epoch order
         return LiveFeatures(enc, loaders, autocast)
     plan = plan_cache(assembly.model, live_towers(assembly))
     if not plan.anything:
@@ -114,15 +119,19 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
     directory = Path(config.cache_dir).expanduser() if config.cache_dir else None
     keys = StoreKeys(directory=directory, memory_budget=memory_budget_bytes(), base={
         "model": config.model, "data": {"source": spec.name, "options": options_to_dict(opts)},
-        "precision": config.precision, "device": device.type})
+        "precision": precision, "device": device.type})
     return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
 
 
 def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
+    from clipft.engine import distributed
     res = resolve(config, registry)
-    device = pick_device(config.device)
-    check_precision(device, config.precision)
-    seed_everything(config.seed)
+    dist = distributed.from_env(config.device)
+    device = distributed.device_for(dist, config.device) or pick_device(config.device)
+    precision = effective_precision(device, config.precision)
+    check_precision(device, precision)
+    set_tf32(device, precision, config.tf32)
+    seed_everything(config.seed)     # every rank builds the same model (DDP checks it too)
     loaded = load_model(config.model, config.pretrained, device=str(device))
 
     deterministic = not config.augment
@@ -158,18 +167,26 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
             "nothing would train: no strategy selected parameters and there is no head. "
             "Add --strategy (see `clipft plugins`) or --head linear")
 
-    autocast = autocast_for(device, config.precision)
+    autocast = autocast_for(device, precision)
     loaders = Loaders(bundle, batch_size=config.batch_size, seed=config.seed, device=device,
-                      num_workers=config.num_workers, persistent_workers=config.persistent_workers)
-    features = build_features(config, res, assembly, loaded.tokenizer, device, bundle, loaders, autocast)
+                      num_workers=config.num_workers, persistent_workers=config.persistent_workers, dist=dist)
+    if dist.enabled and config.cache:
+        warnings.append(f"frozen-tower caching is off with {dist.world} processes (each rank would "
+                        "replay another order); frozen towers run live")
+    if dist.enabled and loaders.dropped_per_epoch:
+        warnings.append(f"{loaders.dropped_per_epoch} training sample(s) per epoch do not divide among "
+                        f"{dist.world} ranks and are left out of each epoch")
+    features = build_features(config, res, assembly, loaded.tokenizer, device, bundle, loaders, autocast,
+                              precision, dist.enabled)
     evaluator = Evaluator(assembly.model, head, features, autocast,
                           has_classes=bool(bundle.classnames), has_captions=bundle.has_captions)
     run = PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
-                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed)
+                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
+                      precision=precision, dist=dist)
     if build_optimizer:
-        steps_per_epoch = math.ceil(loaders.n_batches(bundle.train) / config.grad_accum)
+        steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
         run.total_steps = config.epochs * steps_per_epoch
         run.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
                             else default_warmup(run.total_steps))
@@ -177,8 +194,44 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
         run.trainer = Trainer(
             model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
             scheduler=make_scheduler(optimizer, run.total_steps, run.warmup_steps, config.schedule),
-            scaler=grad_scaler(device, config.precision),
+            scaler=grad_scaler(device, precision),
             params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
             needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
-            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite)
+            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist)
+        if dist.enabled:
+            run.trainer.forward = wrap_ddp(run.trainer, loaders, head)
+            run.evaluate = distributed.on_main(evaluator, dist)
     return run
+
+
+def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> torch.nn.Module:
+    """The training forward in DistributedDataParallel, over the trained
+    parameters only (:class:`~clipft.engine.distributed.TrainForward`);
+    buffers are not broadcast (frozen, identical on every rank), and
+    ``find_unused_parameters`` is on only when the first batch's graph leaves
+    a trained parameter out (a text tower that trains under a loss that never
+    encodes text, say). The probe runs in eval mode with the RNG kept, so
+    training draws exactly what it would have."""
+    from clipft.engine import distributed
+    from clipft.engine.features import _batch
+    from clipft.engine.loop import loss_total
+    fwd = distributed.TrainForward(trainer.model, head, trainer.features, trainer.needs_text, trainer.params)
+    unused = []
+    with distributed.rng_kept():
+        first = next(iter(loaders.train(0)), None)
+        if first is not None:
+            modules = [m for m in (trainer.model, head) if m is not None]
+            for m in modules:
+                m.eval()
+            batch = _batch(first)
+            with trainer.autocast():
+                img, txt, logits = fwd(batch)
+                loss = loss_total(trainer.loss(trainer.record_from(batch, img, txt, logits, gather=False)))[0]
+            unused = distributed.unused_trained_params(loss, trainer.params)
+            del loss, img, txt, logits
+    dev = trainer.device
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        fwd, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+        find_unused_parameters=bool(unused))
+    ddp.clipft_unused = len(unused)
+    return ddp

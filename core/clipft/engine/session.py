@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import attrs
+import torch
 
 from clipft import __version__
 from clipft.config import RunConfig, dumps_toml, parse_every
@@ -169,7 +170,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "model": run.config.model,
         "pretrained": run.pretrained,
         "device": str(run.device),
-        "precision": run.config.precision,
+        "precision": run.precision,
         "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in res.strategies],
         "loss": {"name": res.loss[0].name, **options_to_dict(res.loss[1])},
         "head": ({"name": res.head[0].name, **options_to_dict(res.head[1])} if res.head else None),
@@ -210,6 +211,17 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         summary["data"]["shots"] = split["shots"]
     if run.features.stats:
         summary["cache"] = run.features.stats
+    dist = run.dist
+    world = dist.world if dist is not None else 1
+    summary["distributed"] = {
+        "world_size": world,
+        "backend": torch.distributed.get_backend() if world > 1 else None,
+        "batch_per_rank": run.config.batch_size,
+        "global_batch": run.config.batch_size * world,
+        "dropped_per_epoch": run.loaders.dropped_per_epoch,
+        #: trained tensors the loss does not reach (DDP then finds unused parameters)
+        "unused_trained_tensors": getattr(run.trainer.forward if run.trainer else None, "clipft_unused", 0),
+    }
     return summary
 
 
@@ -301,7 +313,7 @@ def build_callbacks(run: PreparedRun, progress) -> list:
     return out
 
 
-def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress) -> LoopState:
+def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress, dist=None) -> LoopState:
     folder, _ = newest_complete(out_dir)
     if folder is None and (out_dir / "checkpoint").is_dir():
         _, why = inspect_checkpoint(out_dir / "checkpoint")
@@ -322,51 +334,80 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
                 "samples": old.get("train", {}).get("samples", 0),
                 "seconds": old.get("train", {}).get("seconds", 0.0)}
     state = LoopState(**loop, history=saved["history"], restore_rng=saved["restore_rng"])
+    world = dist.world if dist is not None else 1
+    if state.world_size != world:
+        raise ClipftUsageError(
+            f"--resume {out_dir}: the run trained on {state.world_size} process(es) and this is "
+            f"{world}; resume with the same number (torchrun --nproc-per-node {state.world_size}, "
+            "or clipft run --nproc): the data order and the global batch depend on it")
     if state.epoch >= run.config.epochs:
         raise ClipftUsageError(
             f"the run in {out_dir} already finished {state.epoch} epoch(s); "
             f"pass --epochs N with N > {state.epoch} to continue it")
-    if "metrics_rows" in saved:
+    if "metrics_rows" in saved and (dist is None or dist.main):
         rundir.truncate_lines(out_dir / "metrics.jsonl", saved["metrics_rows"])
     return state
 
 
 def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = None,
             overwrite: bool = False, resume: Optional[Path] = None) -> dict:
-    """Run (or resume) a training run; returns the summary dict."""
+    """Run (or resume) a training run; returns the summary dict.
+
+    Under ``torchrun`` every rank trains; rank 0 alone writes the run directory,
+    shows progress and fires the callbacks (the others are silent)."""
+    from clipft.engine import distributed
+    dist = distributed.from_env(config.device)
+    try:
+        return _execute(config, registry, progress if dist.main else None, out_dir, overwrite, resume, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> dict:
+    from clipft.progress import Silent
+    progress = progress or Silent()
+    main = dist.main
     directory = None
     if resume is not None:
         out_dir = Path(resume)
     else:
-        out_dir = Path(out_dir or config.out or rundir.default_run_dir(config.model, config.strategies))
-        rundir.check_out_dir(out_dir, overwrite)
+        # one name for every rank (a default name has the time in it)
+        out_dir = dist.broadcast(Path(out_dir or config.out or rundir.default_run_dir(config.model,
+                                                                                      config.strategies)))
+        if main:
+            rundir.check_out_dir(out_dir, overwrite)
     run = prepare(config, registry)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
         warn("plugins that failed to load: " + "; ".join(f"{r.distribution} ({r.error})" for r in failed)
              + " (see `clipft plugins`)")
-    callbacks = build_callbacks(run, progress)
+    callbacks = build_callbacks(run, progress) if main else []
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
-        state = _resume_state(run, out_dir, checkpoints, progress)
-        directory = rundir.RunDirectory(out_dir)   # keeps the marker's list of entries current
+        state = _resume_state(run, out_dir, checkpoints, progress, dist)
+        directory = rundir.RunDirectory(out_dir) if main else None   # keeps the marker's list current
     else:
         # everything is validated and built: only now touch the run directory
-        state = LoopState()
-        directory = rundir.RunDirectory(out_dir)
-        directory.start(overwrite)
+        state = LoopState(world_size=dist.world)
+        if main:
+            directory = rundir.RunDirectory(out_dir)
+            directory.start(overwrite)
+    dist.barrier()     # the run directory exists before any rank trains
     try:
-        rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
-        write_split(run, out_dir)
-        host = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
-                             warn=getattr(progress, "warn", None), directory=directory)
+        if main:
+            rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
+            write_split(run, out_dir)
+            host = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
+                                 warn=getattr(progress, "warn", None), directory=directory)
+        else:
+            host = CallbackHost()
         host.fire("on_run_start", run_view(run, out_dir, state.epoch))
         with StopSignals() as stop:
             try:
                 state = train_run(run, out_dir, state=state, host=host, stop=stop)
             except StopTraining as stopped:
-                _stop(host, stopped, out_dir, stop.received)
+                _stop(host, stopped, out_dir, stop.received, main)
     except BaseException:
         if directory is not None:
             directory.abandon()   # a no-op once the new run has a checkpoint
@@ -374,18 +415,21 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
     summary = build_summary(run, state, out_dir)
     if host.failures:
         summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
-    rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    if main:
+        rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     host.fire("on_run_end", summary)
     if directory is not None:
         directory.record()   # last: callbacks write their files (curves.png) at the end
+    dist.barrier()     # no rank leaves before rank 0 has written everything
     return summary
 
 
-def _stop(host: CallbackHost, stopped: StopTraining, out_dir: Path, received) -> None:
+def _stop(host: CallbackHost, stopped: StopTraining, out_dir: Path, received, main: bool = True) -> None:
     """A stop request: checkpoint where the loop stopped, say how to resume, exit."""
-    name, code = received
-    checkpoint = next(e.callback for e in host.entries if e.name == "checkpoint")
-    checkpoint.save()
+    name, code = received or ("stopped", 143)
+    if main:
+        checkpoint = next(e.callback for e in host.entries if e.name == "checkpoint")
+        checkpoint.save()
     st = stopped.state
     where = f"epoch {st.epoch + 1}, batch {st.batch}" if st.batch else f"the end of epoch {st.epoch}"
     raise RunInterrupted(

@@ -17,6 +17,14 @@ class ContrastiveOptions:
         "use this logit scale instead of the model's learned one (CLIP-LoRA uses 100)")})
     label_smoothing: float = attrs.field(default=0.0, validator=attrs.validators.and_(
         attrs.validators.ge(0.0), attrs.validators.lt(1.0)), metadata={"help": "label smoothing"})
+    local_loss: bool = attrs.field(default=True, metadata={"help": (
+        "with several processes: each computes its own rows against the columns of every "
+        "rank (labels offset by its first row), open_clip's --local-loss; false computes "
+        "the whole global-batch loss on every rank")})
+    gather_with_grad: bool = attrs.field(default=True, metadata={"help": (
+        "with several processes: gather the other ranks' features with their gradient "
+        "(open_clip's --gather-with-grad); false gathers them as constants, so only local "
+        "rows carry gradient")})
 
 
 def contrastive_loss(image_features, text_features, logit_scale, caption_ids=None,
@@ -43,6 +51,28 @@ def contrastive_loss(image_features, text_features, logit_scale, caption_ids=Non
     return (loss_i + loss_t) / 2
 
 
+def local_contrastive_loss(image_features, text_features, all_image, all_text, start, logit_scale,
+                           caption_ids=None, all_ids=None, duplicates="mask", label_smoothing=0.0):
+    """This rank's rows against every rank's columns: image i's positive is
+    global column ``start + i`` (open_clip's ``local_loss``). The mean over
+    ranks equals :func:`contrastive_loss` over the global batch."""
+    import torch
+    import torch.nn.functional as F
+
+    n = image_features.shape[0]
+    target = torch.arange(n, device=image_features.device) + start
+    logits_i = logit_scale * image_features @ all_text.t()        # [local, global]
+    logits_t = logit_scale * text_features @ all_image.t()
+    if duplicates == "mask" and caption_ids is not None:
+        same = caption_ids[:, None] == all_ids[None, :]
+        same[torch.arange(n, device=same.device), target] = False
+        logits_i = logits_i.masked_fill(same, float("-inf"))
+        logits_t = logits_t.masked_fill(same, float("-inf"))
+    loss_i = F.cross_entropy(logits_i, target, label_smoothing=label_smoothing)
+    loss_t = F.cross_entropy(logits_t, target, label_smoothing=label_smoothing)
+    return (loss_i + loss_t) / 2
+
+
 class Contrastive:
     def __init__(self, opts: ContrastiveOptions):
         self.opts = opts
@@ -53,8 +83,19 @@ class Contrastive:
         if self.opts.label_smoothing and ids is not None:
             # smoothing spreads mass over masked (-inf) entries; keep it well-defined
             ids = None
-        return contrastive_loss(rec.image_features, rec.text_features, scale, ids,
-                                self.opts.duplicates, self.opts.label_smoothing)
+        if rec.world_size == 1:
+            return contrastive_loss(rec.image_features, rec.text_features, scale, ids,
+                                    self.opts.duplicates, self.opts.label_smoothing)
+        # several processes: every rank's features are negatives too
+        grad = self.opts.gather_with_grad
+        all_img, start = rec.gathered(rec.image_features, grad)
+        all_txt, _ = rec.gathered(rec.text_features, grad)
+        all_ids = rec.gathered(ids, False)[0] if ids is not None else None
+        if self.opts.local_loss:
+            return local_contrastive_loss(rec.image_features, rec.text_features, all_img, all_txt, start,
+                                          scale, ids, all_ids, self.opts.duplicates, self.opts.label_smoothing)
+        return contrastive_loss(all_img, all_txt, scale, all_ids, self.opts.duplicates,
+                                self.opts.label_smoothing)
 
 
 @attrs.frozen

@@ -1,0 +1,257 @@
+"""Data-parallel training on ``torch.distributed``, launched by ``torchrun``.
+
+``torchrun --nproc-per-node N -m clipft run ...`` (or ``clipft run --nproc N``)
+starts N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
+rendezvous address in the environment; :func:`from_env` joins the process
+group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU).
+
+How a run divides (see docs/scaling.md):
+
+- ``--batch-size`` is per rank; the global batch is ``world × batch``. Global
+  batch ``k`` of an epoch is the slice ``[k·B, (k+1)·B)`` of the epoch's seeded
+  permutation, rank ``r`` takes its ``r``-th contiguous share. So a run on N
+  ranks sees exactly the batches of a one-process run with ``--batch-size N·b``.
+  The last, incomplete global batch is split evenly; the at most ``world - 1``
+  samples left over are dropped for that epoch (every rank must run the same
+  number of steps, and equal shares keep the mean of per-rank means equal to
+  the global mean).
+- Gradients are averaged by :class:`~torch.nn.parallel.DistributedDataParallel`
+  wrapping one module that runs the training forward; DDP only reduces
+  parameters that require grad, so frozen towers cost nothing in all-reduce.
+  ``find_unused_parameters`` is set only when a probe of the first batch's
+  autograd graph finds trained parameters the loss does not reach.
+- Rank 0 alone evaluates, shows progress, fires the callbacks and writes the
+  run directory; the others wait at a barrier and receive the metrics.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.errors import ClipftError, ClipftUsageError
+
+#: how long a collective may wait before the job fails instead of hanging
+#: (rank 0 evaluating or saving a checkpoint is the longest legitimate wait)
+TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("CLIPFT_DIST_TIMEOUT_MIN", "30")))
+
+
+@attrs.define
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def all_reduce_sum_int(self, value: int) -> int:
+        if not self.enabled:
+            return value
+        t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+        torch.distributed.all_reduce(t)
+        return int(t)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a stop request, a failure)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (picklable objects)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, tensor: torch.Tensor, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+        """The tensors of every rank concatenated along dim 0, in rank order,
+        and the row where this rank's rows start. Ranks may hold different
+        numbers of rows (a sample that failed to decode): each is padded to
+        the largest for the collective and trimmed after.
+
+        ``with_grad``: through ``torch.distributed.nn.all_gather``, whose backward
+        sums each rank's gradient into the shard's owner. Without it, a plain
+        all-gather with this rank's own tensor put back in its slot, so only the
+        local rows carry gradient (open_clip's ``gather_with_grad=False``)."""
+        if not self.enabled:
+            return tensor, 0
+        dev = tensor.device
+        sizes = torch.zeros(self.world, dtype=torch.int64, device=dev)
+        sizes[self.rank] = tensor.shape[0]
+        torch.distributed.all_reduce(sizes)
+        sizes = sizes.tolist()
+        most = max(sizes)
+        padded = tensor
+        if tensor.shape[0] < most:
+            pad = tensor.new_zeros((most - tensor.shape[0], *tensor.shape[1:]))
+            padded = torch.cat([tensor, pad], dim=0)
+        if with_grad:
+            from torch.distributed import nn as dist_nn
+            parts = list(dist_nn.all_gather(padded.contiguous()))
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            torch.distributed.all_gather(parts, padded.detach().contiguous())
+            parts[self.rank] = padded
+        parts = [p[:n] for p, n in zip(parts, sizes)]
+        return torch.cat(parts, dim=0), sum(sizes[:self.rank])
+
+
+SINGLE = Dist()
+_current: Dist = SINGLE
+
+
+def current() -> Dist:
+    return _current
+
+
+def _comm_device() -> torch.device:
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launched() -> bool:
+    """True when started by torchrun (or another launcher) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def from_env(device_choice: str = "auto") -> Dist:
+    """Join the process group torchrun describes in the environment (once)."""
+    global _current
+    if not launched():
+        return SINGLE
+    if torch.distributed.is_initialized():
+        return _current
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_choice != "cpu" and torch.cuda.is_available()
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise ClipftUsageError("--device cuda, but CUDA is not available on this machine")
+    if cuda:
+        torch.cuda.set_device(local)
+    try:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                             timeout=TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - a rendezvous failure names what to check
+        raise ClipftError(f"rank {rank}: could not join the process group of {world} processes "
+                          f"({type(exc).__name__}: {exc}); check MASTER_ADDR/MASTER_PORT "
+                          "(torchrun --rdzv-endpoint) and that every node started") from None
+    _current = Dist(rank, world, local)
+    return _current
+
+
+def shutdown() -> None:
+    global _current
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _current = SINGLE
+
+
+def device_for(dist: Dist, choice: str) -> Optional[torch.device]:
+    """Each rank's device: ``cuda:LOCAL_RANK`` under NCCL, else None (the usual choice)."""
+    if dist.enabled and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", dist.local_rank)
+    return None
+
+
+def rank_share(n: int, batch: int, world: int, rank: int) -> tuple[list, int]:
+    """Positions (into the epoch's permutation of ``n``) that ``rank`` trains on,
+    in order, and the number dropped: global batch ``k`` is
+    ``[k·B, (k+1)·B)`` with ``B = world·batch``, and rank ``r`` takes its
+    ``r``-th contiguous share; the last global batch is split evenly."""
+    out = []
+    global_b = world * batch
+    full = n // global_b
+    for k in range(full):
+        start = k * global_b + rank * batch
+        out.extend(range(start, start + batch))
+    rest = n - full * global_b
+    share = rest // world
+    start = full * global_b + rank * share
+    out.extend(range(start, start + share))
+    return out, rest - share * world
+
+
+class TrainForward(torch.nn.Module):
+    """The training forward as one module, so DDP sees it: ``forward(batch)``
+    returns ``(image_features, text_features, logits)`` from the trainer's
+    features provider and head (None entries for what is not computed).
+
+    Only the trained parameters are registered (``trained``): DDP reduces,
+    and at start broadcasts, exactly those; the frozen model and head are
+    referenced, not owned, so a frozen tower costs nothing, not even at start."""
+
+    def __init__(self, model, head, features, needs_text: bool, params: list):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)
+        object.__setattr__(self, "_refs", (model, head, features, needs_text))
+
+    def forward(self, batch):
+        _, head, features, needs_text = self._refs
+        img, txt = features.train_features(batch, needs_text)
+        logits = head(img) if head is not None else None
+        return img, txt, logits
+
+
+class rng_kept:
+    """Restores the CPU (and CUDA) RNG on exit, so a probe changes no draw."""
+
+    def __enter__(self):
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return self
+
+    def __exit__(self, *exc):
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        return False
+
+
+def unused_trained_params(loss, params: list) -> list:
+    """Trained parameters that ``loss`` does not reach, by walking its autograd
+    graph (no backward)."""
+    reached, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            reached.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return [p for p in params if id(p) not in reached]
+
+
+def on_main(evaluate, dist: Dist):
+    """``evaluate`` on rank 0 alone; every rank gets its metrics (the others
+    wait meanwhile), so every rank's history, and checkpoint, agree."""
+    def run():
+        metrics = evaluate() if dist.main else None
+        return dist.broadcast(metrics)
+    return run
