@@ -628,6 +628,45 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
         runs.render_runs(doc, stderr_console())
 
 
+@cli.command("shards")
+@click.argument("source", metavar="FOLDER|CSV")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
+@click.option("--shuffle-seed", type=int, help="Shuffle the samples with this seed (default: sorted order).")
+@click.option("--templates", help="Caption templates for an image folder's class prompts (as in --data).")
+@click.option("--image-column", default="image", show_default=True, help="A table's image column.")
+@click.option("--caption-column", default="caption", show_default=True, help="A table's caption column.")
+@click.option("--label-column", help="A table's class-name column (written as `cls`).")
+@click.option("--overwrite", is_flag=True, help="Replace the shards in a non-empty OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest on stdout.")
+@guarded
+def shards_cmd(source, out, shard_size, shuffle_seed, templates, image_column, caption_column,
+               label_column, overwrite, as_json):
+    """Write WebDataset shards OUT/shard-000000.tar, ... from an image folder (one
+    sub-folder per class: image, class-prompt `txt`, class index `cls`) or a
+    CSV/TSV/JSONL file of image-caption pairs, with OUT/shards.json (sample
+    counts) and OUT/classnames.txt. Train on them with --data webdataset:urls=OUT."""
+    from clipft.data import DEFAULT_TEMPLATES
+    from clipft.shards import write_shards
+    m = write_shards(source, out, shard_size=shard_size, shuffle_seed=shuffle_seed, overwrite=overwrite,
+                     templates=_templates(templates) or DEFAULT_TEMPLATES, image_column=image_column,
+                     caption_column=caption_column, label_column=label_column)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    classes = f", {m['classes']} classes" if m["classes"] is not None else ""
+    click.echo(f"wrote {len(m['shards'])} shard(s), {m['samples']} samples{classes}, to {m['out']}", err=True)
+    for sh in m["shards"]:
+        click.echo(f"  {sh['name']}  {sh['samples']} samples", err=True)
+    if m["skipped"]:
+        click.echo(f"  skipped {len(m['skipped'])} unreadable image(s), e.g. {m['skipped'][0]['path']} "
+                   f"({m['skipped'][0]['reason']})", err=True)
+    if m["classes"] is not None and shuffle_seed is None and m["captions"] == "class-prompts":
+        click.echo("  note: samples are in class order; shuffle them with --shuffle-seed so that every "
+                   "shard (the val one too) holds every class", err=True)
+    click.echo(f"train on them: clipft run --data webdataset:urls={m['out']} ...", err=True)
+
+
 def main():
     cli(prog_name="clipft")
 

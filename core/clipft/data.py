@@ -5,6 +5,10 @@ paired text ("" when there is none), ``label`` the class index (-1 when the data
 has no classes). ``index`` lets the engine cache per-sample embeddings of frozen
 towers. A sample whose image fails to decode yields ``None``; the collate
 function drops it and counts it.
+
+A split is either map-style (``__len__``, ``__getitem__``) or a
+``torch.utils.data.IterableDataset`` (a stream, such as WebDataset shards),
+whose length per epoch the bundle gives (``train_length``, ``val_length``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ class DataContext:
     seed: int
     #: True when ``transform_train`` has no random augmentation
     deterministic_train: bool = True
+    #: DataLoader worker processes per rank (0: the main process loads); an
+    #: iterable source that splits its shards across workers checks it has enough
+    num_workers: int = 0
 
 
 @attrs.define
@@ -49,10 +56,30 @@ class DataBundle:
     #: messages for the user, shown when the run starts (a class taken whole
     #: because it has fewer images than ``shots``)
     warnings: list = attrs.field(factory=list)
+    #: samples one epoch of an iterable train split yields over all ranks
+    #: (required for one: a stream has no ``len``); None for map-style splits
+    train_length: Optional[int] = None
+    #: samples in an iterable val split (None when unknown, or map-style)
+    val_length: Optional[int] = None
 
     @property
     def has_labels(self) -> bool:
         return bool(self.classnames)
+
+    def size(self, split: str) -> Optional[int]:
+        """Samples in ``split`` ("train" or "val"): ``len()`` of a map-style
+        split, ``train_length``/``val_length`` of an iterable one."""
+        dataset = self.train if split == "train" else self.val
+        if is_iterable(dataset):
+            return self.train_length if split == "train" else self.val_length
+        return len(dataset)
+
+
+def is_iterable(dataset) -> bool:
+    """True for a stream (``torch.utils.data.IterableDataset``): no ``len``, no
+    indexing, no sampler; the engine iterates it once per epoch."""
+    import torch
+    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def read_text_utf8(path, what: str = "file") -> str:
@@ -211,11 +238,12 @@ def check_image(path) -> Optional[str]:
 
 
 class _Failed:
-    """Marker for a sample that could not be produced (picklable for workers)."""
+    """Marker for a sample that could not be produced (picklable for workers);
+    ``index`` is None when an iterable dataset yielded a bare None."""
 
     __slots__ = ("index",)
 
-    def __init__(self, index: int):
+    def __init__(self, index):
         self.index = index
 
 
@@ -237,6 +265,61 @@ class GuardedDataset:
         return _Failed(i) if item is None else item
 
 
+def _guarded_item(item):
+    if item is None:
+        return _Failed(None)
+    if isinstance(item, tuple) and len(item) == 4 and item[1] is None:
+        return _Failed(item[0])   # (index, None, ...): the stream says which sample failed
+    return item
+
+
+def _guarded_stream(dataset):
+    # a stream catches its own per-sample failures (it yields None): one that
+    # raises cannot go on, so the exception ends the pass and is reported
+    for item in dataset:
+        yield _guarded_item(item)
+
+
+_GUARDED_STREAM = None
+
+
+def _guarded_stream_class():
+    """``GuardedStream``, made on first use: it subclasses torch's
+    IterableDataset, and importing this module must not import torch."""
+    global _GUARDED_STREAM
+    if _GUARDED_STREAM is None:
+        import torch
+
+        class GuardedStream(torch.utils.data.IterableDataset):
+            """A stream whose failed samples are markers for :func:`collate`."""
+
+            def __init__(self, inner):
+                self.dataset = inner
+
+            def __iter__(self):
+                return _guarded_stream(self.dataset)
+
+        GuardedStream.__module__, GuardedStream.__qualname__ = __name__, "GuardedStream"
+        _GUARDED_STREAM = GuardedStream
+    return _GUARDED_STREAM
+
+
+def __getattr__(name):   # pickle finds clipft.data.GuardedStream (spawned DataLoader workers)
+    if name == "GuardedStream":
+        return _guarded_stream_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def guard(dataset):
+    """A dataset whose failed samples are markers for :func:`collate`:
+    :class:`GuardedDataset` for a map-style one; for an iterable one, a stream
+    that turns a yielded None (or ``(index, None, caption, label)``, which names
+    the sample) into a marker."""
+    if not is_iterable(dataset):
+        return GuardedDataset(dataset)
+    return _guarded_stream_class()(dataset)
+
+
 class DecodeFailures:
     """Distinct samples dropped at batch time, counted in the main process so
     DataLoader workers do not lose the count; a sample failing every epoch
@@ -244,13 +327,18 @@ class DecodeFailures:
 
     def __init__(self):
         self._seen: set = set()
+        self._unnamed = 0   # failures a stream reported without an index, each counted
 
     def add(self, key, indices) -> None:
-        self._seen.update((key, int(i)) for i in indices)
+        for i in indices:
+            if i is None:
+                self._unnamed += 1
+            else:
+                self._seen.add((key, int(i)))
 
     @property
     def count(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + self._unnamed
 
 
 def collate(items):
@@ -270,12 +358,73 @@ def collate(items):
     }
 
 
+def _slots(batch: dict) -> int:
+    """Samples a collated batch stands for, the failed ones included."""
+    return len(batch["failed"]) + (0 if batch["images"] is None else len(batch["index"]))
+
+
+def _joined(parts: list) -> dict:
+    import torch
+
+    good = [p for p in parts if p["images"] is not None]
+    out = {"failed": [i for p in parts for i in p["failed"]], "images": None}
+    if good:
+        out.update(index=torch.cat([p["index"] for p in good]), images=torch.cat([p["images"] for p in good]),
+                   captions=[c for p in good for c in p["captions"]],
+                   labels=torch.cat([p["labels"] for p in good]))
+    return out
+
+
+def _split(batch: dict, n: int) -> tuple[dict, dict]:
+    """The first ``n`` samples of a collated batch (failed ones first) and the rest."""
+    failed = batch["failed"]
+    k = min(n, len(failed))
+    head = {"failed": failed[:k], "images": None}
+    tail = {"failed": failed[k:], "images": None}
+    good = n - k
+    if batch["images"] is not None:
+        for part, sl in ((head, slice(0, good)), (tail, slice(good, None))):
+            if len(batch["index"][sl]):
+                part.update(index=batch["index"][sl], images=batch["images"][sl],
+                            captions=batch["captions"][sl], labels=batch["labels"][sl])
+    return head, tail
+
+
+def rebatch(batches, size: int):
+    """Collated batches re-cut to ``size`` samples each (failed ones counted), the
+    last one shorter: each DataLoader worker of a stream ends on its own short
+    batch, and this keeps the count of an epoch at ``ceil(samples / size)``.
+    Full batches pass through as they are."""
+    pending, held = [], 0
+    for b in batches:
+        n = _slots(b)
+        if n == size and not pending:
+            yield b
+            continue
+        pending.append(b)
+        held += n
+        while held >= size:
+            whole = _joined(pending)
+            out, rest = _split(whole, size)
+            yield out
+            held -= size
+            pending = [rest] if held else []
+    if held:
+        yield _joined(pending)
+
+
 class Batches:
     """Iterates a DataLoader, records dropped samples and yields only usable
-    batches (so the training loop never sees an empty one)."""
+    batches (so the training loop never sees an empty one).
 
-    def __init__(self, loader, failures: DecodeFailures, key):
+    Over a stream (an iterable dataset) the worker batches are re-cut to the
+    batch size (:func:`rebatch`), and ``skip`` batches are read and dropped
+    first: a stream cannot seek, so a resume part-way into an epoch reads the
+    epoch again up to where the checkpoint was taken."""
+
+    def __init__(self, loader, failures: DecodeFailures, key, skip: int = 0):
         self.loader, self.failures, self.key = loader, failures, key
+        self.skip = skip
 
     def __len__(self):
         return len(self.loader)
@@ -283,13 +432,17 @@ class Batches:
     def __iter__(self):
         # the DataLoader's iterator (and its global RNG draw) is created here,
         # not at the first batch: a resume restores the RNG right after it
+        if is_iterable(self.loader.dataset):
+            return self._usable(rebatch(iter(self.loader), self.loader.batch_size), 0, self.skip)
         return self._usable(iter(self.loader), getattr(self.loader.sampler, "skip", 0) // max(
             1, self.loader.batch_size or 1))
 
-    def _usable(self, it, first: int):
+    def _usable(self, it, first: int, drop: int = 0):
         for position, batch in enumerate(it, start=first):
             if batch["failed"]:
                 self.failures.add(self.key, batch["failed"])
+            if position < drop:   # read again on a resume, trained on already
+                continue
             if batch["images"] is not None:
                 batch["position"] = position
                 yield batch

@@ -28,6 +28,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from clipft.data import is_iterable
 from clipft.encode import class_text_features, encode_text_trimmed, image_embedding, text_embedding
 from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
 from clipft.engine.cache.stats import CacheStats
@@ -220,6 +221,8 @@ class CachedFeatures(LiveFeatures):
         store, why = None, None
         if self.cut is None:
             pass
+        elif is_iterable(self._dataset(split)):
+            why = "streamed data: the image cache keys samples by a stable index, which a stream does not have"
         elif split == "train" and self.augment:
             why = "random train augmentation"
         else:

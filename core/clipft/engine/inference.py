@@ -81,20 +81,31 @@ def build_data(data_ref, registry, source):
 
 
 def split_dataset(bundle, split: str):
+    from clipft.data import is_iterable
     if split == "val":
         return bundle.val
     if split == "train":
         return bundle.train
+    if is_iterable(bundle.train) or is_iterable(bundle.val):
+        return torch.utils.data.ChainDataset([bundle.train, bundle.val])
     return torch.utils.data.ConcatDataset([bundle.train, bundle.val])
+
+
+def _split_size(bundle, split: str):
+    """Samples in a split (None: a stream of unknown length)."""
+    if split == "all":
+        sizes = [bundle.size("train"), bundle.size("val")]
+        return None if None in sizes else sum(sizes)
+    return bundle.size(split)
 
 
 @torch.no_grad()
 def embed_dataset(source, dataset, batch_size: int = 64, num_workers: int = 0):
     """Normalised image embeddings, labels and captions of every decodable
     sample, and the number of samples that could not be decoded."""
-    from clipft.data import Batches, DecodeFailures, GuardedDataset, collate
+    from clipft.data import Batches, DecodeFailures, collate, guard
     from clipft.encode import encode_images
-    loader = torch.utils.data.DataLoader(GuardedDataset(dataset), batch_size=batch_size, shuffle=False,
+    loader = torch.utils.data.DataLoader(guard(dataset), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=collate)
     failures = DecodeFailures()
     feats, labels, captions = [], [], []
@@ -141,7 +152,7 @@ def evaluate_source(source, bundle, data_ref, split: str = "val", templates=None
     if split not in SPLITS:
         raise ClipftUsageError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     dataset = split_dataset(bundle, split)
-    if len(dataset) == 0:
+    if _split_size(bundle, split) == 0:
         raise ClipftUsageError(f"the {split} split of {bundle.description or data_ref.name} is empty")
     feats, labels, captions, failed = embed_dataset(source, dataset, batch_size, num_workers)
     if len(feats) == 0:

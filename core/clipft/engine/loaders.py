@@ -7,12 +7,22 @@ start part-way (``skip`` samples in, for a resume from a step checkpoint) and
 still yield exactly the rest of that order. :meth:`Loaders.order` yields the
 same order as index lists, which is how a cached epoch replays a live one
 without touching the images.
+
+A split that is a stream (``torch.utils.data.IterableDataset``, such as
+WebDataset shards) has no sampler: it orders itself, and before each train
+pass gets the epoch's seed through its ``set_epoch(seed)`` when it has one.
+Its workers are started afresh for every pass (not persistent), so a worker
+sees the seed set just before. Its epoch length is the bundle's
+``train_length``; the batches of its workers are re-cut to the batch size
+(``clipft.data.rebatch``), so an epoch has ``ceil(samples / batch_size)`` of
+them, and a resume part-way into an epoch reads the epoch up to the checkpoint
+again and drops those batches (a stream cannot seek).
 """
 from __future__ import annotations
 
 import torch
 
-from clipft.data import Batches, DecodeFailures, GuardedDataset, collate
+from clipft.data import Batches, DecodeFailures, collate, guard, is_iterable
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -50,6 +60,15 @@ class EpochSampler(torch.utils.data.Sampler):
         yield from perm[self.skip:]
 
 
+def stream_rank_share(n: int) -> int:
+    """This rank's part of ``n`` streamed samples: ``n // world`` on every rank
+    (ranks must run the same number of steps), ``n`` without torch.distributed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    return n // dist.get_world_size()
+
+
 class Loaders:
     def __init__(self, bundle, *, batch_size: int, seed: int, device, num_workers: int = 0,
                  persistent_workers: bool = True, failures: DecodeFailures | None = None, dist=None):
@@ -59,7 +78,7 @@ class Loaders:
         #: this rank's positions in each epoch's permutation (None: all of them)
         self.share = None
         self.dropped_per_epoch = 0
-        if self.dist.enabled:
+        if self.dist.enabled and not is_iterable(bundle.train):   # a stream shards itself by rank
             self.share, self.dropped_per_epoch = rank_share(len(bundle.train), batch_size,
                                                             self.dist.world, self.dist.rank)
         self.batch_size = batch_size
@@ -75,24 +94,35 @@ class Loaders:
         """Seed of the train order in ``epoch`` (a cached epoch replays the same order)."""
         return self.seed * 100003 + epoch
 
+    def length(self, dataset) -> int:
+        """Samples one pass over ``dataset`` yields on this rank (a streamed
+        train split is shared by the ranks; each rank reads all of a val split)."""
+        if not is_iterable(dataset):
+            return len(dataset)
+        if dataset is self.bundle.train:
+            return stream_rank_share(self.bundle.size("train") or 0)
+        return self.bundle.size("val") or 0
+
     def n_batches(self, dataset) -> int:
-        return -(-len(dataset) // self.batch_size)
+        return -(-self.length(dataset) // self.batch_size)
 
     def n_train_batches(self) -> int:
         """Batches of the train split per epoch on this rank."""
-        n = len(self.bundle.train) if self.share is None else len(self.share)
-        return -(-n // self.batch_size)
+        if self.share is None:
+            return self.n_batches(self.bundle.train)
+        return -(-len(self.share) // self.batch_size)
 
     def _loader(self, dataset, train: bool, reuse: bool):
         key = (id(dataset), train)
         loader = self._loaders.get(key) if reuse else None
         if loader is None:
-            sampler = EpochSampler(len(dataset), self.share) if train else None
+            stream = is_iterable(dataset)
+            sampler = EpochSampler(len(dataset), self.share) if train and not stream else None
             loader = torch.utils.data.DataLoader(
-                GuardedDataset(dataset), batch_size=self.batch_size, sampler=sampler,
+                guard(dataset), batch_size=self.batch_size, sampler=sampler,
                 shuffle=False, num_workers=self.num_workers, collate_fn=collate,
                 pin_memory=torch.device(self.device).type == "cuda",  # copies are non_blocking
-                persistent_workers=self.num_workers > 0 and self.persistent_workers,
+                persistent_workers=self.num_workers > 0 and self.persistent_workers and not stream,
             )
             if reuse:
                 self._loaders[key] = loader
@@ -102,6 +132,11 @@ class Loaders:
         """Decoded batches of the train split in ``epoch``'s order, from batch
         ``skip_batches`` on."""
         loader = self._loader(self.bundle.train, True, reuse=True)
+        if is_iterable(self.bundle.train):
+            set_epoch = getattr(self.bundle.train, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.sampler_seed(epoch))
+            return Batches(loader, self.failures, id(self.bundle.train), skip=skip_batches)
         loader.sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
         return Batches(loader, self.failures, id(self.bundle.train))
 

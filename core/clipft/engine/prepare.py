@@ -27,7 +27,7 @@ from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
 from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_precision, effective_precision,
                                 grad_scaler, set_tf32)
-from clipft.errors import ClipftUsageError
+from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
@@ -91,7 +91,12 @@ class PreparedRun:
 
 def _check_data(bundle, res: Resolved) -> None:
     data_name, loss_spec = res.data[0].name, res.loss[0]
-    if len(bundle.train) == 0:
+    if bundle.size("train") is None:
+        raise ClipftError(
+            f"data source '{data_name}' returned a stream (an IterableDataset) as its train split "
+            "without DataBundle.train_length, the samples one epoch yields; the engine needs it "
+            "for the number of batches and the schedule")
+    if bundle.size("train") == 0:
         raise ClipftUsageError(f"data source '{data_name}' produced no training samples")
     if NEED_LABELS in loss_spec.needs and not bundle.has_labels:
         raise ClipftUsageError(
@@ -137,7 +142,8 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     deterministic = not config.augment
     dctx = DataContext(
         transform_train=loaded.preprocess_val if deterministic else loaded.preprocess_train,
-        transform_val=loaded.preprocess_val, seed=config.seed, deterministic_train=deterministic)
+        transform_val=loaded.preprocess_val, seed=config.seed, deterministic_train=deterministic,
+        num_workers=config.num_workers)
     bundle = res.data[0].build(res.data[1], dctx)
     _check_data(bundle, res)
 

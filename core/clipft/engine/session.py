@@ -23,6 +23,7 @@ import torch
 
 from clipft import __version__
 from clipft.config import RunConfig, dumps_toml, parse_every
+from clipft.data import is_iterable
 from clipft.engine import rundir
 from clipft.callbacks import Callback, CheckpointView, RunView
 from clipft.engine.callbacks import CallbackHost
@@ -152,7 +153,7 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> Ru
         pretrained=run.pretrained, device=str(run.device),
         strategies=tuple(s.name for s, _ in res.strategies), loss=res.loss[0].name,
         head=res.head[0].name if res.head else None, data=res.data[0].name,
-        train_size=len(run.bundle.train), val_size=len(run.bundle.val),
+        train_size=run.bundle.size("train") or 0, val_size=run.bundle.size("val") or 0,
         classnames=tuple(run.bundle.classnames or ()), params_total=total, params_trainable=trainable,
         lr=run.lr, epochs=run.config.epochs, total_steps=run.total_steps,
         resumed_from_epoch=resumed_from_epoch, warnings=tuple(run.warnings),
@@ -176,8 +177,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "head": ({"name": res.head[0].name, **options_to_dict(res.head[1])} if res.head else None),
         "data": {
             "name": res.data[0].name,
-            "train_size": len(run.bundle.train),
-            "val_size": len(run.bundle.val),
+            "train_size": run.bundle.size("train"),
+            "val_size": run.bundle.size("val"),
             "classes": len(run.bundle.classnames or []),
             "skipped_images": len(run.bundle.skipped) + run.loaders.failures.count,
             "skipped": [str(p) for p, _ in run.bundle.skipped[:20]],
@@ -346,6 +347,11 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
             f"pass --epochs N with N > {state.epoch} to continue it")
     if "metrics_rows" in saved and (dist is None or dist.main):
         rundir.truncate_lines(out_dir / "metrics.jsonl", saved["metrics_rows"])
+    if state.batch and is_iterable(run.bundle.train):
+        getattr(progress, "warn", lambda m: None)(
+            f"resuming part-way into epoch {state.epoch + 1} of streamed data: its first {state.batch} "
+            "batches are read again and dropped (a stream cannot seek); the same --num-workers "
+            "gives the same batches")
     return state
 
 

@@ -6,7 +6,8 @@ from typing import Optional
 
 import attrs
 
-from clipft.data import IMAGE_EXTENSIONS, DataBundle, check_image, resolve_templates
+from clipft.data import DataBundle, check_image, resolve_templates
+from clipft.datafiles import scan_class_folders
 from clipft.errors import ClipftUsageError
 
 from clipft_data.common import (
@@ -38,21 +39,7 @@ class ImageFolderOptions:
 
 def _scan(root: Path):
     """Class folders and their image files; errors name the offending folder."""
-    if not root.is_dir():
-        raise ClipftUsageError(f"imagefolder: data folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ClipftUsageError(
-            f"imagefolder: {root} has no class folders; expected {root}/<class_name>/<image files>")
-    files = {}
-    for c in classes:
-        imgs = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not imgs:
-            raise ClipftUsageError(
-                f"imagefolder: class folder {root / c} has no images "
-                f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-        files[c] = imgs
-    return classes, files
+    return scan_class_folders(root, "imagefolder")
 
 
 def _items(classes, files, skipped, label_of):

@@ -1,0 +1,139 @@
+"""Reading the files that file-based data sources index: class folders
+(``root/class_name/*.jpg``) and tables of image-caption pairs (CSV, TSV or
+JSONL). Shared by the ``imagefolder`` and ``captions`` sources and by
+``clipft shards``, so that all of them read the same data the same way and
+name a bad file in the same words.
+
+Tables are UTF-8 (a BOM is fine). A row that lacks a value the reader uses (a
+CSV row with fewer fields than the header, a JSONL object without the key, a
+null) is an error naming the file and line, not a sample captioned "None": a
+malformed file is fixed once rather than trained on quietly. So is a CSV row
+with more fields than the header (an unquoted comma in a caption would
+otherwise cut it short).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+from clipft.data import IMAGE_EXTENSIONS, read_text_utf8
+from clipft.errors import ClipftUsageError
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+# -- class folders -------------------------------------------------------------------
+def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dict]:
+    """The class folders of ``root`` (sorted, hidden ones left out) and each
+    one's image files (sorted, searched recursively); errors name the folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ClipftUsageError(f"{what}: data folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ClipftUsageError(
+            f"{what}: {root} has no class folders; expected {root}/<class_name>/<image files>")
+    files = {}
+    for c in classes:
+        imgs = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not imgs:
+            raise ClipftUsageError(
+                f"{what}: class folder {root / c} has no images "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+        files[c] = imgs
+    return classes, files
+
+
+# -- tables of pairs -----------------------------------------------------------------
+def _read_jsonl(path: Path, text: str, what: str) -> tuple[list, list[str]]:
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ClipftUsageError(f"{what}: {path}:{n}: invalid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ClipftUsageError(
+                f"{what}: {path}:{n}: expected a JSON object such as "
+                f'{{"image": "a.jpg", "caption": "..."}}, got {type(obj).__name__} {line.strip()[:60]}')
+        rows.append((n, obj))
+    return rows, sorted({k for _, r in rows for k in r})
+
+
+def _read_csv(path: Path, text: str, delimiter: str, what: str) -> tuple[list, list[str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        for r in reader:
+            extra = r.pop(None, None)
+            if extra and any(str(x).strip() for x in extra):   # trailing empty fields are harmless
+                sep = "tab" if delimiter == "\t" else f"'{delimiter}'"
+                raise ClipftUsageError(
+                    f"{what}: {path}:{reader.line_num}: the row has {len(reader.fieldnames) + len(extra)} "
+                    f"fields, the header {len(reader.fieldnames)}; quote a field that holds a {sep}")
+            rows.append((reader.line_num, r))
+    except csv.Error as exc:
+        raise ClipftUsageError(f"{what}: {path}:{reader.line_num}: not valid CSV: {exc}") from None
+    return rows, list(reader.fieldnames or [])
+
+
+def read_rows(path: Path, what: str = "captions") -> tuple[list, list[str]]:
+    """``[(line, row)]`` of a CSV, TSV or JSONL file and its column names."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ClipftUsageError(f"{what}: {path} must end in .csv, .tsv or .jsonl")
+    text = read_text_utf8(path, "captions file")
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text, what)
+    return _read_csv(path, text, "\t" if suffix == ".tsv" else ",", what)
+
+
+def _value(path: Path, line: int, row: dict, col: str, jsonl: bool, text: bool, what: str):
+    """The value of ``col`` in a row, or a usage error naming the file and line."""
+    where = f"{what}: {path}:{line}"
+    if col not in row or row[col] is None:
+        if not jsonl:
+            raise ClipftUsageError(
+                f"{where}: the row has fewer fields than the header, so it has no '{col}'")
+        raise ClipftUsageError(f"{where}: " + (f"'{col}' is null" if col in row else f"no '{col}' key"))
+    v = row[col]
+    if not isinstance(v, str) and (text or not isinstance(v, (int, float)) or isinstance(v, bool)):
+        expected = "a string" if text else "a string or a number"
+        raise ClipftUsageError(f"{where}: '{col}' must be {expected}, got {json.dumps(v)[:60]}")
+    return str(v)
+
+
+def read_pairs(path, image_column: str = "image", caption_column: str = "caption",
+               label_column: Optional[str] = None,
+               what: str = "captions") -> list[tuple[Path, str, Optional[str]]]:
+    """``(image_path, caption, label)`` for every row of a CSV, TSV or JSONL
+    file, in file order; relative image paths resolve against the file's
+    folder, and ``label`` is None without ``label_column``. A missing file or
+    column, an empty file or a malformed row is a usage error prefixed with
+    ``what`` (the reader's name)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClipftUsageError(f"{what}: file not found: {path}")
+    rows, cols = read_rows(path, what)
+    needed = [image_column, caption_column] + ([label_column] if label_column else [])
+    for col in needed:
+        if col not in cols:
+            raise ClipftUsageError(
+                f"{what}: {path} has no column '{col}'. Columns: {', '.join(cols) or '(none)'}. "
+                "Set image_column / caption_column / label_column.")
+    if not rows:
+        raise ClipftUsageError(f"{what}: {path} has no rows")
+    jsonl = path.suffix.lower() == ".jsonl"
+    pairs = []
+    for line, r in rows:
+        image = Path(_value(path, line, r, image_column, jsonl, True, what))
+        pairs.append((image if image.is_absolute() else path.parent / image,
+                      _value(path, line, r, caption_column, jsonl, True, what),
+                      _value(path, line, r, label_column, jsonl, False, what) if label_column else None))
+    return pairs
