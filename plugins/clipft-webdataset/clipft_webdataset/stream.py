@@ -64,13 +64,6 @@ def check_readers(n_shards: int, world_size: int, num_workers: int, resampled: b
     """A usage error when ``n_shards`` train shards cannot give every reader
     (``world_size`` ranks × ``num_workers`` DataLoader workers) one shard."""
     readers = world_size * max(1, num_workers)
-    if world_size > 1 and not resampled:
-        # ranks must run the same number of steps; shards of unequal sizes give
-        # them unequal samples, and a rank that runs out first hangs the others
-        raise ClipftUsageError(
-            f"webdataset: with {world_size} processes pass resampled=true and samples_per_epoch=N, so "
-            "every rank reads the same number of samples (what webdataset's maintainers recommend for "
-            "distributed training; it also makes a resume part-way into an epoch cheap)")
     if resampled or n_shards >= readers:
         return
     raise ClipftUsageError(
@@ -331,6 +324,13 @@ def build_webdataset(opts, ctx) -> DataBundle:
                 f"{total} classes (the samples are in class order); write the shards with "
                 "`clipft shards --shuffle-seed 0`, or pass val_urls")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1 and not opts.resampled:
+        # ranks must run the same number of steps; shards of unequal sizes give
+        # them unequal samples, and a rank that runs out first hangs the others
+        raise ClipftUsageError(
+            f"webdataset: with {world} processes pass resampled=true and samples_per_epoch=N, so "
+            "every rank reads the same number of samples (what webdataset's maintainers recommend for "
+            "distributed training)")
     check_readers(len(train_urls), world, ctx.num_workers, opts.resampled)
 
     if opts.samples_per_epoch is not None:
