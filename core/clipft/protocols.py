@@ -14,6 +14,9 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
   frozen features.
 - :class:`ClassTextEncoder` is the inserted module that encodes class prompts
   (prompt tuning). :func:`install` puts it, or an embedding adapter, in its slot.
+- :class:`FitsTrainFeatures` is a mixin for a head or an inserted module that
+  is built from the training split's embeddings before training starts
+  (Tip-Adapter's key-value cache).
 
 Errors: raise :class:`clipft.errors.ClipftUsageError` for anything the user can
 fix (bad options, an incompatible model or data); the CLI turns it into a
@@ -142,6 +145,35 @@ class ClassTextEncoder(InsertedModule):
     """
 
     enters: ClassVar[str] = ENTERS_CLASS_TEXT
+
+
+class FitsTrainFeatures:
+    """Mixin for a head, or an :class:`InsertedModule`, that is built from the
+    training split's embeddings before training starts (Tip-Adapter's cache of
+    training features and labels).
+
+    At the start of a fresh run (not on ``--resume``, and not when a model is
+    rebuilt from a run directory or an export, where the fitted tensors come
+    back from the checkpoint), after the strategies and the head are built and
+    before the optimizer exists, the engine makes one pass over the training
+    split, encoding each image once through the frozen-tower cache when it
+    applies (the pass fills the cache that the epochs then replay), and calls
+    :meth:`fit_train_features` once under ``torch.no_grad()``.
+
+    A fitted tensor whose shape depends on the data (``[N, D]`` keys) must keep
+    its ``nn.Parameter`` object (assign ``param.data``), and the module must
+    accept that shape when a checkpoint is loaded into a freshly built one
+    (resize in ``_load_from_state_dict``), because it is rebuilt from its
+    options alone.
+    """
+
+    def fit_train_features(self, data) -> Optional[dict]:
+        """Fit to ``data`` (a :class:`clipft.context.TrainFeatures`). Returns a
+        JSON-able record of what was fitted (sizes, chosen hyperparameters, and
+        whether they were chosen on the val split), or None; the engine writes
+        it to ``summary.json`` under ``fit.<name>`` (``head``, or the module's
+        qualified name) and keeps it across a resume."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement fit_train_features()")
 
 
 def install(model, module) -> str:

@@ -148,6 +148,25 @@ class LiveFeatures:
         return self.enc.class_features()
 
     @torch.no_grad()
+    def train_split_features(self):
+        """``(features, labels)`` of the whole train split in index order, as
+        evaluation computes embeddings (eval mode), for components fitted to
+        the training features. Draws nothing from the global RNG stream."""
+        model = self.enc.model
+        was = model.training
+        model.eval()
+        feats, labels = [], []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for b in self.loaders.train_in_order():
+                    with self.autocast():
+                        feats.append(self.enc.images(b["images"]).float())
+                    labels.append(b["labels"])
+        finally:
+            model.train(was)
+        return _joined(feats, labels, [], self.enc.device)[:2]
+
+    @torch.no_grad()
     def val_image_features(self):
         feats, labels, captions = [], [], []
         for b in self.loaders.val():
@@ -337,6 +356,56 @@ class CachedFeatures(LiveFeatures):
                 store.discard()
                 self._stores.pop("train", None)
             raise
+
+    @torch.no_grad()
+    def train_split_features(self):
+        """As the live provider's, but through the train split's store: the
+        pass fills it (each image encoded once, in train mode as an epoch
+        fills it), the features are finished from the stored values in eval
+        mode, and the epochs replay the store."""
+        if self.cut is None:
+            return super().train_split_features()
+        from clipft.engine.compose import freeze_frozen_norm_stats
+
+        model = self.enc.model
+        was = model.training
+        model.train()
+        freeze_frozen_norm_stats(model)   # the mode an epoch runs (and fills the store) in
+        try:
+            store = self._store("train")
+            if store is None:
+                return super().train_split_features()
+            if not store.complete:
+                store = self._fill_in_order(store)
+                if store is None:
+                    return super().train_split_features()
+            model.eval()
+            feats, labels = [], []
+            with torch.random.fork_rng(devices=[]):
+                for b in self._replay(store, "train", False, 0):
+                    with self.autocast():
+                        feats.append(self.image_features(b).float())
+                    labels.append(b.labels)
+        finally:
+            model.train(was)
+        return _joined(feats, labels, [], self.enc.device)[:2]
+
+    def _fill_in_order(self, store: IndexStore) -> Optional[IndexStore]:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for b in self.loaders.train_in_order():
+                    store.put(b["index"], self._prefix(b), b["captions"], b["labels"])
+            self._finish(store)
+        except StoreTooLarge as exc:
+            store.discard()
+            self._stores["train"] = None
+            self.cache_stats.note("train_image", f"live ({exc})")
+            return None
+        except BaseException:
+            store.discard()
+            self._stores.pop("train", None)
+            raise
+        return store
 
     def train_epoch(self, epoch: int, skip_batches: int = 0):
         if self.cut is None:

@@ -36,6 +36,8 @@ class LoopState:
     epoch_seconds: float = 0.0
     #: optimizer steps skipped because their loss was not finite (--skip-nonfinite)
     skipped_nonfinite: int = 0
+    #: what components fitted to the training split recorded (summary.json's ``fit``)
+    fit: dict = attrs.field(factory=dict)
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -43,7 +45,7 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite")}
+                                               "skipped_nonfinite", "fit")}
 
 
 class StopTraining(Exception):

@@ -195,7 +195,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "seconds": seconds,
             "samples_per_s": samples / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
-            "final_loss": state.last_loss,
+            "final_loss": state.last_loss if state.samples else None,   # None: nothing trained (--epochs 0)
             "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
         },
@@ -208,6 +208,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     split = run.bundle.split
     if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
         summary["data"]["shots"] = split["shots"]
+    if state.fit:   # components fitted to the training split (Tip-Adapter): what they chose
+        summary["fit"] = state.fit
     if run.features.stats:
         summary["cache"] = run.features.stats
     return summary
@@ -340,7 +342,7 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
     else:
         out_dir = Path(out_dir or config.out or rundir.default_run_dir(config.model, config.strategies))
         rundir.check_out_dir(out_dir, overwrite)
-    run = prepare(config, registry)
+    run = prepare(config, registry, fit=resume is None)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
@@ -353,7 +355,7 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
         directory = rundir.RunDirectory(out_dir)   # keeps the marker's list of entries current
     else:
         # everything is validated and built: only now touch the run directory
-        state = LoopState()
+        state = LoopState(fit=run.fit)
         directory = rundir.RunDirectory(out_dir)
         directory.start(overwrite)
     try:
@@ -367,6 +369,10 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
                 state = train_run(run, out_dir, state=state, host=host, stop=stop)
             except StopTraining as stopped:
                 _stop(host, stopped, out_dir, stop.received)
+        if run.config.epochs == 0:
+            # no epoch ends, so no checkpoint was written: save the model as
+            # evaluated, so that export, eval and predict work on the run
+            next(e.callback for e in host.entries if e.name == "checkpoint").save()
     except BaseException:
         if directory is not None:
             directory.abandon()   # a no-op once the new run has a checkpoint
