@@ -13,7 +13,8 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
   how it is exported and uninstalled, and whether it can run on top of cached
   frozen features.
 - :class:`ClassTextEncoder` is the inserted module that encodes class prompts
-  (prompt tuning). :func:`install` puts it, or an embedding adapter, in its slot.
+  (prompt tuning; a ``conditional`` one conditions them on each image, CoCoOp).
+  :func:`install` puts it, or an embedding adapter, in its slot.
 - :class:`FitsTrainFeatures` is a mixin for a head or an inserted module that
   is built from the training split's embeddings before training starts
   (Tip-Adapter's key-value cache).
@@ -142,9 +143,19 @@ class ClassTextEncoder(InsertedModule):
     templates)`` (its ``forward``) and returns unnormalised class embeddings
     ``[C, D]``. A class-text side with a trainable encoder is never cached;
     one whose parameters are all frozen is.
+
+    ``conditional = True`` declares prompts that depend on the image being
+    classified (CoCoOp). Wherever images are classified, the engine then calls
+    ``encoder(model, tokenizer, classnames, templates, image_features=F)`` with
+    the images' L2-normalised embeddings ``F`` ``[B, D]`` and expects
+    ``[B, C, D]`` (class ``c``'s prompt for image ``b``); called without
+    ``image_features`` (the ``zero-shot`` head's initialisation) it returns its
+    unconditioned prompts ``[C, D]``. Conditional class embeddings are never
+    cached. :func:`clipft.encode.class_scores` is the one call that serves both.
     """
 
     enters: ClassVar[str] = ENTERS_CLASS_TEXT
+    conditional: ClassVar[bool] = False
 
 
 class FitsTrainFeatures:
@@ -201,6 +212,13 @@ def installed(model, enters: str):
 def class_text_encoder(model) -> Optional[ClassTextEncoder]:
     """The class-prompt encoder a strategy installed on ``model``, or None."""
     return installed(model, ENTERS_CLASS_TEXT)
+
+
+def conditional_class_text(model) -> bool:
+    """True when ``model``'s class-prompt encoder conditions the prompts on each
+    image (:attr:`ClassTextEncoder.conditional`)."""
+    encoder = class_text_encoder(model)
+    return encoder is not None and bool(encoder.conditional)
 
 
 def inserted_modules(model) -> list:

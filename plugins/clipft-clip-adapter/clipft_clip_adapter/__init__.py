@@ -73,11 +73,12 @@ def _adapter_classes():
             super().__init__()
             self.ratio = float(ratio)
             self.options = dict(options)
-            self.down = nn.Linear(dim, hidden, bias=False)
-            self.up = nn.Linear(hidden, dim, bias=False)
             # nn.Linear's own initialisation (Kaiming-uniform, a=sqrt(5)), as the
             # paper's adapter has, but from a generator of its own so that the
             # run's global random stream is left alone
+            with torch.random.fork_rng(devices=[]):
+                self.down = nn.Linear(dim, hidden, bias=False)
+                self.up = nn.Linear(hidden, dim, bias=False)
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for layer in (self.down, self.up):
