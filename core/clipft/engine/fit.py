@@ -34,7 +34,13 @@ def fit_to_train_split(model, head, features, classnames) -> dict:
         raise ClipftError("no image of the train split could be decoded; nothing to fit to")
 
     def val():
-        f, y, _ = features.val_image_features()
+        # as the evaluation computes them (it fills the val cache the same way)
+        was = model.training
+        model.eval()
+        try:
+            f, y, _ = features.val_image_features()
+        finally:
+            model.train(was)
         return f, y
 
     data = TrainFeatures(feats, labels, list(classnames) if classnames else None, val)
