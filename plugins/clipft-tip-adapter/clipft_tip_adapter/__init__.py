@@ -138,7 +138,6 @@ def _head_class():
             zs = self.zero_shot_logits(feats)
             alphas = torch.tensor(ALPHA_GRID, device=feats.device)
             best = (-1.0, None, None)
-            at_options = None
             for beta in BETA_GRID:
                 cache = self.cache_logits(feats, torch.tensor(beta, device=feats.device))
                 logits = zs.unsqueeze(0) + alphas[:, None, None] * cache.unsqueeze(0)   # [A, Nv, C]
@@ -146,7 +145,6 @@ def _head_class():
                 i = int(acc.argmax())
                 if float(acc[i]) > best[0]:   # first best in grid order: smallest beta, then alpha
                     best = (float(acc[i]), ALPHA_GRID[i], beta)
-            opts = self.opts
             with torch.no_grad():
                 at_options = float((self.forward(feats).argmax(-1) == labels).float().mean())
                 self.alpha.fill_(best[1])
@@ -154,7 +152,8 @@ def _head_class():
             return {
                 "on": "val",
                 "alpha": best[1], "beta": best[2], "val_top1": best[0],
-                "val_top1_with_options": at_options, "options": {"alpha": opts.alpha, "beta": opts.beta},
+                "val_top1_with_options": at_options,
+                "options": {"alpha": self.opts.alpha, "beta": self.opts.beta},
                 "grid": {"alpha": list(ALPHA_GRID), "beta": list(BETA_GRID)},
                 "note": ("alpha and beta were chosen on the val split that this run's eval.before and "
                          "eval.after head_top1 are measured on, so those are optimistic; measure on "
