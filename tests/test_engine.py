@@ -160,8 +160,9 @@ def test_bad_config_values():
     from clipft.errors import ClipftUsageError
     with pytest.raises(ClipftUsageError, match="optimizer"):
         RunConfig(optimizer="adam9")
-    with pytest.raises(ClipftUsageError, match="epochs"):
-        RunConfig(epochs=0)
+    with pytest.raises(ClipftUsageError, match="'epochs' must be >= 0"):
+        RunConfig(epochs=-1)
+    assert RunConfig(epochs=0).epochs == 0      # evaluate without training (tests/test_train_free.py)
 
 
 def test_head_on_a_timm_tower_without_head_projection(tmp_path):

@@ -14,6 +14,7 @@ from clipft.errors import ClipftError, ClipftUsageError
 from clipft.hookspecs import hookimpl
 from clipft.protocols import (
     ClassTextEncoder,
+    FitsTrainFeatures,
     InsertedModule,
     Strategy,
     StrategyModifier,
@@ -47,6 +48,7 @@ __all__ = [
     "StrategyModifier",
     "InsertedModule",
     "ClassTextEncoder",
+    "FitsTrainFeatures",
     "install",
     "installed",
     "class_text_encoder",

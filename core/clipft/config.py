@@ -62,6 +62,15 @@ def _positive(inst, attribute, value):
         raise ClipftUsageError(f"'{attribute.name}' must be > 0, got {value!r}")
 
 
+def _zero_or_more(inst, attribute, value):
+    """An integer count where 0 means "none" (``epochs = 0``: evaluate without training)."""
+    if value is None:
+        raise ClipftUsageError(f"'{attribute.name}' must be >= 0, got {value!r}")
+    _check_number(attribute.name, value, integer=_is_int(attribute))
+    if value < 0:
+        raise ClipftUsageError(f"'{attribute.name}' must be >= 0, got {value!r}")
+
+
 def _non_negative(inst, attribute, value):
     if value is None:
         return
@@ -132,7 +141,8 @@ class RunConfig:
     loss: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
     head: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
 
-    epochs: int = attrs.field(default=1, validator=_positive)
+    #: 0: evaluate the model as built (training-free methods such as Tip-Adapter), train nothing
+    epochs: int = attrs.field(default=1, validator=_zero_or_more)
     batch_size: int = attrs.field(default=32, validator=_positive)
     #: None: the first strategy's recommended lr (1e-3 for a head-only probe)
     lr: Optional[float] = attrs.field(default=None, validator=_non_negative)

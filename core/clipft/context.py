@@ -1,4 +1,5 @@
-"""``BuildContext``: what strategies and heads receive while a run is assembled.
+"""``BuildContext``: what strategies and heads receive while a run is assembled;
+``TrainFeatures``: what a component fitted to the training split receives.
 
 ``StrategySpec.build(options)`` returns a :class:`clipft.Strategy` whose
 ``apply(model, ctx)`` gets one of these; ``HeadSpec.build(options, ctx)`` gets
@@ -53,3 +54,33 @@ class BuildContext:
         from clipft.encode import class_text_features
         return class_text_features(model or self.model, self.tokenizer, self.classnames,
                                    self.templates, self.device)
+
+
+class TrainFeatures:
+    """The training split as embeddings, for
+    :meth:`clipft.protocols.FitsTrainFeatures.fit_train_features`:
+
+    - ``features``: ``[N, D]`` L2-normalised image embeddings of every decodable
+      training image, in index order, as evaluation computes them (eval mode,
+      the image-embedding adapter applied, float32, on the run's device);
+    - ``labels``: ``[N]`` class indices (-1 for an image without a class);
+    - ``classnames``: the data's class names in label order (None without classes);
+    - ``val_features()``: ``(features, labels)`` of the val split, computed on
+      first use through the same cache the evaluation uses. A hyperparameter
+      chosen on it makes the run's own val metrics optimistic: say so in the
+      record ``fit_train_features`` returns.
+    """
+
+    def __init__(self, features, labels, classnames=None, val=None):
+        self.features, self.labels, self.classnames = features, labels, classnames
+        self._val, self._val_value = val, None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def val_features(self):
+        if self._val is None:
+            raise ValueError("this TrainFeatures has no val split")
+        if self._val_value is None:
+            self._val_value = self._val()
+        return self._val_value

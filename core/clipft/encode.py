@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clipft.protocols import ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING, class_text_encoder, installed
+from clipft.protocols import (
+    ENTERS_IMAGE_EMBEDDING,
+    ENTERS_TEXT_EMBEDDING,
+    class_text_encoder,
+    conditional_class_text,
+    installed,
+)
+
+#: conditional class prompts (CoCoOp) are encoded for this many (image, class)
+#: pairs at a time at most, bounding the text tower's batch
+CONDITIONAL_CHUNK = 2048
 
 
 def image_embedding(model, raw: torch.Tensor) -> torch.Tensor:
@@ -35,13 +45,23 @@ def encode_texts(model, tokens: torch.Tensor, trim: bool = False) -> torch.Tenso
     return F.normalize(text_embedding(model, raw), dim=-1)
 
 
-def class_text_features(model, tokenizer, classnames, templates, device, batch: int = 256) -> torch.Tensor:
+def class_text_features(model, tokenizer, classnames, templates, device, batch: int = 256,
+                        image_features=None) -> torch.Tensor:
     """Zero-shot classifier weights ``[C, D]``: per class, the normalised mean of
     the normalised template embeddings (CLIP's prompt ensembling), or the
-    normalised output of the model's class-prompt encoder when it has one."""
+    normalised output of the model's class-prompt encoder when it has one.
+
+    With a *conditional* class-prompt encoder (CoCoOp) and ``image_features``
+    (``[B, D]``, normalised), the prompts of each image: ``[B, C, D]``; without
+    ``image_features`` its unconditioned prompts ``[C, D]``. ``image_features``
+    is ignored otherwise (the weights do not depend on the image); use
+    :func:`class_scores` to classify either way."""
     encoder = class_text_encoder(model)
     if encoder is not None:
-        raw = encoder(model, tokenizer, list(classnames), tuple(templates))
+        if image_features is not None and encoder.conditional:
+            raw = encoder(model, tokenizer, list(classnames), tuple(templates), image_features=image_features)
+        else:
+            raw = encoder(model, tokenizer, list(classnames), tuple(templates))
         return F.normalize(text_embedding(model, raw), dim=-1)
     texts = [t.format(c) for c in classnames for t in templates]
     feats = []
@@ -49,6 +69,23 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
         feats.append(encode_texts(model, tokenizer(texts[i:i + batch]).to(device)))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(feats, dim=-1)
+
+
+def class_scores(model, tokenizer, classnames, templates, device, image_features) -> torch.Tensor:
+    """Cosine similarity of each image to each class prompt, ``[B, C]``
+    (``image_features`` normalised ``[B, D]``): against the class-prompt
+    embeddings, or, with a conditional class-prompt encoder (CoCoOp), against
+    each image's own prompts, encoded for a few images at a time."""
+    if not conditional_class_text(model):
+        cls = class_text_features(model, tokenizer, classnames, templates, device)
+        return image_features @ cls.t().to(image_features.dtype)
+    step = max(1, CONDITIONAL_CHUNK // max(1, len(classnames)))
+    out = []
+    for i in range(0, len(image_features), step):
+        f = image_features[i:i + step]
+        cls = class_text_features(model, tokenizer, classnames, templates, device, image_features=f)
+        out.append(torch.einsum("bd,bcd->bc", f, cls.to(f.dtype)))
+    return torch.cat(out) if out else image_features.new_zeros(0, len(classnames))
 
 
 def infer_embed_dim(model: torch.nn.Module) -> int:
@@ -136,12 +173,42 @@ def encode_text_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def encode_text_prefix(model, tokens: torch.Tensor, length: int) -> torch.Tensor:
     """CLIP's ``encode_text`` run on the first ``length`` positions only."""
-    from open_clip.transformer import text_global_pool
-
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding.to(cast_dtype)
-    x = x[:, :length]
+    return _text_tower_from(model, x[:, :length], tokens, length)
+
+
+def encode_token_embeddings(model, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's ``encode_text`` from given token embeddings: ``embeddings``
+    ``[N, L', W]`` stand for ``model.token_embedding(tokens)[:, :L']`` (a prompt
+    learner's context spliced in), ``tokens`` ``[N, L]`` are the token ids
+    (they decide where the text is pooled). Every position the pooling needs
+    must be within ``L'`` (:func:`causal_text_length` gives the shortest);
+    positions after it are never computed. For a model whose text path is
+    CLIP's own (:func:`text_trim_length` is not None for its tokens), else a
+    ``ValueError``."""
+    from open_clip.model import CLIP
+
+    length = embeddings.shape[1]
+    if "encode_text" in model.__dict__ or type(model).encode_text is not CLIP.encode_text:
+        raise ValueError("encode_token_embeddings needs open_clip's own CLIP text tower "
+                         f"({type(model).__name__} has another)")
+    if length < tokens.shape[1]:
+        need = causal_text_length(model, tokens)   # None: the mask or the pooling allow no cut
+        if need is None or length < need:
+            raise ValueError(f"token embeddings of length {length} do not reach the pooled position of "
+                             f"every row (need {need or tokens.shape[1]})")
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    return _text_tower_from(model, x, tokens, length)
+
+
+def _text_tower_from(model, x: torch.Tensor, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """The causal text transformer, ``ln_final``, pooling and projection on the
+    first ``length`` positions (``x`` already embedded, positions added)."""
+    from open_clip.transformer import text_global_pool
+
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens[:, :length], model.text_pool_type,

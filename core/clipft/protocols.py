@@ -13,7 +13,11 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
   how it is exported and uninstalled, and whether it can run on top of cached
   frozen features.
 - :class:`ClassTextEncoder` is the inserted module that encodes class prompts
-  (prompt tuning). :func:`install` puts it, or an embedding adapter, in its slot.
+  (prompt tuning; a ``conditional`` one conditions them on each image, CoCoOp).
+  :func:`install` puts it, or an embedding adapter, in its slot.
+- :class:`FitsTrainFeatures` is a mixin for a head or an inserted module that
+  is built from the training split's embeddings before training starts
+  (Tip-Adapter's key-value cache).
 
 Errors: raise :class:`clipft.errors.ClipftUsageError` for anything the user can
 fix (bad options, an incompatible model or data); the CLI turns it into a
@@ -139,9 +143,48 @@ class ClassTextEncoder(InsertedModule):
     templates)`` (its ``forward``) and returns unnormalised class embeddings
     ``[C, D]``. A class-text side with a trainable encoder is never cached;
     one whose parameters are all frozen is.
+
+    ``conditional = True`` declares prompts that depend on the image being
+    classified (CoCoOp). Wherever images are classified, the engine then calls
+    ``encoder(model, tokenizer, classnames, templates, image_features=F)`` with
+    the images' L2-normalised embeddings ``F`` ``[B, D]`` and expects
+    ``[B, C, D]`` (class ``c``'s prompt for image ``b``); called without
+    ``image_features`` (the ``zero-shot`` head's initialisation) it returns its
+    unconditioned prompts ``[C, D]``. Conditional class embeddings are never
+    cached. :func:`clipft.encode.class_scores` is the one call that serves both.
     """
 
     enters: ClassVar[str] = ENTERS_CLASS_TEXT
+    conditional: ClassVar[bool] = False
+
+
+class FitsTrainFeatures:
+    """Mixin for a head, or an :class:`InsertedModule`, that is built from the
+    training split's embeddings before training starts (Tip-Adapter's cache of
+    training features and labels).
+
+    At the start of a fresh run (not on ``--resume``, and not when a model is
+    rebuilt from a run directory or an export, where the fitted tensors come
+    back from the checkpoint), after the strategies and the head are built and
+    before the optimizer exists, the engine makes one pass over the training
+    split, encoding each image once through the frozen-tower cache when it
+    applies (the pass fills the cache that the epochs then replay), and calls
+    :meth:`fit_train_features` once under ``torch.no_grad()``.
+
+    A fitted tensor whose shape depends on the data (``[N, D]`` keys) must keep
+    its ``nn.Parameter`` object (assign ``param.data``), and the module must
+    accept that shape when a checkpoint is loaded into a freshly built one
+    (resize in ``_load_from_state_dict``), because it is rebuilt from its
+    options alone.
+    """
+
+    def fit_train_features(self, data) -> Optional[dict]:
+        """Fit to ``data`` (a :class:`clipft.context.TrainFeatures`). Returns a
+        JSON-able record of what was fitted (sizes, chosen hyperparameters, and
+        whether they were chosen on the val split), or None; the engine writes
+        it to ``summary.json`` under ``fit.<name>`` (``head``, or the module's
+        qualified name) and keeps it across a resume."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement fit_train_features()")
 
 
 def install(model, module) -> str:
@@ -169,6 +212,13 @@ def installed(model, enters: str):
 def class_text_encoder(model) -> Optional[ClassTextEncoder]:
     """The class-prompt encoder a strategy installed on ``model``, or None."""
     return installed(model, ENTERS_CLASS_TEXT)
+
+
+def conditional_class_text(model) -> bool:
+    """True when ``model``'s class-prompt encoder conditions the prompts on each
+    image (:attr:`ClassTextEncoder.conditional`)."""
+    encoder = class_text_encoder(model)
+    return encoder is not None and bool(encoder.conditional)
 
 
 def inserted_modules(model) -> list:

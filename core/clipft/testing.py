@@ -294,7 +294,7 @@ def _val_metrics(loaded) -> tuple[dict, int]:
     import torch
 
     from clipft.data import DataContext
-    from clipft.encode import class_text_features, encode_images
+    from clipft.encode import class_scores, encode_images
 
     spec, opts = loaded.resolved.data
     bundle = spec.build(opts, DataContext(transform_train=loaded.preprocess,
@@ -307,9 +307,9 @@ def _val_metrics(loaded) -> tuple[dict, int]:
     with torch.no_grad():
         feats = torch.cat([encode_images(loaded.model, torch.stack([x[1] for x in items[i:i + 64]])
                                          .to(loaded.device)) for i in range(0, len(items), 64)])
-        cls = class_text_features(loaded.model, loaded.tokenizer, loaded.classnames, loaded.templates,
-                                  loaded.device)
-        metrics["top1"] = float(((feats @ cls.t()).argmax(-1).cpu() == labels).float().mean())
+        scores = class_scores(loaded.model, loaded.tokenizer, loaded.classnames, loaded.templates,
+                              loaded.device, feats)
+        metrics["top1"] = float((scores.argmax(-1).cpu() == labels).float().mean())
         if loaded.head is not None:
             metrics["head_top1"] = float((loaded.head(feats).argmax(-1).cpu() == labels).float().mean())
     return metrics, len(items)
@@ -380,7 +380,7 @@ def assert_export_roundtrip(run_dir, out, registry=None, *, atol: float = 1e-5) 
     lists what a plain open_clip load of OUT leaves out)."""
     import torch
 
-    from clipft.encode import class_text_features, encode_images, encode_texts
+    from clipft.encode import class_scores, class_text_features, encode_images, encode_texts
     from clipft.engine.export import export_run, load_export
 
     run_dir = _run_dir(run_dir)
@@ -398,6 +398,12 @@ def assert_export_roundtrip(run_dir, out, registry=None, *, atol: float = 1e-5) 
             cb = class_text_features(b, exported["tokenizer"], exported["classnames"],
                                      exported["templates"], loaded.device)
             pairs["class-prompt features"] = (ca, cb)
+            # with a conditional class-prompt encoder (CoCoOp) the prompts depend on the image
+            feats = pairs["image features"][0]
+            pairs["class scores"] = (
+                class_scores(a, loaded.tokenizer, loaded.classnames, loaded.templates, loaded.device, feats),
+                class_scores(b, exported["tokenizer"], exported["classnames"], exported["templates"],
+                             loaded.device, feats))
         if loaded.head is not None:
             if exported["head"] is None:
                 raise AssertionError("the export lost the run's head")

@@ -26,8 +26,7 @@ class Evaluator:
             if len(labels) == 0:
                 return metrics
             if self.has_classes:
-                cls = self.features.class_features()
-                pred = (feats @ cls.t()).argmax(dim=-1)
+                pred = self.features.class_scores(feats).argmax(dim=-1)
                 metrics["top1"] = float((pred == labels).float().mean())
             if head is not None:
                 with self.autocast():

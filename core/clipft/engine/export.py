@@ -303,11 +303,20 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     classnames = manifest.get("classnames")
     templates = tuple(manifest.get("templates") or ("a photo of a {}.",))
 
-    strategies, extra_tensors = [], {}
+    strategies, extra_tensors, rebuilt = [], {}, {}
     for info in manifest["extras"]:
         tensors, meta = read_extra(out / info["file"])
         spec = registry.get("strategy", meta["strategy"])
-        strategies.append((spec, build_options("strategy", spec, meta.get("options", {}))))
+        options = meta.get("options", {})
+        # a strategy that inserted several modules (clip-adapter on both
+        # embeddings) exported one file per module: it is applied once
+        if spec.name in rebuilt:
+            if rebuilt[spec.name] != options:
+                raise ClipftError(f"the files of strategy '{spec.name}' in {out} record different options: "
+                                  f"{rebuilt[spec.name]} and {options}")
+        else:
+            rebuilt[spec.name] = options
+            strategies.append((spec, build_options("strategy", spec, options)))
         extra_tensors[info["file"]] = (tensors, meta["strategy"])
     head_ref = None
     if manifest.get("head"):

@@ -4,7 +4,8 @@ The loop and the evaluator talk to a provider only:
 
 - ``train_epoch(epoch)``: the :class:`Batch` es of one epoch;
 - ``train_features(batch, need_text)``: image and (when needed) text features;
-- ``val_image_features()``, ``class_features()``, ``caption_features(captions)``.
+- ``val_image_features()``, ``class_features()``, ``class_scores(image_features)``,
+  ``caption_features(captions)``.
 
 :class:`LiveFeatures` computes everything from the model, every time.
 :class:`CachedFeatures` serves the frozen part of each tower from a cache
@@ -29,7 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from clipft.data import is_iterable
-from clipft.encode import class_text_features, encode_text_trimmed, image_embedding, text_embedding
+from clipft.encode import (
+    class_scores,
+    class_text_features,
+    encode_text_trimmed,
+    image_embedding,
+    text_embedding,
+)
 from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
 from clipft.engine.cache.stats import CacheStats
 from clipft.engine.cache.store import (
@@ -42,7 +49,7 @@ from clipft.engine.cache.store import (
     tensor_digest,
     transform_repr,
 )
-from clipft.protocols import ENTERS_TEXT_EMBEDDING, class_text_encoder, installed
+from clipft.protocols import ENTERS_TEXT_EMBEDDING, class_text_encoder, conditional_class_text, installed
 
 TEXT_CHUNK = 256
 
@@ -103,8 +110,14 @@ class Encoders:
     def texts(self, captions):
         return self.text_finish(self.text_raw(captions))
 
-    def class_features(self):
-        return class_text_features(self.model, self.tokenizer, self.classnames, self.templates, self.device)
+    def class_features(self, image_features=None):
+        """``[C, D]``; ``[B, C, D]`` for ``image_features`` with a conditional encoder."""
+        return class_text_features(self.model, self.tokenizer, self.classnames, self.templates, self.device,
+                                   image_features=image_features)
+
+    def class_scores(self, image_features):
+        return class_scores(self.model, self.tokenizer, self.classnames, self.templates, self.device,
+                            image_features)
 
 
 class LiveFeatures:
@@ -131,14 +144,19 @@ class LiveFeatures:
 
     def train_features(self, batch: Batch, need_text: bool):
         img = self.image_features(batch)
-        return img, (self.paired_text(batch) if need_text else None)
+        return img, (self.paired_text(batch, img) if need_text else None)
 
-    def paired_text(self, batch: Batch):
+    def paired_text(self, batch: Batch, image_features=None):
         """Text features of a batch's paired text: its captions, or, when a
         strategy installed a class-prompt encoder and every image has a label,
-        the encoded class prompt of each image's class."""
+        the encoded class prompt of each image's class (with a conditional
+        encoder, that prompt conditioned on the image itself)."""
         if class_text_encoder(self.enc.model) is not None and batch.labelled:
-            return self.train_class_features()[batch.labels.to(self.enc.device)]
+            labels = batch.labels.to(self.enc.device)
+            if conditional_class_text(self.enc.model) and image_features is not None:
+                per_image = self.enc.class_features(image_features)          # [B, C, D]
+                return per_image[torch.arange(len(labels), device=labels.device), labels]
+            return self.train_class_features()[labels]
         return self.caption_batch(batch.captions)
 
     def caption_batch(self, captions):
@@ -147,6 +165,25 @@ class LiveFeatures:
     def train_class_features(self):
         """Class-prompt features in training (with grad when the text side trains)."""
         return self.enc.class_features()
+
+    @torch.no_grad()
+    def train_split_features(self):
+        """``(features, labels)`` of the whole train split in index order, as
+        evaluation computes embeddings (eval mode), for components fitted to
+        the training features. Draws nothing from the global RNG stream."""
+        model = self.enc.model
+        was = model.training
+        model.eval()
+        feats, labels = [], []
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for b in self.loaders.train_in_order():
+                    with self.autocast():
+                        feats.append(self.enc.images(b["images"]).float())
+                    labels.append(b["labels"])
+        finally:
+            model.train(was)
+        return _joined(feats, labels, [], self.enc.device)[:2]
 
     @torch.no_grad()
     def val_image_features(self):
@@ -162,6 +199,15 @@ class LiveFeatures:
     def class_features(self):
         with self.autocast():
             return self.enc.class_features().float()
+
+    @torch.no_grad()
+    def class_scores(self, image_features):
+        """``[B, C]`` cosine similarities of the images to the class prompts
+        (each image's own prompts with a conditional class-prompt encoder)."""
+        if not conditional_class_text(self.enc.model):
+            return image_features @ self.class_features().t()
+        with self.autocast():
+            return self.enc.class_scores(image_features).float()
 
     @torch.no_grad()
     def caption_features(self, captions):
@@ -340,6 +386,56 @@ class CachedFeatures(LiveFeatures):
                 store.discard()
                 self._stores.pop("train", None)
             raise
+
+    @torch.no_grad()
+    def train_split_features(self):
+        """As the live provider's, but through the train split's store: the
+        pass fills it (each image encoded once, in train mode as an epoch
+        fills it), the features are finished from the stored values in eval
+        mode, and the epochs replay the store."""
+        if self.cut is None:
+            return super().train_split_features()
+        from clipft.engine.compose import freeze_frozen_norm_stats
+
+        model = self.enc.model
+        was = model.training
+        model.train()
+        freeze_frozen_norm_stats(model)   # the mode an epoch runs (and fills the store) in
+        try:
+            store = self._store("train")
+            if store is None:
+                return super().train_split_features()
+            if not store.complete:
+                store = self._fill_in_order(store)
+                if store is None:
+                    return super().train_split_features()
+            model.eval()
+            feats, labels = [], []
+            with torch.random.fork_rng(devices=[]):
+                for b in self._replay(store, "train", False, 0):
+                    with self.autocast():
+                        feats.append(self.image_features(b).float())
+                    labels.append(b.labels)
+        finally:
+            model.train(was)
+        return _joined(feats, labels, [], self.enc.device)[:2]
+
+    def _fill_in_order(self, store: IndexStore) -> Optional[IndexStore]:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for b in self.loaders.train_in_order():
+                    store.put(b["index"], self._prefix(b), b["captions"], b["labels"])
+            self._finish(store)
+        except StoreTooLarge as exc:
+            store.discard()
+            self._stores["train"] = None
+            self.cache_stats.note("train_image", f"live ({exc})")
+            return None
+        except BaseException:
+            store.discard()
+            self._stores.pop("train", None)
+            raise
+        return store
 
     def train_epoch(self, epoch: int, skip_batches: int = 0):
         if self.cut is None:

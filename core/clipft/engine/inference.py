@@ -38,13 +38,23 @@ class ZeroShot:
 
     def __init__(self, source, classnames: Sequence[str], templates: Sequence[str]):
         from clipft.encode import class_text_features
-        with torch.no_grad():
-            self.weights = class_text_features(source.model, source.tokenizer, list(classnames),
-                                               tuple(templates), source.device).float()
-        self.scale = logit_scale(source.model).to(self.weights.device)
+        from clipft.protocols import conditional_class_text
+        self.source, self.classnames, self.templates = source, list(classnames), tuple(templates)
+        #: a conditional class-prompt encoder (CoCoOp) prompts each image anew: no fixed weights
+        self.weights = None
+        if not conditional_class_text(source.model):
+            with torch.no_grad():
+                self.weights = class_text_features(source.model, source.tokenizer, self.classnames,
+                                                   self.templates, source.device).float()
+        self.scale = logit_scale(source.model).to(source.device)
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.scale * feats @ self.weights.t()
+        if self.weights is not None:
+            return self.scale * feats @ self.weights.t()
+        from clipft.encode import class_scores
+        with torch.no_grad():
+            return self.scale * class_scores(self.source.model, self.source.tokenizer, self.classnames,
+                                             self.templates, self.source.device, feats).float()
 
 
 class HeadScores:

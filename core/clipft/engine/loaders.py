@@ -140,6 +140,12 @@ class Loaders:
         loader.sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
         return Batches(loader, self.failures, id(self.bundle.train))
 
+    def train_in_order(self) -> Batches:
+        """The train split once, in index order and with its own (train)
+        transform: the pass that fits components to the training features."""
+        return Batches(self._loader(self.bundle.train, False, reuse=False), self.failures,
+                       id(self.bundle.train))
+
     def val(self, reuse: bool = True) -> Batches:
         return Batches(self._loader(self.bundle.val, False, reuse), self.failures, id(self.bundle.val))
 

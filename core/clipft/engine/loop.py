@@ -39,6 +39,8 @@ class LoopState:
     skipped_nonfinite: int = 0
     #: processes the run trains on (a resume must use as many)
     world_size: int = 1
+    #: what components fitted to the training split recorded (summary.json's ``fit``)
+    fit: dict = attrs.field(factory=dict)
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -46,7 +48,7 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite", "world_size")}
+                                               "skipped_nonfinite", "world_size", "fit")}
 
 
 class StopTraining(Exception):

@@ -11,7 +11,7 @@ def make_optimizer(groups, config) -> torch.optim.Optimizer:
         {"params": [p for _, p in g.params], "lr": g.lr, "weight_decay": g.weight_decay,
          "name": g.name}
         for g in groups
-    ]
+    ] or [{"params": [], "lr": 0.0, "weight_decay": 0.0, "name": "none"}]   # --epochs 0, nothing trains
     if config.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=config.momentum)
     return torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], betas=(0.9, 0.98), eps=1e-6)

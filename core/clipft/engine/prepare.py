@@ -22,6 +22,7 @@ from clipft.engine.cache.store import memory_budget_bytes
 from clipft.engine.compose import build_groups
 from clipft.engine.evaluate import Evaluator
 from clipft.engine.features import CachedFeatures, Encoders, LiveFeatures, StoreKeys
+from clipft.engine.fit import fit_to_train_split
 from clipft.engine.loaders import Loaders
 from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
@@ -69,6 +70,8 @@ class PreparedRun:
     warnings: list = attrs.field(factory=list)
     #: what apply_speed_options did (grad checkpointing, compiled modules)
     speed: dict = attrs.field(factory=dict)
+    #: what components fitted to the training split recorded (clipft.engine.fit)
+    fit: dict = attrs.field(factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -128,7 +131,9 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
     return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
 
 
-def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
+def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] = None) -> PreparedRun:
+    """``fit``: fit the components that fit themselves to the training split
+    (:mod:`clipft.engine.fit`); default: when the optimizer is built."""
     from clipft.engine import distributed
     res = resolve(config, registry)
     dist = distributed.from_env(config.device)
@@ -158,20 +163,24 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     warnings = list(bundle.warnings)   # the data source's notes come first, as its data does
     head = assembly.head
     head_trains = head is not None and any(p.requires_grad for p in head.parameters())
+    training = config.epochs > 0   # --epochs 0 evaluates the model as built: nothing need train
     if head_trains and NEED_HEAD not in loss_spec.needs:
         msg = (f"loss '{loss_spec.name}' does not use the head, so head '{res.head[0].name}' "
                "would never train; use --loss cross-entropy to train it")
-        if not any(sel.params for sel in assembly.selections):
+        if not any(sel.params for sel in assembly.selections) and training:
             raise ClipftUsageError(f"nothing would train: {msg}")
         warnings.append(msg + " (it is only evaluated)")
         head.requires_grad_(False)
         head_trains = False
     lr = _default_lr(res, config)
     groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None)
-    if not groups:
+    if not groups and training:
+        what = (f"head '{res.head[0].name}' has nothing to train" if head is not None
+                else "there is no head")
         raise ClipftUsageError(
-            "nothing would train: no strategy selected parameters and there is no head. "
-            "Add --strategy (see `clipft plugins`) or --head linear")
+            f"nothing would train: no strategy selected parameters and {what}. "
+            "Add --strategy (see `clipft plugins`) or --head linear, or pass --epochs 0 to evaluate "
+            "the model as built")
 
     autocast = autocast_for(device, precision)
     loaders = Loaders(bundle, batch_size=config.batch_size, seed=config.seed, device=device,
@@ -191,6 +200,10 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
                       evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
                       precision=precision, dist=dist)
+    if build_optimizer if fit is None else fit:
+        # components built from the training features (Tip-Adapter's cache); a
+        # resume passes fit=False: the fitted tensors come back from the checkpoint
+        run.fit = fit_to_train_split(assembly.model, head, features, bundle.classnames)
     if build_optimizer:
         steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
         run.total_steps = config.epochs * steps_per_epoch

@@ -197,7 +197,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "seconds": seconds,
             "samples_per_s": samples / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
-            "final_loss": state.last_loss,
+            "final_loss": state.last_loss if state.samples else None,   # None: nothing trained (--epochs 0)
             "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
         },
@@ -210,6 +210,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     split = run.bundle.split
     if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
         summary["data"]["shots"] = split["shots"]
+    if state.fit:   # components fitted to the training split (Tip-Adapter): what they chose
+        summary["fit"] = state.fit
     if run.features.stats:
         summary["cache"] = run.features.stats
     dist = run.dist
@@ -382,7 +384,7 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
                                                                                       config.strategies)))
         if main:
             rundir.check_out_dir(out_dir, overwrite)
-    run = prepare(config, registry)
+    run = prepare(config, registry, fit=resume is None)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
@@ -395,7 +397,7 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
         directory = rundir.RunDirectory(out_dir) if main else None   # keeps the marker's list current
     else:
         # everything is validated and built: only now touch the run directory
-        state = LoopState(world_size=dist.world)
+        state = LoopState(world_size=dist.world, fit=run.fit)
         if main:
             directory = rundir.RunDirectory(out_dir)
             directory.start(overwrite)
@@ -414,6 +416,10 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
                 state = train_run(run, out_dir, state=state, host=host, stop=stop)
             except StopTraining as stopped:
                 _stop(host, stopped, out_dir, stop.received, main)
+        if run.config.epochs == 0 and main:
+            # no epoch ends, so no checkpoint was written: save the model as
+            # evaluated, so that export, eval and predict work on the run
+            next(e.callback for e in host.entries if e.name == "checkpoint").save()
     except BaseException:
         if directory is not None:
             directory.abandon()   # a no-op once the new run has a checkpoint

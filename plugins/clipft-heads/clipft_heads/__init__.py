@@ -50,12 +50,13 @@ def _text_head(model, tokenizer, classnames, templates, device, scale):
     import torch
     from torch import nn
 
-    from clipft.encode import class_text_features
+    from clipft.encode import class_scores, class_text_features
 
     class TextHead(nn.Module):
         """Logits against the *live* text encoder: every call encodes the class
         prompts through the current model (and its class-prompt encoder, when a
-        strategy such as ``prompt`` installed one), so gradients reach the text
+        strategy such as ``prompt`` installed one; a conditional one, such as
+        ``cocoop``'s, prompts each image anew), so gradients reach the text
         side. The model is referenced, not owned: the head has no parameters of
         its own and its state dict is empty."""
 
@@ -70,9 +71,17 @@ def _text_head(model, tokenizer, classnames, templates, device, scale):
             return class_text_features(self._clip, tokenizer, self.classnames, self.templates, device)
 
         def forward(self, image_features):
-            cls = self.class_features().to(image_features.dtype)
             s = self.fixed_scale if self.fixed_scale is not None else self._clip.logit_scale.exp()
+            if self.conditional:
+                return s * class_scores(self._clip, tokenizer, self.classnames, self.templates, device,
+                                        image_features)
+            cls = self.class_features().to(image_features.dtype)
             return s * image_features @ cls.t()
+
+        @property
+        def conditional(self) -> bool:
+            from clipft.protocols import conditional_class_text
+            return conditional_class_text(self._clip)
 
         def extra_repr(self) -> str:
             return f"classes={len(self.classnames)}, scale={self.fixed_scale or 'model'}"

@@ -51,13 +51,11 @@ class PromptTuning(Strategy):
         self.opts = opts
 
     def apply(self, model, ctx):
-        import torch
-
         from clipft import install
         from clipft.errors import ClipftUsageError
         from clipft.options import options_to_dict
 
-        from clipft_prompt.learner import PromptLearner, Tokens, build_rows, token_embedding_of
+        from clipft_prompt.learner import PromptLearner, Tokens, build_rows, initial_context
 
         opts = self.opts
         if not ctx.classnames:
@@ -72,22 +70,9 @@ class PromptTuning(Strategy):
                 f"strategy 'prompt' trains through the class prompts, but --loss {ctx.loss} "
                 f"only sees the {ctx.head or 'missing'} head's own weights, so the prompts would never "
                 "train; use --head text (or the contrastive loss)")
-        emb = token_embedding_of(model)
         tokens = Tokens(ctx.tokenizer)
-        weight = emb.weight.detach()
-        if opts.init is not None:
-            placeholder = tokens.ids(opts.init)
-            if not placeholder:
-                raise ClipftUsageError(f"prompt init {opts.init!r} tokenizes to nothing")
-            if opts.n_ctx is not None and opts.n_ctx != len(placeholder):
-                raise ClipftUsageError(
-                    f"prompt: n_ctx={opts.n_ctx}, but init {opts.init!r} is {len(placeholder)} "
-                    f"tokens; give one of them (or init=none for {opts.n_ctx} random vectors)")
-            vectors = weight[torch.tensor(placeholder, device=weight.device)].clone().float()
-        else:
-            n = opts.n_ctx or RANDOM_N_CTX
-            placeholder = tokens.ids("X") * n
-            vectors = torch.empty(n, weight.shape[1]).normal_(0.0, RANDOM_STD).to(weight.device)
+        vectors, placeholder = initial_context(model, tokens, opts.init, opts.n_ctx, "prompt",
+                                               RANDOM_N_CTX, RANDOM_STD)
         n_ctx = len(placeholder)
         build_rows(tokens, ctx.classnames, n_ctx, opts.position, placeholder)  # fits? clear error now
         if opts.class_specific:

@@ -58,6 +58,27 @@ class Tokens:
         return [int(t) for t in row[1:n - 1]]
 
 
+def initial_context(model, tokens: Tokens, init, n_ctx, what: str = "prompt", n_random: int = 16,
+                    std: float = 0.02):
+    """``(vectors [n, W], placeholder token ids)``: the token embeddings of
+    ``init`` (n its token count; ``n_ctx``, when given, must match), or
+    ``n_ctx`` (default ``n_random``) vectors drawn from N(0, std^2) when
+    ``init`` is None. Shared by the ``prompt`` and ``cocoop`` strategies."""
+    weight = token_embedding_of(model).weight.detach()
+    if init is not None:
+        placeholder = tokens.ids(init)
+        if not placeholder:
+            raise ClipftUsageError(f"{what} init {init!r} tokenizes to nothing")
+        if n_ctx is not None and n_ctx != len(placeholder):
+            raise ClipftUsageError(
+                f"{what}: n_ctx={n_ctx}, but init {init!r} is {len(placeholder)} "
+                f"tokens; give one of them (or init=none for {n_ctx} random vectors)")
+        return weight[torch.tensor(placeholder, device=weight.device)].clone().float(), placeholder
+    n = n_ctx or n_random
+    vectors = torch.empty(n, weight.shape[1]).normal_(0.0, std).to(weight.device)
+    return vectors, tokens.ids("X") * n
+
+
 def build_rows(tokens: Tokens, classnames, n_ctx: int, position: str, placeholder: list[int]):
     """Token rows ``[C, L]`` and the context index ``[C, L]`` (-1 where a
     position is not context, else which context vector goes there)."""

@@ -29,7 +29,14 @@ import attrs
 import torch
 
 from clipft.engine.cache.replay import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut
-from clipft.protocols import ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING, SLOTS, installed
+from clipft.protocols import (
+    ENTERS_CLASS_TEXT,
+    ENTERS_IMAGE_EMBEDDING,
+    ENTERS_TEXT_EMBEDDING,
+    SLOTS,
+    conditional_class_text,
+    installed,
+)
 
 
 @attrs.define
@@ -250,6 +257,8 @@ def class_prompts_frozen(model) -> tuple[bool, str]:
     ok, why = text_tower_frozen(model)
     if not ok:
         return False, why
+    if conditional_class_text(model):
+        return False, "the class-prompt encoder conditions the prompts on each image"
     for slot in (ENTERS_CLASS_TEXT, ENTERS_TEXT_EMBEDDING):
         module = installed(model, slot)
         if module is None:
