@@ -22,7 +22,7 @@ from clipft.engine.cache.store import memory_budget_bytes
 from clipft.engine.compose import build_groups
 from clipft.engine.evaluate import Evaluator
 from clipft.engine.features import CachedFeatures, Encoders, LiveFeatures, StoreKeys
-from clipft.engine.fit import fit_to_train_split
+from clipft.engine.fit import fit_to_train_split, fitters
 from clipft.engine.loaders import Loaders
 from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
@@ -200,6 +200,11 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
                       evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
                       precision=precision, dist=dist)
+    if dist.enabled and fitters(assembly.model, head):
+        # each rank sees its share of the train split, so their caches would differ
+        names = ", ".join(n for n, _ in fitters(assembly.model, head))
+        raise ClipftUsageError(f"{names} fits itself to the training features, which a run on "
+                               f"{dist.world} processes splits among them; train it on one process")
     if build_optimizer if fit is None else fit:
         # components built from the training features (Tip-Adapter's cache); a
         # resume passes fit=False: the fitted tensors come back from the checkpoint
