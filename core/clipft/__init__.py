@@ -15,6 +15,7 @@ from clipft.hookspecs import hookimpl
 from clipft.protocols import (
     ClassTextEncoder,
     InsertedModule,
+    Loss,
     Strategy,
     StrategyModifier,
     class_text_encoder,
@@ -47,6 +48,7 @@ __all__ = [
     "StrategyModifier",
     "InsertedModule",
     "ClassTextEncoder",
+    "Loss",
     "install",
     "installed",
     "class_text_encoder",

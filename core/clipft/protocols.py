@@ -14,6 +14,8 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
   frozen features.
 - :class:`ClassTextEncoder` is the inserted module that encodes class prompts
   (prompt tuning). :func:`install` puts it, or an embedding adapter, in its slot.
+- :class:`Loss` is an optional base for what ``LossSpec.build`` returns: a loss
+  that needs the assembled model, or has trainable parameters of its own.
 
 Errors: raise :class:`clipft.errors.ClipftUsageError` for anything the user can
 fix (bad options, an incompatible model or data); the CLI turns it into a
@@ -142,6 +144,30 @@ class ClassTextEncoder(InsertedModule):
     """
 
     enters: ClassVar[str] = ENTERS_CLASS_TEXT
+
+
+class Loss:
+    """Optional base for a built loss (what ``LossSpec.build(options)`` returns).
+
+    A plain callable ``loss(record)`` is a loss too. Subclass this when the loss
+    needs to see the assembled model, or owns trainable parameters:
+
+    - :meth:`setup` is called once per run, after the strategies and the head
+      are built and before the optimizer is, with the run's ``BuildContext``
+      (``ctx.model`` is the model being trained). Create parameters here, from
+      what the model has or lacks (``siglip`` adds a ``logit_bias`` only when the
+      model has none).
+    - A loss that is also a ``torch.nn.Module`` (``class L(clipft.Loss,
+      nn.Module)``) trains its parameters that require grad: they go in the
+      optimizer group ``loss`` (names ``loss.<name>``, per-tensor weight decay as
+      for a selection) at the base learning rate, and its ``state_dict`` goes into
+      every checkpoint (``checkpoint/loss.safetensors``), so ``--resume`` restores
+      it. The engine moves it to the run's device after ``setup``. It is not part
+      of the model: ``clipft export`` and ``load_run`` do not keep it.
+    """
+
+    def setup(self, ctx: "BuildContext") -> None:
+        """Called with the run's ``BuildContext`` once the model is assembled."""
 
 
 def install(model, module) -> str:

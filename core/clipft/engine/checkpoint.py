@@ -4,6 +4,8 @@ Layout of a checkpoint folder:
 - ``model.safetensors``: trainable tensors, buffers of trained modules, and any
   tensor a strategy added or reshaped (the rest comes from the base model);
 - ``head.safetensors``: the head's state, when there is a head;
+- ``loss.safetensors``: the state of a loss with parameters of its own
+  (:class:`clipft.Loss`, e.g. ``siglip``'s bias on a model without one);
 - ``optimizer.safetensors`` + ``state.json``: optimizer, scheduler and grad
   scaler state, RNG states, and where training is (epoch, step, position in the
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
@@ -38,6 +40,8 @@ FORMAT_VERSION = 2
 CURRENT = "checkpoint"
 STEP_PREFIX = "checkpoint-step"
 TMP_PREFIX = ".checkpoint.tmp-"
+#: the state of a loss that has parameters of its own (clipft.Loss)
+LOSS_FILE = "loss.safetensors"
 
 
 def _fsync_file(path: Path) -> None:
@@ -166,9 +170,11 @@ class Checkpointer:
     handed over when it is built."""
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
-                 classnames, templates, keep: int = 1):
+                 classnames, templates, keep: int = 1, loss=None):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
+        #: a loss with a state of its own (a module: clipft.Loss), saved as loss.safetensors
+        self.loss = loss if isinstance(loss, torch.nn.Module) and loss.state_dict() else None
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.classnames, self.templates = classnames, templates
         self.keep = max(1, int(keep))
@@ -180,6 +186,9 @@ class Checkpointer:
         if self.head is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                       str(folder / "head.safetensors"))
+        if self.loss is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.loss.state_dict().items()},
+                      str(folder / LOSS_FILE))
         opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -268,6 +277,13 @@ class Checkpointer:
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
         load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
+        if self.loss is not None:
+            path = Path(folder) / LOSS_FILE
+            try:
+                self.loss.load_state_dict(_read_tensors(path, next(self.model.parameters()).device))
+            except RuntimeError as exc:
+                raise ClipftUsageError(f"{path} does not fit the run's loss: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
         rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])

@@ -107,14 +107,17 @@ class Trainer:
         freeze_frozen_norm_stats(self.model)
         if self.head is not None:
             self.head.train()
+        if isinstance(self.loss, torch.nn.Module):
+            self.loss.train()
 
     def record(self, batch) -> ForwardRecord:
         img, txt = self.features.train_features(batch, self.needs_text)
         labels = batch.labels.to(self.device)
-        ls = self.model.logit_scale
+        ls = getattr(self.model, "logit_scale", None)
         return ForwardRecord(
             image_features=img, text_features=txt,
-            logit_scale=ls.exp(), logit_bias=getattr(self.model, "logit_bias", None),
+            logit_scale=ls.exp() if ls is not None else None,
+            logit_bias=getattr(self.model, "logit_bias", None),
             logits=self.head(img) if self.head is not None else None,
             labels=labels if batch.labelled else None,
             caption_ids=caption_ids(batch.captions).to(self.device),

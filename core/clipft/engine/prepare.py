@@ -81,6 +81,8 @@ class PreparedRun:
     @property
     def param_counts(self) -> tuple[int, int]:
         modules = [self.model] + ([self.head] if self.head is not None else [])
+        if isinstance(self.loss, torch.nn.Module):   # a loss with parameters of its own
+            modules.append(self.loss)
         params = [p for m in modules for p in m.parameters()]
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -118,6 +120,19 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
     return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
 
 
+def build_loss(spec, options, ctx, device):
+    """The run's loss: built, set up on the assembled model (:class:`clipft.Loss`)
+    and, when it is a module, moved to the device."""
+    from clipft.protocols import Loss
+
+    loss = spec.build(options)
+    if isinstance(loss, Loss):
+        loss.setup(ctx)
+    if isinstance(loss, torch.nn.Module):
+        loss.to(device)
+    return loss
+
+
 def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     res = resolve(config, registry)
     device = pick_device(config.device)
@@ -138,7 +153,7 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
                         loss=res.loss)
     speed = apply_speed_options(assembly.model, config)
     loss_spec = res.loss[0]
-    loss = loss_spec.build(res.loss[1])
+    loss = build_loss(loss_spec, res.loss[1], assembly.ctx, device)
 
     warnings = list(bundle.warnings)   # the data source's notes come first, as its data does
     head = assembly.head
@@ -152,7 +167,7 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
         head.requires_grad_(False)
         head_trains = False
     lr = _default_lr(res, config)
-    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None)
+    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None, loss)
     if not groups:
         raise ClipftUsageError(
             "nothing would train: no strategy selected parameters and there is no head. "

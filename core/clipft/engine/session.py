@@ -244,7 +244,7 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     t = run.trainer
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
-                        keep=run.config.keep_checkpoints)
+                        keep=run.config.keep_checkpoints, loss=run.loss)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
