@@ -25,7 +25,7 @@ This module imports no torch, so ``import clipft`` stays cheap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipft.context import BuildContext
@@ -79,7 +79,9 @@ ENTERS_HOOK = "hook"                        # forward (pre-)hooks on a tower mod
 ENTERS_CLASS_TEXT = "class-text"            # the class-prompt encoder (see ClassTextEncoder)
 ENTERS_IMAGE_EMBEDDING = "image-embedding"  # maps the image tower's output embedding
 ENTERS_TEXT_EMBEDDING = "text-embedding"    # maps the text tower's output embedding
-ENTERS = (ENTERS_LAYER, ENTERS_HOOK, ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING)
+ENTERS_NONE = "none"                        # takes no part in the forward pass (state beside the model)
+ENTERS = (ENTERS_LAYER, ENTERS_HOOK, ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING,
+          ENTERS_NONE)
 
 #: the model attribute each installed slot lives under (so it is a submodule:
 #: saved, checkpointed and moved with the model)
@@ -110,6 +112,12 @@ class InsertedModule:
     - ``runs_on_cached_features``: True (for the embedding slots) means the
       module only reads the tower's output, so the frozen tower can be served
       from the cache and the module runs live on the cached embedding.
+    - :meth:`after_optimizer_step`: called by the engine after every optimizer
+      step (a module that keeps state about training: ``ema``'s averages).
+    - :meth:`use_eval_weights`: put the weights evaluation should use into the
+      model (``ema``: the averages); the engine evaluates between it and the
+      function it returns, and ``load_run`` (eval, predict, export) calls it
+      and keeps them.
     """
 
     enters: ClassVar[str] = ENTERS_HOOK
@@ -130,6 +138,20 @@ class InsertedModule:
 
     def uninstall(self) -> None:
         """Undo side effects (hooks) of the installation."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step of training, ``step`` being the
+        number of optimizer steps so far (1 after the first). Runs before the
+        step's callbacks, so a checkpoint written for that step includes what it
+        did. Default: nothing."""
+
+    def use_eval_weights(self) -> Optional[Callable[[], None]]:
+        """Swap the weights evaluation should use into the model and return a
+        function that swaps the training weights back; None (the default) when
+        there is nothing to swap. The engine calls it around every evaluation
+        of a run; ``load_run`` calls it once and never swaps back, so ``clipft
+        eval``, ``predict`` and ``export`` see the evaluated weights."""
+        return None
 
 
 class ClassTextEncoder(InsertedModule):
@@ -200,3 +222,14 @@ def class_text_encoder(model) -> Optional[ClassTextEncoder]:
 def inserted_modules(model) -> list:
     """``[(qualified name, module)]`` of every :class:`InsertedModule` in ``model``."""
     return [(n, m) for n, m in model.named_modules() if n and isinstance(m, InsertedModule)]
+
+
+def use_eval_weights(model) -> Callable[[], None]:
+    """Call :meth:`InsertedModule.use_eval_weights` of every inserted module of
+    ``model``; returns one function that swaps all of them back (in reverse)."""
+    undo = [f for f in (m.use_eval_weights() for _, m in inserted_modules(model)) if f is not None]
+
+    def restore() -> None:
+        for f in reversed(undo):
+            f()
+    return restore

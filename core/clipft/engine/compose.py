@@ -103,7 +103,7 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
                 by = (f"; '{selectors[0]}' selected nothing" if len(selectors) == 1 else
                       f"; {', '.join(repr(x) for x in selectors)} selected nothing" if selectors else "")
                 raise ClipftUsageError(
-                    f"strategy '{name}' only rescales learning rates, but nothing is selected "
+                    f"strategy '{name}' only rescales or tracks what other strategies select, but nothing is selected "
                     f"to train{by}; add a strategy that selects parameters (e.g. last-n, projections)")
             before = {id(p) for s in selections for _, p in s.params}
             selections = strat.modify(selections, model, ctx)

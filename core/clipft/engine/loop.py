@@ -101,6 +101,13 @@ class Trainer:
     grad_clip: float = 0.0
     #: optimizer steps with a non-finite loss that may be skipped before the run stops
     skip_nonfinite: int = 0
+    #: the model's inserted modules (clipft.InsertedModule), told of every optimizer step
+    inserted: list = attrs.field(factory=list)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based): the inserted modules' hook."""
+        for module in self.inserted:
+            module.after_optimizer_step(step)
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -196,6 +203,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 norm = t.optimizer_step()
                 pending = 0
                 state.step += 1
+                t.after_step(state.step)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             state.seconds += dt
@@ -216,6 +224,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         if pending:  # the last batches were dropped as undecodable: apply what we have
             t.optimizer_step()
             state.step += 1
+            t.after_step(state.step)
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
         t_eval = time.perf_counter()
         metrics = evaluate()

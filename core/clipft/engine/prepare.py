@@ -29,6 +29,7 @@ from clipft.engine.perf import AUTOCAST_DTYPES, apply_speed_options, check_preci
 from clipft.errors import ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
+from clipft.protocols import inserted_modules
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -195,5 +196,6 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
             scaler=grad_scaler(device, config.precision),
             params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
             needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
-            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite)
+            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite,
+            inserted=[m for _, m in inserted_modules(assembly.model)])
     return run
