@@ -66,6 +66,15 @@ class Strategy:
         (a tower whose output depends on something outside the model, say)."""
         return ()
 
+    def stages(self) -> Optional[list]:
+        """A *staged* strategy returns the stages of the run
+        (``[clipft.specs.Stage, ...]``, e.g. ``lp-ft``: a linear probe, then
+        fine-tuning); the engine then runs them in order, each with its own
+        strategies, parameter groups, optimizer and cache plan, and never calls
+        this strategy's ``apply``. A staged strategy is the run's only strategy.
+        Default: None (an ordinary strategy)."""
+        return None
+
 
 class StrategyModifier(Strategy):
     """Base for modifier strategies (override :meth:`Strategy.modify`)."""

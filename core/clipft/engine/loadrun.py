@@ -80,9 +80,14 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         templates = tuple(state.get("templates") or ("a photo of a {}.",))
     else:
         classnames, templates = _classes_from_data(config, resolved, loaded)
+    strategies, before = resolved.strategies, ()
+    if resolved.stages:   # a multi-stage run: every stage up to the checkpoint's, in order
+        k = min(int((state.get("loop") or {}).get("stage", 0)), len(resolved.stages) - 1)
+        strategies = resolved.stages[k].strategies
+        before = [s.strategies for s in resolved.stages[:k]]
     built = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer, device=dev,
-                     strategies=resolved.strategies, head=resolved.head, classnames=classnames,
-                     templates=templates, seed=config.seed)
+                     strategies=strategies, head=resolved.head, classnames=classnames,
+                     templates=templates, seed=config.seed, before=before)
     model, head = built.model, built.head
     load_trained_tensors(ck, model, head, dev)
     for m in (model, head):

@@ -36,6 +36,10 @@ class LoopState:
     epoch_seconds: float = 0.0
     #: optimizer steps skipped because their loss was not finite (--skip-nonfinite)
     skipped_nonfinite: int = 0
+    #: a multi-stage run: the stage being trained (index), and one record per
+    #: stage started so far (name, epochs, lr, what trained), for summary.json
+    stage: int = 0
+    stages: list = attrs.field(factory=list)
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -43,7 +47,7 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite")}
+                                               "skipped_nonfinite", "stage", "stages")}
 
 
 class StopTraining(Exception):
@@ -155,11 +159,15 @@ def _restore_rng(state: LoopState) -> None:
 
 
 def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
-          stop_requested: Callable[[], Optional[str]] = lambda: None) -> LoopState:
+          stop_requested: Callable[[], Optional[str]] = lambda: None,
+          total_epochs: Optional[int] = None) -> LoopState:
     """Train from ``state`` (an epoch boundary, or part-way into an epoch after a
     resume) to ``epochs``, evaluating before the first epoch and after each one.
     ``events.fire(name, ...)`` receives every event; ``stop_requested()``, checked
-    after each optimizer step, ends training with :class:`StopTraining`."""
+    after each optimizer step, ends training with :class:`StopTraining`.
+    ``total_epochs`` (default ``epochs``) is the run's length the events report:
+    a stage of a multi-stage run trains up to its own end, ``epochs``."""
+    total_epochs = epochs if total_epochs is None else total_epochs
     if state.epoch == 0 and not state.history:
         before = evaluate()
         state.history.append({"epoch": 0, "eval": before})
@@ -170,7 +178,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         skip = state.batch   # > 0 only when resuming inside this epoch
         if not skip:
             _restore_rng(state)
-        events.fire("on_epoch_start", epoch + 1, epochs, n_batches)
+        events.fire("on_epoch_start", epoch + 1, total_epochs, n_batches)
         pending = 0  # micro-batches whose gradients are not applied yet (0 at a checkpoint)
         t_last = time.perf_counter()  # step time includes data loading
         t.optimizer.zero_grad(set_to_none=True)
@@ -234,8 +242,8 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         state.epoch = epoch + 1
         state.batch, state.epoch_loss, state.epoch_seen, state.epoch_seconds = 0, 0.0, 0, 0.0
         events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
-        events.fire("on_epoch_end", EpochView(epoch + 1, epochs, train_loss, seconds, metrics, state.step))
+        events.fire("on_epoch_end", EpochView(epoch + 1, total_epochs, train_loss, seconds, metrics, state.step))
         reason = stop_requested()
-        if reason and epoch + 1 < epochs:
+        if reason and epoch + 1 < total_epochs:
             raise StopTraining(state, reason)
     return state

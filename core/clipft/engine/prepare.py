@@ -66,6 +66,20 @@ class PreparedRun:
     warnings: list = attrs.field(factory=list)
     #: what apply_speed_options did (grad checkpointing, compiled modules)
     speed: dict = attrs.field(factory=dict)
+    #: a multi-stage run: the index of the stage this run was prepared for
+    #: (``resolved.stages[stage]``); 0 for an ordinary run
+    stage: int = 0
+
+    @property
+    def stage_spec(self):
+        """The :class:`ResolvedStage` this run trains, or None (an ordinary run)."""
+        return self.resolved.stages[self.stage] if self.resolved.stages else None
+
+    @property
+    def epochs_end(self) -> int:
+        """The epoch (of the whole run) at which this stage ends."""
+        st = self.stage_spec
+        return st.end if st is not None else self.config.epochs
 
     @property
     def model(self) -> torch.nn.Module:
@@ -100,8 +114,13 @@ def _check_data(bundle, res: Resolved) -> None:
             f"head '{res.head[0].name}' needs class labels, but data source '{data_name}' has none")
 
 
-def _default_lr(res: Resolved, config) -> float:
-    lr = next((spec.default_lr for spec, _ in res.strategies if spec.default_lr is not None), HEAD_ONLY_LR)
+def _default_lr(res: Resolved, config, strategies=None, stage=None) -> float:
+    """A stage's own lr, else ``--lr``, else the first default_lr of the
+    strategies that train (1e-3 when only a head trains)."""
+    if stage is not None and stage.lr is not None:
+        return float(stage.lr)
+    strategies = res.strategies if strategies is None else strategies
+    lr = next((spec.default_lr for spec, _ in strategies if spec.default_lr is not None), HEAD_ONLY_LR)
     return config.resolved_lr(lr)
 
 
@@ -134,8 +153,17 @@ def build_loss(spec, options, ctx, device):
     return loss
 
 
-def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
-    res = resolve(config, registry)
+def prepare(config, registry, build_optimizer: bool = True, stage: int = 0,
+            resolved: Optional[Resolved] = None) -> PreparedRun:
+    """Everything a training run needs. For a multi-stage run, for stage
+    ``stage``: the strategies of the earlier stages are applied first (in
+    order), then this stage's, which decide what trains; the groups, the
+    optimizer and schedule (over this stage's epochs) and the cache plan are
+    this stage's. The weights earlier stages trained are loaded by the caller
+    (:mod:`clipft.engine.session`), from the checkpoint that ended them."""
+    res = resolved if resolved is not None else resolve(config, registry)
+    st = res.stages[stage] if res.stages else None
+    where = f"stage '{st.name}': " if st is not None else ""
     device = pick_device(config.device)
     check_precision(device, config.precision)
     seed_everything(config.seed)
@@ -148,28 +176,37 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     bundle = res.data[0].build(res.data[1], dctx)
     _check_data(bundle, res)
 
+    strategies = st.strategies if st is not None else res.strategies
+    before = [s.strategies for s in res.stages[:stage]]
     assembly = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer,
-                        device=device, strategies=res.strategies, head=res.head,
+                        device=device, strategies=strategies, head=res.head,
                         classnames=bundle.classnames, templates=bundle.templates, seed=config.seed,
-                        loss=res.loss)
+                        loss=res.loss, before=before)
     speed = apply_speed_options(assembly.model, config)
     loss_spec = res.loss[0]
     loss = build_loss(loss_spec, res.loss[1], assembly.ctx, device)
 
     warnings = list(bundle.warnings)   # the data source's notes come first, as its data does
     head = assembly.head
+    if head is not None and st is not None and not st.head:
+        head.requires_grad_(False)          # this stage keeps the head as it is
     head_trains = head is not None and any(p.requires_grad for p in head.parameters())
     if head_trains and NEED_HEAD not in loss_spec.needs:
         msg = (f"loss '{loss_spec.name}' does not use the head, so head '{res.head[0].name}' "
                "would never train; use --loss cross-entropy to train it")
         if not any(sel.params for sel in assembly.selections):
-            raise ClipftUsageError(f"nothing would train: {msg}")
+            raise ClipftUsageError(f"{where}nothing would train: {msg}")
         warnings.append(msg + " (it is only evaluated)")
         head.requires_grad_(False)
         head_trains = False
-    lr = _default_lr(res, config)
+    lr = _default_lr(res, config, strategies, st)
     groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None, loss)
     if not groups:
+        if st is not None:
+            raise ClipftUsageError(
+                f"{where}nothing would train: the stage selects no parameters"
+                f"{' and the run has no head' if head is None else ''}; "
+                + ("add --head linear (or zero-shot)" if head is None else "give the stage a strategy"))
         raise ClipftUsageError(
             "nothing would train: no strategy selected parameters and there is no head. "
             "Add --strategy (see `clipft plugins`) or --head linear")
@@ -183,10 +220,11 @@ def prepare(config, registry, build_optimizer: bool = True) -> PreparedRun:
     run = PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
-                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed)
+                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
+                      stage=stage)
     if build_optimizer:
         steps_per_epoch = math.ceil(loaders.n_batches(bundle.train) / config.grad_accum)
-        run.total_steps = config.epochs * steps_per_epoch
+        run.total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
         run.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
                             else default_warmup(run.total_steps))
         optimizer = make_optimizer(groups, config)
