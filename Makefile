@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # example plugin distributions, installed like the plugins; their tests run in `make test`
-EXAMPLE_PLUGINS := examples/clipft-bitfit/pyproject.toml
+EXAMPLE_PLUGINS := examples/clipft-bitfit-example/pyproject.toml
 # torch 2.14.1 / torchvision 0.29.1 are the releases this project is pinned to test
 # against; installing them first keeps pip from resolving a newer multi-GB wheel.
 TORCH := torch==2.14.1 torchvision==0.29.1
@@ -30,7 +30,7 @@ base: install
 	$(BIN)/clipft export runs/base runs/base-export --overwrite
 
 test: install
-	$(BIN)/python -m pytest tests examples/clipft-bitfit/tests
+	$(BIN)/python -m pytest tests examples/clipft-bitfit-example/tests
 
 # The numerically sensitive tests (marked numerics) again on other kernel paths:
 # one OpenMP thread, MKL held to AVX2, and ATen's AVX2 kernels instead of AVX-512.

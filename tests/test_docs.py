@@ -134,7 +134,7 @@ def all_items() -> list[Item]:
     items = hook_items(hookspecs)
     items += spec_items(kinds.KINDS)
     items += member_items([protocols.Strategy, protocols.StrategyModifier, protocols.InsertedModule,
-                           protocols.ClassTextEncoder, protocols.FitsTrainFeatures, callbacks.Callback])
+                           protocols.ClassTextEncoder, protocols.FitsTrainFeatures, protocols.Loss, callbacks.Callback])
     items += field_items([callbacks.RunView, callbacks.StepView, callbacks.EvalView,
                           callbacks.EpochView, callbacks.CheckpointView, context.BuildContext,
                           data.DataContext, data.DataBundle, record.ForwardRecord])

@@ -52,12 +52,12 @@ def site(tmp_path, monkeypatch):
 
 
 def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_path):
-    """pip-install the example BitFit plugin (a separate distribution with a real
+    """pip-install the example plugin bitfit-example (a separate distribution with a real
     entry point) into a fresh target dir, then use it from the CLI."""
     target = tmp_path / "target"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "examples" / "clipft-bitfit")],
+         "--target", str(target), str(ROOT / "examples" / "clipft-bitfit-example")],
         check=True, capture_output=True)
     # prepend: an inherited PYTHONPATH (a checkout tested against another's venv) must stay
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -65,15 +65,15 @@ def test_third_party_distribution_installed_with_pip_is_discovered_and_used(tmp_
     cli = [sys.executable, "-m", "clipft.cli"]
     plugins = subprocess.run(cli + ["plugins", "--json"], env=env, capture_output=True, text=True)
     rows = {p["distribution"]: p for p in json.loads(plugins.stdout)["plugins"]}
-    assert rows["clipft-bitfit"]["provides"] == {"strategy": ["bitfit"]}
-    assert rows["clipft-bitfit"]["status"] == "active"
+    assert rows["clipft-bitfit-example"]["provides"] == {"strategy": ["bitfit-example"]}
+    assert rows["clipft-bitfit-example"]["status"] == "active"
     out = tmp_path / "run"
     r = subprocess.run(cli + ["run", "--model", "tiny-vit", "--data", "shapes:n=32,val_n=16",
-                              "--strategy", "bitfit:tower=vision", "--batch-size", "16",
+                              "--strategy", "bitfit-example:tower=vision", "--batch-size", "16",
                               "--out", str(out), "--json"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["strategies"] == [{"name": "bitfit", "tower": "vision"}]
+    assert summary["strategies"] == [{"name": "bitfit-example", "tower": "vision"}]
     groups = summary["params"]["groups"]
     assert [g["name"] for g in groups] == ["bias/no_decay"]
     # every trainable tensor is a vision bias

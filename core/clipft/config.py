@@ -125,6 +125,30 @@ def _refs(values):
     return [_ref(v) for v in values]
 
 
+def _stages(values):
+    """``[[stages]]`` tables (or :class:`clipft.specs.Stage` objects) to Stages."""
+    from clipft.specs import Stage
+    out = []
+    for i, v in enumerate(values or ()):
+        if isinstance(v, Stage):
+            out.append(v)
+            continue
+        if not isinstance(v, dict) or "name" not in v:
+            raise ClipftUsageError(f"stages[{i}] must be a table with a 'name' (and epochs, strategies, lr, head)")
+        unknown = set(v) - {"name", "epochs", "strategies", "lr", "head"}
+        if unknown:
+            raise ClipftUsageError(f"stage '{v['name']}': unknown key '{sorted(unknown)[0]}'. "
+                                   "Valid keys: name, epochs, strategies, lr, head")
+        try:
+            out.append(Stage(**v))
+        except (TypeError, ValueError) as exc:
+            raise ClipftUsageError(str(exc)) from None
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ClipftUsageError(f"stage '{max(names, key=names.count)}' is named twice; stage names are unique")
+    return out
+
+
 @attrs.define
 class RunConfig:
     """Everything that defines a run. Fields map 1:1 to TOML keys and CLI flags."""
@@ -140,6 +164,9 @@ class RunConfig:
     #: None: cross-entropy through the head when there is one, else contrastive
     loss: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
     head: Optional[ComponentRef] = attrs.field(default=None, converter=_ref)
+    #: a multi-stage run: ``[[stages]]`` tables (clipft.specs.Stage), run in order
+    #: (with ``strategies`` left empty; a staged strategy such as lp-ft fills them instead)
+    stages: list = attrs.field(factory=list, converter=_stages)
 
     #: 0: evaluate the model as built (training-free methods such as Tip-Adapter), train nothing
     epochs: int = attrs.field(default=1, validator=_zero_or_more)
@@ -202,6 +229,10 @@ class RunConfig:
             if f.name in components or f.name == "out":
                 continue
             if v is None:
+                continue
+            if f.name == "stages":
+                if v:
+                    d["stages"] = [s.to_table() for s in v]
                 continue
             d[f.name] = v
         # component references: the TOML keys come from the table in clipft.kinds

@@ -18,6 +18,8 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
 - :class:`FitsTrainFeatures` is a mixin for a head or an inserted module that
   is built from the training split's embeddings before training starts
   (Tip-Adapter's key-value cache).
+- :class:`Loss` is an optional base for what ``LossSpec.build`` returns: a loss
+  that needs the assembled model, or has trainable parameters of its own.
 
 Errors: raise :class:`clipft.errors.ClipftUsageError` for anything the user can
 fix (bad options, an incompatible model or data); the CLI turns it into a
@@ -27,7 +29,7 @@ This module imports no torch, so ``import clipft`` stays cheap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from clipft.context import BuildContext
@@ -68,6 +70,15 @@ class Strategy:
         (a tower whose output depends on something outside the model, say)."""
         return ()
 
+    def stages(self) -> Optional[list]:
+        """A *staged* strategy returns the stages of the run
+        (``[clipft.specs.Stage, ...]``, e.g. ``lp-ft``: a linear probe, then
+        fine-tuning); the engine then runs them in order, each with its own
+        strategies, parameter groups, optimizer and cache plan, and never calls
+        this strategy's ``apply``. A staged strategy is the run's only strategy.
+        Default: None (an ordinary strategy)."""
+        return None
+
 
 class StrategyModifier(Strategy):
     """Base for modifier strategies (override :meth:`Strategy.modify`)."""
@@ -81,7 +92,9 @@ ENTERS_HOOK = "hook"                        # forward (pre-)hooks on a tower mod
 ENTERS_CLASS_TEXT = "class-text"            # the class-prompt encoder (see ClassTextEncoder)
 ENTERS_IMAGE_EMBEDDING = "image-embedding"  # maps the image tower's output embedding
 ENTERS_TEXT_EMBEDDING = "text-embedding"    # maps the text tower's output embedding
-ENTERS = (ENTERS_LAYER, ENTERS_HOOK, ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING)
+ENTERS_NONE = "none"                        # takes no part in the forward pass (state beside the model)
+ENTERS = (ENTERS_LAYER, ENTERS_HOOK, ENTERS_CLASS_TEXT, ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING,
+          ENTERS_NONE)
 
 #: the model attribute each installed slot lives under (so it is a submodule:
 #: saved, checkpointed and moved with the model)
@@ -112,6 +125,12 @@ class InsertedModule:
     - ``runs_on_cached_features``: True (for the embedding slots) means the
       module only reads the tower's output, so the frozen tower can be served
       from the cache and the module runs live on the cached embedding.
+    - :meth:`after_optimizer_step`: called by the engine after every optimizer
+      step (a module that keeps state about training: ``ema``'s averages).
+    - :meth:`use_eval_weights`: put the weights evaluation should use into the
+      model (``ema``: the averages); the engine evaluates between it and the
+      function it returns, and ``load_run`` (eval, predict, export) calls it
+      and keeps them.
     """
 
     enters: ClassVar[str] = ENTERS_HOOK
@@ -132,6 +151,20 @@ class InsertedModule:
 
     def uninstall(self) -> None:
         """Undo side effects (hooks) of the installation."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step of training, ``step`` being the
+        number of optimizer steps so far (1 after the first). Runs before the
+        step's callbacks, so a checkpoint written for that step includes what it
+        did. Default: nothing."""
+
+    def use_eval_weights(self) -> Optional[Callable[[], None]]:
+        """Swap the weights evaluation should use into the model and return a
+        function that swaps the training weights back; None (the default) when
+        there is nothing to swap. The engine calls it around every evaluation
+        of a run; ``load_run`` calls it once and never swaps back, so ``clipft
+        eval``, ``predict`` and ``export`` see the evaluated weights."""
+        return None
 
 
 class ClassTextEncoder(InsertedModule):
@@ -187,6 +220,30 @@ class FitsTrainFeatures:
         raise NotImplementedError(f"{type(self).__name__} does not implement fit_train_features()")
 
 
+class Loss:
+    """Optional base for a built loss (what ``LossSpec.build(options)`` returns).
+
+    A plain callable ``loss(record)`` is a loss too. Subclass this when the loss
+    needs to see the assembled model, or owns trainable parameters:
+
+    - :meth:`setup` is called once per run, after the strategies and the head
+      are built and before the optimizer is, with the run's ``BuildContext``
+      (``ctx.model`` is the model being trained). Create parameters here, from
+      what the model has or lacks (``siglip`` adds a ``logit_bias`` only when the
+      model has none).
+    - A loss that is also a ``torch.nn.Module`` (``class L(clipft.Loss,
+      nn.Module)``) trains its parameters that require grad: they go in the
+      optimizer group ``loss`` (names ``loss.<name>``, per-tensor weight decay as
+      for a selection) at the base learning rate, and its ``state_dict`` goes into
+      every checkpoint (``checkpoint/loss.safetensors``), so ``--resume`` restores
+      it. The engine moves it to the run's device after ``setup``. It is not part
+      of the model: ``clipft export`` and ``load_run`` do not keep it.
+    """
+
+    def setup(self, ctx: "BuildContext") -> None:
+        """Called with the run's ``BuildContext`` once the model is assembled."""
+
+
 def install(model, module) -> str:
     """Put ``module`` in the model slot its ``enters`` names; returns the
     attribute name. One module per slot: a second is a usage error."""
@@ -224,3 +281,14 @@ def conditional_class_text(model) -> bool:
 def inserted_modules(model) -> list:
     """``[(qualified name, module)]`` of every :class:`InsertedModule` in ``model``."""
     return [(n, m) for n, m in model.named_modules() if n and isinstance(m, InsertedModule)]
+
+
+def use_eval_weights(model) -> Callable[[], None]:
+    """Call :meth:`InsertedModule.use_eval_weights` of every inserted module of
+    ``model``; returns one function that swaps all of them back (in reverse)."""
+    undo = [f for f in (m.use_eval_weights() for _, m in inserted_modules(model)) if f is not None]
+
+    def restore() -> None:
+        for f in reversed(undo):
+            f()
+    return restore

@@ -95,6 +95,63 @@ class Selection:
     source: str = ""
 
 
+def _stage_strategies(value) -> tuple:
+    if isinstance(value, (str, dict)):
+        value = [value]
+    out = []
+    for v in value or ():
+        if isinstance(v, dict):           # a TOML table {name = "...", k = v}
+            opts = ",".join(f"{k}={','.join(map(str, x)) if isinstance(x, (list, tuple)) else x}"
+                            for k, x in v.items() if k != "name")
+            v = f"{v['name']}:{opts}" if opts else str(v["name"])
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"a stage's strategies are references such as 'last-n:n=2', got {v!r}")
+        out.append(v.strip())
+    return tuple(out)
+
+
+def _stage_epochs(inst, attribute, value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"stage '{inst.name}': epochs must be a positive integer (or left out on the "
+                         f"last stage: the rest of --epochs), got {value!r}")
+
+
+def _stage_lr(inst, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise ValueError(f"stage '{inst.name}': lr must be a number >= 0, got {value!r}")
+
+
+@attrs.frozen
+class Stage:
+    """One stage of a multi-stage run (``[[stages]]`` in a config file, or what a
+    staged strategy's :meth:`clipft.Strategy.stages` returns).
+
+    Each stage trains with its own strategies (``strategies``: references as on
+    the command line; empty: only the head trains), its own optimizer groups,
+    optimizer, schedule and frozen-tower cache plan. A stage's strategies are
+    applied on top of the model the previous stages left, so the weights they
+    trained carry over, and the head (built once) carries over too.
+    """
+
+    name: str
+    #: epochs of this stage; None (the last stage only): the rest of ``--epochs``
+    epochs: Optional[int] = attrs.field(default=None, validator=_stage_epochs)
+    #: strategy references (``"last-n:n=2"``) applied in this stage; () trains only the head
+    strategies: tuple = attrs.field(default=(), converter=_stage_strategies)
+    #: this stage's base learning rate; None: ``--lr``, else its strategies' default_lr (1e-3 head only)
+    lr: Optional[float] = attrs.field(default=None, validator=_stage_lr)
+    #: whether the head (when the run has one) trains in this stage
+    head: bool = True
+
+    def to_table(self) -> dict:
+        d = {"name": self.name, "strategies": list(self.strategies), "head": self.head}
+        if self.epochs is not None:
+            d["epochs"] = self.epochs
+        if self.lr is not None:
+            d["lr"] = float(self.lr)
+        return d
+
+
 def __getattr__(name):
     # Older names, now derived from the table in clipft.kinds (looked up lazily:
     # clipft.kinds imports this module).

@@ -17,9 +17,26 @@ import torch
 
 from clipft.context import BuildContext
 from clipft.engine.compose import apply_strategies, check_strategy
-from clipft.errors import ClipftUsageError
+from clipft.errors import ClipftError, ClipftUsageError
 from clipft.options import ComponentRef, build_options
 from clipft.specs import NEED_HEAD
+
+
+@attrs.define
+class ResolvedStage:
+    """One stage of a multi-stage run, resolved: its strategies as ``(spec,
+    options)`` and the epochs it covers, ``[start, end)`` of the run's epochs."""
+
+    name: str
+    strategies: list
+    start: int
+    end: int
+    lr: Optional[float] = None
+    head: bool = True
+
+    @property
+    def epochs(self) -> int:
+        return self.end - self.start
 
 
 @attrs.define
@@ -33,6 +50,11 @@ class Resolved:
     head: Optional[tuple]
     #: ``[(spec, options, required)]``: the selected callbacks and the default ones
     callbacks: list = attrs.field(factory=list)
+    #: a multi-stage run's stages (``[[stages]]`` in the config, or a staged
+    #: strategy's); empty for an ordinary run
+    stages: list = attrs.field(factory=list)
+    #: the staged strategy the stages came from (its name), or None
+    staged_by: Optional[str] = None
 
 
 def default_loss(config) -> ComponentRef:
@@ -62,12 +84,71 @@ def resolve(config, registry) -> Resolved:
         head=one("head", config.head) if config.head is not None else None,
     )
     res.callbacks = resolve_callbacks(config.callbacks, registry)
+    res.stages, res.staged_by = resolve_stages(config, res.strategies, one)
     needs = res.loss[0].needs
     if NEED_HEAD in needs and res.head is None:
         raise ClipftUsageError(
             f"loss '{res.loss[0].name}' needs a classification head; add --head linear "
             "(or --head zero-shot)")
     return res
+
+
+def resolve_stages(config, strategies, one) -> tuple:
+    """``(stages, staged_by)``: the run's stages, from ``config.stages`` or from a
+    staged strategy (:meth:`clipft.Strategy.stages`), each resolved with the
+    epochs it covers; ``([], None)`` for an ordinary run."""
+    from clipft.options import parse_ref
+    from clipft.specs import Stage
+
+    staged = []
+    for spec, opts in strategies:
+        built = check_strategy(spec.name, spec.build(opts))
+        got = built.stages()
+        if got is not None:
+            staged.append((spec.name, list(got)))
+    if not staged and not config.stages:
+        return [], None
+    if config.stages and strategies:
+        raise ClipftUsageError(
+            "a run with [[stages]] takes its strategies from its stages; leave the top-level "
+            f"strategies out (found {', '.join(s.name for s, _ in strategies)})")
+    if staged and len(strategies) > 1:
+        name = staged[0][0]
+        others = [s.name for s, _ in strategies if s.name != name]
+        raise ClipftUsageError(
+            f"strategy '{name}' defines the stages of the run and is given alone; put "
+            f"{', '.join(repr(o) for o in others)} in its options or write the stages out ([[stages]])")
+    by, stages = (staged[0] if staged else (None, list(config.stages)))
+    if not stages or not all(isinstance(s, Stage) for s in stages):
+        raise ClipftError(f"strategy '{by}' returned no list of clipft.specs.Stage from stages()")
+    open_ended = [s.name for s in stages if s.epochs is None]
+    if open_ended and (len(open_ended) > 1 or stages[-1].epochs is not None):
+        raise ClipftUsageError(f"stage '{open_ended[0]}' has no epochs; only the last stage may leave "
+                               "them out (it then takes the rest of --epochs)")
+    fixed = sum(s.epochs for s in stages if s.epochs is not None)
+    where = f"strategy '{by}'" if by else "the stages"
+    if open_ended and fixed >= config.epochs:
+        raise ClipftUsageError(
+            f"{where} take{'s' if by else ''} {fixed} epoch(s) before stage '{stages[-1].name}', which gets "
+            f"the rest of --epochs {config.epochs}: nothing is left; pass --epochs N with N > {fixed}")
+    if not open_ended and fixed != config.epochs:
+        raise ClipftUsageError(
+            f"the stages add up to {fixed} epochs but --epochs is {config.epochs}; set epochs = {fixed} "
+            "or leave the last stage's epochs out (it then takes the rest)")
+    out, start = [], 0
+    for st in stages:
+        end = start + st.epochs if st.epochs is not None else config.epochs
+        refs = [parse_ref(s) for s in st.strategies]
+        if any(r.name == "none" for r in refs):
+            refs = [r for r in refs if r.name != "none"]
+        resolved = [one("strategy", r) for r in refs]
+        for spec, opts in resolved:
+            if check_strategy(spec.name, spec.build(opts)).stages() is not None:
+                raise ClipftUsageError(f"stage '{st.name}': strategy '{spec.name}' defines stages itself; "
+                                       "stages do not nest")
+        out.append(ResolvedStage(st.name, resolved, start, end, st.lr, st.head))
+        start = end
+    return out, by
 
 
 _TRUE, _FALSE = (True, "true", "1", "yes", "on"), (False, "false", "0", "no", "off")
@@ -131,20 +212,37 @@ class Assembly:
     head: Optional[torch.nn.Module]
     #: state-dict key -> shape of the plain open_clip model, before any strategy
     base_shapes: dict
+    #: a later stage of a multi-stage run: the state-dict keys the earlier stages
+    #: trained (their checkpoints saved them), which every checkpoint keeps saving
+    earlier_keys: frozenset = frozenset()
+    #: the strategies of the earlier stages, ``[(name, Strategy)]``
+    earlier: list = attrs.field(factory=list)
 
 
 def assemble(model, *, model_name: str, tokenizer, device, strategies, head=None,
              classnames=None, templates=("a photo of a {}.",), seed: int = 0,
-             loss=None) -> Assembly:
+             loss=None, before=()) -> Assembly:
     """Apply ``strategies`` (``[(spec, options)]``) to ``model`` and build
     ``head`` (``(spec, options)`` or None). ``loss`` is the run's ``(spec,
-    options)``, or None when the model is rebuilt for inference."""
+    options)``, or None when the model is rebuilt for inference. ``before``
+    (a later stage of a multi-stage run): the strategies of each earlier stage,
+    applied first, in order, so that the model has what they inserted; the last
+    application (``strategies``) decides what trains."""
+    from clipft.engine.checkpoint import changed_keys
+
     base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ctx = BuildContext(model=model, model_name=model_name, tokenizer=tokenizer, device=device,
                        classnames=classnames, templates=tuple(templates), seed=seed,
                        loss=loss[0].name if loss else None,
                        loss_needs=frozenset(loss[0].needs) if loss else frozenset(),
                        head=head[0].name if head else None)
+    earlier_keys: set = set()
+    earlier: list = []
+    for stage_strategies in before:
+        built_before = build_strategies(stage_strategies)
+        apply_strategies(model, built_before, ctx)
+        earlier_keys |= changed_keys(model, base_shapes)
+        earlier += built_before
     built = build_strategies(strategies)
     selections = apply_strategies(model, built, ctx)
     model.to(device)
@@ -154,12 +252,14 @@ def assemble(model, *, model_name: str, tokenizer, device, strategies, head=None
         head_module = head_spec.build(head_opts, ctx)
         head_module.to(device)
     return Assembly(model=model, ctx=ctx, strategies=built, selections=selections,
-                    head=head_module, base_shapes=base_shapes)
+                    head=head_module, base_shapes=base_shapes, earlier_keys=frozenset(earlier_keys),
+                    earlier=earlier)
 
 
 def live_towers(assembly: Assembly) -> set:
-    """Towers some strategy keeps out of the frozen-tower cache."""
+    """Towers some strategy (of this stage or an earlier one) keeps out of the
+    frozen-tower cache."""
     out: set = set()
-    for _, strategy in assembly.strategies:
+    for _, strategy in assembly.earlier + assembly.strategies:
         out |= set(strategy.live_towers(assembly.model, assembly.ctx))
     return out

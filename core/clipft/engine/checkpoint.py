@@ -4,6 +4,8 @@ Layout of a checkpoint folder:
 - ``model.safetensors``: trainable tensors, buffers of trained modules, and any
   tensor a strategy added or reshaped (the rest comes from the base model);
 - ``head.safetensors``: the head's state, when there is a head;
+- ``loss.safetensors``: the state of a loss with parameters of its own
+  (:class:`clipft.Loss`, e.g. ``siglip``'s bias on a model without one);
 - ``optimizer.safetensors`` + ``state.json``: optimizer, scheduler and grad
   scaler state, RNG states, and where training is (epoch, step, position in the
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
@@ -38,6 +40,8 @@ FORMAT_VERSION = 2
 CURRENT = "checkpoint"
 STEP_PREFIX = "checkpoint-step"
 TMP_PREFIX = ".checkpoint.tmp-"
+#: the state of a loss that has parameters of its own (clipft.Loss)
+LOSS_FILE = "loss.safetensors"
 
 
 def _fsync_file(path: Path) -> None:
@@ -121,12 +125,11 @@ def newest_complete(run_dir: Path):
     return best
 
 
-def changed_state(model: torch.nn.Module, base_shapes: dict) -> dict:
-    """Tensors that differ from the base model: trainable parameters, buffers of
-    modules that train, and keys that are new or reshaped."""
+def changed_keys(model: torch.nn.Module, base_shapes: dict) -> set:
+    """Keys of the tensors that differ from the base model: trainable
+    parameters, buffers of modules that train, and keys that are new or reshaped."""
     sd = model.state_dict()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    keep = set(trainable)
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
     for mname, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             prefix = f"{mname}." if mname else ""
@@ -134,7 +137,15 @@ def changed_state(model: torch.nn.Module, base_shapes: dict) -> dict:
     for k, v in sd.items():
         if k not in base_shapes or tuple(base_shapes[k]) != tuple(v.shape):
             keep.add(k)
-    return {k: sd[k].detach().contiguous().cpu() for k in sorted(keep) if k in sd}
+    return {k for k in keep if k in sd}
+
+
+def changed_state(model: torch.nn.Module, base_shapes: dict, also=()) -> dict:
+    """The tensors of :func:`changed_keys`, plus the keys ``also`` (what earlier
+    stages of a multi-stage run trained)."""
+    sd = model.state_dict()
+    keep = changed_keys(model, base_shapes) | {k for k in also if k in sd}
+    return {k: sd[k].detach().contiguous().cpu() for k in sorted(keep)}
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -166,9 +177,13 @@ class Checkpointer:
     handed over when it is built."""
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
-                 classnames, templates, keep: int = 1):
+                 classnames, templates, keep: int = 1, loss=None, also=()):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
+        #: a loss with a state of its own (a module: clipft.Loss), saved as loss.safetensors
+        self.loss = loss if isinstance(loss, torch.nn.Module) and loss.state_dict() else None
+        #: keys earlier stages trained, saved although this stage keeps them frozen
+        self.also = frozenset(also)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.classnames, self.templates = classnames, templates
         self.keep = max(1, int(keep))
@@ -176,10 +191,13 @@ class Checkpointer:
         self.last_saved = None
 
     def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
-        save_file(changed_state(self.model, self.base_shapes), str(folder / "model.safetensors"))
+        save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
         if self.head is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                       str(folder / "head.safetensors"))
+        if self.loss is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.loss.state_dict().items()},
+                      str(folder / LOSS_FILE))
         opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -260,14 +278,28 @@ class Checkpointer:
         for p in kept[self.keep - 1:]:
             shutil.rmtree(p, ignore_errors=True)
 
-    def restore(self, folder: Path) -> dict:
-        """Load a checkpoint folder into the model, head, optimizer, schedule
-        and scaler; returns its state, with ``restore_rng``, a function that puts
-        the RNG states back (the loop calls it at the point they were saved)."""
+    def restore_weights(self, folder: Path) -> dict:
+        """Load only the tensors of a checkpoint folder (model, head, loss), not
+        the optimizer, schedule or RNG: how the next stage of a multi-stage run
+        starts from the checkpoint that ended the previous one. Returns its state."""
         state = read_state(folder)
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
         load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
+        if self.loss is not None:
+            path = Path(folder) / LOSS_FILE
+            try:
+                self.loss.load_state_dict(_read_tensors(path, next(self.model.parameters()).device))
+            except RuntimeError as exc:
+                raise ClipftUsageError(f"{path} does not fit the run's loss: "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
+        return state
+
+    def restore(self, folder: Path) -> dict:
+        """Load a checkpoint folder into the model, head, optimizer, schedule
+        and scaler; returns its state, with ``restore_rng``, a function that puts
+        the RNG states back (the loop calls it at the point they were saved)."""
+        state = self.restore_weights(folder)
         rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])

@@ -103,7 +103,7 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
                 by = (f"; '{selectors[0]}' selected nothing" if len(selectors) == 1 else
                       f"; {', '.join(repr(x) for x in selectors)} selected nothing" if selectors else "")
                 raise ClipftUsageError(
-                    f"strategy '{name}' only rescales learning rates, but nothing is selected "
+                    f"strategy '{name}' only rescales or tracks what other strategies select, but nothing is selected "
                     f"to train{by}; add a strategy that selects parameters (e.g. last-n, projections)")
             before = {id(p) for s in selections for _, p in s.params}
             selections = strat.modify(selections, model, ctx)
@@ -138,12 +138,17 @@ def apply_strategies(model: torch.nn.Module, strategies, ctx) -> list[Selection]
 
 
 def build_groups(selections: list[Selection], base_lr: float, weight_decay: float,
-                 head: torch.nn.Module | None = None) -> list[Group]:
-    """Optimizer groups: each selection split into decay / no-decay parts."""
+                 head: torch.nn.Module | None = None, loss=None) -> list[Group]:
+    """Optimizer groups: each selection split into decay / no-decay parts; then
+    the head's parameters (group ``head``) and a loss module's own trainable
+    parameters (group ``loss``, see :class:`clipft.protocols.Loss`)."""
     if head is not None:
         hp = [(f"head.{n}", p) for n, p in head.named_parameters() if p.requires_grad]
         if hp:
             selections = selections + [Selection("head", hp, source="head")]
+    lp = loss_parameters(loss)
+    if lp:
+        selections = selections + [Selection("loss", lp, source="loss")]
     merged: dict[tuple, Group] = {}
     for sel in selections:
         for name, p in sel.params:
@@ -161,6 +166,14 @@ def build_groups(selections: list[Selection], base_lr: float, weight_decay: floa
             if sel.source not in g.sources:
                 g.sources = g.sources + (sel.source,)
     return list(merged.values())
+
+
+def loss_parameters(loss) -> list:
+    """``[("loss.<name>", Parameter)]``: the trainable parameters of a loss that
+    is an ``nn.Module`` (none for a plain callable)."""
+    if not isinstance(loss, torch.nn.Module):
+        return []
+    return [(f"loss.{n}", p) for n, p in loss.named_parameters() if p.requires_grad]
 
 
 def freeze_frozen_norm_stats(model: torch.nn.Module) -> None:

@@ -15,11 +15,14 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self) -> dict:
+        from clipft.protocols import use_eval_weights
+
         model, head = self.model, self.head
         was_training = model.training
         model.eval()
         if head is not None:
             head.eval()
+        restore = use_eval_weights(model)   # an inserted module's evaluation weights (ema)
         try:
             feats, labels, captions = self.features.val_image_features()
             metrics: dict[str, float] = {}
@@ -36,6 +39,7 @@ class Evaluator:
                 metrics.update(retrieval_metrics(feats, self.features.caption_features(captions), captions))
             return metrics
         finally:
+            restore()
             model.train(was_training)
             if head is not None:
                 head.train(was_training)

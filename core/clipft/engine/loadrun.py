@@ -3,7 +3,10 @@
 
 The base model is loaded as the run loaded it, the strategies are applied
 again (so inserted modules such as LoRA adapters and prompt learners exist),
-the head is rebuilt, and the checkpoint's tensors are loaded on top. The data
+the head is rebuilt, and the checkpoint's tensors are loaded on top. Inserted
+modules then swap in the weights the run evaluated with
+(:meth:`clipft.InsertedModule.use_eval_weights`; ``ema``'s averages), so the
+rebuilt model is the one ``summary.json``'s metrics describe. The data
 is not needed: the class names and templates the run was built for are kept in
 the checkpoint state (older checkpoints fall back to building the data source).
 """
@@ -77,15 +80,24 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         templates = tuple(state.get("templates") or ("a photo of a {}.",))
     else:
         classnames, templates = _classes_from_data(config, resolved, loaded)
+    strategies, before = resolved.strategies, ()
+    if resolved.stages:   # a multi-stage run: every stage up to the checkpoint's, in order
+        k = min(int((state.get("loop") or {}).get("stage", 0)), len(resolved.stages) - 1)
+        strategies = resolved.stages[k].strategies
+        before = [s.strategies for s in resolved.stages[:k]]
     built = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer, device=dev,
-                     strategies=resolved.strategies, head=resolved.head, classnames=classnames,
-                     templates=templates, seed=config.seed)
+                     strategies=strategies, head=resolved.head, classnames=classnames,
+                     templates=templates, seed=config.seed, before=before)
     model, head = built.model, built.head
     load_trained_tensors(ck, model, head, dev)
     for m in (model, head):
         if m is not None:
             m.requires_grad_(False)
             m.eval()
+    # the weights the run's evaluations used (ema's averages), kept: eval,
+    # predict and export see what summary.json's metrics were computed on
+    from clipft.protocols import use_eval_weights
+    use_eval_weights(model)
     return LoadedRun(run_dir=run_dir, config=config, resolved=resolved, model=model,
                      tokenizer=loaded.tokenizer, preprocess=loaded.preprocess_val, head=head,
                      classnames=classnames, templates=templates, base_shapes=built.base_shapes,

@@ -41,6 +41,10 @@ class LoopState:
     world_size: int = 1
     #: what components fitted to the training split recorded (summary.json's ``fit``)
     fit: dict = attrs.field(factory=dict)
+    #: a multi-stage run: the stage being trained (index), and one record per
+    #: stage started so far (name, epochs, lr, what trained), for summary.json
+    stage: int = 0
+    stages: list = attrs.field(factory=list)
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -48,7 +52,7 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite", "world_size", "fit")}
+                                               "skipped_nonfinite", "world_size", "fit", "stage", "stages")}
 
 
 class StopTraining(Exception):
@@ -121,12 +125,21 @@ class Trainer:
         if self.ddp and not will_step:
             return self.forward.no_sync()
         return contextlib.nullcontext()
+    #: the model's inserted modules (clipft.InsertedModule), told of every optimizer step
+    inserted: list = attrs.field(factory=list)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based): the inserted modules' hook."""
+        for module in self.inserted:
+            module.after_optimizer_step(step)
 
     def set_train_mode(self) -> None:
         self.model.train()
         freeze_frozen_norm_stats(self.model)
         if self.head is not None:
             self.head.train()
+        if isinstance(self.loss, torch.nn.Module):
+            self.loss.train()
 
     def record(self, batch) -> ForwardRecord:
         if self.forward is not None:
@@ -138,11 +151,12 @@ class Trainer:
 
     def record_from(self, batch, img, txt, logits, gather: bool = True) -> ForwardRecord:
         labels = batch.labels.to(self.device)
-        ls = self.model.logit_scale
+        ls = getattr(self.model, "logit_scale", None)
         dist = self.dist
         return ForwardRecord(
             image_features=img, text_features=txt,
-            logit_scale=ls.exp(), logit_bias=getattr(self.model, "logit_bias", None),
+            logit_scale=ls.exp() if ls is not None else None,
+            logit_bias=getattr(self.model, "logit_bias", None),
             logits=logits,
             labels=labels if batch.labelled else None,
             caption_ids=caption_ids(batch.captions).to(self.device),
@@ -205,11 +219,15 @@ def _restore_rng(state: LoopState) -> None:
 
 
 def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
-          stop_requested: Callable[[], Optional[str]] = lambda: None) -> LoopState:
+          stop_requested: Callable[[], Optional[str]] = lambda: None,
+          total_epochs: Optional[int] = None) -> LoopState:
     """Train from ``state`` (an epoch boundary, or part-way into an epoch after a
     resume) to ``epochs``, evaluating before the first epoch and after each one.
     ``events.fire(name, ...)`` receives every event; ``stop_requested()``, checked
-    after each optimizer step, ends training with :class:`StopTraining`."""
+    after each optimizer step, ends training with :class:`StopTraining`.
+    ``total_epochs`` (default ``epochs``) is the run's length the events report:
+    a stage of a multi-stage run trains up to its own end, ``epochs``."""
+    total_epochs = epochs if total_epochs is None else total_epochs
     if state.epoch == 0 and not state.history:
         before = evaluate()
         state.history.append({"epoch": 0, "eval": before})
@@ -220,7 +238,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         skip = state.batch   # > 0 only when resuming inside this epoch
         if not skip:
             _restore_rng(state)
-        events.fire("on_epoch_start", epoch + 1, epochs, n_batches)
+        events.fire("on_epoch_start", epoch + 1, total_epochs, n_batches)
         pending = 0  # micro-batches whose gradients are not applied yet (0 at a checkpoint)
         t_last = time.perf_counter()  # step time includes data loading
         t.optimizer.zero_grad(set_to_none=True)
@@ -258,6 +276,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 norm = t.optimizer_step()
                 pending = 0
                 state.step += 1
+                t.after_step(state.step)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             state.seconds += dt
@@ -279,6 +298,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             t.reduce_unsynced_grads()
             t.optimizer_step()
             state.step += 1
+            t.after_step(state.step)
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
         t_eval = time.perf_counter()
         metrics = evaluate()
@@ -288,8 +308,8 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         state.epoch = epoch + 1
         state.batch, state.epoch_loss, state.epoch_seen, state.epoch_seconds = 0, 0.0, 0, 0.0
         events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
-        events.fire("on_epoch_end", EpochView(epoch + 1, epochs, train_loss, seconds, metrics, state.step))
+        events.fire("on_epoch_end", EpochView(epoch + 1, total_epochs, train_loss, seconds, metrics, state.step))
         reason = t.stop_agreed(stop_requested())
-        if reason and epoch + 1 < epochs:
+        if reason and epoch + 1 < total_epochs:
             raise StopTraining(state, reason)
     return state

@@ -59,8 +59,26 @@ def _part_counts(run) -> dict:
 
 
 def make_plan(config, registry) -> dict:
-    """Build the run without an optimizer and describe what would train."""
-    run = prepare(config, registry, build_optimizer=False)
+    """Build the run without an optimizer and describe what would train. A
+    multi-stage run is described by its first stage, and ``stages`` lists what
+    each stage would train (name, epochs, lr, counts, groups)."""
+    from clipft.engine.assemble import resolve
+
+    res = resolve(config, registry)
+    plan = _plan_one(config, prepare(config, registry, build_optimizer=False, resolved=res))
+    if res.stages:
+        plan["stages"] = []
+        for k, st in enumerate(res.stages):
+            one = plan if k == 0 else _plan_one(
+                config, prepare(config, registry, build_optimizer=False, stage=k, resolved=res))
+            plan["stages"].append({"name": st.name, "first_epoch": st.start + 1, "last_epoch": st.end,
+                                   "strategies": [s.name for s, _ in st.strategies], "lr": one["lr"],
+                                   "params": {"trainable": one["params"]["trainable"]},
+                                   "groups": one["groups"]})
+    return plan
+
+
+def _plan_one(config, run) -> dict:
     total, trainable = run.param_counts
     groups = [{
         "name": g.name,
@@ -140,3 +158,8 @@ def render_plan(p: dict, console) -> None:
         f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "
         f"{_mib(m['optimizer_state_bytes'])} + gradients {_mib(m['gradient_bytes'])} "
         f"(weights {_mib(m['weight_bytes'])}; activations not included)")
+    for i, st in enumerate(p.get("stages") or ()):
+        groups = ", ".join(f"{g['name']} {g['params']:,}" for g in st["groups"])
+        console.print(f"stage {i + 1} '{st['name']}' (epochs {st['first_epoch']}-{st['last_epoch']}, "
+                      f"lr {st['lr']:.2e}, {' + '.join(st['strategies']) or 'head only'}): "
+                      f"trains {st['params']['trainable']:,} ({groups})")

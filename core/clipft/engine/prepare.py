@@ -31,6 +31,7 @@ from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_prec
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
+from clipft.protocols import inserted_modules
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -72,6 +73,20 @@ class PreparedRun:
     speed: dict = attrs.field(factory=dict)
     #: what components fitted to the training split recorded (clipft.engine.fit)
     fit: dict = attrs.field(factory=dict)
+    #: a multi-stage run: the index of the stage this run was prepared for
+    #: (``resolved.stages[stage]``); 0 for an ordinary run
+    stage: int = 0
+
+    @property
+    def stage_spec(self):
+        """The :class:`ResolvedStage` this run trains, or None (an ordinary run)."""
+        return self.resolved.stages[self.stage] if self.resolved.stages else None
+
+    @property
+    def epochs_end(self) -> int:
+        """The epoch (of the whole run) at which this stage ends."""
+        st = self.stage_spec
+        return st.end if st is not None else self.config.epochs
 
     @property
     def model(self) -> torch.nn.Module:
@@ -88,6 +103,8 @@ class PreparedRun:
     @property
     def param_counts(self) -> tuple[int, int]:
         modules = [self.model] + ([self.head] if self.head is not None else [])
+        if isinstance(self.loss, torch.nn.Module):   # a loss with parameters of its own
+            modules.append(self.loss)
         params = [p for m in modules for p in m.parameters()]
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -109,8 +126,13 @@ def _check_data(bundle, res: Resolved) -> None:
             f"head '{res.head[0].name}' needs class labels, but data source '{data_name}' has none")
 
 
-def _default_lr(res: Resolved, config) -> float:
-    lr = next((spec.default_lr for spec, _ in res.strategies if spec.default_lr is not None), HEAD_ONLY_LR)
+def _default_lr(res: Resolved, config, strategies=None, stage=None) -> float:
+    """A stage's own lr, else ``--lr``, else the first default_lr of the
+    strategies that train (1e-3 when only a head trains)."""
+    if stage is not None and stage.lr is not None:
+        return float(stage.lr)
+    strategies = res.strategies if strategies is None else strategies
+    lr = next((spec.default_lr for spec, _ in strategies if spec.default_lr is not None), HEAD_ONLY_LR)
     return config.resolved_lr(lr)
 
 
@@ -131,11 +153,33 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
     return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
 
 
-def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] = None) -> PreparedRun:
-    """``fit``: fit the components that fit themselves to the training split
-    (:mod:`clipft.engine.fit`); default: when the optimizer is built."""
+def build_loss(spec, options, ctx, device):
+    """The run's loss: built, set up on the assembled model (:class:`clipft.Loss`)
+    and, when it is a module, moved to the device."""
+    from clipft.protocols import Loss
+
+    loss = spec.build(options)
+    if isinstance(loss, Loss):
+        loss.setup(ctx)
+    if isinstance(loss, torch.nn.Module):
+        loss.to(device)
+    return loss
+
+
+def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] = None, stage: int = 0,
+            resolved: Optional[Resolved] = None) -> PreparedRun:
+    """Everything a training run needs. ``fit``: fit the components that fit
+    themselves to the training split (:mod:`clipft.engine.fit`); default: when
+    the optimizer is built. For a multi-stage run, for stage ``stage``: the
+    strategies of the earlier stages are applied first (in order), then this
+    stage's, which decide what trains; the groups, the optimizer and schedule
+    (over this stage's epochs) and the cache plan are this stage's. The weights
+    earlier stages trained are loaded by the caller (:mod:`clipft.engine.session`),
+    from the checkpoint that ended them."""
     from clipft.engine import distributed
-    res = resolve(config, registry)
+    res = resolved if resolved is not None else resolve(config, registry)
+    st = res.stages[stage] if res.stages else None
+    where = f"stage '{st.name}': " if st is not None else ""
     dist = distributed.from_env(config.device)
     device = distributed.device_for(dist, config.device) or pick_device(config.device)
     precision = effective_precision(device, config.precision)
@@ -152,29 +196,38 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     bundle = res.data[0].build(res.data[1], dctx)
     _check_data(bundle, res)
 
+    strategies = st.strategies if st is not None else res.strategies
+    before = [s.strategies for s in res.stages[:stage]]
     assembly = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer,
-                        device=device, strategies=res.strategies, head=res.head,
+                        device=device, strategies=strategies, head=res.head,
                         classnames=bundle.classnames, templates=bundle.templates, seed=config.seed,
-                        loss=res.loss)
+                        loss=res.loss, before=before)
     speed = apply_speed_options(assembly.model, config)
     loss_spec = res.loss[0]
-    loss = loss_spec.build(res.loss[1])
+    loss = build_loss(loss_spec, res.loss[1], assembly.ctx, device)
 
     warnings = list(bundle.warnings)   # the data source's notes come first, as its data does
     head = assembly.head
+    if head is not None and st is not None and not st.head:
+        head.requires_grad_(False)          # this stage keeps the head as it is
     head_trains = head is not None and any(p.requires_grad for p in head.parameters())
     training = config.epochs > 0   # --epochs 0 evaluates the model as built: nothing need train
     if head_trains and NEED_HEAD not in loss_spec.needs:
         msg = (f"loss '{loss_spec.name}' does not use the head, so head '{res.head[0].name}' "
                "would never train; use --loss cross-entropy to train it")
         if not any(sel.params for sel in assembly.selections) and training:
-            raise ClipftUsageError(f"nothing would train: {msg}")
+            raise ClipftUsageError(f"{where}nothing would train: {msg}")
         warnings.append(msg + " (it is only evaluated)")
         head.requires_grad_(False)
         head_trains = False
-    lr = _default_lr(res, config)
-    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None)
+    lr = _default_lr(res, config, strategies, st)
+    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None, loss)
     if not groups and training:
+        if st is not None:
+            raise ClipftUsageError(
+                f"{where}nothing would train: the stage selects no parameters"
+                f"{' and the run has no head' if head is None else ''}; "
+                + ("add --head linear (or zero-shot)" if head is None else "give the stage a strategy"))
         what = (f"head '{res.head[0].name}' has nothing to train" if head is not None
                 else "there is no head")
         raise ClipftUsageError(
@@ -199,7 +252,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
                       evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
-                      precision=precision, dist=dist)
+                      precision=precision, dist=dist, stage=stage)
     if dist.enabled and fitters(assembly.model, head):
         # each rank sees its share of the train split, so their caches would differ
         names = ", ".join(n for n, _ in fitters(assembly.model, head))
@@ -211,7 +264,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         run.fit = fit_to_train_split(assembly.model, head, features, bundle.classnames)
     if build_optimizer:
         steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
-        run.total_steps = config.epochs * steps_per_epoch
+        run.total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
         run.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
                             else default_warmup(run.total_steps))
         optimizer = make_optimizer(groups, config)
@@ -221,7 +274,8 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
             scaler=grad_scaler(device, precision),
             params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
             needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
-            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist)
+            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
+            inserted=[m for _, m in inserted_modules(assembly.model)])
         if dist.enabled:
             run.trainer.forward = wrap_ddp(run.trainer, loaders, head)
             run.evaluate = distributed.on_main(evaluator, dist)

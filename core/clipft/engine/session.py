@@ -155,9 +155,29 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> Ru
         head=res.head[0].name if res.head else None, data=res.data[0].name,
         train_size=run.bundle.size("train") or 0, val_size=run.bundle.size("val") or 0,
         classnames=tuple(run.bundle.classnames or ()), params_total=total, params_trainable=trainable,
-        lr=run.lr, epochs=run.config.epochs, total_steps=run.total_steps,
+        lr=run.lr, epochs=run.config.epochs,
+        # a stage's schedule covers its own epochs; the run's steps cover them all
+        total_steps=(run.total_steps // max(1, run.stage_spec.epochs) * run.config.epochs
+                     if run.stage_spec is not None else run.total_steps),
         resumed_from_epoch=resumed_from_epoch, warnings=tuple(run.warnings),
         skipped=tuple(str(p) for p, _ in run.bundle.skipped))
+
+
+def group_rows(run: PreparedRun) -> list:
+    return [{"name": g.name, "tensors": len(g.params), "params": g.numel,
+             "lr": g.lr, "weight_decay": g.weight_decay} for g in run.groups]
+
+
+def stage_record(run: PreparedRun) -> dict:
+    """What a stage of a multi-stage run trains, for ``summary.json``'s ``stages``."""
+    st = run.stage_spec
+    total, trainable = run.param_counts
+    head = run.head is not None and any(p.requires_grad for p in run.head.parameters())
+    return {"name": st.name, "epochs": st.epochs, "first_epoch": st.start + 1, "last_epoch": st.end,
+            "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in st.strategies],
+            "head_trains": head, "lr": run.lr, "steps": run.total_steps,
+            "params": {"total": total, "trainable": trainable, "groups": group_rows(run)},
+            "cache": run.features.stats or None}
 
 
 def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
@@ -187,8 +207,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "total": total,
             "trainable": trainable,
             "trainable_fraction": trainable / total if total else 0.0,
-            "groups": [{"name": g.name, "tensors": len(g.params), "params": g.numel,
-                        "lr": g.lr, "weight_decay": g.weight_decay} for g in run.groups],
+            "groups": group_rows(run),
         },
         "train": {
             "epochs": run.config.epochs,
@@ -225,6 +244,9 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         #: trained tensors the loss does not reach (DDP then finds unused parameters)
         "unused_trained_tensors": getattr(run.trainer.forward if run.trainer else None, "clipft_unused", 0),
     }
+    if run.resolved.stages:   # a multi-stage run: params/cache above are the last stage's
+        summary["stages"] = [dict(s) for s in state.stages]
+        summary["staged_by"] = run.resolved.staged_by
     return summary
 
 
@@ -236,8 +258,11 @@ def resolved_config(run: PreparedRun) -> RunConfig:
         return ComponentRef(spec.name, {k: list(v) if isinstance(v, tuple) else v
                                         for k, v in options_to_dict(opts).items() if v is not None})
     res = run.resolved
+    # a multi-stage run resolves lr and warmup per stage: keep what was given
+    lr = run.config.lr if res.stages else run.lr
+    warmup = run.config.warmup_steps if res.stages else run.warmup_steps
     return attrs.evolve(
-        run.config, pretrained=run.pretrained, lr=run.lr, warmup_steps=run.warmup_steps,
+        run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup,
         data=ref(res.data), loss=ref(res.loss), head=ref(res.head) if res.head else None,
         strategies=[ref(s) for s in res.strategies])
 
@@ -259,7 +284,7 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     t = run.trainer
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
-                        keep=run.config.keep_checkpoints)
+                        keep=run.config.keep_checkpoints, loss=run.loss, also=run.assembly.earlier_keys)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
@@ -288,7 +313,8 @@ def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[Lo
     """Train a prepared run into ``out_dir``, firing the callbacks' events."""
     state = state or LoopState()
     host = host or callback_host(run, out_dir, state, progress, checkpoints)
-    return train(run.trainer, run.config.epochs, state, run.evaluate, host, stop)
+    return train(run.trainer, run.epochs_end, state, run.evaluate, host, stop,
+                 total_epochs=run.config.epochs)
 
 
 def build_callbacks(run: PreparedRun, progress) -> list:
@@ -316,8 +342,9 @@ def build_callbacks(run: PreparedRun, progress) -> list:
     return out
 
 
-def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress, dist=None) -> LoopState:
-    folder, _ = newest_complete(out_dir)
+def _resume_folder(out_dir: Path, progress) -> tuple:
+    """``(folder, state)`` of the checkpoint ``--resume`` continues from."""
+    folder, state = newest_complete(out_dir)
     if folder is None and (out_dir / "checkpoint").is_dir():
         _, why = inspect_checkpoint(out_dir / "checkpoint")
         raise ClipftUsageError(f"--resume {out_dir}: no complete checkpoint to resume from: {why}")
@@ -329,7 +356,31 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
         getattr(progress, "warn", lambda m: None)(
             f"{out_dir}/checkpoint is missing or incomplete; resuming from {folder.name}, "
             "the newest complete checkpoint")
-    saved = checkpoints.restore(folder)
+    return folder, state
+
+
+def resume_stage(res, state: dict) -> tuple:
+    """``(stage index, at_boundary)`` to resume a multi-stage run from a
+    checkpoint's state: its own stage, or the next one when it ended the stage
+    (then only its weights carry over: the next stage's optimizer, schedule and
+    RNG start fresh, as they did when the run went on without stopping)."""
+    if not res.stages:
+        return 0, False
+    loop = state.get("loop") or {}
+    k = min(int(loop.get("stage", 0)), len(res.stages) - 1)
+    ended = int(loop.get("epoch", state.get("epoch", 0))) >= res.stages[k].end and not loop.get("batch")
+    if ended and k + 1 < len(res.stages):
+        return k + 1, True
+    return k, False
+
+
+def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress,
+                  folder: Optional[Path] = None, weights_only: bool = False, dist=None) -> LoopState:
+    if folder is None:
+        folder, _ = _resume_folder(out_dir, progress)
+    saved = checkpoints.restore_weights(folder) if weights_only else checkpoints.restore(folder)
+    if weights_only:
+        saved["restore_rng"] = None
     loop = saved.get("loop")
     if loop is None:   # written before step checkpoints: epoch boundaries, counters in summary.json
         old = json.loads((out_dir / "summary.json").read_text()) if (out_dir / "summary.json").exists() else {}
@@ -343,6 +394,7 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
             f"--resume {out_dir}: the run trained on {state.world_size} process(es) and this is "
             f"{world}; resume with the same number (torchrun --nproc-per-node {state.world_size}, "
             "or clipft run --nproc): the data order and the global batch depend on it")
+    state.stage = run.stage
     if state.epoch >= run.config.epochs:
         raise ClipftUsageError(
             f"the run in {out_dir} already finished {state.epoch} epoch(s); "
@@ -384,7 +436,16 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
                                                                                       config.strategies)))
         if main:
             rundir.check_out_dir(out_dir, overwrite)
-    run = prepare(config, registry, fit=resume is None)
+    from clipft.engine.assemble import resolve
+    res = resolve(config, registry)
+    if res.stages and dist.enabled:
+        raise ClipftUsageError(f"a multi-stage run ({', '.join(s.name for s in res.stages)}) trains on one "
+                               f"process; this is {dist.world} (stages under torchrun are not built yet)")
+    stage, folder, at_boundary = 0, None, False
+    if resume is not None:
+        folder, saved_state = _resume_folder(out_dir, progress)
+        stage, at_boundary = resume_stage(res, saved_state)
+    run = prepare(config, registry, stage=stage, resolved=res, fit=resume is None)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
@@ -393,7 +454,7 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
     callbacks = build_callbacks(run, progress) if main else []
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
-        state = _resume_state(run, out_dir, checkpoints, progress, dist)
+        state = _resume_state(run, out_dir, checkpoints, progress, folder, weights_only=at_boundary, dist=dist)
         directory = rundir.RunDirectory(out_dir) if main else None   # keeps the marker's list current
     else:
         # everything is validated and built: only now touch the run directory
@@ -413,7 +474,15 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
         host.fire("on_run_start", run_view(run, out_dir, state.epoch))
         with StopSignals() as stop:
             try:
-                state = train_run(run, out_dir, state=state, host=host, stop=stop)
+                while True:
+                    if run.resolved.stages:
+                        _start_stage(run, state)
+                    state = train_run(run, out_dir, state=state, host=host, stop=stop)
+                    if run.resolved.stages:   # the stage's cache counters, now that it trained
+                        state.stages[run.stage]["cache"] = run.features.stats or None
+                    if not run.resolved.stages or run.stage + 1 >= len(run.resolved.stages):
+                        break
+                    run = _next_stage(run, config, registry, out_dir, host)
             except StopTraining as stopped:
                 _stop(host, stopped, out_dir, stop.received, main)
         if run.config.epochs == 0 and main:
@@ -434,6 +503,33 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
         directory.record()   # last: callbacks write their files (curves.png) at the end
     dist.barrier()     # no rank leaves before rank 0 has written everything
     return summary
+
+
+def _start_stage(run: PreparedRun, state: LoopState) -> None:
+    """Record the stage ``run`` trains (once: a resume within it keeps the record)."""
+    state.stage = run.stage
+    record = stage_record(run)
+    if len(state.stages) > run.stage:
+        state.stages[run.stage] = {**record, **{k: v for k, v in state.stages[run.stage].items()
+                                                if k == "cache"}}
+    else:
+        state.stages.append(record)
+
+
+def _next_stage(run: PreparedRun, config, registry, out_dir: Path, host: CallbackHost) -> PreparedRun:
+    """End ``run``'s stage and prepare the next one: built afresh (seeded,
+    strategies of the earlier stages re-applied, this stage's on top), with the
+    weights of the checkpoint that ended the stage loaded, exactly as a
+    ``--resume`` from that checkpoint does, so both continue identically."""
+    from clipft.engine.checkpoint import CURRENT
+
+    nxt = prepare(config, registry, stage=run.stage + 1, resolved=run.resolved)
+    checkpointer = checkpointer_for(nxt, out_dir)
+    cb = next(e.callback for e in host.entries if e.name == "checkpoint")
+    checkpointer.last_saved = cb.checkpointer.last_saved
+    checkpointer.restore_weights(Path(out_dir) / CURRENT)
+    cb.checkpointer = checkpointer
+    return nxt
 
 
 def _stop(host: CallbackHost, stopped: StopTraining, out_dir: Path, received, main: bool = True) -> None:

@@ -12,6 +12,11 @@ packed projection is adapted, and :func:`clipft_lora.layers.merge`,
 
 Defaults follow CLIP-LoRA (Zanella & Ben Ayed, 2024): q, k, v in every block
 of both towers, r=2, alpha=1, dropout 0.25, AdamW at lr 2e-4.
+
+``dora=true`` turns every adapter into DoRA (Liu et al., 2024): the adapted
+weight is ``m * (W + s·BA) / ||W + s·BA||``, with the norm of each output row and a
+learned magnitude ``m`` per output feature (initialised to ``||W||``, so step 0 is
+the base model exactly); see :mod:`clipft_lora.layers`.
 """
 from __future__ import annotations
 
@@ -75,6 +80,10 @@ class LoraOptions:
         "the tower(s) to adapt")})
     layers: str = attrs.field(default="all", converter=_layers, metadata={"help": (
         "all blocks, or N for the last N blocks of each chosen tower")})
+    dora: bool = attrs.field(default=False, metadata={"help": (
+        "DoRA (Liu et al. 2024): W' = m * (W + s*BA) / ||W + s*BA|| with a learned magnitude m, "
+        "one per output feature (row norm of the [out, in] weight), initialised to ||W||; "
+        "merges exactly on export")})
 
 
 class Lora(Strategy):
@@ -91,8 +100,9 @@ class Lora(Strategy):
 def clipft_register_strategies(register):
     register(StrategySpec(
         name="lora",
-        summary="LoRA adapters on attention (q, k, v, out, chosen separately) and MLP linears; "
-                "only the adapters train; merge into plain open_clip weights with `clipft export`.",
+        summary="LoRA adapters on attention (q, k, v, out, chosen separately) and MLP linears "
+                "(dora=true: DoRA); only the adapters train; merge into plain open_clip weights with "
+                "`clipft export`.",
         options=LoraOptions,
         build=Lora,
         default_lr=2e-4,  # CLIP-LoRA

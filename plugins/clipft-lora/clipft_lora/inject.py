@@ -61,9 +61,9 @@ def inject(model, opts) -> list:
     for kind, module in plan:
         try:
             if kind == "attn":
-                adapt_attention(module, attn_targets, opts.r, opts.alpha, opts.dropout)
+                adapt_attention(module, attn_targets, opts.r, opts.alpha, opts.dropout, opts.dora)
             else:
-                adapt_linear(module, opts.r, opts.alpha, opts.dropout)
+                adapt_linear(module, opts.r, opts.alpha, opts.dropout, opts.dora)
         except TypeError as exc:
             raise ClipftUsageError(f"lora: cannot adapt this layer: {exc}") from None
     adapters = {id(p) for _, layer in adapted_layers(model) for p in layer.lora.parameters()}

@@ -38,6 +38,34 @@ weight-space parametrization cannot apply LoRA dropout, which acts on the
   ``scaled_dot_product_attention``.
 
 Both paths are tested against each other and against the merged weights.
+
+DoRA (``dora=True``; Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation")
+-------------------------------------------------------------------------------
+Each adapted weight (a q, k or v row block of ``in_proj_weight``,
+``out_proj.weight``, an MLP linear's ``weight``; a torch weight is ``[out, in]``)
+is decomposed into a magnitude and a direction, and LoRA adapts the direction:
+
+    W' = m * (W + s·B A) / ||W + s·B A||
+
+where ``||.||`` is the L2 norm of each *row* of the ``[out, in]`` matrix, taken
+over the input dimension, so ``m`` (a learned vector, key ``lora.<t>.m``) holds
+one magnitude per output feature. (The paper writes ``W ∈ R^{d×k}``,
+``m ∈ R^{1×k}`` and a norm "across each column"; per output unit is the reading
+its reference code and common implementations use, and the one implemented
+here.) ``m`` starts at ``||W||``, so with ``B = 0`` the adapted weight is
+``W · (||W|| / ||W||) = W`` bit for bit: the same norm kernel on the same values
+gives the same float, ``x / x`` is exactly 1 and ``W · 1`` is ``W``. As in the
+paper (section 4.3) the norm is treated as a constant in backpropagation
+(detached), which saves the memory of its graph.
+
+With dropout inactive the layer runs on ``W'`` exactly as LoRA runs on
+``W + s·BA`` (PyTorch's own MHA forward, the fast path included). With LoRA
+dropout active, each adapted projection computes
+``(m / ||W + s·BA||) ⊙ (x W^T + s·B A drop(x)) + b``: dropout acts on the input
+of the low-rank path only, and with dropout off this is ``x W'^T + b``. Merging
+writes ``W'`` into the base weight (``fold_into_base``: a plain open_clip
+layer); ``unmerge`` restores the weight saved at merge time, since ``W`` cannot
+be recovered from ``W'`` (the norm of ``W + s·BA`` is lost).
 """
 from __future__ import annotations
 
@@ -56,19 +84,47 @@ QKV = ("q", "k", "v")
 class LowRank(nn.Module):
     """One low-rank pair: ``delta W = B @ A`` with ``A [r, d_in]`` drawn
     Kaiming-uniform and ``B [d_out, r]`` zero, so the adapter starts as the
-    identity change."""
+    identity change. For DoRA, ``base`` is the adapted weight ``[d_out, d_in]``
+    and the pair also holds the magnitude ``m [d_out]``, initialised to the
+    norms of its rows (:func:`row_norms`)."""
 
-    def __init__(self, d_in: int, d_out: int, r: int, device=None, dtype=None):
+    def __init__(self, d_in: int, d_out: int, r: int, device=None, dtype=None, base=None):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if base is not None:
+            if tuple(base.shape) != (d_out, d_in):
+                raise ValueError(f"DoRA base weight is {tuple(base.shape)}, expected {(d_out, d_in)}")
+            with torch.no_grad():
+                self.m = nn.Parameter(row_norms(base.detach()).to(device=device, dtype=dtype))
 
     def delta(self) -> torch.Tensor:
         return self.B @ self.A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of a ``[out, in]`` weight (over the input
+    dimension): DoRA's magnitude, one per output feature."""
+    return torch.linalg.vector_norm(weight, dim=1)
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``m * (W + delta) / ||W + delta||`` per row, the norm detached (DoRA
+    section 4.3): gradients reach ``m`` and, through ``W + delta``, the factors."""
+    v = weight + delta
+    return v * (m / row_norms(v).detach()).unsqueeze(1)
+
+
+def dora_scale(weight: torch.Tensor, delta: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``m / ||W + delta||`` per row (the norm detached): what the explicit path
+    multiplies each output feature by."""
+    with torch.no_grad():
+        norm = row_norms(weight + delta)
+    return m / norm
 
 
 @contextlib.contextmanager
@@ -84,17 +140,21 @@ def substituted(module: nn.Module, name: str, tensor: torch.Tensor):
         module._parameters[name] = original
 
 
-def _plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``weight + delta``, flagged like ``weight`` when it carries no graph.
+def _flagged_like(eff: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``eff``, flagged like ``weight`` when it carries no graph.
 
     PyTorch chooses among its linear kernels partly by whether the weight
     requires grad (also under no-grad), and the kernels round differently. A
     graph-free effective weight gets the base weight's flag, so untrained
     adapters (B = 0) reproduce the base model bit for bit in eval."""
-    eff = weight + delta
     if eff.is_leaf and eff.requires_grad != weight.requires_grad:
         eff.requires_grad_(weight.requires_grad)
     return eff
+
+
+def _plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + delta``, flagged like ``weight`` (:func:`_flagged_like`)."""
+    return _flagged_like(weight + delta, weight)
 
 
 class _LoRAMixin(InsertedModule):
@@ -107,12 +167,17 @@ class _LoRAMixin(InsertedModule):
     lora: nn.ModuleDict
     lora_scale: float
     lora_merged: bool
+    #: DoRA: every factor pair holds a magnitude ``m`` (see the module docstring)
+    lora_dora: bool
 
-    def _attach(self, factors: dict, alpha: float, r: int, dropout: float) -> None:
+    def _attach(self, factors: dict, alpha: float, r: int, dropout: float, dora: bool = False) -> None:
         self.lora = nn.ModuleDict(factors)
         self.lora_scale = float(alpha) / float(r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_merged = False
+        self.lora_dora = bool(dora)
+        #: DoRA: the base weights as they were before a merge (W is not recoverable from W')
+        self._dora_saved: dict = {}
 
     @property
     def lora_targets(self) -> tuple:
@@ -147,6 +212,33 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
             return None
         return (self.lora_scale * self.lora["out"].delta()).to(self.out_proj.weight.dtype)
 
+    def _target_delta(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return (self.lora_scale * self.lora[name].delta()).to(like.dtype)
+
+    def _in_proj_effective(self):
+        """The adapted ``in_proj_weight`` (``W + s·BA``, or DoRA's ``W'`` per
+        targeted row block; untargeted blocks are ``W``'s rows), or None."""
+        if not any(t in self.lora for t in QKV):
+            return None
+        w = self.in_proj_weight
+        if not self.lora_dora:
+            return _plus(w, self._in_proj_delta())
+        d = self.embed_dim
+        blocks = []
+        for i, t in enumerate(QKV):
+            wb = w[i * d:(i + 1) * d]
+            blocks.append(dora_weight(wb, self._target_delta(t, wb), self.lora[t].m.to(w.dtype))
+                          if t in self.lora else wb)
+        return _flagged_like(torch.cat(blocks), w)
+
+    def _out_proj_effective(self):
+        if "out" not in self.lora:
+            return None
+        w = self.out_proj.weight
+        if not self.lora_dora:
+            return _plus(w, self._out_proj_delta())
+        return _flagged_like(dora_weight(w, self._target_delta("out", w), self.lora["out"].m.to(w.dtype)), w)
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         if self.lora_merged:
@@ -161,13 +253,13 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
 
     def _forward_weight_delta(self, query, key, value, key_padding_mask, need_weights,
                               attn_mask, average_attn_weights, is_causal):
-        """PyTorch's own forward (fused kernels, fast path) on ``W + s·BA``."""
+        """PyTorch's own forward (fused kernels, fast path) on ``W + s·BA`` (DoRA: ``W'``)."""
         with contextlib.ExitStack() as stack:
-            d_in, d_out = self._in_proj_delta(), self._out_proj_delta()
-            if d_in is not None:
-                stack.enter_context(substituted(self, "in_proj_weight", _plus(self.in_proj_weight, d_in)))
-            if d_out is not None:
-                stack.enter_context(substituted(self.out_proj, "weight", _plus(self.out_proj.weight, d_out)))
+            w_in, w_out = self._in_proj_effective(), self._out_proj_effective()
+            if w_in is not None:
+                stack.enter_context(substituted(self, "in_proj_weight", w_in))
+            if w_out is not None:
+                stack.enter_context(substituted(self.out_proj, "weight", w_out))
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -176,10 +268,20 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
         d = self.embed_dim
         w = self.in_proj_weight[i * d:(i + 1) * d]
         b = self.in_proj_bias[i * d:(i + 1) * d] if self.in_proj_bias is not None else None
-        y = F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
-        if name in self.lora:
-            y = y + self.lora_scale * self.lora[name](self._drop(x))
-        return y
+        return self._linear_adapted(x, w, b, name)
+
+    def _linear_adapted(self, x, w, b, name: str):
+        """``x W^T + b`` with target ``name``'s adapter on it, LoRA dropout on
+        the low-rank path's input; DoRA rescales each output feature by
+        ``m / ||W + s·BA||`` before the bias."""
+        if name not in self.lora:
+            return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+        low = self.lora_scale * self.lora[name](self._drop(x))
+        if not self.lora_dora:
+            return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None) + low
+        scale = dora_scale(w, self._target_delta(name, w), self.lora[name].m.to(w.dtype)).to(x.dtype)
+        y = scale * (F.linear(x, w.to(x.dtype)) + low)
+        return y + b.to(x.dtype) if b is not None else y
 
     def _forward_explicit(self, query, key, value, key_padding_mask, need_weights,
                           attn_mask, average_attn_weights, is_causal):
@@ -217,10 +319,7 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         out = out.transpose(1, 2).reshape(bsz, tgt, d)
-        o = F.linear(out, self.out_proj.weight.to(out.dtype),
-                     self.out_proj.bias.to(out.dtype) if self.out_proj.bias is not None else None)
-        if "out" in self.lora:
-            o = o + self.lora_scale * self.lora["out"](self._drop(out))
+        o = self._linear_adapted(out, self.out_proj.weight, self.out_proj.bias, "out")
         if unbatched:
             o = o.squeeze(0)
             weights = weights.squeeze(0) if weights is not None else None
@@ -231,15 +330,30 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
     # -- merge / unmerge / fold ------------------------------------------------------
     @torch.no_grad()
     def lora_merge(self) -> None:
-        if not self.lora_merged:
+        if self.lora_merged:
+            return
+        if self.lora_dora:
+            w_in, w_out = self._in_proj_effective(), self._out_proj_effective()
+            for key, param, eff in (("in_proj_weight", self.in_proj_weight, w_in),
+                                    ("out_proj.weight", self.out_proj.weight, w_out)):
+                if eff is not None:
+                    self._dora_saved[key] = param.detach().clone()
+                    param.copy_(eff)
+        else:
             self._add_deltas(+1.0)
-            self.lora_merged = True
+        self.lora_merged = True
 
     @torch.no_grad()
     def lora_unmerge(self) -> None:
-        if self.lora_merged:
+        if not self.lora_merged:
+            return
+        if self.lora_dora:
+            for key, param in (("in_proj_weight", self.in_proj_weight), ("out_proj.weight", self.out_proj.weight)):
+                if key in self._dora_saved:
+                    param.copy_(self._dora_saved.pop(key))
+        else:
             self._add_deltas(-1.0)
-            self.lora_merged = False
+        self.lora_merged = False
 
     def _add_deltas(self, sign: float) -> None:
         d_in, d_out = self._in_proj_delta(), self._out_proj_delta()
@@ -285,23 +399,45 @@ class LoRALinear(_LoRAMixin, nn.Linear):
     def _delta(self) -> torch.Tensor:
         return (self.lora_scale * self.lora["w"].delta()).to(self.weight.dtype)
 
+    def _dora_effective(self) -> torch.Tensor:
+        w = self.weight
+        return _flagged_like(dora_weight(w, self._delta(), self.lora["w"].m.to(w.dtype)), w)
+
     def forward(self, x):
-        y = super().forward(x)
         if self.lora_merged:
-            return y
+            return super().forward(x)
+        if self.lora_dora:
+            if not self._dropout_active():     # exactly x W'^T + b: bit for bit the base at B = 0
+                b = self.bias.to(x.dtype) if self.bias is not None else None
+                return F.linear(x, self._dora_effective().to(x.dtype), b)
+            w = self.weight
+            scale = dora_scale(w, self._delta(), self.lora["w"].m.to(w.dtype)).to(x.dtype)
+            y = scale * (F.linear(x, w.to(x.dtype)) + self.lora_scale * self.lora["w"](self._drop(x)))
+            return y + self.bias.to(x.dtype) if self.bias is not None else y
+        y = super().forward(x)
         return y + self.lora_scale * self.lora["w"](self._drop(x))
 
     @torch.no_grad()
     def lora_merge(self) -> None:
-        if not self.lora_merged:
+        if self.lora_merged:
+            return
+        if self.lora_dora:
+            eff = self._dora_effective()
+            self._dora_saved["weight"] = self.weight.detach().clone()
+            self.weight.copy_(eff)
+        else:
             self.weight.add_(self._delta())
-            self.lora_merged = True
+        self.lora_merged = True
 
     @torch.no_grad()
     def lora_unmerge(self) -> None:
-        if self.lora_merged:
+        if not self.lora_merged:
+            return
+        if self.lora_dora:
+            self.weight.copy_(self._dora_saved.pop("weight"))
+        else:
             self.weight.sub_(self._delta())
-            self.lora_merged = False
+        self.lora_merged = False
 
     def fold_into_base(self) -> None:
         """Merge and become a plain ``nn.Linear`` again."""
@@ -313,14 +449,16 @@ def _strip(module: nn.Module, plain: type) -> None:
     for name in ("lora", "lora_dropout"):
         if name in module._modules:
             del module._modules[name]
-    for name in ("lora_scale", "lora_merged"):
+    for name in ("lora_scale", "lora_merged", "lora_dora", "_dora_saved"):
         module.__dict__.pop(name, None)
     module.__class__ = plain
 
 
 # -- attaching -----------------------------------------------------------------------
-def adapt_attention(mha: nn.Module, targets, r: int, alpha: float, dropout: float) -> None:
-    """Give an ``nn.MultiheadAttention`` LoRA on ``targets`` (subset of q, k, v, out)."""
+def adapt_attention(mha: nn.Module, targets, r: int, alpha: float, dropout: float,
+                    dora: bool = False) -> None:
+    """Give an ``nn.MultiheadAttention`` LoRA (``dora``: DoRA) on ``targets``
+    (subset of q, k, v, out)."""
     if type(mha) is not nn.MultiheadAttention:
         raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
     if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
@@ -329,18 +467,25 @@ def adapt_attention(mha: nn.Module, targets, r: int, alpha: float, dropout: floa
         raise TypeError("nn.MultiheadAttention with bias_k/bias_v or add_zero_attn is not supported")
     w = mha.in_proj_weight
     d = mha.embed_dim
-    factors = {t: LowRank(d, d, r, device=w.device, dtype=w.dtype) for t in targets}
+
+    def base(t):   # the weight DoRA decomposes: a row block of in_proj_weight, or out_proj's
+        if not dora:
+            return None
+        return mha.out_proj.weight if t == "out" else w[QKV.index(t) * d:(QKV.index(t) + 1) * d]
+
+    factors = {t: LowRank(d, d, r, device=w.device, dtype=w.dtype, base=base(t)) for t in targets}
     mha.__class__ = LoRAMultiheadAttention
-    mha._attach(factors, alpha, r, dropout)
+    mha._attach(factors, alpha, r, dropout, dora)
 
 
-def adapt_linear(linear: nn.Module, r: int, alpha: float, dropout: float) -> None:
+def adapt_linear(linear: nn.Module, r: int, alpha: float, dropout: float, dora: bool = False) -> None:
     if type(linear) is not nn.Linear:
         raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
     w = linear.weight
-    factors = {"w": LowRank(linear.in_features, linear.out_features, r, device=w.device, dtype=w.dtype)}
+    factors = {"w": LowRank(linear.in_features, linear.out_features, r, device=w.device, dtype=w.dtype,
+                            base=w if dora else None)}
     linear.__class__ = LoRALinear
-    linear._attach(factors, alpha, r, dropout)
+    linear._attach(factors, alpha, r, dropout, dora)
 
 
 def adapted_layers(model: nn.Module):

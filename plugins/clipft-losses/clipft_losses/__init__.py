@@ -1,9 +1,11 @@
-"""Losses: ``contrastive`` (CLIP's symmetric InfoNCE) and ``cross-entropy``."""
+"""Losses: ``contrastive`` (CLIP's symmetric InfoNCE), ``siglip`` (the pairwise
+sigmoid loss of SigLIP) and ``cross-entropy``."""
+import math
 from typing import Literal, Optional
 
 import attrs
 
-from clipft import LossSpec, hookimpl
+from clipft import Loss, LossSpec, hookimpl
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 
@@ -113,12 +115,94 @@ class CrossEntropy:
         return F.cross_entropy(rec.logits.float(), rec.labels, label_smoothing=self.opts.label_smoothing)
 
 
+# -- siglip ------------------------------------------------------------------------
+@attrs.frozen
+class SigLipOptions:
+    duplicates: Literal["positive", "ignore"] = attrs.field(default="positive", metadata={"help": (
+        "pairs in a batch whose captions are identical (class prompts of one class): 'positive' "
+        "counts them as matching pairs (label +1); 'ignore' is the paper's loss, where only "
+        "the diagonal is positive")})
+    bias_init: float = attrs.field(default=-10.0, metadata={"help": (
+        "initial value of the trainable logit bias the loss adds when the model has no "
+        "logit_bias (the paper: -10)")})
+    scale_init: float = attrs.field(default=math.log(10.0), metadata={"help": (
+        "initial log logit scale of the trainable one the loss adds when the model has no "
+        "logit_scale (the paper: log 10)")})
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, caption_ids=None):
+    """SigLIP's sigmoid loss over a batch of L2-normalised features (Zhai et al. 2023):
+
+        -1/B * sum_ij log sigmoid(z_ij * (t * x_i . y_j + b))
+
+    with ``z_ij = +1`` for matching pairs and -1 otherwise, summed over all B^2
+    pairs and divided by the batch size, as open_clip's ``SigLipLoss`` does. The
+    matching pairs are the diagonal; with ``caption_ids``, also the pairs whose
+    captions are identical. ``logit_scale`` is ``t`` (already exponentiated).
+    The operations are open_clip's, in its order, so the two agree bit for bit
+    on the same inputs (``tests/test_siglip.py``)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits += logit_bias
+    if caption_ids is None:
+        positive = torch.eye(n, device=logits.device, dtype=logits.dtype)
+    else:
+        positive = (caption_ids[:, None] == caption_ids[None, :]).to(logits.dtype)   # diagonal included
+    labels = 2 * positive + -torch.ones((n, n), device=logits.device, dtype=logits.dtype)
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def _siglip_class():
+    # torch is imported when the loss is built, so listing plugins stays fast
+    import torch
+    from torch import nn
+
+    class SigLip(Loss, nn.Module):
+        """The sigmoid loss with the model's ``logit_scale`` and ``logit_bias``;
+        where the model lacks one, a trainable parameter of the loss stands in
+        (``logit_bias`` at ``bias_init``, ``logit_scale`` at ``scale_init``), which
+        the engine trains (group ``loss``) and checkpoints."""
+
+        def __init__(self, opts: SigLipOptions):
+            super().__init__()
+            self.opts = opts
+
+        def setup(self, ctx):
+            model = ctx.model
+            if not isinstance(getattr(model, "logit_bias", None), torch.Tensor):
+                self.logit_bias = nn.Parameter(torch.tensor(float(self.opts.bias_init)))
+            if not isinstance(getattr(model, "logit_scale", None), torch.Tensor):
+                self.logit_scale = nn.Parameter(torch.tensor(float(self.opts.scale_init)))
+
+        def forward(self, rec):
+            own = self._parameters
+            scale = own["logit_scale"].exp() if "logit_scale" in own else rec.logit_scale
+            bias = own["logit_bias"] if "logit_bias" in own else rec.logit_bias
+            ids = rec.caption_ids if self.opts.duplicates == "positive" else None
+            return siglip_loss(rec.image_features, rec.text_features, scale, bias, ids)
+
+    return SigLip
+
+
+def _build_siglip(opts: SigLipOptions):
+    return _siglip_class()(opts)
+
+
 @hookimpl
 def clipft_register_losses(register):
     register(LossSpec(
         name="contrastive",
         summary="CLIP's symmetric image-text InfoNCE with the model's logit scale.",
         options=ContrastiveOptions, build=Contrastive, needs={NEED_TEXT}))
+    register(LossSpec(
+        name="siglip",
+        summary="SigLIP's pairwise sigmoid loss with the model's logit scale and bias "
+                "(a trainable bias at -10 where the model has none).",
+        options=SigLipOptions, build=_build_siglip, needs={NEED_TEXT}))
     register(LossSpec(
         name="cross-entropy",
         summary="Cross-entropy of a classification head's logits against class labels.",

@@ -1,4 +1,8 @@
-"""BitFit as a clipft strategy: only bias terms train (Ben Zaken et al., 2021).
+"""An example third-party plugin: a minimal BitFit-style strategy, ``bitfit-example``
+(only bias terms train). It is a template to copy, not the method itself: the
+real BitFit (Ben Zaken et al., 2022) is the built-in ``bitfit`` strategy
+(``plugins/clipft-bitfit``), which this example must not clash with, so its
+distribution, import package and strategy carry ``-example``.
 
 This file is the whole plugin: an attrs options class, a clipft.Strategy subclass with
 ``apply(model, ctx) -> [Selection]``, and a hookimpl that registers its spec.
@@ -34,8 +38,8 @@ class BitFit(Strategy):
 @hookimpl
 def clipft_register_strategies(register):
     register(StrategySpec(
-        name="bitfit",
-        summary="Train only the bias terms (BitFit).",
+        name="bitfit-example",
+        summary="Example plugin: train only the bias terms (see strategy bitfit for the real one).",
         options=BitFitOptions,
         build=BitFit,
         default_lr=1e-3,

@@ -1,13 +1,13 @@
-"""BitFit's own tests, written against clipft.testing (what a plugin author does)."""
+"""The example plugin's own tests, written against clipft.testing (what a plugin author does)."""
 import pytest
 
-import clipft_bitfit
+import clipft_bitfit_example
 from clipft import testing
 
 
 @pytest.fixture(scope="module")
 def registry():
-    return testing.plugin_registry(clipft_bitfit)
+    return testing.plugin_registry(clipft_bitfit_example)
 
 
 def is_bias(name):
@@ -18,14 +18,14 @@ def is_vision_bias(name):
     return name.startswith("visual.") and name.endswith("bias")
 
 
-def test_registers_the_bitfit_strategy(registry):
-    spec = registry.get("strategy", "bitfit")
+def test_registers_the_bitfit_example_strategy(registry):
+    spec = registry.get("strategy", "bitfit-example")
     assert spec.default_lr == 1e-3 and spec.options().tower == "both"
 
 
 @pytest.mark.parametrize("tower,selected", [("both", is_bias), ("vision", is_vision_bias)])
 def test_trains_only_biases(registry, tmp_path, tower, selected):
-    summary = testing.run_plugin(clipft_bitfit, strategy=f"bitfit:tower={tower}", steps=2,
+    summary = testing.run_plugin(clipft_bitfit_example, strategy=f"bitfit-example:tower={tower}", steps=2,
                                  tmp_path=tmp_path, registry=registry)
     model, _, _ = testing.tiny_model()
     biases = {n: p.numel() for n, p in model.named_parameters() if selected(n)}
@@ -45,7 +45,7 @@ def test_trains_only_biases(registry, tmp_path, tower, selected):
 
 
 def test_checkpoint_and_export_round_trip(registry, tmp_path):
-    summary = testing.run_plugin(clipft_bitfit, strategy="bitfit", steps=2, tmp_path=tmp_path,
+    summary = testing.run_plugin(clipft_bitfit_example, strategy="bitfit-example", steps=2, tmp_path=tmp_path,
                                  registry=registry)
     testing.assert_checkpoint_roundtrip(summary["run_dir"], registry)
     manifest = testing.assert_export_roundtrip(summary["run_dir"], tmp_path / "export", registry)

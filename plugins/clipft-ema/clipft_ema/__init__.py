@@ -1,0 +1,156 @@
+"""Strategy modifier ``ema``: an exponential moving average of the trained weights.
+
+After every optimizer step ``t`` (1-based) each trained parameter's average is
+
+    ema = param                              while t <= start_step
+    ema = decay * ema + (1 - decay) * param  after that (``ema.lerp_(param, 1 - decay)``)
+
+starting from the weights training starts from. With ``use_for_eval=true``
+(the default) the run's evaluations (``eval.before``/``eval.after`` and every
+epoch's) are computed on the averages, and ``load_run`` (``clipft eval``,
+``predict``, ``export``) rebuilds the model with them, so ``clipft export``
+writes the averaged weights as a plain open_clip model.
+
+Why a strategy modifier and not a callback: a callback observes a run through
+read-only views and has no state in the checkpoint, by design. The averages are
+state that must be saved for ``--resume`` to be exact and that evaluation and
+export must be able to use. As a modifier, ``ema`` sees what the other
+strategies selected (it averages exactly the trained parameters of the model),
+and its averages live in the model as buffers of an inserted module
+(``clipft_ema``), so every checkpoint stores them (they are keys the base model
+lacks), ``load_run`` rebuilds the module and loads them, and the engine's
+:class:`clipft.InsertedModule` hooks do the rest: ``after_optimizer_step``
+updates the averages, ``use_eval_weights`` swaps them in for evaluation, and
+``fold_into_base`` (export) leaves the averaged weights in the model and
+removes the module. The head, when there is one, is not averaged (it is built
+after the strategies).
+"""
+from __future__ import annotations
+
+import attrs
+
+from clipft import StrategyModifier, StrategySpec, hookimpl
+
+#: the model attribute the averages live under
+ATTR = "clipft_ema"
+
+
+def _decay(inst, attribute, value):
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {value}")
+
+
+def _start(inst, attribute, value):
+    if value < 0:
+        raise ValueError(f"start_step must be >= 0, got {value}")
+
+
+@attrs.frozen
+class EmaOptions:
+    decay: float = attrs.field(default=0.999, validator=_decay, metadata={"help": (
+        "weight of the old average at each optimizer step (0.999 averages over about "
+        "1000 steps; a short run wants 0.9-0.99)")})
+    start_step: int = attrs.field(default=0, validator=_start, metadata={"help": (
+        "the average follows the weights exactly up to this optimizer step, then averages")})
+    use_for_eval: bool = attrs.field(default=True, metadata={"help": (
+        "evaluate (summary.json's metrics), eval/predict and export the averaged weights; "
+        "false: the averages are only kept in the checkpoint")})
+
+
+def buffer_name(param_name: str) -> str:
+    """The buffer under ``clipft_ema`` holding a parameter's average (module
+    attribute names cannot contain dots)."""
+    return param_name.replace(".", ":")
+
+
+def _ema_class():
+    import weakref
+
+    import torch
+    from torch import nn
+
+    from clipft import InsertedModule
+
+    class ExponentialMovingAverage(InsertedModule, nn.Module):
+        """Buffers ``<param name with ':' for '.'>``: the average of each trained parameter."""
+
+        enters = "none"          # no part in the forward pass
+        folds_into_base = True   # export: the averaged (or live) weights stay, the module goes
+
+        def __init__(self, model: nn.Module, names: list, opts: EmaOptions):
+            super().__init__()
+            self.opts = opts
+            self.names = list(names)
+            self._owner = weakref.ref(model)   # not a submodule: no cycle in the module tree
+            self._params = None
+            params = dict(model.named_parameters())
+            for n in self.names:
+                self.register_buffer(buffer_name(n), params[n].detach().clone())
+
+        def _pairs(self):
+            if self._params is None:
+                params = dict(self._owner().named_parameters())
+                self._params = [params[n] for n in self.names]
+            return list(zip(self._params, (self._buffers[buffer_name(n)] for n in self.names)))
+
+        @torch.no_grad()
+        def after_optimizer_step(self, step: int) -> None:
+            for param, avg in self._pairs():
+                if step <= self.opts.start_step:
+                    avg.copy_(param)
+                else:
+                    avg.lerp_(param.detach(), 1.0 - self.opts.decay)
+
+        @torch.no_grad()
+        def use_eval_weights(self):
+            if not self.opts.use_for_eval:
+                return None
+            pairs = self._pairs()
+            live = [param.detach().clone() for param, _ in pairs]
+            for param, avg in pairs:
+                param.copy_(avg)
+
+            @torch.no_grad()
+            def restore():
+                for (param, _), value in zip(pairs, live):
+                    param.copy_(value)
+            return restore
+
+        @torch.no_grad()
+        def fold_into_base(self) -> None:
+            """Leave the averaged weights (``use_for_eval``; else the live ones)
+            in the model and detach the module."""
+            owner = self._owner()
+            if self.opts.use_for_eval:
+                for param, avg in self._pairs():
+                    param.copy_(avg)
+            if owner is not None and getattr(owner, ATTR, None) is self:
+                delattr(owner, ATTR)
+
+    return ExponentialMovingAverage
+
+
+class Ema(StrategyModifier):
+    def __init__(self, opts: EmaOptions):
+        self.opts = opts
+
+    def modify(self, selections, model, ctx):
+        from clipft.errors import ClipftUsageError
+
+        if getattr(model, ATTR, None) is not None:
+            raise ClipftUsageError("the model already has an ema; give --strategy ema once")
+        names = list(dict.fromkeys(n for sel in selections for n, _ in sel.params))
+        model.add_module(ATTR, _ema_class()(model, names, self.opts))
+        return selections
+
+
+@hookimpl
+def clipft_register_strategies(register):
+    register(StrategySpec(
+        name="ema",
+        summary="Exponential moving average of the trained weights (a modifier: add it to the "
+                "strategies that select); evaluated and exported with use_for_eval=true.",
+        options=EmaOptions,
+        build=Ema,
+        default_lr=None,
+    ))
