@@ -29,8 +29,10 @@ base: install
 	$(BIN)/clipft run --config examples/configs/base.toml --out runs/base --overwrite
 	$(BIN)/clipft export runs/base runs/base-export --overwrite
 
+# two workers, one test file each at a time (module fixtures are built once per
+# file); every torch test holds itself to one intra-op thread, so 2 cores stay 2
 test: install
-	$(BIN)/python -m pytest tests examples/clipft-bitfit-example/tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests examples/clipft-bitfit-example/tests
 
 # The numerically sensitive tests (marked numerics) again on other kernel paths:
 # one OpenMP thread, MKL held to AVX2, and ATen's AVX2 kernels instead of AVX-512.
