@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from peft_base import NOVEL_DATA, base_checkpoint
+from resume_check import crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,29 +79,11 @@ def test_only_biases_move_and_the_checkpoint_holds_only_them(tmp_path):
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
     """2 epochs that die after the first checkpoint, resumed, end with the same
     tensors and metrics as the run left alone."""
-    from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
-
+    from clipft.api import RunConfig
     conf = RunConfig(model="tiny-vit", data=DATA, batch_size=16, lr=1e-2, epochs=2, strategies=["bitfit"],
                      callbacks=["none"])
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    whole = run(conf, out=straight)
-
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=crashed)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    first = load_file(str(crashed / "checkpoint" / "model.safetensors"))
-    resumed = run(resume=crashed)
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch)
+    first, resumed, whole, straight, crashed = r.first, r.resumed, r.whole, r.straight, r.crashed
     a = load_file(str(straight / "checkpoint" / "model.safetensors"))
     b = load_file(str(crashed / "checkpoint" / "model.safetensors"))
     # exact: the resumed epoch replays from the checkpoint (weights, optimizer,

@@ -17,6 +17,7 @@ from torch import nn
 
 from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
 from peft_base import NOVEL_DATA, base_checkpoint
+from resume_check import crash_after_first_checkpoint_then_resume
 
 ALL = ("q", "k", "v", "out", "mlp")
 DATA = "shapes:n=32,val_n=16"
@@ -190,29 +191,11 @@ def test_magnitudes_train_and_are_checkpointed(invoke, tmp_path):
 
 @pytest.mark.numerics
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
-    from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
-
+    from clipft.api import RunConfig
     conf = RunConfig(model="tiny-vit", data=DATA, batch_size=16, lr=1e-2, epochs=2,
                      strategies=["lora:dora=true,targets=q,v,mlp"], callbacks=["none"])
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    whole = run(conf, out=straight)
-
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=crashed)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    first = load_file(str(crashed / "checkpoint" / "model.safetensors"))
-    resumed = run(resume=crashed)
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch)
+    first, resumed, whole, straight, crashed = r.first, r.resumed, r.whole, r.straight, r.crashed
     a = load_file(str(straight / "checkpoint" / "model.safetensors"))
     b = load_file(str(crashed / "checkpoint" / "model.safetensors"))
     # exact: the resumed epoch replays (weights, optimizer, RNG for LoRA dropout)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from numerics import assert_close_rel
 from peft_base import NOVEL_DATA, base_checkpoint
+from resume_check import crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,29 +64,11 @@ def test_ema_equals_a_hand_computed_average_over_3_steps(tmp_path, start_step):
 
 @pytest.mark.numerics
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
-    from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
-
+    from clipft.api import RunConfig
     conf = RunConfig(model="tiny-vit", data="shapes:n=32,val_n=16", batch_size=16, lr=1e-2, epochs=2,
                      strategies=[SELECT, "ema:decay=0.9"], callbacks=["none"])
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    whole = run(conf, out=straight)
-
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=crashed)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    first = load_file(str(crashed / "checkpoint" / "model.safetensors"))
-    resumed = run(resume=crashed)
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch)
+    first, resumed, whole, straight, crashed = r.first, r.resumed, r.whole, r.straight, r.crashed
     a = load_file(str(straight / "checkpoint" / "model.safetensors"))
     b = load_file(str(crashed / "checkpoint" / "model.safetensors"))
     # exact: the averages come back from the checkpoint with the weights, and

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from numerics import EPS32, assert_close_rel, float_tol
+from resume_check import crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,33 +123,19 @@ def test_the_loss_adds_a_bias_only_where_the_model_has_none():
 
 @pytest.mark.numerics
 def test_the_bias_trains_is_checkpointed_and_resumes_exactly(tmp_path, monkeypatch):
-    from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
-
+    from clipft.api import RunConfig
     conf = RunConfig(model="tiny-vit", data=DATA, batch_size=16, lr=1e-2, epochs=2, loss="siglip",
                      strategies=["last-n:n=1"], callbacks=["none"])
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    whole = run(conf, out=straight)
-    groups = {g["name"]: g for g in whole["params"]["groups"]}
-    assert groups["loss/no_decay"]["params"] == 1 and groups["loss/no_decay"]["lr"] == 1e-2
-    bias = load_file(str(straight / "checkpoint" / "loss.safetensors"))
-    assert set(bias) == {"logit_bias"} and bias["logit_bias"].item() != -10.0    # it trained
+    seen = {}
 
-    class Crash(Exception):
-        pass
+    def trained(whole, straight):
+        groups = {g["name"]: g for g in whole["params"]["groups"]}
+        assert groups["loss/no_decay"]["params"] == 1 and groups["loss/no_decay"]["lr"] == 1e-2
+        seen["bias"] = load_file(str(straight / "checkpoint" / "loss.safetensors"))
+        assert set(seen["bias"]) == {"logit_bias"} and seen["bias"]["logit_bias"].item() != -10.0  # it trained
 
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=crashed)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    first = load_file(str(crashed / "checkpoint" / "loss.safetensors"))
-    resumed = run(resume=crashed)
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch, "loss.safetensors", trained)
+    first, resumed, whole, straight, crashed, bias = r.first, r.resumed, r.whole, r.straight, r.crashed, seen["bias"]
     # exact: the bias comes back from the checkpoint with its optimizer state, and
     # the resumed epoch recomputes what the uninterrupted one did
     for name in ("model", "loss"):

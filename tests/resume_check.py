@@ -1,0 +1,47 @@
+"""Run a config twice, once straight and once crashing right after its first
+checkpoint is saved (the end of epoch 1), then resume the crashed one: what the
+plugin tests use to show that a resume is bit-exact."""
+from __future__ import annotations
+
+import attrs
+import pytest
+
+
+@attrs.define
+class Resumed:
+    whole: dict          # summary of the uninterrupted run
+    resumed: dict        # summary of the resumed run
+    straight: object     # its run directory
+    crashed: object      # the crashed-then-resumed run directory
+    first: dict          # tensors of ``file`` in the crashed run's first checkpoint
+
+
+def crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch, file: str = "model.safetensors",
+                                             before_crash=None) -> Resumed:
+    """``before_crash(summary, straight_dir)`` may check the uninterrupted run
+    before the crashed one starts."""
+    from safetensors.torch import load_file
+
+    from clipft.api import run
+    from clipft.engine.checkpoint import Checkpointer
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    whole = run(conf, out=straight)
+    if before_crash is not None:
+        before_crash(whole, straight)
+
+    class Crash(Exception):
+        pass
+
+    real_save = Checkpointer.save
+
+    def save_then_crash(self, *a, **k):
+        real_save(self, *a, **k)
+        raise Crash
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        run(conf, out=crashed)
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    first = load_file(str(crashed / "checkpoint" / file))
+    return Resumed(whole, run(resume=crashed), straight, crashed, first)
