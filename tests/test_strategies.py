@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import read_summary
+from resume_check import crash_after_first_checkpoint_then_resume
 
 STRATEGIES = ("freeze-vision", "freeze-text", "projections", "last-n", "logit-scale",
               "differential-lr", "reproject")
@@ -457,28 +458,11 @@ def tensors(run_dir):
 def test_checkpoints_resume_and_evaluate_exactly(tmp_path, monkeypatch, model, strategies):
     """A 2-epoch run that dies after its first checkpoint, resumed, ends with
     the tensors and evaluation of the same run left uninterrupted."""
-    from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
+    from clipft.api import RunConfig
 
     conf = RunConfig(model=model, data=DATA, batch_size=16, lr=1e-3, epochs=2, strategies=strategies)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(conf, out=straight)
-
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=resumed)
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    one = tensors(resumed)
-    run(resume=resumed)
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch)
+    straight, resumed, one = r.straight, r.crashed, r.first
     a, b = tensors(straight), tensors(resumed)
     assert a.keys() == b.keys()
     # exact: the resumed epoch replays from the checkpoint (weights, optimizer and

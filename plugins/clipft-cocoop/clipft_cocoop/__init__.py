@@ -55,22 +55,13 @@ class CoCoOp(Strategy):
 
     def apply(self, model, ctx):
         from clipft import install
-        from clipft.errors import ClipftUsageError
         from clipft.options import options_to_dict
 
         from clipft_cocoop.learner import ConditionalPromptLearner
-        from clipft_prompt.learner import Tokens, build_rows, initial_context
+        from clipft_prompt.learner import Tokens, build_rows, check_prompt_context, initial_context
 
         opts = self.opts
-        if not ctx.classnames:
-            raise ClipftUsageError(
-                "strategy 'cocoop' learns class prompts, so it needs a data source with classes "
-                "(imagefolder, shapes, or captions with labels); this one has none")
-        if ctx.loss is not None and "text" not in ctx.loss_needs and ctx.head in (None, "linear", "zero-shot"):
-            raise ClipftUsageError(
-                f"strategy 'cocoop' trains through the class prompts, but --loss {ctx.loss} only sees the "
-                f"{ctx.head or 'missing'} head's own weights, so the prompts would never train; use --head text "
-                "(CoCoOp's objective; or the contrastive loss)")
+        check_prompt_context(ctx, "cocoop")
         tokens = Tokens(ctx.tokenizer)
         # the same random stream use as `prompt` (init=none draws from it), so the
         # two start from the same context

@@ -52,24 +52,12 @@ class PromptTuning(Strategy):
 
     def apply(self, model, ctx):
         from clipft import install
-        from clipft.errors import ClipftUsageError
         from clipft.options import options_to_dict
 
-        from clipft_prompt.learner import PromptLearner, Tokens, build_rows, initial_context
+        from clipft_prompt.learner import PromptLearner, Tokens, build_rows, check_prompt_context, initial_context
 
         opts = self.opts
-        if not ctx.classnames:
-            raise ClipftUsageError(
-                "strategy 'prompt' learns class prompts, so it needs a data source with classes "
-                "(imagefolder, shapes, or captions with labels); this one has none")
-        # the prompts train through the class-prompt text: a loss on paired text
-        # (contrastive) or a head that encodes the prompts live (text). A loss
-        # that only reads a weight head's logits never reaches them.
-        if ctx.loss is not None and "text" not in ctx.loss_needs and ctx.head in (None, "linear", "zero-shot"):
-            raise ClipftUsageError(
-                f"strategy 'prompt' trains through the class prompts, but --loss {ctx.loss} "
-                f"only sees the {ctx.head or 'missing'} head's own weights, so the prompts would never "
-                "train; use --head text (or the contrastive loss)")
+        check_prompt_context(ctx, "prompt")
         tokens = Tokens(ctx.tokenizer)
         vectors, placeholder = initial_context(model, tokens, opts.init, opts.n_ctx, "prompt",
                                                RANDOM_N_CTX, RANDOM_STD)

@@ -58,6 +58,22 @@ class Tokens:
         return [int(t) for t in row[1:n - 1]]
 
 
+def check_prompt_context(ctx, strategy: str) -> None:
+    """Usage errors for a class-prompt learner (``prompt``, ``cocoop``): it needs
+    class names, and a loss that reaches the prompts, through paired text
+    (contrastive) or a head that encodes them live (``text``). A loss that only
+    reads a weight head's logits never trains them."""
+    if not ctx.classnames:
+        raise ClipftUsageError(
+            f"strategy '{strategy}' learns class prompts, so it needs a data source with classes "
+            "(imagefolder, shapes, or captions with labels); this one has none")
+    if ctx.loss is not None and "text" not in ctx.loss_needs and ctx.head in (None, "linear", "zero-shot"):
+        raise ClipftUsageError(
+            f"strategy '{strategy}' trains through the class prompts, but --loss {ctx.loss} "
+            f"only sees the {ctx.head or 'missing'} head's own weights, so the prompts would never "
+            "train; use --head text (or the contrastive loss)")
+
+
 def initial_context(model, tokens: Tokens, init, n_ctx, what: str = "prompt", n_random: int = 16,
                     std: float = 0.02):
     """``(vectors [n, W], placeholder token ids)``: the token embeddings of
