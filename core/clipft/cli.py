@@ -170,6 +170,9 @@ def run_options(fn):
         click.option("--lr", type=float, help="Base learning rate (default: the strategy's recommendation)."),
         click.option("--weight-decay", type=float),
         click.option("--optimizer", type=click.Choice(["adamw", "sgd"])),
+        click.option("--optimizer-impl", type=click.Choice(["auto", "fused", "foreach", "for-loop"]),
+                     help="Optimizer kernels: auto (default: fused where available), fused, foreach, "
+                          "for-loop (torch's reference)."),
         click.option("--schedule", type=click.Choice(["cosine", "constant"])),
         click.option("--warmup-steps", type=int),
         click.option("--grad-clip", type=float, help="Max grad norm; 0 disables."),
@@ -207,7 +210,8 @@ def run_options(fn):
 
 FLAG_TO_FIELD = {
     "model": "model", "pretrained": "pretrained", "epochs": "epochs", "batch_size": "batch_size",
-    "lr": "lr", "weight_decay": "weight_decay", "optimizer": "optimizer", "schedule": "schedule",
+    "lr": "lr", "weight_decay": "weight_decay", "optimizer": "optimizer", "optimizer_impl": "optimizer_impl",
+    "schedule": "schedule",
     "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum": "grad_accum",
     "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
     "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",

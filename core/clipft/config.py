@@ -175,6 +175,9 @@ class RunConfig:
     lr: Optional[float] = attrs.field(default=None, validator=_non_negative)
     weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
     optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw", "sgd"))
+    #: the optimizer's kernels: auto (fused where torch has them for the device,
+    #: else foreach), fused, foreach, or for-loop (torch's reference implementation)
+    optimizer_impl: str = attrs.field(default="auto", validator=_one_of("auto", "fused", "foreach", "for-loop"))
     #: SGD momentum, in [0, 1)
     momentum: float = attrs.field(default=0.9, validator=_momentum)
     schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))

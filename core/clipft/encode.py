@@ -50,6 +50,8 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
     """Zero-shot classifier weights ``[C, D]``: per class, the normalised mean of
     the normalised template embeddings (CLIP's prompt ensembling), or the
     normalised output of the model's class-prompt encoder when it has one.
+    The templates' text tower runs on the positions the prompts reach
+    (:func:`encode_text_trimmed`), not on all 77.
 
     With a *conditional* class-prompt encoder (CoCoOp) and ``image_features``
     (``[B, D]``, normalised), the prompts of each image: ``[B, C, D]``; without
@@ -66,7 +68,9 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
     texts = [t.format(c) for c in classnames for t in templates]
     feats = []
     for i in range(0, len(texts), batch):
-        feats.append(encode_texts(model, tokenizer(texts[i:i + batch]).to(device)))
+        # class prompts are a few tokens of 77: the causal tower runs only as far
+        # as the longest one reaches (same result up to rounding, tests/test_trim.py)
+        feats.append(encode_texts(model, tokenizer(texts[i:i + batch]).to(device), trim=True))
     feats = torch.cat(feats).view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(feats, dim=-1)
 

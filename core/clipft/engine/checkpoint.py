@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipft.engine.optim import kept_impl
 from clipft.errors import ClipftError, ClipftUsageError
 
 FORMAT = "clipft-checkpoint"
@@ -169,7 +170,7 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     for key, v in meta["scalars"].items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": kept_impl(optimizer, meta["param_groups"])})
 
 
 class Checkpointer:

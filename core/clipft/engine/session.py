@@ -192,6 +192,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "pretrained": run.pretrained,
         "device": str(run.device),
         "precision": run.precision,
+        "optimizer": {"name": run.config.optimizer,
+                      "impl": getattr(getattr(run.trainer, "optimizer", None), "clipft_impl", None)},
         "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in res.strategies],
         "loss": {"name": res.loss[0].name, **options_to_dict(res.loss[1])},
         "head": ({"name": res.head[0].name, **options_to_dict(res.head[1])} if res.head else None),

@@ -157,6 +157,97 @@ def _plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return _flagged_like(weight + delta, weight)
 
 
+class _LowRankDropoutLinear(torch.autograd.Function):
+    """``x W^T + b`` plus, for each adapter ``t`` on the output rows
+    ``[o_t, o_t + d_t)``, ``s · B_t A_t drop_t(x)``: LoRA's training path with
+    dropout, written out so that backward keeps only what it needs.
+
+    Autograd through the plain expression keeps, per adapter, the float
+    dropout mask and the dropped copy of ``x`` (two ``[N, d_in]`` float tensors
+    each, three adapters per attention layer by default), and runs q, k and v as
+    three products. Here one product computes all output rows, and backward
+    keeps ``x`` once (shared by every adapter of the layer) and the rank-r
+    activations ``h_t = drop_t(x) A_t^T``. The masks are not kept: each is drawn
+    from its own generator, seeded from the global RNG in forward, and drawn
+    again in backward, where the dropped input is recomputed from ``x`` for the
+    gradient of ``A_t``. Same maths, same masks: the gradients are the plain
+    expression's up to rounding (tests/test_lora.py). (Gradient checkpointing
+    replays the forward with the global RNG restored, so it draws the same seeds.)
+
+    Under autocast, everything runs in the autocast dtype (what the plain
+    expression's linear layers would do), and the gradients come back in the
+    inputs' own dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, keep, rows, *factors):
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, w = x.to(dtype), weight.to(dtype)
+            y = F.linear(xc, w, bias.to(dtype) if bias is not None else None)
+            seed = int(torch.randint(0, 2 ** 62, (1,)))
+            hs = []
+            for i, (o, d) in enumerate(rows):
+                a, b = factors[2 * i].to(dtype), factors[2 * i + 1].to(dtype)
+                h = F.linear((xc * _mask(xc, keep, seed + i)).div_(keep), a)
+                y[..., o:o + d] += scale * F.linear(h, b)
+                hs.append(h)
+        ctx.save_for_backward(xc, weight, *hs, *factors)
+        ctx.meta = (scale, keep, seed, tuple(rows), dtype, x.dtype, bias is not None,
+                    bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        scale, keep, seed, rows, dtype, x_dtype, has_bias, bias_dtype = ctx.meta
+        n = len(rows)
+        saved = ctx.saved_tensors
+        xc, weight = saved[0], saved[1]
+        hs, factors = saved[2:2 + n], saved[2 + n:]
+        g = g.to(dtype)
+        flat_g, flat_x = g.reshape(-1, g.shape[-1]), xc.reshape(-1, xc.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = g @ weight.to(dtype) if need_x else None
+        grad_w = (flat_g.t() @ flat_x).to(weight.dtype) if need_w else None
+        grad_b = flat_g.sum(0).to(bias_dtype) if need_b and has_bias else None
+        grads = []
+        for i, (o, d) in enumerate(rows):
+            a, b = factors[2 * i], factors[2 * i + 1]
+            g_t = scale * g[..., o:o + d]
+            h = hs[i]
+            grad_b_t = (g_t.reshape(-1, d).t() @ h.reshape(-1, h.shape[-1])).to(b.dtype)
+            g_h = g_t @ b.to(dtype)
+            mask = _mask(xc, keep, seed + i)
+            dropped = (xc * mask).div_(keep).reshape(-1, xc.shape[-1])
+            grad_a_t = (g_h.reshape(-1, g_h.shape[-1]).t() @ dropped).to(a.dtype)
+            if need_x:
+                grad_x.add_((g_h @ a.to(dtype)).mul_(mask).div_(keep))
+            grads += [grad_a_t, grad_b_t]
+        if grad_x is not None:
+            grad_x = grad_x.to(x_dtype)
+        return (grad_x, grad_w, grad_b, None, None, None, *grads)
+
+
+def _mask(x: torch.Tensor, keep: float, seed: int) -> torch.Tensor:
+    """The dropout mask (True: kept, with probability ``keep``) drawn by a
+    generator seeded with ``seed``: the same mask every time it is drawn."""
+    if keep >= 1.0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    # uniform < keep: the same distribution as bernoulli_, 2-3x cheaper on the CPU
+    return torch.rand(x.shape, generator=gen, device=x.device) < keep
+
+
+def lowrank_dropout_linear(x, weight, bias, scale: float, p: float, adapters) -> torch.Tensor:
+    """``x W^T + b + s · Σ_t B_t A_t drop(x)`` on each adapter's output rows;
+    ``adapters`` is ``[(row offset, LowRank)]`` (see :class:`_LowRankDropoutLinear`)."""
+    rows = [(o, pair.B.shape[0]) for o, pair in adapters]
+    factors = [t for _, pair in adapters for t in (pair.A, pair.B)]
+    return _LowRankDropoutLinear.apply(x, weight, bias, float(scale), 1.0 - float(p), rows, *factors)
+
+
 class _LoRAMixin(InsertedModule):
     """State shared by the adapted layer classes (set by :meth:`_attach`).
     As inserted modules they are layers of the tower that fold into it."""
@@ -276,9 +367,9 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
         ``m / ||W + s·BA||`` before the bias."""
         if name not in self.lora:
             return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
-        low = self.lora_scale * self.lora[name](self._drop(x))
         if not self.lora_dora:
-            return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None) + low
+            return lowrank_dropout_linear(x, w, b, self.lora_scale, self.lora_dropout.p, [(0, self.lora[name])])
+        low = self.lora_scale * self.lora[name](self._drop(x))
         scale = dora_scale(w, self._target_delta(name, w), self.lora[name].m.to(w.dtype)).to(x.dtype)
         y = scale * (F.linear(x, w.to(x.dtype)) + low)
         return y + b.to(x.dtype) if b is not None else y
@@ -297,9 +388,17 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
         src = key.shape[1]
         heads, hd = self.num_heads, self.head_dim
 
-        q = self._project(query, 0, "q").view(bsz, tgt, heads, hd).transpose(1, 2)
-        k = self._project(key, 1, "k").view(bsz, src, heads, hd).transpose(1, 2)
-        v = self._project(value, 2, "v").view(bsz, src, heads, hd).transpose(1, 2)
+        if query is key and key is value and not self.lora_dora:
+            # self-attention (open_clip's blocks): q, k and v in one product, as
+            # PyTorch's MHA does, with the adapters on their row blocks
+            adapters = [(i * d, self.lora[t]) for i, t in enumerate(QKV) if t in self.lora]
+            qkv = lowrank_dropout_linear(query, self.in_proj_weight, self.in_proj_bias, self.lora_scale,
+                                         self.lora_dropout.p, adapters)
+            q, k, v = (t.reshape(bsz, tgt, heads, hd).transpose(1, 2) for t in qkv.split(d, dim=-1))
+        else:
+            q = self._project(query, 0, "q").view(bsz, tgt, heads, hd).transpose(1, 2)
+            k = self._project(key, 1, "k").view(bsz, src, heads, hd).transpose(1, 2)
+            v = self._project(value, 2, "v").view(bsz, src, heads, hd).transpose(1, 2)
 
         mask = _additive_mask(attn_mask, key_padding_mask, bsz, heads, tgt, src, q.dtype, q.device)
         if mask is None and is_causal:
@@ -414,8 +513,11 @@ class LoRALinear(_LoRAMixin, nn.Linear):
             scale = dora_scale(w, self._delta(), self.lora["w"].m.to(w.dtype)).to(x.dtype)
             y = scale * (F.linear(x, w.to(x.dtype)) + self.lora_scale * self.lora["w"](self._drop(x)))
             return y + self.bias.to(x.dtype) if self.bias is not None else y
+        if self._dropout_active():
+            return lowrank_dropout_linear(x, self.weight, self.bias, self.lora_scale, self.lora_dropout.p,
+                                          [(0, self.lora["w"])])
         y = super().forward(x)
-        return y + self.lora_scale * self.lora["w"](self._drop(x))
+        return y + self.lora_scale * self.lora["w"](x)
 
     @torch.no_grad()
     def lora_merge(self) -> None:

@@ -8,8 +8,11 @@ are encoded, a forward hook on the text tower's ``token_embedding`` overwrites
 the embeddings at exactly those positions with the learned vectors. Everything
 after the embedding (positional embedding, causal transformer, ``ln_final``,
 EOT pooling by argmax, ``text_projection``) is open_clip's unmodified
-``encode_text``, so the pooling is open_clip's by construction. The hook exists
-only for the duration of one call; plain captions encode as before.
+``encode_text``, so the pooling is open_clip's by construction, run on the
+positions up to the last end-of-text token of the prompts
+(``clipft.encode.encode_text_trimmed``; the causal tower never lets the padding
+reach the pooled token). The hook exists only for the duration of one call;
+plain captions encode as before.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from clipft import ClassTextEncoder
+from clipft.encode import encode_text_trimmed
 from clipft.errors import ClipftError, ClipftUsageError
 
 POSITIONS = ("end", "middle", "front")
@@ -191,7 +195,10 @@ class PromptLearner(ClassTextEncoder, nn.Module):
 
         handle = emb_module.register_forward_hook(splice)
         try:
-            return model.encode_text(rows)
+            # the causal tower only as far as the longest prompt reaches: a class
+            # prompt is ~10 of 77 positions, and every step runs all of them
+            # forward and backward (same result up to rounding, tests/test_trim.py)
+            return encode_text_trimmed(model, rows)
         finally:
             handle.remove()
 

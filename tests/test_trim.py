@@ -1,0 +1,81 @@
+"""Class prompts run the causal text tower only up to the last end-of-text
+token of the batch (the default for CLIP's template ensemble, the ``prompt``
+learner, CoCoOp's direct path and so the ``text`` head). Padding after that
+token never reaches the pooled output, so the result is the full-length one up
+to float rounding: bounded here by ``float_tol`` over the tower's depth, for the
+embeddings and for the gradient a prompt learner trains on. (CoCoOp's own
+trimmed-vs-hooked check is in test_cocoop.py; the prompt learner against an
+independent full-length re-implementation in test_prompt.py.)"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.numerics]
+
+CLASSES = ["red circle", "blue square", "green dodecahedron", "a rather long purple cross"]
+TEMPLATES = ("a photo of a {}.", "a {} in a picture of many shapes and colours.")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from clipft import testing
+    model, tok, _ = testing.tiny_model()
+    return model.eval().requires_grad_(False), tok
+
+
+def full_length(monkeypatch):
+    """Make every trimmed call take open_clip's full-length ``encode_text``."""
+    import clipft.encode as enc
+    monkeypatch.setattr(enc, "text_trim_length", lambda model, tokens: None)
+
+
+def test_the_template_ensemble_is_cut_and_matches_the_full_length(tiny, monkeypatch):
+    from clipft.encode import class_text_features, text_trim_length
+    model, tok = tiny
+    tokens = tok([t.format(c) for c in CLASSES for t in TEMPLATES])
+    assert text_trim_length(model, tokens) < tokens.shape[1]          # there is padding to skip
+    calls = []
+    real = model.transformer.forward
+    model.transformer.forward = lambda x, *a, **k: calls.append(x.shape[1]) or real(x, *a, **k)
+    try:
+        with torch.no_grad():
+            trimmed = class_text_features(model, tok, CLASSES, TEMPLATES, "cpu")
+            full_length(monkeypatch)
+            full = class_text_features(model, tok, CLASSES, TEMPLATES, "cpu")
+    finally:
+        del model.transformer.forward
+    assert calls[0] < calls[1] == tokens.shape[1]                       # the cut ran, then the full tower
+    assert_close_rel(trimmed, full, reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="template ensemble")
+
+
+def test_the_prompt_learner_is_cut_and_its_gradient_matches(tiny, monkeypatch):
+    from clipft.context import BuildContext
+    from clipft_prompt import PromptOptions, PromptTuning
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    ctx = BuildContext(model=m, model_name="tiny-vit", tokenizer=tok, device=torch.device("cpu"),
+                       classnames=list(CLASSES))
+    PromptTuning(PromptOptions(init=None, n_ctx=6)).apply(m, ctx)
+    learner = m.clipft_class_text
+    with torch.no_grad():
+        learner.ctx.copy_(torch.randn(learner.ctx.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
+    target = torch.randn(len(CLASSES), 64, generator=torch.Generator().manual_seed(5))
+
+    def forward_backward():
+        learner.ctx.grad = None
+        out = learner(m, tok, CLASSES)
+        (out * target).sum().backward()
+        return out.detach(), learner.ctx.grad.clone()
+
+    out_t, grad_t = forward_backward()
+    full_length(monkeypatch)
+    out_f, grad_f = forward_backward()
+    assert_close_rel(out_t, out_f, reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="prompt learner")
+    # backward goes down the same depth again
+    assert_close_rel(grad_t, grad_f, reduction=TINY_REDUCTION, depth=2 * TINY_DEPTH, what="prompt gradient")
+    assert grad_f.abs().max() > 0
