@@ -270,7 +270,7 @@ def clipft_run(tmp_path, registry, model_name, strategies, impl="auto"):
                     data=f"shapes:n={K * BATCH},val_n=8", loss="contrastive:duplicates=ignore",
                     epochs=1, batch_size=BATCH, lr=LR, weight_decay=WD, schedule="constant",
                     warmup_steps=0, grad_clip=0.0, seed=SEED, device="cpu", cache=False,
-                    optimizer_impl=impl)
+                    optimizer_impl=impl, trim_text=False)   # the seed loop encodes all 77 positions
     run = prepare(cfg, registry)
     init = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     batches = list(run.loaders.train(0))

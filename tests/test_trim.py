@@ -79,3 +79,34 @@ def test_the_prompt_learner_is_cut_and_its_gradient_matches(tiny, monkeypatch):
     # backward goes down the same depth again
     assert_close_rel(grad_t, grad_f, reduction=TINY_REDUCTION, depth=2 * TINY_DEPTH, what="prompt gradient")
     assert grad_f.abs().max() > 0
+
+
+def test_captions_are_cut_by_default_and_their_gradients_match(tiny, monkeypatch):
+    """Captions (``--trim-text``, on by default): a trained text tower gets the
+    full-length gradients up to rounding."""
+    from clipft.config import RunConfig
+    from clipft.engine.features import Encoders
+    model, tok = tiny
+    assert RunConfig().trim_text is True
+    m = copy.deepcopy(model).requires_grad_(True)
+    enc = Encoders(m, tok, torch.device("cpu"), [], (), trim_text=True)
+    captions = ["a red circle", "a large blue square on a white background", "green"]
+    target = torch.randn(len(captions), 64, generator=torch.Generator().manual_seed(6))
+    params = [p for _, p in m.named_parameters() if p.requires_grad]
+
+    def forward_backward():
+        out = enc.texts(captions)
+        return out.detach(), torch.autograd.grad((out * target).sum(), params, allow_unused=True)
+
+    out_t, grads_t = forward_backward()
+    full_length(monkeypatch)
+    out_f, grads_f = forward_backward()
+    assert_close_rel(out_t, out_f, reduction=TINY_REDUCTION, depth=TINY_DEPTH, what="captions")
+    checked = 0
+    for (name, _), a, b in zip(m.named_parameters(), grads_t, grads_f):
+        if b is None:
+            assert a is None, name
+            continue
+        assert_close_rel(a, b, reduction=TINY_REDUCTION, depth=2 * TINY_DEPTH, what=f"caption grad {name}")
+        checked += 1
+    assert checked > 10

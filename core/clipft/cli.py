@@ -195,7 +195,8 @@ def run_options(fn):
         click.option("--compile/--no-compile", default=None,
                      help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
         click.option("--trim-text/--no-trim-text", default=None,
-                     help="Skip caption padding in the causal text tower (same result up to rounding)."),
+                     help="Skip caption padding in the causal text tower (default on; same result up to "
+                          "rounding); --no-trim-text runs all positions."),
         click.option("--checkpoint-every", metavar="N|Nm|epoch",
                      help="Step checkpoints every N optimizer steps or N minutes (default 30m), "
                           "besides one per epoch."),

@@ -208,9 +208,10 @@ class RunConfig:
     grad_checkpointing: bool = False
     #: torch.compile the transformer blocks (opt-in: compiling takes a while)
     compile: bool = False
-    #: do not run caption padding through the (causal) text tower: exact up to
-    #: float rounding, several times cheaper on short captions (opt-in)
-    trim_text: bool = False
+    #: do not run caption padding through the (causal) text tower: the same
+    #: result up to float rounding (tests/test_trim.py bounds it, gradients too),
+    #: several times cheaper on short captions; --no-trim-text runs all positions
+    trim_text: bool = True
     #: a step checkpoint every N optimizer steps ("500") or N minutes of training
     #: ("30m"), besides the one at the end of every epoch; "epoch": epochs only
     checkpoint_every: str = attrs.field(default="30m", converter=str, validator=lambda i, a, v: parse_every(v))
