@@ -1,10 +1,14 @@
 """``make bench``: clipft's performance rows, each a ratio of two measurements
 taken side by side in this run, with the absolute figures next to it.
 
-    python benchmarks/run.py [--rows 1,2,3,4,5,6,defaults] [--out benchmarks/results.json]
+    python benchmarks/run.py [--rows 1,2,3,4,5,6,7,defaults] [--out benchmarks/results.json]
 
-Prints a table and writes the results (machine, rows, figures, seconds) to
-JSON; the last-n sweep also writes ``benchmarks/last_n.png``.
+Prints a short description of the machine (CPU, nproc, torch's BLAS / LAPACK /
+MKL / oneDNN build and its threads), then a table, and writes the results
+(machine, rows, figures, seconds) to JSON; the last-n sweep also writes
+``benchmarks/last_n.png``. A row built from step pairs whose pair ratios
+spread more than +-10% is marked noisy (in the ``met`` column and in the JSON;
+``common.paired_stats``).
 """
 from __future__ import annotations
 
@@ -28,15 +32,20 @@ ROWS = {
     "4": ("lora_memory", "peak RSS lora vs full"),
     "5": ("vs_open_clip_train", "vs open_clip_train synthetic"),
     "6": ("last_n", "last-n step time sweep"),
+    "7": ("scale", "frozen-tower cache cost vs data size, memory vs --cache-dir"),
     "defaults": ("defaults", "precision and workers defaults"),
 }
 
 
-def print_table(rows, total: float) -> None:
+def print_table(rows, total: float, info: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from common import fmt
+    from common import fmt, machine_header
+
+    console = Console(width=200)
+    for line in machine_header(info):
+        console.print(line, markup=False, highlight=False)
 
     t = Table(title=f"clipft benchmarks ({total:.0f} s)", show_lines=False)
     for col in ("row", "what", "ratio", "target", "met", "figures"):
@@ -44,12 +53,17 @@ def print_table(rows, total: float) -> None:
     for r in rows:
         figs = ", ".join(f"{k}={fmt(v)}" for k, v in r.figures.items()
                          if not isinstance(v, (list, dict)))
-        nested = "; ".join(f"{k}: " + " ".join(f"{kk}={fmt(vv)}" for kk, vv in v.items())
-                           for k, v in r.figures.items() if isinstance(v, dict))
+        # one level of nesting; deeper values (and lists) are in the JSON only
+        nested = "; ".join(f"{k}: " + " ".join(f"{kk}={fmt(vv)}" for kk, vv in v.items()
+                                               if not isinstance(vv, (list, dict)))
+                           for k, v in r.figures.items()
+                           if isinstance(v, dict) and any(not isinstance(vv, (list, dict)) for vv in v.values()))
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[r.met]
+        if r.noisy:
+            met += " [yellow](noisy)[/]"
         t.add_row(r.id, r.name + (f" [dim]({r.note})[/]" if r.note else ""), fmt(r.ratio), r.target, met,
                   "; ".join(x for x in (figs, nested) if x))
-    Console(width=200).print(t)
+    console.print(t)
 
 
 def main(argv=None) -> int:
@@ -83,14 +97,15 @@ def main(argv=None) -> int:
                 rows = [Row(id=key, name=what, ratio=float("nan"), target="info", figures={},
                             note=f"failed: {type(exc).__name__}: {exc}"[:300], seconds=now() - start)]
             for r in rows:
-                print(f"[bench]   {r.id}: ratio {r.ratio:.3g} (target {r.target}) in {r.seconds:.0f}s",
-                      file=sys.stderr, flush=True)
+                print(f"[bench]   {r.id}: ratio {r.ratio:.3g} (target {r.target})"
+                      f"{' noisy' if r.noisy else ''} in {r.seconds:.0f}s", file=sys.stderr, flush=True)
             results.extend(rows)
     total = now() - t0
+    info["load_average_end"] = os.getloadavg()
     doc = {"machine": info, "rows": [r.to_json() for r in results], "total_seconds": total,
-           "load_average_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "load_average_end": info["load_average_end"], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(a.out).write_text(json.dumps(doc, indent=2))
-    print_table(results, total)
+    print_table(results, total, info)
     print(f"results: {a.out}", file=sys.stderr)
     return 0
 
