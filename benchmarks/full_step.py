@@ -18,12 +18,13 @@ Pairs: 16 on ViT-B-32 and 40 on tiny-vit. With the earlier 5 ViT-B-32 pairs
 (docs/performance.md), as wide as the 3% the target is about: on this shared
 2-core machine one pair disturbed by another job is a large share of 9 ratios.
 16 pairs give 31 ratios, so the median and the 10th/90th percentiles each
-rest on several pairs. A pair costs two full steps, ~11 s at 2 threads (~21 s
-at one), so the ViT-B-32 part takes about 3.5 minutes (7 at one thread),
-warm-up pair and model build included. tiny-vit pairs cost ~0.3 s, so it gets
-more. ``CLIPFT_BENCH_PAIRS=N`` sets every model's pair count to N for a quick
-check of the code (the row then says so in its note); that is not a
-measurement.
+rest on several pairs. A pair costs two full steps: with one intra-op thread
+(OMP_NUM_THREADS=1) a pair took ~16 s here (clipft 6.2 s, seed 9.5 s) and the
+ViT-B-32 part 285 s, warm-up pair and model build included; with 2 threads a
+step is ~5 s (docs/performance.md), so it stays under ~5 minutes either way.
+tiny-vit pairs cost ~0.3 s, so it gets more (10 s for 40). ``CLIPFT_BENCH_PAIRS=N``
+sets every model's pair count to N for a quick check of the code (the row then
+says so in its note); that is not a measurement.
 """
 from __future__ import annotations
 
