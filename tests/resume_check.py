@@ -17,9 +17,10 @@ class Resumed:
 
 
 def crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch, file: str = "model.safetensors",
-                                             before_crash=None) -> Resumed:
+                                             before_crash=None, after_crash=None) -> Resumed:
     """``before_crash(summary, straight_dir)`` may check the uninterrupted run
-    before the crashed one starts."""
+    before the crashed one starts; ``after_crash(crashed_dir)`` the crashed
+    run's directory before it is resumed."""
     from safetensors.torch import load_file
 
     from clipft.api import run
@@ -43,5 +44,7 @@ def crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch, file: 
     with pytest.raises(Crash):
         run(conf, out=crashed)
     monkeypatch.setattr(Checkpointer, "save", real_save)
+    if after_crash is not None:
+        after_crash(crashed)
     first = load_file(str(crashed / "checkpoint" / file))
     return Resumed(whole, run(resume=crashed), straight, crashed, first)

@@ -49,33 +49,20 @@ def test_runs_are_deterministic_on_cpu(tmp_path):
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     """A 2-epoch run that dies after its first checkpoint, resumed, ends bit-identical
     to the same run left uninterrupted (model, head and metrics)."""
-    from clipft.engine.checkpoint import Checkpointer
+    from resume_check import crash_after_first_checkpoint_then_resume
+
+    def crashed_mid_run(crashed):
+        assert json.loads((crashed / "checkpoint" / "state.json").read_text())["epoch"] == 1
+        assert not (crashed / "summary.json").exists()
 
     conf = cfg(strategies=["full"], lr=1e-3, epochs=2, head="zero-shot")
-    whole = run(conf, out=tmp_path / "whole")
-
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(conf, out=tmp_path / "crash")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    assert json.loads((tmp_path / "crash" / "checkpoint" / "state.json").read_text())["epoch"] == 1
-    assert not (tmp_path / "crash" / "summary.json").exists()
-
-    resumed = run(resume=tmp_path / "crash")
+    r = crash_after_first_checkpoint_then_resume(conf, tmp_path, monkeypatch, after_crash=crashed_mid_run)
+    whole, resumed = r.whole, r.resumed
     # exact: the second epoch replays from the checkpoint (weights, optimizer and
     # RNG state) what the uninterrupted run computed
     for name in ("model", "head"):
-        a = load_file(str(tmp_path / "whole" / "checkpoint" / f"{name}.safetensors"))
-        b = load_file(str(tmp_path / "crash" / "checkpoint" / f"{name}.safetensors"))
+        a = load_file(str(r.straight / "checkpoint" / f"{name}.safetensors"))
+        b = load_file(str(r.crashed / "checkpoint" / f"{name}.safetensors"))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["eval"]["after"] == whole["eval"]["after"]
     assert resumed["eval"]["before"] == whole["eval"]["before"]

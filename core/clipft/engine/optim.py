@@ -48,7 +48,7 @@ def make_optimizer(groups, config) -> torch.optim.Optimizer:
          "name": g.name}
         for g in groups
     ] or [{"params": [], "lr": 0.0, "weight_decay": 0.0, "name": "none"}]   # --epochs 0, nothing trains
-    impl = resolve_impl(getattr(config, "optimizer_impl", "auto"),
+    impl = resolve_impl(config.optimizer_impl,
                         [p for g in param_groups for p in g["params"]])
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(param_groups, lr=param_groups[0]["lr"], momentum=config.momentum,
