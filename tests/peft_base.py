@@ -22,6 +22,23 @@ SMALL_NOVEL = "shapes:n=64,val_n=32,seed=1,colours=purple,orange,shapes=circle,s
 _cache: dict = {}
 
 
+def wanted(zero_shot: float, margin: float, level: float) -> float:
+    """The top-1 a method tuned on the novel colours must reach: ``margin`` over
+    zero-shot, or ``level`` on a base whose zero-shot already sits near it.
+
+    The base is 4 chaotic epochs of training, so it differs from one CPU (and
+    kernel path, and thread count) to the next, and its zero-shot top-1 on
+    colours it never saw is luck. Over 12 bases (seeds 0-5, AVX-512 and AVX2
+    ATen kernels, one thread as the tests run: ``tests/base_survey.py``) it
+    was 0.00-0.35 on eleven and 0.65 on one (seed 0, AVX2). That
+    one's image features barely tell purple from orange: every method ended at
+    0.51-0.69 there, near zero-shot, while on the other eleven they gained
+    0.08-0.73. A gain asked on that base is not there to take; a level a tuned
+    model reaches on every base is.
+    """
+    return min(zero_shot + margin, level)
+
+
 def base_checkpoint(tmp_path_factory) -> dict:
     """``{"run": run dir, "export": export dir, "weights": .safetensors, "top1": base top-1}``."""
     if "base" in _cache:
