@@ -6,6 +6,13 @@ An on-disk store is written under a temporary name and renamed into place when
 complete, so a crash never leaves a half-built cache that looks valid; its
 values carry a checksum that is verified when the store is opened again (a
 store that fails it is rebuilt, with a warning in the cache stats).
+
+On disk, rows move with positioned reads and writes, never through a memory
+map: every page of a mapped file that a process touches counts in its resident
+memory, and an epoch touches them all, so a mapped cache grows RSS as fast as
+an in-memory one (measured: +70 MB from 1k to 16k images either way). With
+``pread``/``pwrite`` only the batch being replayed is resident; the OS page
+cache still keeps a warm file fast, and it gives the pages back under pressure.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -111,13 +119,70 @@ class StoreTooLarge(Exception):
     pass
 
 
+class DiskRows:
+    """``n`` rows of one shape and dtype in a file, at fixed offsets."""
+
+    def __init__(self, path: Path, n: int, shape: tuple, dtype: torch.dtype, create: bool = False):
+        self.path, self.n, self.shape, self.dtype = Path(path), n, tuple(shape), dtype
+        self.row_bytes = int(torch.Size(self.shape).numel()) * dtype.itemsize
+        self.fd = os.open(self.path, (os.O_RDWR | os.O_CREAT | os.O_TRUNC) if create else os.O_RDONLY, 0o644)
+        # the descriptor closes with the object, however it goes
+        self._close = weakref.finalize(self, os.close, self.fd)
+        if create:
+            os.ftruncate(self.fd, n * self.row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.row_bytes
+
+    def close(self) -> None:
+        self._close()
+
+    def _runs(self, index: list):
+        """(position in index, first row, count) for each run of consecutive rows,
+        so that an in-order batch is one system call."""
+        start = 0
+        for j in range(1, len(index) + 1):
+            if j == len(index) or index[j] != index[j - 1] + 1:
+                yield start, index[start], j - start
+                start = j
+
+    @staticmethod
+    def _bytes(t: torch.Tensor):
+        return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()
+
+    def write(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        raw = self._bytes(rows.contiguous())
+        for pos, first, count in self._runs(index.tolist()):
+            view = memoryview(raw[pos:pos + count]).cast("B")
+            offset, done = first * self.row_bytes, 0
+            while done < len(view):       # pwrite may write less than asked
+                done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((len(index), *self.shape), dtype=self.dtype)
+        if len(index) == 0:
+            return out
+        raw = self._bytes(out)
+        for pos, first, count in self._runs(index.tolist()):
+            view = memoryview(raw[pos:pos + count]).cast("B")
+            offset, done = first * self.row_bytes, 0
+            while done < len(view):
+                got = os.preadv(self.fd, [view[done:]], offset + done)
+                if got == 0:
+                    raise OSError(f"{self.path} ends before row {first + count - 1}; "
+                                  "delete the cache directory to rebuild it")
+                done += got
+        return out
+
+
 class IndexStore:
     """Per-sample values of one split, by dataset index, with each sample's
     caption and label (so a cached epoch never touches the images).
 
-    In memory by default. With ``directory``, values live in a memory-mapped
-    file written under a temporary name and renamed into place when complete, so
-    a crash never leaves a half-built cache that looks valid.
+    In memory by default. With ``directory``, values live in a file (DiskRows)
+    written under a temporary name and renamed into place when complete, so a
+    crash never leaves a half-built cache that looks valid.
     """
 
     def __init__(self, n: int, directory: Optional[Path] = None, budget: Optional[int] = None,
@@ -126,7 +191,8 @@ class IndexStore:
         self.directory = Path(directory) if directory is not None else None
         self.budget = budget
         self.key_parts = key_parts or {}
-        self.values: Optional[torch.Tensor] = None
+        #: a tensor in memory; DiskRows with a directory
+        self.values = None
         self.status = torch.zeros(n, dtype=torch.uint8)
         self.captions: list = [None] * n
         self.labels = torch.full((n,), -1, dtype=torch.long)
@@ -148,15 +214,17 @@ class IndexStore:
         self._tmp = self.directory.with_name(f"{self.directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True)
-        self.values = torch.from_file(str(self._tmp / "values.bin"), shared=True, size=numel,
-                                      dtype=dtype).view(self.n, *shape)
+        self.values = DiskRows(self._tmp / "values.bin", self.n, shape, dtype, create=True)
 
     def put(self, index: torch.Tensor, values: torch.Tensor, captions, labels) -> None:
         values = values.detach()
         if self.values is None:
             self._allocate(values)
         idx = index.cpu()
-        self.values[idx] = values.to("cpu", self.values.dtype)
+        if isinstance(self.values, DiskRows):
+            self.values.write(idx, values.to("cpu", self.values.dtype))
+        else:
+            self.values[idx] = values.to("cpu", self.values.dtype)
         self.status[idx] = STATUS_OK
         self.labels[idx] = labels.cpu()
         for i, c in zip(idx.tolist(), captions):
@@ -173,7 +241,11 @@ class IndexStore:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.values is None else self.values.numel() * self.values.element_size()
+        if self.values is None:
+            return 0
+        if isinstance(self.values, DiskRows):
+            return self.values.nbytes
+        return self.values.numel() * self.values.element_size()
 
     def finish(self) -> None:
         """Samples never seen (undecodable ones the loader dropped) count as failed;
@@ -182,8 +254,9 @@ class IndexStore:
         if self.directory is None or self._tmp is None:
             return
         values_path = self._tmp / "values.bin"
+        self.values.close()
         meta = {"format": FORMAT, "key": self.key_parts, "n": self.n,
-                "shape": list(self.values.shape[1:]), "dtype": str(self.values.dtype).replace("torch.", ""),
+                "shape": list(self.values.shape), "dtype": str(self.values.dtype).replace("torch.", ""),
                 "captions": self.captions, "labels": self.labels.tolist(),
                 "checksum": file_digest(values_path)}
         (self._tmp / "status.bin").write_bytes(self.status.numpy().tobytes())
@@ -196,6 +269,8 @@ class IndexStore:
         self._load_values()
 
     def discard(self) -> None:
+        if isinstance(self.values, DiskRows):
+            self.values.close()
         self.values = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -243,15 +318,12 @@ class IndexStore:
 
     def _load_values(self, meta: Optional[dict] = None) -> None:
         meta = meta or json.loads((self.directory / "meta.json").read_text())
-        shape = tuple(meta["shape"])
-        dtype = getattr(torch, meta["dtype"])
-        numel = self.n * int(torch.Size(shape).numel())
-        # private mapping: pages load on demand, nothing is written back
-        self.values = torch.from_file(str(self.directory / "values.bin"), shared=False,
-                                      size=numel, dtype=dtype).view(self.n, *shape)
+        self.values = DiskRows(self.directory / "values.bin", self.n, tuple(meta["shape"]),
+                               getattr(torch, meta["dtype"]))
 
     def gather(self, index: torch.Tensor):
         """(values, captions, labels, index) of the decodable samples among ``index``."""
         ok = self.status[index] == STATUS_OK
         idx = index[ok]
-        return self.values[idx], [self.captions[i] for i in idx.tolist()], self.labels[idx], idx
+        rows = self.values.read(idx) if isinstance(self.values, DiskRows) else self.values[idx]
+        return rows, [self.captions[i] for i in idx.tolist()], self.labels[idx], idx
