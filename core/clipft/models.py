@@ -146,6 +146,86 @@ def check_checkpoint_file(path: str) -> None:
         f"--pretrained {path} is not a checkpoint (it starts with {head!r}); {CHECKPOINT_EXPECTED}")
 
 
+#: checkpoint files open_clip reads as a state dict and loads with ``strict=True``:
+#: every parameter and persistent buffer of the model comes from the file
+#: (``.npz``/``.npy`` go through big_vision's converter instead, which is not strict)
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _skip_random_init():
+    """A torch function mode under which random fills do nothing: ``uniform_``,
+    ``normal_`` and the other in-place draws (``torch.nn.init``'s among them)
+    leave their tensor as it was allocated, and ``torch.randn``/``torch.rand``
+    (and their ``_like`` forms) return ``torch.empty``. Deterministic
+    initialisation (zeros, ones, constants, masks) runs as usual.
+
+    For building a model whose weights a checkpoint then overwrites: the
+    numbers would be thrown away (ViT-B-32 draws 151M of them, about a second
+    on one core). No random number is drawn either, so the global RNG is left
+    where it was. ``mode.skipped`` keeps the tensors left unfilled (alive, so
+    that no later tensor can reuse their memory) for :func:`_unfilled_buffers`.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    init, T = torch.nn.init, torch.Tensor
+    in_place = {T.uniform_, T.normal_, T.random_, T.exponential_, T.log_normal_, T.cauchy_,
+                T.geometric_, init.uniform_, init.normal_, init.trunc_normal_, init.kaiming_uniform_,
+                init.kaiming_normal_, init.xavier_uniform_, init.xavier_normal_, init.orthogonal_}
+    fresh = {torch.randn: torch.empty, torch.rand: torch.empty,
+             torch.randn_like: torch.empty_like, torch.rand_like: torch.empty_like}
+
+    class SkipRandomInit(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.skipped: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in in_place:
+                tensor = args[0] if args else kwargs["tensor"]
+                self.skipped.append(tensor)
+                return tensor
+            if func in fresh:
+                kwargs.pop("generator", None)
+                out = fresh[func](*args, **kwargs)
+                self.skipped.append(out)
+                return out
+            return func(*args, **kwargs)
+
+    return SkipRandomInit()
+
+
+def _unfilled_buffers(model, skipped: list) -> list:
+    """Names of ``model``'s non-persistent buffers (which no checkpoint
+    restores) that sit in the memory of a tensor a skipped random fill left
+    unfilled."""
+    ptrs = {t.untyped_storage().data_ptr() for t in skipped if t.device.type != "meta"}
+    saved = set(model.state_dict().keys())
+    return [name for name, buf in model.named_buffers()
+            if name not in saved and buf.untyped_storage().data_ptr() in ptrs]
+
+
+def _build_over_checkpoint(create, model_name: str, pretrained: str, device: str):
+    """``create(model_name, pretrained=pretrained, device=device)`` (open_clip's
+    factory, which builds the model and then loads ``pretrained``, a state-dict
+    file, strictly), with the random initialisation left out
+    (:func:`_skip_random_init`): each parameter and persistent buffer is then
+    the file's tensor, bit for bit, as after a normal build. A model whose
+    non-persistent buffers would hold unfilled memory is built again the
+    normal way."""
+    mode = _skip_random_init()
+    with mode:
+        built = create(model_name, pretrained=pretrained, device=device)
+    unfilled = _unfilled_buffers(built[0], mode.skipped)
+    mode.skipped.clear()
+    if unfilled:
+        logging.getLogger(__name__).debug("random buffers %s: building %s with its initialisation",
+                                          unfilled, model_name)
+        return create(model_name, pretrained=pretrained, device=device)
+    return built
+
+
 def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedModel:
     register_tiny_configs()
     import open_clip
@@ -175,11 +255,17 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
         quiet.setLevel(logging.CRITICAL)
         try:
             with _offline_if_unreachable(pretrained not in ("none", "") and not is_file):
-                model, pre_train, pre_val = open_clip.create_model_and_transforms(
-                    model_name,
-                    pretrained=None if pretrained in ("none", "") else pretrained,
-                    device=device,
-                )
+                if (is_file and Path(pretrained).suffix.lower() in STATE_DICT_SUFFIXES
+                        and not model_name.startswith(("local-dir:", "hf-hub:"))):
+                    # every weight comes from the file: no random init to overwrite
+                    model, pre_train, pre_val = _build_over_checkpoint(
+                        open_clip.create_model_and_transforms, model_name, pretrained, device)
+                else:
+                    model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                        model_name,
+                        pretrained=None if pretrained in ("none", "") else pretrained,
+                        device=device,
+                    )
         finally:
             quiet.setLevel(level)
         tokenizer = open_clip.get_tokenizer(model_name)
