@@ -33,6 +33,7 @@ ROWS = {
     "5": ("vs_open_clip_train", "vs open_clip_train synthetic"),
     "6": ("last_n", "last-n step time sweep"),
     "7": ("scale", "frozen-tower cache cost vs data size, memory vs --cache-dir"),
+    "8": ("small_data", "small folder, whole process vs seed loop process"),
     "defaults": ("defaults", "precision and workers defaults"),
 }
 
