@@ -1,7 +1,7 @@
 """``make bench``: clipft's performance rows, each a ratio of two measurements
 taken side by side in this run, with the absolute figures next to it.
 
-    python benchmarks/run.py [--rows 1,2,3,4,5,6,7,defaults] [--out benchmarks/results.json]
+    python benchmarks/run.py [--rows 1,2,3,4,5,6,7,8,defaults] [--out benchmarks/results.json]
 
 Prints a short description of the machine (CPU, nproc, torch's BLAS / LAPACK /
 MKL / oneDNN build and its threads), then a table, and writes the results
