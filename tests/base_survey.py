@@ -4,7 +4,7 @@
 
 Trains the base of peft_base.py with ``--seed SEED`` on one thread (as the
 tests run), then the outcome tests' own runs on the novel colours, and prints
-one JSON line: base top-1, zero-shot, LP-FT, Tip-Adapter at 4 and 16 shots,
+one JSON line: base top-1, zero-shot, LP-FT, DoRA, Tip-Adapter at 4 and 16 shots,
 prompt tuning with defaults and with 16 random context vectors (3 seeds).
 Run it for several seeds and kernel paths before changing a margin that
 rests on the base (peft_base.wanted).
@@ -46,6 +46,9 @@ def main(out: Path, seed: str) -> dict:
             "--strategy", "lp-ft:probe_epochs=1,then=last-n:n=2,probe_lr=1e-2", "--lr", "1e-3",
             "--head", "zero-shot", "--epochs", "2", "--batch-size", "32", "--out", out / "lpft")
     res["zero_shot"], res["lp_ft"] = s["eval"]["before"]["top1"], s["eval"]["after"]["head_top1"]
+    s = run("run", "--model", "tiny-vit", "--pretrained", weights, "--data", NOVEL_DATA,
+            "--strategy", "lora:dora=true", "--lr", "1e-2", "--epochs", "2", "--batch-size", "32", "--out", out / "dora")
+    res["dora"] = s["eval"]["after"]["top1"]
     folder = out / "novel"
     write_folder(folder / "train", 24, NOVEL, SHAPES, seed=0)
     write_folder(folder / "val", 16, NOVEL, SHAPES, seed=1)

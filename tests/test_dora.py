@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
-from peft_base import NOVEL_DATA, base_checkpoint
+from peft_base import NOVEL_DATA, base_checkpoint, wanted
 from resume_check import crash_after_first_checkpoint_then_resume
 
 ALL = ("q", "k", "v", "out", "mlp")
@@ -232,9 +232,10 @@ def test_export_merges_and_equals_the_unmerged_run(tmp_path):
 
 @pytest.mark.numerics
 def test_dora_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_path):
-    """Over 3 bases (AVX-512, AVX2 and scalar ATen kernels; zero-shot 0.27-0.58 on
-    the unseen colours) and run seeds 0-1, two epochs of DoRA reached 0.70-0.75,
-    at least +0.125 over zero-shot. The margin is a third of the worst gain."""
+    """Over 12 bases (peft_base.wanted) two epochs of DoRA reached 0.55-0.78:
+    at least +0.25 over zero-shot on eleven, and 0.60 on the one whose zero-shot
+    was already 0.65 (a loss of 0.04 there). Asked: a third of the smallest
+    gain, or 0.5 (chance is 1/6)."""
     base = base_checkpoint(tmp_path_factory)
     out = tmp_path / "dora"
     r = invoke("run", "--model", "tiny-vit", "--pretrained", base["weights"], "--data", NOVEL_DATA,
@@ -244,5 +245,5 @@ def test_dora_improves_zero_shot_on_a_new_task(invoke, tmp_path_factory, tmp_pat
     s = json.loads(r.stdout)
     before, after = s["eval"]["before"]["top1"], s["eval"]["after"]["top1"]
     print(f"dora zero-shot top-1 on unseen colours: {before:.3f} -> {after:.3f}")
-    assert after >= before + 0.04, (before, after)
+    assert after >= wanted(before, 0.08, 0.5), (before, after)
     assert after >= 0.5, after
