@@ -7,6 +7,9 @@ when it has one, else through CLIP's template ensemble.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +24,30 @@ from clipft.protocols import (
 #: conditional class prompts (CoCoOp) are encoded for this many (image, class)
 #: pairs at a time at most, bounding the text tower's batch
 CONDITIONAL_CHUNK = 2048
+
+# set by shared_class_text(): class-prompt embeddings already computed in the block
+_SHARED_CLASS_TEXT: contextvars.ContextVar = contextvars.ContextVar("clipft_shared_class_text", default=None)
+
+
+@contextlib.contextmanager
+def shared_class_text():
+    """Within the block, :func:`class_text_features` computed without
+    gradient runs once per model, classes, templates, device and autocast
+    state, and later calls get the same tensor.
+
+    For a pass in which no weight changes: the engine's evaluation asks for the
+    class prompts twice (zero-shot top-1, and a ``text`` head's logits), and
+    with a prompt learner that is a text-tower pass each. Conditional prompts
+    (CoCoOp with image features) depend on the image and are never shared."""
+    token = _SHARED_CLASS_TEXT.set({})
+    try:
+        yield
+    finally:
+        _SHARED_CLASS_TEXT.reset(token)
+
+
+def _autocast_state() -> tuple:
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
 
 
 def image_embedding(model, raw: torch.Tensor) -> torch.Tensor:
@@ -57,8 +84,21 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
     (``[B, D]``, normalised), the prompts of each image: ``[B, C, D]``; without
     ``image_features`` its unconditioned prompts ``[C, D]``. ``image_features``
     is ignored otherwise (the weights do not depend on the image); use
-    :func:`class_scores` to classify either way."""
+    :func:`class_scores` to classify either way. Inside :func:`shared_class_text`
+    a repeated call without gradient returns the first result."""
     encoder = class_text_encoder(model)
+    shared = _SHARED_CLASS_TEXT.get()
+    per_image = image_features is not None and encoder is not None and encoder.conditional
+    if shared is None or per_image or torch.is_grad_enabled():
+        return _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch,
+                                    image_features)
+    key = (id(model), tuple(classnames), tuple(templates), str(device), _autocast_state())
+    if key not in shared:
+        shared[key] = _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch, None)
+    return shared[key]
+
+
+def _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch, image_features):
     if encoder is not None:
         if image_features is not None and encoder.conditional:
             raw = encoder(model, tokenizer, list(classnames), tuple(templates), image_features=image_features)
