@@ -63,3 +63,19 @@ def test_the_values_file_is_never_mapped(tmp_path):
     maps = Path("/proc/self/maps").read_text()
     assert "values.bin" not in maps
     store.values.close()
+
+
+def test_rows_that_do_not_fit_the_file_are_refused(tmp_path):
+    from clipft.engine.cache.store import DiskRows
+    rows = DiskRows(tmp_path / "values.bin", 4, (3,), torch.float32, create=True)
+    try:
+        rows.write(torch.tensor([0, 1]), torch.ones(2, 3))
+        with pytest.raises(ValueError, match="do not fit"):
+            rows.write(torch.tensor([2]), torch.ones(1, 4))          # would spill into row 3
+        with pytest.raises(ValueError, match="do not fit"):
+            rows.write(torch.tensor([2]), torch.ones(1, 3, dtype=torch.float64))
+        rows.write(torch.tensor([], dtype=torch.long), torch.ones(0, 3))   # nothing to write
+        got = rows.read(torch.tensor([0, 1, 2, 3]))
+        assert torch.equal(got[:2], torch.ones(2, 3)) and torch.equal(got[2:], torch.zeros(2, 3))
+    finally:
+        rows.close()

@@ -34,6 +34,16 @@ def test_fused_without_a_kernel_is_a_usage_error():
         resolve_impl("fused", meta)
 
 
+def test_auto_is_fused_only_where_adamw_has_a_fused_kernel(monkeypatch):
+    """torch's list of fused-capable devices is generic (mps, xpu, hpu, ...);
+    ``auto`` stays on the for-loop there, and ``fused`` remains the user's choice."""
+    import clipft.engine.optim as optim
+    monkeypatch.setattr(optim, "_fused_devices", lambda: {"cpu", "cuda", "meta"})
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert resolve_impl("auto", meta) == "for-loop"
+    assert resolve_impl("fused", meta) == "fused"
+
+
 def _group(params):
     return types.SimpleNamespace(params=[(str(i), p) for i, p in enumerate(params)], lr=1e-3,
                                  weight_decay=0.1, name="g")

@@ -72,3 +72,38 @@ def test_a_random_buffer_no_file_restores_means_a_normal_build():
     with mode:
         built = Noisy()
     assert _unfilled_buffers(built, mode.skipped) == ["noise"]
+
+
+def test_the_check_runs_before_the_model_moves_to_its_device():
+    """open_clip moves the model to ``device`` before loading the file, and a
+    move gives every buffer new memory: the build over a checkpoint is made on
+    the CPU, checked there, and moved after (here to ``meta``, which any torch
+    has, standing in for an accelerator)."""
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3))
+            self.register_buffer("noise", torch.randn(4), persistent=False)
+
+    calls = []
+
+    def create(name, pretrained, device):
+        calls.append(device)
+        return Noisy().to(device), None, None
+
+    model, _, _ = _build_over_checkpoint(create, "noisy", "file.pt", "meta")
+    assert calls == ["cpu", "meta"]              # the unfilled buffer was seen on the CPU
+    assert model.w.device.type == "meta"
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3))
+
+    def create_plain(name, pretrained, device):
+        calls.append(device)
+        return Plain().to(device), None, None
+
+    calls.clear()
+    model, _, _ = _build_over_checkpoint(create_plain, "plain", "file.pt", "meta")
+    assert calls == ["cpu"] and model.w.device.type == "meta"   # one build, then the move

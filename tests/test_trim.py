@@ -110,3 +110,26 @@ def test_captions_are_cut_by_default_and_their_gradients_match(tiny, monkeypatch
         assert_close_rel(a, b, reduction=TINY_REDUCTION, depth=2 * TINY_DEPTH, what=f"caption grad {name}")
         checked += 1
     assert checked > 10
+
+
+def test_a_text_tower_without_a_causal_mask_runs_full_length_not_crash():
+    """open_clip builds a text tower with ``no_causal_mask`` (``attn_mask`` None,
+    e.g. last-token pooling): nothing may be cut, and the token-embedding path
+    (CoCoOp's direct path, the prompt learner) runs it at full length."""
+    import open_clip
+
+    from clipft.encode import causal_text_length, encode_text_trimmed, encode_token_embeddings
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 16, "width": 32,
+                                                    "layers": 1, "head_width": 16},
+                           text_cfg={"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2,
+                                     "layers": 2, "no_causal_mask": True, "pool_type": "last"}).eval()
+    assert model.attn_mask is None
+    tokens = torch.randint(1, 100, (3, 16))
+    with torch.no_grad():
+        expected = model.encode_text(tokens)
+        assert causal_text_length(model, tokens) is None
+        assert_close_rel(encode_text_trimmed(model, tokens), expected, reduction=32, depth=2)
+        got = encode_token_embeddings(model, model.token_embedding(tokens), tokens)
+    assert_close_rel(got, expected, reduction=32, depth=2, what="token embeddings, no causal mask")

@@ -196,7 +196,8 @@ def run_options(fn):
                      help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
         click.option("--trim-text/--no-trim-text", default=None,
                      help="Skip caption padding in the causal text tower (default on; same result up to "
-                          "rounding); --no-trim-text runs all positions."),
+                          "rounding); --no-trim-text runs captions on all positions (class prompts "
+                          "are always cut)."),
         click.option("--checkpoint-every", metavar="N|Nm|epoch",
                      help="Step checkpoints every N optimizer steps or N minutes (default 30m), "
                           "besides one per epoch."),

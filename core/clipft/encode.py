@@ -33,7 +33,7 @@ _SHARED_CLASS_TEXT: contextvars.ContextVar = contextvars.ContextVar("clipft_shar
 def shared_class_text():
     """Within the block, :func:`class_text_features` computed without
     gradient runs once per model, classes, templates, device and autocast
-    state, and later calls get the same tensor.
+    state (and tokenizer), and later calls get the same tensor.
 
     For a pass in which no weight changes: the engine's evaluation asks for the
     class prompts twice (zero-shot top-1, and a ``text`` head's logits), and
@@ -92,7 +92,7 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
     if shared is None or per_image or torch.is_grad_enabled():
         return _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch,
                                     image_features)
-    key = (id(model), tuple(classnames), tuple(templates), str(device), _autocast_state())
+    key = (id(model), id(tokenizer), tuple(classnames), tuple(templates), str(device), _autocast_state())
     if key not in shared:
         shared[key] = _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch, None)
     return shared[key]
@@ -253,7 +253,8 @@ def _text_tower_from(model, x: torch.Tensor, tokens: torch.Tensor, length: int) 
     first ``length`` positions (``x`` already embedded, positions added)."""
     from open_clip.transformer import text_global_pool
 
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    mask = model.attn_mask   # None on a text tower built without a causal mask
+    x = model.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
     x = model.ln_final(x)
     x = text_global_pool(x, tokens[:, :length], model.text_pool_type,
                          eos_token_id=getattr(model, "text_eos_id", None))

@@ -213,16 +213,22 @@ def _build_over_checkpoint(create, model_name: str, pretrained: str, device: str
     (:func:`_skip_random_init`): each parameter and persistent buffer is then
     the file's tensor, bit for bit, as after a normal build. A model whose
     non-persistent buffers would hold unfilled memory is built again the
-    normal way."""
+    normal way.
+
+    The check is made on the CPU, before the model moves to ``device``: moving
+    gives every buffer new memory, which the check could no longer trace to
+    the unfilled tensors."""
     mode = _skip_random_init()
     with mode:
-        built = create(model_name, pretrained=pretrained, device=device)
+        built = create(model_name, pretrained=pretrained, device="cpu")
     unfilled = _unfilled_buffers(built[0], mode.skipped)
     mode.skipped.clear()
     if unfilled:
         logging.getLogger(__name__).debug("random buffers %s: building %s with its initialisation",
                                           unfilled, model_name)
         return create(model_name, pretrained=pretrained, device=device)
+    if str(device) != "cpu":
+        built[0].to(device)
     return built
 
 

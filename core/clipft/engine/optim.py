@@ -32,7 +32,9 @@ def resolve_impl(requested: str, params) -> str:
     params = list(params)
     fusable = all(p.is_floating_point() and p.device.type in _fused_devices() for p in params)
     if requested == "auto":
-        if fusable:
+        # torch's list of fused devices is generic (mps, xpu, ...): auto picks fused only
+        # where AdamW's fused kernel is known to exist, so a first step() never fails
+        if fusable and all(p.device.type in ("cpu", "cuda") for p in params):
             return "fused"
         return "foreach" if all(p.device.type == "cuda" for p in params) and params else "for-loop"
     if requested == "fused" and not fusable:

@@ -147,11 +147,16 @@ class DiskRows:
                 yield start, index[start], j - start
                 start = j
 
-    @staticmethod
-    def _bytes(t: torch.Tensor):
-        return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()
+    def _bytes(self, t: torch.Tensor):
+        return t.view(torch.uint8).reshape(t.shape[0], self.row_bytes).numpy()
 
     def write(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        # a row of another shape or dtype would overwrite its neighbours' bytes
+        if tuple(rows.shape[1:]) != self.shape or rows.dtype != self.dtype or len(rows) != len(index):
+            raise ValueError(f"{self.path.name}: rows {tuple(rows.shape)} {rows.dtype} for {len(index)} "
+                             f"indices do not fit rows of {self.shape} {self.dtype}")
+        if len(index) == 0:
+            return
         raw = self._bytes(rows.contiguous())
         for pos, first, count in self._runs(index.tolist()):
             view = memoryview(raw[pos:pos + count]).cast("B")
