@@ -58,6 +58,15 @@ def folder(ctx) -> Path:
     return root
 
 
+def non_utf8_class(ctx) -> Path:
+    """The two-class folder plus a class whose folder name is not UTF-8."""
+    import os
+    root = folder(ctx)
+    odd = Path(os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
+    write_image(odd / "0.png", 3)
+    return root
+
+
 def csv_file(ctx, text: str, name: str = "pairs.csv") -> Path:
     images(ctx)
     f = ctx.tmp / name
@@ -207,6 +216,8 @@ CASES = [
     ("data-missing-required-option", lambda c: BASE + ["--data", "captions", *out(c)], 2,
      r"data 'captions' needs option 'file' \(CSV, TSV or JSONL", "absent"),
     ("unknown-model", lambda c: RUN + ["--model", "ViT-Q-99", *out(c)], 2, r"unknown model 'ViT-Q-99'", "absent"),
+    ("loss-zero-fixed-scale", lambda c: RUN + ["--loss", "contrastive:fixed_scale=0", *out(c)], 2,
+     r"fixed_scale must be a finite number > 0", "absent"),
     ("loss-needs-head", lambda c: RUN + ["--loss", "cross-entropy", *out(c)], 2, r"needs a classification head",
      "absent"),
     # config files
@@ -226,6 +237,8 @@ CASES = [
     ("imagefolder-no-classes", lambda c: (c.tmp.joinpath("empty").mkdir(),
                                           BASE + ["--data", f"imagefolder:root={c.tmp / 'empty'}", *out(c)])[1],
      2, r"empty has no class folders", "absent"),
+    ("imagefolder-non-utf8-class", lambda c: BASE + ["--data", f"imagefolder:root={non_utf8_class(c)}", *out(c)],
+     2, r"class folder b'caf\\xe9' in .* is not a valid UTF-8 name", "absent"),
     ("captions-file-missing", lambda c: BASE + ["--data", f"captions:file={c.tmp / 'nope.csv'}", *out(c)], 2,
      r"captions: file not found: .*nope\.csv", "absent"),
     ("captions-missing-column",
@@ -261,8 +274,9 @@ CASES = [
     ("pretrained-safetensors-of-text",
      lambda c: RUN + ["--pretrained", toml_file(c, "hello, world\n", "x.safetensors"), *out(c)], 2,
      r"--pretrained .*x\.safetensors is not a valid safetensors file", "absent"),
-    ("pretrained-other-architecture", other_architecture, 1,
-     r"could not load checkpoint '.*other\.pt' into 'tiny-vit'", "absent"),
+    ("pretrained-other-architecture", other_architecture, 2,
+     r"could not load checkpoint '.*other\.pt' into 'tiny-vit': the weights are of another architecture "
+     r"\((Missing|Unexpected) key\(s\) in state_dict: ", "absent"),
     # output directories
     ("out-under-a-file", lambda c: (toml_file(c, "x", "afile"),
                                     setattr(c, "out", c.tmp / "afile" / "sub"), RUN + out(c))[2], 2,
@@ -278,7 +292,14 @@ CASES = [
     ("resume-not-a-run", lambda c: ["run", "--resume", non_clipft_dir(c)], 2,
      r"--resume .*mine: no config\.toml there", "unchanged"),
     ("resume-changed-flag", lambda c: ["run", "--resume", a_run(c), "--lr", "0.5"], 2,
-     r"only --epochs, .* can change when resuming; got --lr", "resumable"),
+     r"only --epochs, .* can change when resuming \(the run continues in its own directory\); got --lr",
+     "resumable"),
+    ("resume-out-elsewhere", lambda c: ["run", "--resume", a_run(c), "--epochs", "2", "--out", c.tmp / "elsewhere"],
+     2, r"can change when resuming .*; got --out", "resumable"),
+    ("resume-overwrite", lambda c: ["run", "--resume", a_run(c), "--epochs", "2", "--overwrite"], 2,
+     r"can change when resuming .*; got --overwrite", "resumable"),
+    ("resume-changed-strategy", lambda c: ["run", "--resume", a_run(c), "--strategy", "full"], 2,
+     r"can change when resuming .*; got --strategy$", "resumable"),
     ("resume-epochs-0", lambda c: ["run", "--resume", a_run(c), "--epochs", "0"], 2,
      r"already finished 1 epoch\(s\); pass --epochs N with N > 1", "resumable"),
     ("resume-finished", lambda c: ["run", "--resume", a_run(c)], 2,

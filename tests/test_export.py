@@ -182,6 +182,12 @@ def test_export_errors(invoke, tmp_path, lora_run):
     assert (tmp_path / "busy" / "keep.txt").exists()
     assert invoke("export", lora_run, tmp_path / "ok").exit_code == 0
     assert invoke("export", lora_run, tmp_path / "ok", "--overwrite").exit_code == 0
+    # an export folder that also holds the user's files is not replaced
+    (tmp_path / "ok" / "notes.txt").write_text("mine")
+    (tmp_path / "ok" / "sub").mkdir()
+    r = invoke("export", lora_run, tmp_path / "ok", "--overwrite")
+    assert r.exit_code == 2 and "notes.txt, sub" in r.stderr
+    assert (tmp_path / "ok" / "notes.txt").read_text() == "mine" and (tmp_path / "ok" / "sub").is_dir()
 
 
 @pytest.mark.numerics

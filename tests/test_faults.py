@@ -169,8 +169,13 @@ def test_crash_between_the_two_renames_of_the_swap_resumes(tmp_path, monkeypatch
     assert_same_run(whole, crash)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize("kind", ["os", "safetensors"])
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, one_thread, kind):
+    """Python's OSError, or safetensors' own error type for the same full disk
+    (it is not an OSError): a clear error, the partial folder removed."""
     import errno
+
+    from safetensors import SafetensorError
 
     import clipft.engine.checkpoint as ck
     from clipft.errors import ClipftError
@@ -182,6 +187,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, one_th
         if len(calls) == 4:                  # the second checkpoint's second file
             with open(path, "wb") as f:
                 f.write(b"partial")
+            if kind == "safetensors":
+                raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                      "message: \"No space left on device\" })")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *a, **k)
 

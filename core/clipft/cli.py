@@ -278,11 +278,19 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
             raise ClipftUsageError(f"--resume {resume}: no config.toml there; is it a clipft run directory?")
         resumable = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "callbacks")
         changed = [k for k, v in kw.items() if v not in (None, ()) and k not in resumable]
-        if changed or config_file:
+        if config_file:
+            changed.append("config")
+        # a resumed run stays in its directory: --out elsewhere would be silently ignored
+        if out and Path(out).resolve() != resume_dir.resolve():
+            changed.append("out")
+        if overwrite:
+            changed.append("overwrite")
+        if changed:
+            flag = {"strategies": "strategy", "callbacks": "callback"}.get(changed[0], changed[0])
             raise ClipftUsageError(
-                "only --epochs, --device, --num-workers, --checkpoint-every and --keep-checkpoints "
-                "can change when resuming; "
-                f"got --{(changed or ['config'])[0].replace('_', '-')}")
+                "only --epochs, --device, --num-workers, --checkpoint-every, --keep-checkpoints and "
+                "--callback can change when resuming (the run continues in its own directory); "
+                f"got --{flag.replace('_', '-')}")
         config_file = str(resume_dir / "config.toml")
     cfg = build_config(config_file, kw)
     reg = _registry(ctx)

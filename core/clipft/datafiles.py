@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,13 @@ def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dic
     if not classes:
         raise ClipftUsageError(
             f"{what}: {root} has no class folders; expected {root}/<class_name>/<image files>")
+    for c in classes:
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:   # bytes that are not UTF-8 (os.fsdecode's surrogates)
+            raise ClipftUsageError(
+                f"{what}: class folder {os.fsencode(c)!r} in {root} is not a valid UTF-8 name; the folder "
+                f"name is the class name that prompts and the run directory record: rename it") from None
     files = {}
     for c in classes:
         imgs = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -283,10 +283,14 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
         if network and not is_file:
             raise ClipftError(_offline_message(model_name, pretrained, exc)) from None
         if is_file and isinstance(exc, RuntimeError) and "state_dict" in str(exc):
-            # readable weights of another architecture
-            raise ClipftError(
-                f"could not load checkpoint '{pretrained}' into '{model_name}': "
-                f"{str(exc).splitlines()[0][:400]}") from None
+            # readable weights of another architecture: a wrong input (exit 2), told by
+            # the first of torch's missing / unexpected / size-mismatch lines, cut short
+            lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+            detail = "; ".join(ln if len(ln) <= 200 else ln[:200] + " ..." for ln in lines[:3])
+            raise ClipftUsageError(
+                f"could not load checkpoint '{pretrained}' into '{model_name}': the weights are of "
+                f"another architecture ({detail or _first_line(exc)}); pass weights of '{model_name}', "
+                f"or the --model they were trained as") from None
         if is_file:
             why = (f"{type(exc).__name__}: {_first_line(exc)}" if "weights only load failed" not in text
                    else "it is a pickle of more than tensors, and clipft loads torch files with "

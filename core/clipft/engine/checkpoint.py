@@ -173,6 +173,16 @@ def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": kept_impl(optimizer, meta["param_groups"])})
 
 
+def _write_failure(exc: BaseException) -> bool:
+    """An error of the file system under a checkpoint write (a full disk, say):
+    ``OSError`` from Python, ``SafetensorError`` from safetensors, torch.save's
+    ``RuntimeError`` from its stream writer."""
+    from safetensors import SafetensorError
+    if isinstance(exc, (OSError, SafetensorError)):
+        return True
+    return isinstance(exc, RuntimeError) and "writ" in str(exc).lower()
+
+
 class Checkpointer:
     """Writes and restores the checkpoints of one run: the parts it saves are
     handed over when it is built."""
@@ -247,11 +257,14 @@ class Checkpointer:
         try:
             tmp.mkdir(parents=True)
             self._write(tmp, loop, history, extra or {})
-        except OSError as exc:
+        except BaseException as exc:
+            # a half-written folder never stays behind, whatever stopped the write
             shutil.rmtree(tmp, ignore_errors=True)
+            if not _write_failure(exc):
+                raise
             previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
             raise ClipftError(
-                f"could not write a checkpoint in {self.run_dir}: {exc.strerror or exc} "
+                f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
                 f"(the previous checkpoint is intact: {previous})") from exc
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None

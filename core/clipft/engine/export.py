@@ -103,10 +103,25 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
             raise ClipftUsageError(f"{out} already exists and is not empty; pass --overwrite to replace an export")
         if not (out / MANIFEST).is_file():
             raise ClipftUsageError(f"{out} is not a clipft export (no {MANIFEST}); refusing to overwrite it")
+        foreign = _foreign_entries(out)
+        if foreign:
+            raise ClipftUsageError(
+                f"--overwrite: {out} holds a clipft export but also files the export did not write "
+                f"({', '.join(foreign[:8])}); move them out first, clipft will not delete them")
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _foreign_entries(out: Path) -> list:
+    """Entries of an export folder that its manifest does not list (every file
+    an export writes is in its ``bytes``); all of them when the manifest is unreadable."""
+    try:
+        ours = set(json.loads((out / MANIFEST).read_text()).get("bytes", {})) | {MANIFEST}
+    except (OSError, ValueError, AttributeError):
+        ours = {MANIFEST}
+    return sorted(p.name for p in out.iterdir() if p.name not in ours)
 
 
 def _run_features(model, probe) -> torch.Tensor:

@@ -9,13 +9,19 @@ from clipft import Loss, LossSpec, hookimpl
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 
+def _positive_scale(inst, attribute, value):
+    # 0 leaves every logit equal (no signal); a negative scale trains the opposite objective
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"fixed_scale must be a finite number > 0 (CLIP-LoRA uses 100), got {value}")
+
+
 @attrs.frozen
 class ContrastiveOptions:
     duplicates: Literal["mask", "ignore"] = attrs.field(default="mask", metadata={"help": (
         "pairs in a batch whose captions are identical (class prompts of one class): "
         "'mask' removes them from each other's negatives; 'ignore' is plain CLIP, "
         "which pushes an image away from its own caption's duplicate")})
-    fixed_scale: Optional[float] = attrs.field(default=None, metadata={"help": (
+    fixed_scale: Optional[float] = attrs.field(default=None, validator=_positive_scale, metadata={"help": (
         "use this logit scale instead of the model's learned one (CLIP-LoRA uses 100)")})
     label_smoothing: float = attrs.field(default=0.0, validator=attrs.validators.and_(
         attrs.validators.ge(0.0), attrs.validators.lt(1.0)), metadata={"help": "label smoothing"})
