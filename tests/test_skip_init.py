@@ -49,14 +49,17 @@ def test_without_a_checkpoint_file_the_build_draws_as_usual(tmp_path):
     assert not torch.equal(torch.get_rng_state(), rng)
 
 
-def test_a_random_buffer_no_file_restores_means_a_normal_build():
-    class Noisy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(3))
-            self.register_buffer("noise", torch.randn(4), persistent=False)
-            self.register_buffer("mask", torch.ones(2), persistent=False)
+class Noisy(torch.nn.Module):
+    """A random non-persistent buffer, which no checkpoint file restores."""
 
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.register_buffer("noise", torch.randn(4), persistent=False)
+        self.register_buffer("mask", torch.ones(2), persistent=False)
+
+
+def test_a_random_buffer_no_file_restores_means_a_normal_build():
     calls = []
 
     def create(name, pretrained, device):
@@ -79,12 +82,6 @@ def test_the_check_runs_before_the_model_moves_to_its_device():
     move gives every buffer new memory: the build over a checkpoint is made on
     the CPU, checked there, and moved after (here to ``meta``, which any torch
     has, standing in for an accelerator)."""
-    class Noisy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(3))
-            self.register_buffer("noise", torch.randn(4), persistent=False)
-
     calls = []
 
     def create(name, pretrained, device):

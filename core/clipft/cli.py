@@ -286,11 +286,11 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
         if overwrite:
             changed.append("overwrite")
         if changed:
-            flag = {"strategies": "strategy", "callbacks": "callback"}.get(changed[0], changed[0])
+            flags = {p.name: p.opts[0] for p in ctx.command.params}   # e.g. strategies -> --strategy
             raise ClipftUsageError(
                 "only --epochs, --device, --num-workers, --checkpoint-every, --keep-checkpoints and "
                 "--callback can change when resuming (the run continues in its own directory); "
-                f"got --{flag.replace('_', '-')}")
+                f"got {flags.get(changed[0], '--' + changed[0])}")
         config_file = str(resume_dir / "config.toml")
     cfg = build_config(config_file, kw)
     reg = _registry(ctx)

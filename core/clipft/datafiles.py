@@ -37,6 +37,7 @@ def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dic
     if not classes:
         raise ClipftUsageError(
             f"{what}: {root} has no class folders; expected {root}/<class_name>/<image files>")
+    files = {}
     for c in classes:
         try:
             c.encode("utf-8")
@@ -44,8 +45,6 @@ def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dic
             raise ClipftUsageError(
                 f"{what}: class folder {os.fsencode(c)!r} in {root} is not a valid UTF-8 name; the folder "
                 f"name is the class name that prompts and the run directory record: rename it") from None
-    files = {}
-    for c in classes:
         imgs = sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not imgs:
             raise ClipftUsageError(
