@@ -29,9 +29,11 @@ base: install
 	$(BIN)/clipft run --config examples/configs/base.toml --out runs/base --overwrite
 	$(BIN)/clipft export runs/base runs/base-export --overwrite
 
+# lint-imports holds the layers in pyproject.toml ([tool.importlinter]); then
 # two workers, one test file each at a time (module fixtures are built once per
 # file); every torch test holds itself to one intra-op thread, so 2 cores stay 2
 test: install
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests examples/clipft-bitfit-example/tests
 
 # The numerically sensitive tests (marked numerics) again on other kernel paths:

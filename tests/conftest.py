@@ -1,6 +1,7 @@
 """Shared fixtures: offline, tiny models, CLI runner."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -32,7 +33,7 @@ def small_shapes():
 
 
 def read_summary(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def registry(request):
+    """The installed plugins plus the test module's in-process ones (its ``PLUGINS``)."""
+    from clipft.api import make_registry
+    return make_registry(plugins=list(getattr(request.module, "PLUGINS", ())))
 
 
 def _use_run(invoke, out, *args):

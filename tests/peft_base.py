@@ -60,7 +60,3 @@ def base_checkpoint(tmp_path_factory) -> dict:
                       "weights": export_dir / "open_clip_model.safetensors",
                       "top1": summary["eval"]["after"]["top1"]}
     return _cache["base"]
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -22,13 +22,7 @@ N_TRAIN, N_VAL = 32, 16
 DATA = f"shapes:n={N_TRAIN},val_n={N_VAL}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster and immune to a busy second core
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @attrs.frozen
@@ -86,10 +80,8 @@ class PickPlugin:
                               build=InstallClassBias, default_lr=1e-2))
 
 
-@pytest.fixture(scope="module")
-def registry():
-    from clipft.api import make_registry
-    return make_registry(plugins=[PickPlugin()])
+#: in-process plugins the conftest ``registry`` fixture adds to the installed ones
+PLUGINS = [PickPlugin()]
 
 
 def pick(*prefixes):

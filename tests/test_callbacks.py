@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 import clipft
-from clipft.api import RunConfig, make_registry, run
+from clipft.api import RunConfig, run
 from clipft.errors import ClipftError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,9 +69,8 @@ class Plugin:
                                      build=lambda o: Recorder(RecorderOptions(tag="default"))))
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return make_registry(plugins=[Plugin()])
+#: in-process plugins the conftest ``registry`` fixture adds to the installed ones
+PLUGINS = [Plugin()]
 
 
 def go(registry, out, **kw):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
-from peft_base import NOVEL_DATA, SMALL_NOVEL, base_checkpoint, read_summary
+from conftest import read_summary
+from peft_base import NOVEL_DATA, SMALL_NOVEL, base_checkpoint
 
 ALL = ("q", "k", "v", "out", "mlp")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import clipft
-from clipft.api import RunConfig, make_registry, run
+from clipft.api import RunConfig, run
 from clipft.errors import ClipftError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,9 +37,8 @@ class NanPlugin:
         register(clipft.LossSpec(name="nan-at", summary="test", options=NanAtOptions, build=NanAt))
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return make_registry(plugins=[NanPlugin()])
+#: in-process plugins the conftest ``registry`` fixture adds to the installed ones
+PLUGINS = [NanPlugin()]
 
 
 def conf(**kw):

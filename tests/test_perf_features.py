@@ -13,18 +13,9 @@ from numerics import TINY_DEPTH, TINY_REDUCTION, assert_close_rel
 DATA = "shapes:n=32,val_n=16"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def registry():
-    from clipft.api import make_registry
-    return make_registry()
 
 
 def _run(registry, tmp_path, name, **kw):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import clipft
-from clipft.api import RunConfig, make_registry, run
+from clipft.api import RunConfig, run
 from clipft.errors import ClipftError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +122,8 @@ class AdapterPlugin:
                                      build=BadSelection))
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return make_registry(plugins=[AdapterPlugin()])
+#: in-process plugins the conftest ``registry`` fixture adds to the installed ones
+PLUGINS = [AdapterPlugin()]
 
 
 def _trained(out: Path) -> dict:

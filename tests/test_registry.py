@@ -28,16 +28,12 @@ def test_kind_names_and_aliases_are_unambiguous():
     assert len(spellings) == len(set(spellings))
     for k in kinds.KINDS:
         assert k.flag == f"--{k.name}"
-        assert k.spec.kind == k.name
         assert {"name", "summary", "build", "options"} <= {f.name for f in attrs.fields(k.spec)}
     assert [k.name for k in kinds.KINDS if k.repeatable] == ["strategy", "callback"]
 
 
-def test_old_names_derive_from_the_table():
-    from clipft import cli, plugins, specs
-    assert specs.KINDS == kinds.kind_names()
-    assert specs.SPEC_BY_KIND == {k.name: k.spec for k in kinds.KINDS}
-    assert plugins.HOOK_BY_KIND == {k.name: k.hook for k in kinds.KINDS}
+def test_names_derive_from_the_table():
+    from clipft import cli
     assert cli.KIND_ALIASES["data-sources"] == "data"
     assert cli.KIND_ALIASES["strategies"] == "strategy"
     assert set(cli.KIND_ALIASES.values()) == set(kinds.kind_names())

@@ -53,20 +53,9 @@ def tiny_timm_config():
         open_clip.add_model_config(CONFIG_DIR)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core
-    machine two spinning threads per op make them ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def registry():
-    from clipft.api import make_registry
-    return make_registry()
 
 
 # -- the seed-style reference ---------------------------------------------------------------

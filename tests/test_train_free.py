@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import clipft
-from clipft.api import RunConfig, make_registry, run
+from clipft.api import RunConfig, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,9 +86,8 @@ class MeanHeadPlugin:
                                  build=lambda opts, ctx: MeanHead(len(ctx.classnames), ctx.embed_dim)))
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return make_registry(plugins=[MeanHeadPlugin()])
+#: in-process plugins the conftest ``registry`` fixture adds to the installed ones
+PLUGINS = [MeanHeadPlugin()]
 
 
 @pytest.mark.parametrize("cache", [True, False])

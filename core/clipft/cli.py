@@ -154,103 +154,62 @@ def describe_cmd(ctx, kind, name, as_json):
     console.print(t)
 
 
+def _field_option(f):
+    """The click option of a RunConfig field, from the field's metadata
+    (clipft.config.option): flag, type, choices and help have one source."""
+    from clipft.config import flag_name
+    meta, flag, tp = f.metadata, flag_name(f.name), str(f.type)
+    if tp == "bool":   # --cache/--no-cache; None: not given, the config's value stands
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=meta["help"])
+    if meta["choices"]:
+        kind = click.Choice(meta["choices"])
+    elif meta["directory"]:
+        kind = click.Path(file_okay=False)
+    else:
+        kind = int if "int" in tp else float if "float" in tp else str
+    return click.option(flag, f.name, type=kind, metavar=meta["metavar"], help=meta["help"])
+
+
 def run_options(fn):
-    opts = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config; flags override it."),
-        click.option("--model", help="open_clip model name (tiny-vit, tiny-rn, ViT-B-32, RN50, ...)."),
-        click.option("--pretrained", help="Pretrained tag, local checkpoint file, 'none' or 'auto'."),
-        click.option("--data", help="Data source, e.g. imagefolder:root=PATH or shapes:n=512."),
-        click.option("--strategy", "strategies", multiple=True, help="Strategy NAME[:k=v,...]; repeat to compose."),
-        click.option("--callback", "callbacks", multiple=True,
-                     help="Callback NAME[:k=v,...] (repeatable); 'none' turns off the default ones."),
-        click.option("--loss", help="Loss NAME[:k=v,...] (contrastive, cross-entropy, ...)."),
-        click.option("--head", help="Head NAME[:k=v,...] (linear, zero-shot, ...) or 'none'."),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int),
-        click.option("--lr", type=float, help="Base learning rate (default: the strategy's recommendation)."),
-        click.option("--weight-decay", type=float),
-        click.option("--optimizer", type=click.Choice(["adamw", "sgd"])),
-        click.option("--optimizer-impl", type=click.Choice(["auto", "fused", "foreach", "for-loop"]),
-                     help="Optimizer kernels: auto (default: fused where available), fused, foreach, "
-                          "for-loop (torch's reference)."),
-        click.option("--schedule", type=click.Choice(["cosine", "constant"])),
-        click.option("--warmup-steps", type=int),
-        click.option("--grad-clip", type=float, help="Max grad norm; 0 disables."),
-        click.option("--grad-accum", type=int, help="Micro-batches per optimizer step."),
-        click.option("--seed", type=int),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"])),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     help="auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
-        click.option("--tf32/--no-tf32", default=None,
-                     help="TF32 matmuls for fp32 on Ampere+ GPUs (default on)."),
-        click.option("--num-workers", type=int, help="DataLoader worker processes."),
-        click.option("--augment/--no-augment", default=None, help="Random train augmentation."),
-        click.option("--cache/--no-cache", default=None, help="Cache embeddings of frozen towers."),
-        click.option("--cache-dir", type=click.Path(file_okay=False),
-                     help="Keep frozen-tower caches on disk here (large data; reused by later runs)."),
-        click.option("--persistent-workers/--no-persistent-workers", default=None,
-                     help="Keep DataLoader workers alive across epochs (with --num-workers > 0)."),
-        click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
-                     help="Recompute activations in backward to save memory (open_clip's own)."),
-        click.option("--compile/--no-compile", default=None,
-                     help="torch.compile the transformer blocks (opt-in; compiling takes a while)."),
-        click.option("--trim-text/--no-trim-text", default=None,
-                     help="Skip caption padding in the causal text tower (default on; same result up to "
-                          "rounding); --no-trim-text runs captions on all positions (class prompts "
-                          "are always cut)."),
-        click.option("--checkpoint-every", metavar="N|Nm|epoch",
-                     help="Step checkpoints every N optimizer steps or N minutes (default 30m), "
-                          "besides one per epoch."),
-        click.option("--keep-checkpoints", type=int, help="Checkpoints to keep (default 1)."),
-        click.option("--skip-nonfinite", type=int, metavar="N",
-                     help="Skip up to N steps whose loss is NaN/inf instead of stopping (default 0)."),
-    ]
+    """The options of ``run``, ``plan`` and ``sweep``: the config file, one flag
+    per component kind (clipft.kinds) and one per RunConfig flag field."""
+    from clipft.config import flag_fields
+    opts = [click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                         help="TOML config; flags override it.")]
+    opts += [click.option(k.flag, k.config_field, multiple=k.repeatable, help=k.help) for k in kinds.KINDS]
+    opts += [_field_option(f) for f in flag_fields()]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-FLAG_TO_FIELD = {
-    "model": "model", "pretrained": "pretrained", "epochs": "epochs", "batch_size": "batch_size",
-    "lr": "lr", "weight_decay": "weight_decay", "optimizer": "optimizer", "optimizer_impl": "optimizer_impl",
-    "schedule": "schedule",
-    "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "grad_accum": "grad_accum",
-    "seed": "seed", "device": "device", "precision": "precision", "num_workers": "num_workers",
-    "augment": "augment", "cache": "cache", "cache_dir": "cache_dir",
-    "persistent_workers": "persistent_workers", "grad_checkpointing": "grad_checkpointing",
-    "compile": "compile", "trim_text": "trim_text", "tf32": "tf32", "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints", "skip_nonfinite": "skip_nonfinite",
-}
-
-
 def build_config(config_file, kw, base: dict | None = None):
-    from clipft.config import RunConfig, load_toml
+    """The RunConfig of a ``config_file`` (or ``base``) with the given flags on top;
+    ``kw`` maps RunConfig field names to flag values (None/(): not given)."""
+    from clipft.config import RunConfig, flag_fields, flag_name, load_toml
     from clipft.options import parse_ref
     d = dict(base or {})
     if config_file:
         d.update(load_toml(config_file))
     cfg = RunConfig.from_toml_dict(d, where=str(config_file or "config"))
-    for flag, field in FLAG_TO_FIELD.items():
-        if kw.get(flag) is not None:
+    for f in flag_fields():
+        if kw.get(f.name) is not None:
             try:
-                setattr(cfg, field, kw[flag])   # runs the field's validator
+                setattr(cfg, f.name, kw[f.name])   # runs the field's validator
             except ClipftUsageError as exc:
-                raise ClipftUsageError(f"--{flag.replace('_', '-')} {kw[flag]}: {exc}") from None
-    if kw.get("data"):
-        cfg.data = parse_ref(kw["data"])
-    if kw.get("loss"):
-        cfg.loss = parse_ref(kw["loss"])
-    if kw.get("head"):
-        cfg.head = None if kw["head"] == "none" else parse_ref(kw["head"])
-    if kw.get("strategies"):
-        cfg.strategies = [parse_ref(s) for s in kw["strategies"]]
-    if kw.get("callbacks"):
-        cfg.callbacks = [parse_ref(s) for s in kw["callbacks"]]
+                raise ClipftUsageError(f"{flag_name(f.name)} {kw[f.name]}: {exc}") from None
+    for k in kinds.KINDS:
+        given = kw.get(k.config_field)
+        if not given:
+            continue
+        if k.repeatable:
+            setattr(cfg, k.config_field, [parse_ref(s) for s in given])
+        elif k.can_be_none and given == "none":
+            setattr(cfg, k.config_field, None)
+        else:
+            setattr(cfg, k.config_field, parse_ref(given))
     import attrs
-    try:
-        attrs.validate(cfg)
-    except ClipftUsageError:
-        raise
+    attrs.validate(cfg)
     return cfg
 
 

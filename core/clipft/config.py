@@ -149,14 +149,39 @@ def _stages(values):
     return out
 
 
+def option(help: str, default=attrs.NOTHING, *, choices: tuple = (), metavar: Optional[str] = None,
+           directory: bool = False, resumable: bool = False, **field_kw):
+    """A :class:`RunConfig` field that is also a ``clipft run``/``plan``/``sweep``
+    flag: the field is the one source of its name, type, default, help and
+    choices; ``clipft.cli`` generates the click option from this metadata.
+    ``resumable``: the flag may change when a run is resumed."""
+    if choices:
+        field_kw["validator"] = _one_of(*choices)
+    meta = {"help": help, "choices": tuple(choices), "metavar": metavar, "directory": directory,
+            "resumable": resumable}
+    return attrs.field(default=default, metadata=meta, **field_kw)
+
+
+def flag_fields() -> tuple:
+    """The RunConfig fields that are command-line flags, in declaration order."""
+    return tuple(f for f in attrs.fields(RunConfig) if "help" in f.metadata)
+
+
+def flag_name(field_name: str) -> str:
+    """``batch_size`` -> ``--batch-size``: how a field is spelt on the command line."""
+    return "--" + field_name.replace("_", "-")
+
+
 @attrs.define
 class RunConfig:
-    """Everything that defines a run. Fields map 1:1 to TOML keys and CLI flags."""
+    """Everything that defines a run. Fields map 1:1 to TOML keys; those made
+    with :func:`option` are also command-line flags (the component fields take
+    their flags from :mod:`clipft.kinds`)."""
 
-    model: str = "tiny-vit"
-    #: a pretrained tag, a local checkpoint file, "none" (random init) or "auto"
-    #: (none for the embedded tiny configs, open_clip's first tag otherwise).
-    pretrained: str = "auto"
+    model: str = option("open_clip model name (tiny-vit, tiny-rn, ViT-B-32, RN50, ...).", "tiny-vit")
+    pretrained: str = option(
+        "Pretrained tag, local checkpoint file, 'none' (random init) or 'auto' (none for the "
+        "embedded tiny configs, open_clip's first tag otherwise).", "auto")
     data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_ref)
     strategies: list = attrs.field(factory=list, converter=_refs)
     #: callbacks selected on top of the default ones ("none" turns the defaults off)
@@ -168,57 +193,55 @@ class RunConfig:
     #: (with ``strategies`` left empty; a staged strategy such as lp-ft fills them instead)
     stages: list = attrs.field(factory=list, converter=_stages)
 
-    #: 0: evaluate the model as built (training-free methods such as Tip-Adapter), train nothing
-    epochs: int = attrs.field(default=1, validator=_zero_or_more)
-    batch_size: int = attrs.field(default=32, validator=_positive)
-    #: None: the first strategy's recommended lr (1e-3 for a head-only probe)
-    lr: Optional[float] = attrs.field(default=None, validator=_non_negative)
-    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
-    optimizer: str = attrs.field(default="adamw", validator=_one_of("adamw", "sgd"))
-    #: the optimizer's kernels: auto (fused where torch has them for the device,
-    #: else foreach), fused, foreach, or for-loop (torch's reference implementation)
-    optimizer_impl: str = attrs.field(default="auto", validator=_one_of("auto", "fused", "foreach", "for-loop"))
-    #: SGD momentum, in [0, 1)
-    momentum: float = attrs.field(default=0.9, validator=_momentum)
-    schedule: str = attrs.field(default="cosine", validator=_one_of("cosine", "constant"))
-    #: None: 5% of the optimizer steps
-    warmup_steps: Optional[int] = attrs.field(default=None, validator=_non_negative)
-    grad_clip: float = attrs.field(default=1.0, validator=_non_negative)
-    grad_accum: int = attrs.field(default=1, validator=_positive)
-    #: auto: bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 on the CPU
-    precision: str = attrs.field(default="auto", validator=_one_of("auto", "fp32", "bf16", "fp16"))
-    #: TF32 matmuls for fp32 on Ampere or newer GPUs (no effect elsewhere)
-    tf32: bool = True
-    device: str = attrs.field(default="auto", validator=_one_of("auto", "cpu", "cuda"))
-    #: 0 <= seed <= MAX_SEED
-    seed: int = attrs.field(default=0, validator=_between(0, MAX_SEED, "2**47 - 1"))
-    #: DataLoader worker processes (0: on 2 CPU cores workers compete with the compute
-    #: threads; measured within ~10% either way, docs/performance.md)
-    num_workers: int = attrs.field(default=0, validator=_between(0, MAX_WORKERS))
-    #: keep DataLoader workers alive across epochs (only with num_workers > 0)
-    persistent_workers: bool = True
-    log_every: int = attrs.field(default=10, validator=_positive)
-    #: use open_clip's random train augmentation (disables frozen-tower caching)
-    augment: bool = False
-    #: reuse embeddings of frozen towers across epochs and evaluation
-    cache: bool = True
-    #: keep frozen-tower caches in this folder (memory-mapped, reused by later runs)
-    cache_dir: Optional[str] = None
-    #: recompute block activations in backward (open_clip's set_grad_checkpointing)
-    grad_checkpointing: bool = False
-    #: torch.compile the transformer blocks (opt-in: compiling takes a while)
-    compile: bool = False
-    #: do not run caption padding through the (causal) text tower: the same
-    #: result up to float rounding (tests/test_trim.py bounds it, gradients too),
-    #: several times cheaper on short captions; --no-trim-text runs all positions
-    trim_text: bool = True
-    #: a step checkpoint every N optimizer steps ("500") or N minutes of training
-    #: ("30m"), besides the one at the end of every epoch; "epoch": epochs only
-    checkpoint_every: str = attrs.field(default="30m", converter=str, validator=lambda i, a, v: parse_every(v))
-    #: checkpoints kept: the newest in checkpoint/, older ones beside it
-    keep_checkpoints: int = attrs.field(default=1, validator=_positive)
-    #: skip up to N optimizer steps whose loss is NaN/inf instead of stopping (0: stop at the first)
-    skip_nonfinite: int = attrs.field(default=0, validator=_non_negative)
+    epochs: int = option("Epochs; 0 evaluates the model as built and trains nothing (training-free "
+                         "methods such as Tip-Adapter).", 1, validator=_zero_or_more, resumable=True)
+    batch_size: int = option("Samples per micro-batch (per process with --nproc).", 32, validator=_positive)
+    lr: Optional[float] = option("Base learning rate (default: the first strategy's recommendation, "
+                                 "1e-3 for a head-only probe).", None, validator=_non_negative)
+    weight_decay: float = option("AdamW/SGD weight decay (not on biases, norms and logit_scale).", 0.01,
+                                 validator=_non_negative)
+    optimizer: str = option("Optimizer.", "adamw", choices=("adamw", "sgd"))
+    optimizer_impl: str = option(
+        "Optimizer kernels: auto (default: fused where torch has them for the device, else foreach), "
+        "fused, foreach, for-loop (torch's reference).", "auto", choices=("auto", "fused", "foreach", "for-loop"))
+    momentum: float = option("SGD momentum, in [0, 1).", 0.9, validator=_momentum)
+    schedule: str = option("Learning-rate schedule after the warmup.", "cosine", choices=("cosine", "constant"))
+    warmup_steps: Optional[int] = option("Linear warmup steps (default: 5% of the optimizer steps).", None,
+                                         validator=_non_negative)
+    grad_clip: float = option("Max grad norm; 0 disables.", 1.0, validator=_non_negative)
+    grad_accum: int = option("Micro-batches per optimizer step.", 1, validator=_positive)
+    precision: str = option("auto (default): bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.",
+                            "auto", choices=("auto", "fp32", "bf16", "fp16"))
+    tf32: bool = option("TF32 matmuls for fp32 on Ampere+ GPUs (default on; no effect elsewhere).", True)
+    device: str = option("Where to train.", "auto", choices=("auto", "cpu", "cuda"), resumable=True)
+    seed: int = option("Seed of every random draw, 0 to 2**47 - 1.", 0, validator=_between(0, MAX_SEED, "2**47 - 1"))
+    # 0 by default: on 2 CPU cores workers compete with the compute threads
+    # (measured within ~10% either way, docs/performance.md)
+    num_workers: int = option("DataLoader worker processes.", 0, validator=_between(0, MAX_WORKERS),
+                              resumable=True)
+    persistent_workers: bool = option("Keep DataLoader workers alive across epochs (with --num-workers > 0).",
+                                      True)
+    log_every: int = option("Log the training loss every N optimizer steps.", 10, validator=_positive)
+    augment: bool = option("open_clip's random train augmentation (turns frozen-tower caching off).", False)
+    cache: bool = option("Cache embeddings of frozen towers across epochs and evaluation.", True)
+    cache_dir: Optional[str] = option("Keep frozen-tower caches on disk here (large data; reused by later "
+                                      "runs).", None, directory=True)
+    grad_checkpointing: bool = option("Recompute activations in backward to save memory (open_clip's own).",
+                                      False)
+    compile: bool = option("torch.compile the transformer blocks (opt-in; compiling takes a while).", False)
+    # the same result up to float rounding (tests/test_trim.py bounds it,
+    # gradients too), several times cheaper on short captions
+    trim_text: bool = option("Skip caption padding in the causal text tower (default on; same result up to "
+                             "rounding); --no-trim-text runs captions on all positions (class prompts "
+                             "are always cut).", True)
+    checkpoint_every: str = option(
+        "Step checkpoints every N optimizer steps or N minutes (default 30m), besides one per epoch; "
+        "'epoch': epochs only.", "30m", metavar="N|Nm|epoch", converter=str,
+        validator=lambda i, a, v: parse_every(v), resumable=True)
+    keep_checkpoints: int = option("Checkpoints to keep: the newest in checkpoint/, older ones beside it "
+                                   "(default 1).", 1, validator=_positive, resumable=True)
+    skip_nonfinite: int = option("Skip up to N steps whose loss is NaN/inf instead of stopping (default 0).",
+                                 0, metavar="N", validator=_non_negative)
     out: Optional[str] = None
 
     def resolved_lr(self, default: float) -> float:

@@ -30,7 +30,7 @@ class Kind:
     hook: str
     #: the frozen spec class ``register(...)`` accepts for this hook
     spec: type
-    #: the ``clipft run`` / ``plan`` command-line flag
+    #: the ``clipft run`` / ``plan`` / ``sweep`` command-line flag (clipft.cli generates it)
     flag: str
     #: the TOML key: a table ``[key]``, or an array of tables ``[[key]]`` if repeatable
     toml_key: str
@@ -42,6 +42,8 @@ class Kind:
     can_be_none: bool = False
     #: further names ``clipft describe`` accepts
     aliases: tuple = ()
+    #: the flag's help text
+    help: str = ""
 
     @property
     def names(self) -> tuple:
@@ -52,27 +54,25 @@ class Kind:
 KINDS: tuple = (
     Kind(name="strategy", plural="strategies", hook="clipft_register_strategies",
          spec=StrategySpec, flag="--strategy", toml_key="strategy",
+         help="Strategy NAME[:k=v,...]; repeat to compose.",
          config_field="strategies", repeatable=True),
     Kind(name="loss", plural="losses", hook="clipft_register_losses",
-         spec=LossSpec, flag="--loss", toml_key="loss", config_field="loss"),
+         spec=LossSpec, flag="--loss", toml_key="loss", config_field="loss",
+         help="Loss NAME[:k=v,...] (contrastive, cross-entropy, ...)."),
     Kind(name="head", plural="heads", hook="clipft_register_heads",
          spec=HeadSpec, flag="--head", toml_key="head", config_field="head",
+         help="Head NAME[:k=v,...] (linear, zero-shot, ...) or 'none'.",
          can_be_none=True),
     Kind(name="data", plural="data-sources", hook="clipft_register_data_sources",
          spec=DataSourceSpec, flag="--data", toml_key="data", config_field="data",
+         help="Data source, e.g. imagefolder:root=PATH or shapes:n=512.",
          aliases=("data-source", "datasource", "datasources")),
     # `--callback none` turns off the callbacks that are on by default
     Kind(name="callback", plural="callbacks", hook="clipft_register_callbacks",
          spec=CallbackSpec, flag="--callback", toml_key="callback", config_field="callbacks",
+         help="Callback NAME[:k=v,...] (repeatable); 'none' turns off the default ones.",
          repeatable=True),
 )
-
-# Each spec class knows its kind (``StrategySpec.kind == "strategy"``), taken from
-# the table so the name is written once.
-for _k in KINDS:
-    _k.spec.kind = _k.name
-del _k
-
 
 def kind_names() -> tuple:
     """The kinds' own names, in table order: ``("strategy", "loss", ...)``."""

@@ -17,11 +17,13 @@ lookup of that name, so ``clipft plugins`` still shows what is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata as md
 import os
 import re
 import signal
+import sys
 import threading
 import traceback
 from typing import Iterable, Optional
@@ -34,13 +36,6 @@ from clipft.errors import ClipftUsageError, PluginConflictError
 
 ENTRY_POINT_GROUP = "clipft"
 DISABLE_ENV = "CLIPFT_DISABLE_PLUGINS"
-
-
-def __getattr__(name):
-    # The older kind -> hook mapping, derived from the table in clipft.kinds.
-    if name == "HOOK_BY_KIND":
-        return {k.name: k.hook for k in kinds.KINDS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @attrs.define
@@ -262,7 +257,9 @@ class Registry:
         if self._loaded:
             return self
         self._loaded = True
-        with _InterruptWatch() as watch:
+        # stdout is the command's result (--json: one document): whatever a
+        # plugin prints while it loads goes to stderr
+        with _InterruptWatch() as watch, contextlib.redirect_stdout(sys.stderr):
             self._load(watch)
         return self
 

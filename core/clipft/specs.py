@@ -6,7 +6,7 @@ and a ``build`` factory. The core validates user options against ``options``
 before it calls ``build``.
 
 Which spec class goes with which kind (and hook) is in the table in
-:mod:`clipft.kinds`, which also sets each class's ``kind`` attribute.
+:mod:`clipft.kinds`, which imports this module (never the other way round).
 """
 from __future__ import annotations
 
@@ -150,18 +150,3 @@ class Stage:
         if self.lr is not None:
             d["lr"] = float(self.lr)
         return d
-
-
-def __getattr__(name):
-    # Older names, now derived from the table in clipft.kinds (looked up lazily:
-    # clipft.kinds imports this module).
-    from clipft import kinds
-    if name == "KINDS":
-        return kinds.kind_names()
-    if name == "SPEC_BY_KIND":
-        return {k.name: k.spec for k in kinds.KINDS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# Load the table with the spec classes so that ``StrategySpec.kind`` is always set.
-import clipft.kinds  # noqa: E402,F401  (after the classes: clipft.kinds imports them)
