@@ -24,7 +24,7 @@ from clipft.protocols import (
     installed,
 )
 from clipft.record import ForwardRecord
-from clipft.callbacks import Callback
+from clipft.callbacks import Callback, run_file_option
 from clipft.specs import (
     CallbackSpec,
     DataSourceSpec,
@@ -45,6 +45,7 @@ __all__ = [
     "Selection",
     "CallbackSpec",
     "Callback",
+    "run_file_option",
     "Strategy",
     "StrategyModifier",
     "InsertedModule",

@@ -24,11 +24,48 @@ stop the run (exit 1).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Mapping, Optional
 
 import attrs
+
+from clipft.errors import ClipftUsageError
+
+#: files the engine itself writes in a run directory (checkpoint folders,
+#: ``checkpoint*``, and hidden names such as the marker, the lock and
+#: temporaries are the engine's too): a callback may not write over them
+RUN_OWN_FILES = frozenset({"config.toml", "summary.json", "metrics.jsonl", "data_split.json"})
+
+
+def run_relative(name) -> PurePath:
+    """``name`` as a path inside a run directory, or a usage error saying why
+    it is not one: empty, absolute, leaving it through ``..``, or one of the
+    run's own files. (Symlinks are checked by :meth:`RunView.path`, where the
+    directory exists.)"""
+    text = str(name)
+    p = PurePath(text)
+    if not text.strip() or not p.parts:
+        raise ClipftUsageError("is empty; give a file name inside the run directory")
+    if p.is_absolute() or p.drive or text.startswith("~"):
+        raise ClipftUsageError(f"'{text}' is an absolute path; give a file name inside the run directory")
+    if ".." in p.parts:
+        raise ClipftUsageError(f"'{text}' leaves the run directory ('..'); give a name inside it")
+    first = p.parts[0]
+    if first in RUN_OWN_FILES or first.startswith(("checkpoint", ".")):
+        raise ClipftUsageError(f"'{text}' is one of the run's own files; choose another name")
+    return p
+
+
+def run_file_option(inst, attribute, value) -> None:
+    """An attrs validator for a plugin option naming a file or folder the plugin
+    writes in the run directory: ``attrs.field(default="steps.csv",
+    validator=clipft.run_file_option)``. A name outside the run is refused when
+    the options are read, before the run writes anything (exit 2)."""
+    try:
+        run_relative(value)
+    except ClipftUsageError as exc:
+        raise ValueError(f"'{attribute.name}' {exc}") from None
 
 
 def _frozen_map(value) -> Mapping:
@@ -60,6 +97,20 @@ class RunView:
     resumed_from_epoch: int = 0
     warnings: tuple = ()
     skipped: tuple = ()
+
+    def path(self, name) -> Path:
+        """Where a callback or plugin writes ``name`` (a file or folder name,
+        maybe with sub-folders) in the run directory: the one way to get a
+        writable path in the run. Refuses, with a usage error, a name that is
+        absolute, climbs out with ``..``, is one of the run's own files, or
+        reaches outside the run through a symlink; creates the parent folders."""
+        full = self.out_dir / run_relative(name)
+        root = Path(self.out_dir).resolve()
+        if not full.resolve().is_relative_to(root):
+            raise ClipftUsageError(f"'{name}' leads outside the run directory {self.out_dir} (a symlink); "
+                                   "give a name inside it")
+        full.parent.mkdir(parents=True, exist_ok=True)
+        return full
 
 
 @attrs.frozen

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import attrs
 
-from clipft import Callback, CallbackSpec, hookimpl
+from clipft import Callback, CallbackSpec, hookimpl, run_file_option
 
 STEP_COLUMNS = ("epoch", "step", "loss", "lr", "samples_per_s", "grad_norm")
 
 
 @attrs.frozen
 class CsvOptions:
-    steps: str = attrs.field(default="steps.csv", metadata={"help": "file name of the step rows"})
-    evals: str = attrs.field(default="evals.csv", metadata={"help": "file name of the evaluation rows"})
+    steps: str = attrs.field(default="steps.csv", validator=run_file_option,
+                             metadata={"help": "file name of the step rows, in the run directory"})
+    evals: str = attrs.field(default="evals.csv", validator=run_file_option,
+                             metadata={"help": "file name of the evaluation rows, in the run directory"})
 
 
 class _Table:
@@ -64,9 +66,9 @@ class CsvLog(Callback):
         self.steps = self.evals = None
 
     def on_run_start(self, run):
-        self.steps = _Table(run.out_dir / self.opts.steps, "step")
-        self.evals = _Table(run.out_dir / self.opts.evals, "epoch")
-        resumed = run.resumed_from_epoch > 0 or (run.out_dir / self.opts.steps).is_file()
+        self.steps = _Table(run.path(self.opts.steps), "step")
+        self.evals = _Table(run.path(self.opts.evals), "epoch")
+        resumed = run.resumed_from_epoch > 0 or self.steps.path.is_file()
         # a resume continues from its checkpoint; the rows past it come again
         self.steps.open(self._resumed_step(run) if resumed else None)
         self.evals.open(run.resumed_from_epoch if resumed else None)

@@ -11,7 +11,7 @@ import math
 
 import attrs
 
-from clipft import Callback, CallbackSpec, hookimpl
+from clipft import Callback, CallbackSpec, hookimpl, run_file_option
 
 COLUMNS = 3
 PANEL_INCHES = (4.0, 3.0)
@@ -20,7 +20,8 @@ DPI = 100
 
 @attrs.frozen
 class PlotsOptions:
-    file: str = attrs.field(default="curves.png", metadata={"help": "file name in the run directory"})
+    file: str = attrs.field(default="curves.png", validator=run_file_option,
+                            metadata={"help": "file name in the run directory"})
 
 
 def panel_groups(metrics: list) -> list:
@@ -44,11 +45,11 @@ class Plots(Callback):
         self.opts = opts
         self.steps, self.loss, self.lr = [], [], []
         self.evals: dict = {}
-        self.out_dir = None
+        self.file = None
 
     def on_run_start(self, run):
         import json
-        self.out_dir = run.out_dir
+        self.file = run.path(self.opts.file)
         # a resumed run plots the whole run: earlier rows come from metrics.jsonl
         path = run.out_dir / "metrics.jsonl"
         if path.is_file():
@@ -102,7 +103,7 @@ class Plots(Callback):
         for ax in flat[n:]:
             ax.axis("off")
         fig.tight_layout()
-        fig.savefig(self.out_dir / self.opts.file, dpi=DPI)
+        fig.savefig(self.file, dpi=DPI)
         plt.close(fig)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-from clipft import Callback, CallbackSpec, hookimpl
+from clipft import Callback, CallbackSpec, hookimpl, run_file_option
 
 
 def _positive(inst, attribute, value):
@@ -24,7 +24,8 @@ def _positive(inst, attribute, value):
 class TensorBoardOptions:
     every: int = attrs.field(default=1, validator=_positive, metadata={
         "help": "log the train scalars every N optimizer steps"})
-    dir: str = attrs.field(default="tensorboard", metadata={"help": "folder in the run directory"})
+    dir: str = attrs.field(default="tensorboard", validator=run_file_option,
+                           metadata={"help": "folder in the run directory"})
 
 
 class TensorBoard(Callback):
@@ -37,7 +38,7 @@ class TensorBoard(Callback):
 
     def on_run_start(self, run):
         import json
-        self.writer = self._writer_class(log_dir=str(run.out_dir / self.opts.dir))
+        self.writer = self._writer_class(log_dir=str(run.path(self.opts.dir)))
         config = json.dumps(dict(run.config), indent=2, default=str)
         self.writer.add_text("config", "```\n" + config + "\n```", global_step=0)
 
