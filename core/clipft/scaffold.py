@@ -42,7 +42,8 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 PLACEHOLDER = "example-name"
 #: the templates' file types; pyproject.toml's package-data globs must match them
 SUFFIXES = (".py", ".toml", ".md")
-FIELD_RE = re.compile(r"@(\w+)@")
+#: the common files' per-kind fields, from templates/kinds.json
+FIELD_RE = re.compile(r"@(kind|summary|usage)@")
 
 
 def templates():
