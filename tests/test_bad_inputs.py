@@ -67,6 +67,21 @@ def non_utf8_class(ctx) -> Path:
     return root
 
 
+def one_class_folder(ctx) -> Path:
+    root = ctx.tmp / "one"
+    for i in range(3):
+        write_image(root / "cat" / f"{i}.png", i)
+    return root
+
+
+def unterminated_quote_csv(ctx) -> Path:
+    names = [f"imgs/{i % 4}.png" for i in range(24)]
+    images(ctx)
+    rows = [f"{n},caption {i}" for i, n in enumerate(names)]
+    rows[2] = f'{names[2]},"caption with an open quote'
+    return csv_file(ctx, "image,caption\n" + "\n".join(rows) + "\n")
+
+
 def csv_file(ctx, text: str, name: str = "pairs.csv") -> Path:
     images(ctx)
     f = ctx.tmp / name
@@ -327,6 +342,15 @@ CASES = [
     ("export-overwrite-non-export-dir",
      lambda c: export_into(c, lambda o: (o.mkdir(), (o / "f.txt").write_text("x"))) + ["--overwrite"], 2,
      r"export is not a clipft export \(no clipft_export\.json\)", "unchanged"),
+    # data that would train on nothing useful
+    ("imagefolder-one-class", lambda c: BASE + ["--data", f"imagefolder:root={one_class_folder(c)}", *out(c)], 2,
+     r"has one class folder \(cat\); a classifier needs two or more", "absent"),
+    ("captions-unterminated-quote",
+     lambda c: BASE + ["--data", f"captions:file={unterminated_quote_csv(c)}", *out(c)], 2,
+     r"pairs\.csv:4: not valid CSV .*the row starting on line 4 could not be read, nor the 21 line", "absent"),
+    # files a callback writes stay in the run (tests/test_run_paths.py has more)
+    ("callback-file-outside", lambda c: RUN + ["--callback", f"csv:evals={c.tmp / 'victim.txt'}", *out(c)], 2,
+     r"'evals' .* is an absolute path; give a file name inside the run directory", "absent"),
     ("describe-unknown-kind", lambda c: ["describe", "widget", "x"], 2, r"unknown kind 'widget'", "absent"),
     ("describe-unknown-name", lambda c: ["describe", "strategy", "nope"], 2, r"unknown strategy 'nope'", "absent"),
     ("plan-bad-option", lambda c: ["plan", "--model", "tiny-vit", "--data", "shapes:n=0"], 2,

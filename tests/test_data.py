@@ -196,3 +196,23 @@ def test_samples_failing_at_load_time_are_dropped_and_counted_once(workers):
         seen = [int(i) for b in Batches(loader, failures, "train") for i in b["index"]]
     assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]
     assert failures.count == 2
+
+
+def test_a_train_folder_without_val_is_read_as_a_split_not_as_a_class(tmp_path):
+    """root/train/<class>/ alone: the classes are train/'s, part held out for
+    validation and a note says so; never one class named "train"."""
+    import numpy as np
+    from PIL import Image
+
+    from clipft.data import DataContext
+    from clipft_data.imagefolder import ImageFolderOptions, build_imagefolder
+    for c, v in (("red", 200), ("blue", 10)):
+        for i in range(5):
+            d = tmp_path / "train" / c
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), v + i, np.uint8)).save(d / f"{i}.png")
+    ctx = DataContext(transform_train=None, transform_val=None, seed=0)
+    bundle = build_imagefolder(ImageFolderOptions(root=str(tmp_path)), ctx)
+    assert bundle.classnames == ["blue", "red"]
+    assert len(bundle.train) + len(bundle.val) == 10 and len(bundle.val) > 0
+    assert any("has train/ but no val" in w for w in bundle.warnings)

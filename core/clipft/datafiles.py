@@ -37,6 +37,10 @@ def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dic
     if not classes:
         raise ClipftUsageError(
             f"{what}: {root} has no class folders; expected {root}/<class_name>/<image files>")
+    if len(classes) == 1:   # one class: every label the same, loss 0 and top-1 1.0 say nothing
+        raise ClipftUsageError(
+            f"{what}: {root} has one class folder ({classes[0]}); a classifier needs two or more: "
+            f"point it at the folder that holds one sub-folder per class")
     files = {}
     for c in classes:
         try:
@@ -73,8 +77,11 @@ def _read_jsonl(path: Path, text: str, what: str) -> tuple[list, list[str]]:
 
 
 def _read_csv(path: Path, text: str, delimiter: str, what: str) -> tuple[list, list[str]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: an unterminated quote is an error, not a caption that swallows the
+    # rest of the file (an open quote otherwise reads on to the end, silently)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows = []
+    start = 1   # the line the row being read starts on
     try:
         for r in reader:
             extra = r.pop(None, None)
@@ -84,8 +91,12 @@ def _read_csv(path: Path, text: str, delimiter: str, what: str) -> tuple[list, l
                     f"{what}: {path}:{reader.line_num}: the row has {len(reader.fieldnames) + len(extra)} "
                     f"fields, the header {len(reader.fieldnames)}; quote a field that holds a {sep}")
             rows.append((reader.line_num, r))
+            start = reader.line_num + 1
     except csv.Error as exc:
-        raise ClipftUsageError(f"{what}: {path}:{reader.line_num}: not valid CSV: {exc}") from None
+        raise ClipftUsageError(
+            f"{what}: {path}:{start}: not valid CSV ({exc}); the row starting on line {start} "
+            f"could not be read, nor the {max(len(text.splitlines()) - start, 0)} line(s) after it: "
+            "check its quotes") from None
     return rows, list(reader.fieldnames or [])
 
 

@@ -54,29 +54,52 @@ def _items(classes, files, skipped, label_of):
     return items
 
 
+#: folder names a split layout uses for its validation images, in order of preference
+VAL_FOLDERS = ("val", "valid", "validation")
+
+
+def _split_folders(root: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """``(train, val)`` folders of a split layout (``root/train`` beside
+    ``root/val``, ``valid`` or ``validation``), ``(train, None)`` for a train/
+    alone, ``(None, None)`` for plain class folders. A class may not be called
+    "train": a lone train/ among class folders is read as the split it names."""
+    train = root / "train"
+    if not train.is_dir():
+        return None, None
+    val = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
+    return train, val
+
+
 def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
     root = Path(opts.root).expanduser()
     skipped: list = []
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_files = _scan(root / "train")
-        val_classes, val_files = _scan(root / "val")
+    warnings: list = []
+    train_dir, val_dir = _split_folders(root) if root.is_dir() else (None, None)
+    if val_dir is not None:
+        classes, train_files = _scan(train_dir)
+        val_classes, val_files = _scan(val_dir)
         if val_classes != classes:
             missing = sorted(set(classes) ^ set(val_classes))
-            raise ClipftUsageError(f"imagefolder: train/ and val/ have different classes: {missing}")
+            raise ClipftUsageError(
+                f"imagefolder: train/ and {val_dir.name}/ have different classes: {missing}")
         label_of = {c: i for i, c in enumerate(classes)}
         train = _items(classes, train_files, skipped, label_of)
         val = _items(classes, val_files, skipped, label_of)
     else:
+        if train_dir is not None:
+            warnings.append(f"imagefolder: {root} has train/ but no {'/, '.join(VAL_FOLDERS)}/: the classes are "
+                            f"the folders in train/, {opts.val_fraction:g} of each held out for validation")
+            root = train_dir
         classes, files = _scan(root)
         label_of = {c: i for i, c in enumerate(classes)}
         train, val = split_items(_items(classes, files, skipped, label_of),
                                  opts.val_fraction, ctx.seed, by_label=True)
     if not train:
         raise ClipftUsageError(f"imagefolder: no readable images under {root} ({len(skipped)} unreadable)")
-    warnings: list = []
     if opts.shots is not None:   # after the val split, so val is the same with and without shots
-        train, warnings = sample_shots(train, classes, opts.shots, opts.shots_seed, opts.shots_min,
+        train, shot_warnings = sample_shots(train, classes, opts.shots, opts.shots_seed, opts.shots_min,
                                        relative_key(root), "imagefolder")
+        warnings += shot_warnings
     names = [c.replace("_", " ") if opts.underscores_to_spaces else c for c in classes]
     templates = resolve_templates(opts.templates)
     # the training caption of an image is a class prompt; templates rotate by
