@@ -351,6 +351,10 @@ CASES = [
     # files a callback writes stay in the run (tests/test_run_paths.py has more)
     ("callback-file-outside", lambda c: RUN + ["--callback", f"csv:evals={c.tmp / 'victim.txt'}", *out(c)], 2,
      r"'evals' .* is an absolute path; give a file name inside the run directory", "absent"),
+    ("option-key-twice", lambda c: RUN + ["--strategy", "last-n:n=1,n=2", *out(c)], 2,
+     r"option 'n' is given twice in 'last-n:n=1,n=2'", "absent"),
+    ("data-option-key-twice", lambda c: BASE + ["--data", "shapes:n=64,n=128", *out(c)], 2,
+     r"option 'n' is given twice", "absent"),
     ("describe-unknown-kind", lambda c: ["describe", "widget", "x"], 2, r"unknown kind 'widget'", "absent"),
     ("describe-unknown-name", lambda c: ["describe", "strategy", "nope"], 2, r"unknown strategy 'nope'", "absent"),
     ("plan-bad-option", lambda c: ["plan", "--model", "tiny-vit", "--data", "shapes:n=0"], 2,

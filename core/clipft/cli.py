@@ -41,6 +41,12 @@ def guarded(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader of stdout left (`clipft predict ... --json | head -1`):
+            # stop quietly, as other Unix tools do; stdout goes to devnull so
+            # that the interpreter's final flush does not complain
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except Exception as exc:  # noqa: BLE001 - last-resort guard for users
             if os.environ.get("CLIPFT_DEBUG"):
                 raise

@@ -44,6 +44,8 @@ def parse_ref(text: str) -> ComponentRef:
             key = key.strip()
             if not key:
                 raise ClipftUsageError(f"empty option key in '{text}'")
+            if key in options:   # which one was meant? refuse rather than keep the last
+                raise ClipftUsageError(f"option '{key}' is given twice in '{text}'")
             options[key] = value.strip()
             last = key
         elif last is not None:
