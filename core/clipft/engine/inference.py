@@ -337,8 +337,8 @@ def render_eval(doc: dict, console, notes=None) -> None:
     """The report on ``console``; its notes on ``notes`` (the CLI passes stderr),
     else on ``console`` too."""
     from rich.markup import escape
-    notes = notes or console
     from rich.table import Table
+    notes = notes or console
     for part, d in [("data", doc)] + ([("control", doc["control"])] if "control" in doc else []):
         t = Table(title=escape(f"{d['source']} on {d['data']} ({d['split']}, {d['samples']} images"
                                + (f", {d['unreadable']} unreadable" if d["unreadable"] else "") + ")"
