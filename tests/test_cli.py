@@ -33,11 +33,11 @@ def test_plugins_json_lists_builtin_distributions(invoke):
     assert by_dist["clipft-full"]["version"] == "0.1.0"
 
 
-def test_plugins_table_goes_to_stderr(invoke):
+def test_plugins_table_goes_to_stdout(invoke):
     r = invoke("plugins")
     assert r.exit_code == 0
-    assert r.stdout == ""
-    assert "clipft-full" in r.stderr and "active" in r.stderr
+    assert r.stderr == ""
+    assert "clipft-full" in r.stdout and "active" in r.stdout
 
 
 def test_describe_shows_options_type_default_help(invoke):
@@ -49,7 +49,7 @@ def test_describe_shows_options_type_default_help(invoke):
     assert opts["seed"]["help"]
     assert doc["distribution"] == "clipft-data"
     r = invoke("describe", "loss", "contrastive")
-    assert r.exit_code == 0 and "duplicates" in r.stderr
+    assert r.exit_code == 0 and "duplicates" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -114,7 +114,7 @@ def test_run_json_summary_and_run_directory(invoke, tmp_path):
     for split in ("before", "after"):
         assert {"top1", "recall@1", "recall@5"} <= set(summary["eval"][split])
     assert "head_top1" not in summary["eval"]["after"]
-    # progress and the metrics table went to stderr
+    # with --json, progress and the metrics table went to stderr
     assert "epoch 1/1" in r.stderr and "before" in r.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["type"] == "eval" and lines[0]["epoch"] == 0

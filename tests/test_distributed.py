@@ -101,6 +101,7 @@ def contrastive(tmp_path_factory):
     assert res.exit_code == 0, res.output
     r = torchrun("run", *args, "--batch-size", "8", "--out", root / "two")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("evaluation (val split)") == 1     # the result, from rank 0 alone
     return root, args
 
 

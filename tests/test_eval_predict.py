@@ -192,8 +192,8 @@ def test_predict_text_output_uses_the_head_and_ad_hoc_labels(invoke, runs, image
     assert res.exit_code == 0, res.output
     assert all(json.loads(x)["used"] == "head" for x in res.stdout.splitlines())
     res = invoke("predict", runs["head"], files[0], "--top-k", "2")
-    assert res.exit_code == 0 and res.stdout == ""
-    line = res.stderr.splitlines()[0]
+    assert res.exit_code == 0 and res.stderr == ""
+    line = res.stdout.splitlines()[0]
     assert line.startswith(str(files[0]) + "\t") and len(line.split("\t")[1].split("  ")) == 2
     labels = tmp_path / "labels.txt"
     labels.write_text("purple circle\norange circle\nsomething else\n")

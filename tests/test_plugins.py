@@ -94,7 +94,8 @@ def test_plugin_that_fails_to_import_is_recorded_and_others_work(site, invoke, t
     row = next(p for p in json.loads(r.stdout)["plugins"] if p["distribution"] == "clipft-broken")
     assert row["status"] == "failed"
     r = invoke("plugins")
-    assert "failed" in r.stderr and "needs libfoo" in r.stderr
+    assert "failed" in r.stdout and "needs libfoo" in r.stdout    # its row in the listing
+    assert "failed" in r.stderr and "needs libfoo" in r.stderr    # and the error
     r = invoke("run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "full",
                "--out", tmp_path / "o")
     assert r.exit_code == 0, r.stderr
@@ -160,7 +161,7 @@ def test_two_distributions_registering_one_name_fail_only_its_lookup(site, invok
     assert rows["clipft-full"]["conflicts"] == []
     r = invoke("plugins")
     assert r.exit_code == 0
-    assert "twin (conflict)" in r.stderr
+    assert "twin (conflict)" in r.stdout         # the listing marks it
     assert "conflict: strategy 'twin' is registered by two distributions" in r.stderr
     r = invoke("describe", "strategy", "twin")
     assert r.exit_code == 2 and "clipft-alpha" in r.stderr and "clipft-beta" in r.stderr
@@ -171,7 +172,7 @@ def test_two_distributions_registering_one_name_fail_only_its_lookup(site, invok
     assert Registry(disabled=["clipft-beta"]).load().distribution_of("strategy", "twin") == "clipft-alpha"
     assert Registry(disabled=["clipft-alpha"]).load().distribution_of("strategy", "twin") == "clipft-beta"
     r = invoke("--disable-plugin", "clipft-beta", "describe", "strategy", "twin")
-    assert r.exit_code == 0 and "clipft-alpha" in r.stderr
+    assert r.exit_code == 0 and "clipft-alpha" in r.stdout
 
 
 def test_conflict_with_a_builtin_suggests_disabling_the_newcomer(site, invoke):
@@ -186,9 +187,9 @@ def test_conflict_with_a_builtin_suggests_disabling_the_newcomer(site, invoke):
     assert "disable the newer install with --disable-plugin clipft-myfull " in msg
     assert "to keep 'clipft-myfull' instead: --disable-plugin clipft-full" in msg
     r = invoke("plugins")
-    assert r.exit_code == 0 and "clipft-myfull" in r.stderr
+    assert r.exit_code == 0 and "clipft-myfull" in r.stdout
     r = invoke("--disable-plugin", "clipft-myfull", "describe", "strategy", "full")
-    assert r.exit_code == 0 and "(clipft-full)" in r.stderr
+    assert r.exit_code == 0 and "(clipft-full)" in r.stdout
 
 
 def test_three_distributions_on_one_name():

@@ -119,8 +119,8 @@ def test_incomplete_and_unreadable_runs_are_listed_not_skipped(invoke, runs_dir)
 
 def test_table_shows_components_trainable_share_and_top1_before_after(invoke, runs_dir):
     r = invoke("runs", runs_dir, env=WIDE)
-    assert r.exit_code == 0 and r.stdout == ""
-    text = r.stderr
+    assert r.exit_code == 0 and r.stderr == ""
+    text = r.stdout
     for name in ("a", "sweep/b", "sweep/seeds/c"):
         s = read_summary(runs_dir / name)
         line = _line(text, name)
@@ -160,7 +160,7 @@ def test_search_depth_and_empty_folder(runs_dir, tmp_path, invoke):
     r = invoke("runs", tmp_path, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout) == {"dir": str(tmp_path), "runs": []}
     r = invoke("runs", tmp_path)
-    assert r.exit_code == 0 and "no clipft runs under" in r.stderr
+    assert r.exit_code == 0 and "no clipft runs under" in r.stdout
 
 
 def test_compare_lists_exactly_the_keys_that_differ(invoke, runs_dir):
@@ -184,8 +184,8 @@ def test_compare_lists_exactly_the_keys_that_differ(invoke, runs_dir):
 
 def test_compare_table_names_relative_to_dir_and_all(invoke, runs_dir):
     r = invoke("runs", runs_dir, "--compare", "a", "sweep/b", env=WIDE)
-    assert r.exit_code == 0 and r.stdout == ""
-    text = r.stderr
+    assert r.exit_code == 0 and r.stderr == ""
+    text = r.stdout
     assert "2 keys differ" in text
     assert "full" in _line(text, "strategy") and "last-n:n=1" in _line(text, "strategy")
     assert "0.001" in _line(text, "lr") and "0.002" in _line(text, "lr")
@@ -194,7 +194,7 @@ def test_compare_table_names_relative_to_dir_and_all(invoke, runs_dir):
     diff = sb["eval"]["after"]["top1"] - sa["eval"]["after"]["top1"]
     assert f"{diff:+.4f}" in _line(text, "top1")
     r = invoke("runs", runs_dir, "--compare", "a", "sweep/b", "--all", env=WIDE)
-    assert r.exit_code == 0 and "batch_size" in r.stderr and "16" in _line(r.stderr, "batch_size")
+    assert r.exit_code == 0 and "batch_size" in r.stdout and "16" in _line(r.stdout, "batch_size")
 
 
 def test_compare_with_a_run_that_did_not_finish(invoke, runs_dir):
@@ -203,7 +203,7 @@ def test_compare_with_a_run_that_did_not_finish(invoke, runs_dir):
     assert doc["metrics"]["top1"]["b"] == {"before": None, "after": None}
     assert doc["metrics"]["top1"]["difference"] is None
     r = invoke("runs", runs_dir, "--compare", "a", "crashed")
-    assert r.exit_code == 0 and "configs are identical" in r.stderr
+    assert r.exit_code == 0 and "configs are identical" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [

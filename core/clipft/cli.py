@@ -1,5 +1,11 @@
-"""The ``clipft`` command line. Human output goes to stderr; ``--json`` puts
-exactly one JSON document on stdout. Exit codes: 0 ok, 2 usage/config, 1 runtime."""
+"""The ``clipft`` command line.
+
+Streams, as in git or pip: a command's result (a table, listing, report, plan,
+predictions, the files it wrote) goes to stdout, so it pipes and redirects;
+progress bars, logs, warnings, notes, hints and errors go to stderr. With
+``--json`` stdout holds exactly one JSON document (``predict --json``: one JSON
+line per image) and the human output stays on stderr. Under torchrun only rank
+0 prints a result. Exit codes: 0 ok, 2 usage/config, 1 runtime."""
 from __future__ import annotations
 
 import errno
@@ -96,7 +102,7 @@ def plugins_cmd(ctx, as_json):
     from rich.markup import escape
     from rich.table import Table
     from clipft.plugins import conflict_message
-    from clipft.progress import stderr_console
+    from clipft.progress import stderr_console, stdout_console
     t = Table(title="clipft plugins")
     for col in ("distribution", "version", "status", "provides"):
         t.add_column(col)
@@ -109,8 +115,8 @@ def plugins_cmd(ctx, as_json):
         status = {"active": "[green]active[/]", "failed": "[red]failed[/]",
                   "disabled": "[yellow]disabled[/]"}[r["status"]]
         t.add_row(escape(r["distribution"]), r["version"], status, provides or escape(r["error"] or ""))
-    console = stderr_console()
-    console.print(t)
+    stdout_console().print(t)
+    console = stderr_console()      # what went wrong: errors, beside the listing
     for r in records:
         if r["status"] == "failed":
             console.print(f"[red]{escape(r['distribution'])}[/] ({escape(r['name'])}) failed: "
@@ -144,8 +150,8 @@ def describe_cmd(ctx, kind, name, as_json):
         return
     from rich.markup import escape
     from rich.table import Table
-    from clipft.progress import stderr_console
-    console = stderr_console()
+    from clipft.progress import stdout_console
+    console = stdout_console()
     console.print(f"[bold]{k} {name}[/bold] ({doc['distribution']}): {spec.summary}")
     if not rows:
         console.print("no options")
@@ -235,7 +241,7 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
         from clipft.engine.launch import launch_torchrun
         sys.exit(launch_torchrun(nproc, sys.argv[1:]))
     from clipft.engine.session import execute
-    from clipft.progress import RichReporter
+    from clipft.progress import RichReporter, stdout_console
     resume_dir = None
     if resume:
         resume_dir = Path(resume)
@@ -259,7 +265,9 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
         config_file = str(resume_dir / "config.toml")
     cfg = build_config(config_file, kw)
     reg = _registry(ctx)
-    summary = execute(cfg, reg, RichReporter(), out_dir=Path(out) if out else None,
+    # the closing table is the result: on stdout, unless stdout is the JSON's
+    reporter = RichReporter(result=None if as_json else stdout_console())
+    summary = execute(cfg, reg, reporter, out_dir=Path(out) if out else None,
                       overwrite=overwrite, resume=resume_dir)
     if as_json and int(os.environ.get("RANK", "0")) == 0:   # one document, from rank 0
         click.echo(json.dumps(summary))
@@ -278,8 +286,8 @@ def plan_cmd(ctx, config_file, as_json, **kw):
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
-    from clipft.progress import stderr_console
-    render_plan(p, stderr_console())
+    from clipft.progress import stdout_console
+    render_plan(p, stdout_console())
 
 
 @cli.command("export")
@@ -303,8 +311,8 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json):
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    from clipft.progress import stderr_console
-    console = stderr_console()
+    from clipft.progress import stdout_console
+    console = stdout_console()
     console.print(f"exported {run_dir} to {out}: load with {manifest['load_with']}")
     if manifest["wise_ft"]:
         console.print(f"  WiSE-FT α={manifest['wise_ft']['alpha']}: (1-α)·zero-shot ({manifest['wise_ft']['zero_shot']})"
@@ -403,8 +411,8 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
         return {name: inference.evaluate_source(src, bundle, ref, split, tmpl, batch_size, num_workers)
                 for name, ref, bundle in sets}
 
-    from clipft.progress import stderr_console
-    console = stderr_console()
+    from clipft.progress import stderr_console, stdout_console
+    console = stdout_console()
     if alphas is not None:
         if src.kind != KIND_RUN:
             raise ClipftUsageError("--wise-ft-sweep needs a run directory as SOURCE (it interpolates "
@@ -435,7 +443,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        inference.render_eval(doc, console)
+        inference.render_eval(doc, console, notes=stderr_console())
 
 
 @cli.command("predict")
@@ -481,8 +489,7 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
         elif "error" in rec:
             click.echo(f"{rec['image']}\terror: {rec['error']}", err=True)
         else:
-            click.echo(rec["image"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in rec["top"]),
-                       err=True)
+            click.echo(rec["image"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in rec["top"]))
     if failed:
         click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
         if failed == len(paths):
@@ -526,8 +533,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / sweep.SWEEP_JSON).exists() \
             and not any(out_dir.glob("*/seed*.toml")):
         raise ClipftUsageError(f"{out_dir} exists and is not a sweep directory; choose another --out")
-    from clipft.progress import stderr_console
-    console = stderr_console()
+    from clipft.progress import stderr_console, stdout_console
+    console = stderr_console()      # progress and failures; the table goes to stdout
 
     from rich.markup import escape
 
@@ -552,8 +559,9 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        sweep.render_sweep(doc, console)
-        console.print(f"wrote {out_dir / sweep.SWEEP_JSON}")
+        result = stdout_console()
+        sweep.render_sweep(doc, result)
+        result.print(f"wrote {out_dir / sweep.SWEEP_JSON}")
     if all(m["ok"] == 0 for m in doc["members"]):
         sys.exit(1)
 
@@ -571,10 +579,10 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
 def new_cmd(ctx, kind, name, directory):
     from clipft.scaffold import scaffold
     target, written = scaffold(kind, name, Path(directory) if directory else None, _registry(ctx))
-    click.echo(f"wrote {kinds.lookup(kind).name} plugin clipft-{name} in {target}:", err=True)
+    click.echo(f"wrote {kinds.lookup(kind).name} plugin clipft-{name} in {target}:")
     for path in written:
-        click.echo(f"  {path.relative_to(target)}", err=True)
-    click.echo(f"next: pip install -e {target} && pytest {target}", err=True)
+        click.echo(f"  {path.relative_to(target)}")
+    click.echo(f"next: pip install -e {target} && pytest {target}", err=True)   # a hint
 
 
 @cli.command("runs")
@@ -590,7 +598,7 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
     oldest first: strategy, loss, head, data, trainable %, top-1 before ->
     after, train time, peak RSS. --compare A B shows two runs side by side."""
     from clipft import runs
-    from clipft.progress import stderr_console
+    from clipft.progress import stdout_console
     base = Path(directory or "runs")
     if show_all and not compare:
         raise ClipftUsageError("--all goes with --compare A B")
@@ -602,9 +610,9 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
     elif compare:
-        runs.render_compare(doc, stderr_console(), show_all=show_all)
+        runs.render_compare(doc, stdout_console(), show_all=show_all)
     else:
-        runs.render_runs(doc, stderr_console())
+        runs.render_runs(doc, stdout_console())
 
 
 @cli.command("shards")
@@ -634,16 +642,16 @@ def shards_cmd(source, out, shard_size, shuffle_seed, templates, image_column, c
         click.echo(json.dumps(m, indent=2))
         return
     classes = f", {m['classes']} classes" if m["classes"] is not None else ""
-    click.echo(f"wrote {len(m['shards'])} shard(s), {m['samples']} samples{classes}, to {m['out']}", err=True)
+    click.echo(f"wrote {len(m['shards'])} shard(s), {m['samples']} samples{classes}, to {m['out']}")
     for sh in m["shards"]:
-        click.echo(f"  {sh['name']}  {sh['samples']} samples", err=True)
+        click.echo(f"  {sh['name']}  {sh['samples']} samples")
     if m["skipped"]:
-        click.echo(f"  skipped {len(m['skipped'])} unreadable image(s), e.g. {m['skipped'][0]['path']} "
-                   f"({m['skipped'][0]['reason']})", err=True)
+        click.echo(f"warning: skipped {len(m['skipped'])} unreadable image(s), e.g. "
+                   f"{m['skipped'][0]['path']} ({m['skipped'][0]['reason']})", err=True)
     if m["classes"] is not None and shuffle_seed is None and m["captions"] == "class-prompts":
-        click.echo("  note: samples are in class order; shuffle them with --shuffle-seed so that every "
+        click.echo("note: samples are in class order; shuffle them with --shuffle-seed so that every "
                    "shard (the val one too) holds every class", err=True)
-    click.echo(f"train on them: clipft run --data webdataset:urls={m['out']} ...", err=True)
+    click.echo(f"train on them: clipft run --data webdataset:urls={m['out']} ...", err=True)   # a hint
 
 
 def main():

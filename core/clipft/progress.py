@@ -1,4 +1,5 @@
-"""Human output: rich progress bars and tables, always on stderr."""
+"""Human output on rich consoles: a command's result (tables, reports) on
+stdout, progress bars, logs and warnings on stderr."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +11,24 @@ from rich.table import Table
 from clipft.callbacks import Callback
 
 
+#: columns of a result written to a pipe or file: wide enough that no table or
+#: line is squeezed or wrapped (tables still take only the width they need)
+PIPE_WIDTH = 4096
+
+
 def stderr_console() -> Console:
     # created per call so that redirected stderr (tests, pipes) is honoured
     return Console(file=sys.stderr, highlight=False)
+
+
+def stdout_console() -> Console:
+    """The console for a command's result. Rich sizes a console from whichever
+    of stdin/stdout/stderr is a terminal (else 80 columns), so ``clipft runs >
+    list.txt`` would wrap names at the terminal's width: off a terminal the
+    result gets :data:`PIPE_WIDTH` columns instead."""
+    out = sys.stdout
+    tty = out.isatty() if hasattr(out, "isatty") else False
+    return Console(file=out, highlight=False, width=None if tty else PIPE_WIDTH)
 
 
 class Silent(Callback):
@@ -27,8 +43,13 @@ def _fmt(v):
 
 
 class RichReporter(Silent):
-    def __init__(self, console: Console | None = None):
+    """Progress, logs and warnings on ``console`` (stderr); the run's closing
+    before/after table and summary line on ``result`` (the command passes
+    stdout, unless stdout is reserved for ``--json``; default: ``console``)."""
+
+    def __init__(self, console: Console | None = None, result: Console | None = None):
         self.console = console or stderr_console()
+        self.result = result or self.console
         self._progress: Progress | None = None
 
     def warn(self, message: str) -> None:
@@ -86,12 +107,12 @@ class RichReporter(Silent):
             b, a = before.get(k), after[k]
             t.add_row(k, _fmt(b) if b is not None else "-", _fmt(a),
                       f"{a - b:+.4f}" if b is not None else "-")
-        self.console.print(t)
+        self.result.print(t)
         tr = summary["train"]
         extra = ""
         if "cache" in summary:
             c = summary["cache"]
             extra = f" · cache hits {c.get('hits', 0)} (built in {c.get('build_seconds', 0):.2f}s)"
-        self.console.print(
+        self.result.print(
             f"trained {tr['steps']} steps in {tr['seconds']:.1f}s · {tr['samples_per_s']:.1f} samples/s · "
             f"peak RSS {tr['peak_rss_mb']:.0f} MB{extra} · run dir {summary['run_dir']}")

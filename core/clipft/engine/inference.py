@@ -333,9 +333,12 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def render_eval(doc: dict, console) -> None:
+def render_eval(doc: dict, console, notes=None) -> None:
+    """The report on ``console``; its notes on ``notes`` (the CLI passes stderr),
+    else on ``console`` too."""
     from rich.markup import escape
     from rich.table import Table
+    notes = notes or console
     for part, d in [("data", doc)] + ([("control", doc["control"])] if "control" in doc else []):
         t = Table(title=escape(f"{d['source']} on {d['data']} ({d['split']}, {d['samples']} images"
                                + (f", {d['unreadable']} unreadable" if d["unreadable"] else "") + ")"
@@ -363,7 +366,7 @@ def render_eval(doc: dict, console) -> None:
                                           f"{b['confidence']:.2f}->{b['accuracy']:.2f}" for b in used),
                               soft_wrap=True)
         for note in d["notes"]:
-            console.print(f"[yellow]note[/yellow]: {escape(note)}")
+            notes.print(f"[yellow]note[/yellow]: {escape(note)}")
 
 
 def _curve_columns(curve: list) -> list:
