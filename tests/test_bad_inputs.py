@@ -82,6 +82,26 @@ def unterminated_quote_csv(ctx) -> Path:
     return csv_file(ctx, "image,caption\n" + "\n".join(rows) + "\n")
 
 
+class Payload:
+    """An object weights_only=True must refuse to unpickle."""
+
+
+def local_dir(ctx, scale: int = 1, pickle_weights: bool = False) -> str:
+    """An export-shaped folder: tiny-vit's config (its widths times ``scale``),
+    and with ``pickle_weights`` a .bin that pickles more than tensors."""
+    from clipft.models import CONFIG_DIR
+    d = ctx.tmp / "local"
+    d.mkdir()
+    cfg = json.loads((CONFIG_DIR / "tiny-vit.json").read_text())
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg[tower]["width"] *= scale
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    if pickle_weights:
+        import torch
+        torch.save({"x": Payload(), "t": torch.zeros(1)}, d / "open_clip_pytorch_model.bin")
+    return f"local-dir:{d}"
+
+
 def csv_file(ctx, text: str, name: str = "pairs.csv") -> Path:
     images(ctx)
     f = ctx.tmp / name
@@ -355,6 +375,13 @@ CASES = [
      r"option 'n' is given twice in 'last-n:n=1,n=2'", "absent"),
     ("data-option-key-twice", lambda c: BASE + ["--data", "shapes:n=64,n=128", *out(c)], 2,
      r"option 'n' is given twice", "absent"),
+    # local-dir models: checked before open_clip allocates or unpickles anything
+    ("local-dir-absurd-size", lambda c: RUN + ["--model", local_dir(c, scale=100_000), *out(c)], 2,
+     r"describes about \d+\.\d billion parameters .* more than this machine's", "absent"),
+    ("local-dir-pickle", lambda c: RUN + ["--model", local_dir(c, pickle_weights=True), *out(c)], 2,
+     r"the weights are a pickle of more than tensors", "absent"),
+    ("local-dir-missing", lambda c: RUN + ["--model", f"local-dir:{c.tmp / 'nothing'}", *out(c)], 2,
+     r"no such folder", "absent"),
     ("describe-unknown-kind", lambda c: ["describe", "widget", "x"], 2, r"unknown kind 'widget'", "absent"),
     ("describe-unknown-name", lambda c: ["describe", "strategy", "nope"], 2, r"unknown strategy 'nope'", "absent"),
     ("plan-bad-option", lambda c: ["plan", "--model", "tiny-vit", "--data", "shapes:n=0"], 2,

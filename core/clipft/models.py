@@ -232,9 +232,80 @@ def _build_over_checkpoint(create, model_name: str, pretrained: str, device: str
     return built
 
 
+def _int(v) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def estimate_params(model_cfg: dict) -> int:
+    """A rough parameter count of an open_clip model config (transformer blocks
+    at 12·width², embeddings and patch projection), good enough to tell a config
+    that cannot fit in memory before torch tries to allocate it; 0 when the
+    config is of a kind this does not know (timm, Hugging Face towers)."""
+    total = 0
+    for tower in ("vision_cfg", "text_cfg"):
+        cfg = model_cfg.get(tower)
+        if not isinstance(cfg, dict):
+            continue
+        width = _int(cfg.get("width"))
+        layers = cfg.get("layers")
+        depth = sum(_int(x) for x in layers) if isinstance(layers, (list, tuple)) else _int(layers)
+        total += 12 * width * width * depth
+        if tower == "vision_cfg":
+            patch, image = _int(cfg.get("patch_size")), cfg.get("image_size")
+            image = max(image) if isinstance(image, (list, tuple)) and image else _int(image)
+            if patch:
+                total += 3 * patch * patch * width + (image // patch) ** 2 * width
+        else:
+            total += (_int(cfg.get("vocab_size")) + _int(cfg.get("context_length"))) * width
+    return total
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_local_dir(model_name: str) -> None:
+    """A ``local-dir:PATH`` model, checked before open_clip builds it: the
+    folder and its ``open_clip_config.json`` exist and parse, the model fits in
+    this machine's memory (refused before any allocation), and the weights file
+    is one clipft reads (no pickles)."""
+    import json
+
+    path = Path(model_name[len("local-dir:"):]).expanduser()
+    if not path.is_dir():
+        raise ClipftUsageError(f"--model {model_name}: no such folder {path}")
+    config_file = path / "open_clip_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError:
+        raise ClipftUsageError(f"--model {model_name}: {config_file} is missing; a local-dir model is an "
+                               "export folder (clipft export RUN OUT)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClipftUsageError(f"--model {model_name}: {config_file} is not valid JSON ({exc})") from None
+    model_cfg = config.get("model_cfg") if isinstance(config, dict) else None
+    if not isinstance(model_cfg, dict):
+        raise ClipftUsageError(f"--model {model_name}: {config_file} has no 'model_cfg' table")
+    params, memory = estimate_params(model_cfg), physical_memory_bytes()
+    if memory and params * 4 > memory:
+        raise ClipftUsageError(
+            f"--model {model_name}: its config describes about {params / 1e9:.1f} billion parameters "
+            f"({params * 4 / 2**30:.0f} GiB in float32), more than this machine's "
+            f"{memory / 2**30:.0f} GiB of memory; check {config_file}")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if (path / name).is_file():
+            check_checkpoint_file(str(path / name))
+            return
+
+
 def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedModel:
     register_tiny_configs()
     import open_clip
+
+    if model_name.startswith("local-dir:"):
+        check_local_dir(model_name)
 
     pretrained = resolve_pretrained(model_name, pretrained)
     known = open_clip.list_models()
@@ -291,6 +362,11 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
                 f"could not load checkpoint '{pretrained}' into '{model_name}': the weights are of "
                 f"another architecture ({detail or _first_line(exc)}); pass weights of '{model_name}', "
                 f"or the --model they were trained as") from None
+        if "weights only load failed" in text:   # a pickle of more than tensors, file or local-dir
+            raise ClipftUsageError(
+                f"{'--pretrained ' + pretrained if is_file else '--model ' + model_name}: the weights are a "
+                "pickle of more than tensors, and clipft loads torch files with weights_only=True; "
+                f"{CHECKPOINT_EXPECTED}") from None
         if is_file:
             why = (f"{type(exc).__name__}: {_first_line(exc)}" if "weights only load failed" not in text
                    else "it is a pickle of more than tensors, and clipft loads torch files with "
