@@ -26,12 +26,12 @@ import os
 import random
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import attrs
 
+from clipft import atomic
 from clipft.data import DEFAULT_TEMPLATES, check_image
 from clipft.errors import ClipftUsageError
 
@@ -41,6 +41,8 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 #: image formats stored as they are; anything else becomes a png
 KEPT_FORMATS = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
 FORMAT_VERSION = 1
+#: the target name of the temporary folder a set is written in (``OUT/.shards.tmp-PID-...``)
+_WORK = "shards"
 
 
 @attrs.define
@@ -55,8 +57,10 @@ def _is_ours(name: str) -> bool:
 
 
 def _leftover(p: Path) -> bool:
-    """A temporary folder an interrupted ``clipft shards`` left behind."""
-    return p.is_dir() and p.name.startswith(".shards-") and p.name.endswith(".tmp")
+    """A temporary folder an interrupted ``clipft shards`` left behind (``.shards-XXXX.tmp``
+    before clipft.atomic named them)."""
+    return p.is_dir() and (p.name.startswith(f".{_WORK}.tmp-") and atomic.is_temp(p.name)
+                           or p.name.startswith(".shards-") and p.name.endswith(".tmp"))
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
@@ -134,14 +138,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_shard(path: Path, samples: list, first_key: int) -> tuple[int, int]:
     """Write one shard; returns (images re-encoded, distinct labels)."""
     converted = 0
@@ -154,7 +150,7 @@ def _write_shard(path: Path, samples: list, first_key: int) -> tuple[int, int]:
             _add(tar, f"{key}.txt", s.caption.encode("utf-8"))
             if s.label is not None:
                 _add(tar, f"{key}.cls", str(s.label).encode())
-    _fsync(path)
+    atomic.fsync_file(path)
     return converted, len({s.label for s in samples if s.label is not None})
 
 
@@ -188,7 +184,8 @@ def write_shards(source, out, shard_size: int = 1000, shuffle_seed: Optional[int
         random.Random(shuffle_seed).shuffle(samples)
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".shards-", suffix=".tmp"))
+    atomic.remove_stale(out, {_WORK})
+    tmp = atomic.make_temp_dir(out / _WORK)
     try:
         shards, converted = [], 0
         for n, start in enumerate(range(0, len(samples), shard_size)):
@@ -209,10 +206,8 @@ def write_shards(source, out, shard_size: int = 1000, shuffle_seed: Optional[int
             "reencoded_png": converted,
         }
         if classnames is not None:
-            (tmp / CLASSNAMES).write_text("".join(f"{c}\n" for c in classnames), encoding="utf-8")
-            _fsync(tmp / CLASSNAMES)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync(tmp / MANIFEST)
+            atomic.write_text(tmp / CLASSNAMES, "".join(f"{c}\n" for c in classnames))
+        atomic.write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _commit(tmp, out, [s["name"] for s in shards] + ([CLASSNAMES] if classnames is not None else []))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -235,4 +230,4 @@ def _commit(tmp: Path, out: Path, names: list) -> None:
     for name in names:
         os.replace(tmp / name, out / name)
     os.replace(tmp / MANIFEST, out / MANIFEST)
-    _fsync(out)
+    atomic.fsync_dir(out)

@@ -13,7 +13,8 @@ Layout of a checkpoint folder:
 
 ``RUN_DIR/checkpoint/`` is always the newest complete checkpoint; the older ones
 ``--keep-checkpoints`` keeps live beside it as ``checkpoint-step00000120/``. A
-new checkpoint is written to ``.checkpoint.tmp-PID/``, every file fsynced,
+new checkpoint is written to a new temporary folder ``.checkpoint.tmp-PID-...``
+(:mod:`clipft.atomic`), every file fsynced,
 ``state.json`` last (it lists the other files and their sizes, which is what
 makes a folder "complete"); then ``checkpoint`` is renamed to its step name and
 the new one renamed into place, and the directory is fsynced. A crash at any
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipft import atomic
 from clipft.engine.optim import kept_impl
 from clipft.errors import ClipftError, ClipftUsageError
 
@@ -40,30 +42,10 @@ FORMAT = "clipft-checkpoint"
 FORMAT_VERSION = 2
 CURRENT = "checkpoint"
 STEP_PREFIX = "checkpoint-step"
-TMP_PREFIX = ".checkpoint.tmp-"
+#: how a checkpoint's temporary folders start (clipft.atomic's name for ``checkpoint``)
+TMP_PREFIX = f".{CURRENT}.tmp-"
 #: the state of a loss that has parameters of its own (clipft.Loss)
 LOSS_FILE = "loss.safetensors"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_state(folder: Path):
@@ -219,7 +201,7 @@ class Checkpointer:
                   str(folder / "optimizer.safetensors"))
         files = {}
         for f in sorted(folder.iterdir()):
-            _fsync_file(f)
+            atomic.fsync_file(f)
             files[f.name] = f.stat().st_size
         np_state = np.random.get_state()
         state = {
@@ -247,19 +229,21 @@ class Checkpointer:
             f.write(json.dumps(state, default=_json_default))
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(folder)
+        atomic.fsync_dir(folder)
 
     def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
         """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
         the current one; returns its folder."""
-        tmp = self.run_dir / f"{TMP_PREFIX}{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # not atomic.building_dir: once written, the folder is a complete checkpoint,
+        # which a failed swap below must leave behind (newest_complete finds it)
+        tmp = None
         try:
-            tmp.mkdir(parents=True)
+            tmp = atomic.make_temp_dir(self.run_dir / CURRENT)
             self._write(tmp, loop, history, extra or {})
         except BaseException as exc:
             # a half-written folder never stays behind, whatever stopped the write
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             if not _write_failure(exc):
                 raise
             previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
@@ -275,11 +259,9 @@ class Checkpointer:
                 os.replace(current, aside)
             else:
                 # not kept: set aside under a temporary name, dropped once the new one is in
-                aside = self.run_dir / f"{TMP_PREFIX}old-{os.getpid()}"
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(current, aside)
+                os.replace(current, self.run_dir / atomic.temp_name(CURRENT))
         os.replace(tmp, current)
-        fsync_dir(self.run_dir)
+        atomic.fsync_dir(self.run_dir)
         self._prune()
         self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
         return current

@@ -31,13 +31,13 @@ model (else it is a bug), and how far plain open_clip is from the run's model
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from clipft import atomic
 from clipft.errors import ClipftError, ClipftUsageError
 
 WEIGHTS = "open_clip_model.safetensors"
@@ -97,7 +97,7 @@ def _save(tensors: dict, path: Path, meta: Optional[dict] = None) -> None:
               metadata={"clipft": json.dumps(meta)} if meta is not None else None)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ClipftUsageError(f"{out} already exists and is not empty; pass --overwrite to replace an export")
@@ -108,10 +108,6 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
             raise ClipftUsageError(
                 f"--overwrite: {out} holds a clipft export but also files the export did not write "
                 f"({', '.join(foreign[:8])}); move them out first, clipft will not delete them")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _foreign_entries(out: Path) -> list:
@@ -166,8 +162,9 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
         folded = ends.folded
         wise = {"alpha": wise_ft, "zero_shot": f"{run.config.model} pretrained {run.config.pretrained}",
                 "head": ends.head_tuned is not None}
-    tmp = _prepare_out(out, overwrite)
-    try:
+    _check_out(out, overwrite)
+    atomic.remove_stale(out.parent, {out.name})
+    with atomic.building_dir(out) as tmp:
         probe = _probe(model, run.tokenizer)
         reference = _run_features(model, probe)  # the model as exported, everything in place
 
@@ -259,12 +256,8 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
         manifest["load_export_max_abs_diff"] = full_diff
         manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
+        if out.exists():   # checked above: an export with nothing its manifest does not list
             shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

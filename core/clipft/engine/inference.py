@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import attrs
 import torch
 
+from clipft import atomic
 from clipft.data import DEFAULT_TEMPLATES, IMAGE_EXTENSIONS
 from clipft.errors import ClipftUsageError
 
@@ -207,13 +208,11 @@ def write_per_class_csv(result: EvalResult, path: Path) -> None:
     if not rows:
         raise ClipftUsageError("--per-class needs data with class labels")
     cols = ["class", "samples"] + [k for k in rows[0] if k not in ("class", "samples")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic.writing(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for r in rows:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    tmp.replace(path)
 
 
 def require_matplotlib(flag: str):
@@ -257,9 +256,8 @@ def write_confusion_png(result: EvalResult, path: Path) -> None:
 
 
 def _save_png(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with atomic.writing_path(path) as tmp:
+        fig.savefig(tmp, format="png")   # the temporary name has no extension to tell it
 
 
 # -- predict ----------------------------------------------------------------------------

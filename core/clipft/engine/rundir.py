@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, candidates, fsync_dir, newest_complete
+from clipft import atomic
+from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, candidates, newest_complete
 from clipft.errors import ClipftUsageError
 
 MARKER = ".clipft-run"
@@ -38,8 +38,9 @@ RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", 
 
 
 def _is_run_entry(name: str) -> bool:
-    return name in RUN_FILES or name.startswith((STEP_PREFIX, TMP_PREFIX)) or name.startswith(".") and \
-        name.endswith(".tmp")
+    # ".NAME.XXXX.tmp": what a write killed part-way left before clipft.atomic named its temporaries
+    return name in RUN_FILES or name.startswith((STEP_PREFIX, TMP_PREFIX)) or atomic.is_temp(name) or \
+        name.startswith(".") and name.endswith(".tmp")
 
 
 def read_marker(path: Path) -> Optional[dict]:
@@ -127,8 +128,11 @@ class RunDirectory:
 
     def record(self) -> None:
         """(Re)write the marker: every entry the run has created so far."""
+        # a killed write's file is no entry of the run; a checkpoint's temporary folder
+        # may hold the newest complete checkpoint, and only the checkpointer removes it
+        atomic.remove_stale(self.path, set(RUN_FILES) - {CURRENT})
         entries = sorted({p.name for p in self.path.iterdir()} | {MARKER})
-        write_atomic(self.path / MARKER, json.dumps(
+        atomic.write_text(self.path / MARKER, json.dumps(
             {"format": MARKER_FORMAT, "version": 1, "entries": entries}))
 
     def committed(self) -> None:
@@ -137,7 +141,7 @@ class RunDirectory:
         if self.backup is not None:
             shutil.rmtree(self.backup, ignore_errors=True)
             self.backup = None
-            fsync_dir(self.path.parent)
+            atomic.fsync_dir(self.path.parent)
 
     def abandon(self) -> None:
         """The new run failed before its first checkpoint: put the old one back."""
@@ -153,18 +157,8 @@ def default_run_dir(model: str, strategies) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}-{tag}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+#: kept for callers of the earlier name; the writer is :func:`clipft.atomic.write_text`
+write_atomic = atomic.write_text
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -190,5 +184,5 @@ def truncate_lines(path: Path, keep: int) -> int:
         return 0
     if len(lines) <= keep:
         return 0
-    write_atomic(path, b"".join(lines[:keep]).decode())
+    atomic.write_bytes(path, b"".join(lines[:keep]))
     return len(lines) - keep

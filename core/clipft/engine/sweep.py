@@ -20,6 +20,7 @@ from typing import Optional
 
 import attrs
 
+from clipft import atomic
 from clipft.errors import ClipftUsageError
 from clipft.options import ComponentRef, parse_ref
 
@@ -165,9 +166,7 @@ def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
            "data": {"name": cfg.data.name, **cfg.data.options}, "epochs": cfg.epochs,
            "control_data": ({"name": spec.control.name, **spec.control.options} if spec.control else None),
            "members": members}
-    tmp = spec.out / f".{SWEEP_JSON}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(spec.out / SWEEP_JSON)
+    atomic.write_json(spec.out / SWEEP_JSON, doc, indent=2)
     return doc
 
 

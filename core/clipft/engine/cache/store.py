@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from clipft import atomic
+
 FORMAT = 2
 STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 
@@ -216,9 +218,9 @@ class IndexStore:
                     "pass --cache-dir to keep it on disk")
             self.values = torch.empty((self.n, *shape), dtype=dtype)
             return
-        self._tmp = self.directory.with_name(f"{self.directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True)
+        # what a killed build of this store left; a build still running elsewhere keeps its own
+        atomic.remove_stale(self.directory.parent, {self.directory.name})
+        self._tmp = atomic.make_temp_dir(self.directory)
         self.values = DiskRows(self._tmp / "values.bin", self.n, shape, dtype, create=True)
 
     def put(self, index: torch.Tensor, values: torch.Tensor, captions, labels) -> None:
