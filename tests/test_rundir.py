@@ -130,3 +130,83 @@ def test_resume_restores_counters_and_drops_rows_after_the_checkpoint(tmp_path, 
         return [(r["epoch"], r.get("step")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
     assert steps(tmp_path / "cut") == steps(tmp_path / "whole")
     assert len(set(steps(tmp_path / "cut"))) == len(steps(tmp_path / "cut"))
+
+
+# -- the marker lists what the run created, not what was there -----------------
+def test_a_file_the_user_adds_while_the_run_trains_is_never_the_runs(tmp_path):
+    """The user writes NOTES.md into the run while it trains (here: from an epoch
+    callback); a plugin writes its file through RunView.path. The marker keeps
+    the first out of the run's entries, so --overwrite refuses rather than
+    deleting it, and counts the second as the run's."""
+    from clipft import Callback, CallbackSpec, hookimpl
+    from clipft.api import RunConfig, make_registry, run
+    from clipft.engine.rundir import foreign_entries, read_marker
+
+    class Writer(Callback):
+        def on_run_start(self, view):
+            self.view = view
+
+        def on_epoch_end(self, epoch):
+            (self.view.out_dir / "NOTES.md").write_text("my notes")    # the user, by hand
+            self.view.path("extra/rows.csv").write_text("a,b\n")      # a plugin, the documented way
+
+    class Plugin:
+        @hookimpl
+        def clipft_register_callbacks(self, register):
+            register(CallbackSpec(name="writer", summary="writes", build=lambda o: Writer()))
+
+    out = tmp_path / "r"
+    cfg = RunConfig(model="tiny-vit", data="shapes:n=16,val_n=8", epochs=1, batch_size=8, strategies=["full"],
+                    lr=1e-3, callbacks=["writer"])
+    run(cfg, registry=make_registry(plugins=[Plugin()]), out=out)
+    entries = read_marker(out)["entries"]
+    assert "extra" in entries and "NOTES.md" not in entries
+    assert foreign_entries(out) == ["NOTES.md"]
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_replaced_without_overwrite(invoke, tmp_path):
+    import shutil
+    x = tmp_path / "X"
+    assert invoke(*RUN, "--out", x).exit_code == 0
+    shutil.rmtree(x / "checkpoint")
+    before = snapshot(x)
+    r = invoke(*RUN, "--seed", "1", "--out", x)
+    assert r.exit_code == 2 and "already holds a run" in r.stderr, r.stderr
+    assert snapshot(x) == before
+
+
+# -- one process per run directory ---------------------------------------------
+HOLD = """
+import sys, time
+from pathlib import Path
+from clipft.engine.rundir import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_process_on_a_run_directory_is_refused_and_kill_9_leaves_no_lock(invoke, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    x = tmp_path / "X"
+    assert invoke(*RUN, "--out", x).exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(x)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(x)
+        for args in (["run", "--resume", x, "--epochs", "2"], [*RUN, "--seed", "1", "--overwrite", "--out", x],
+                     ["export", x, tmp_path / "exp"]):
+            r = invoke(*args)
+            assert r.exit_code == 2, r.output
+            assert f"in use by another clipft process (pid {holder.pid})" in r.stderr, r.stderr
+            assert snapshot(x) == before
+        assert not (tmp_path / "exp").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    # the kernel released the lock with the process: no stale lock to clear by hand
+    r = invoke("run", "--resume", x, "--epochs", "2")
+    assert r.exit_code == 0, r.output

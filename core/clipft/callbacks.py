@@ -97,6 +97,9 @@ class RunView:
     resumed_from_epoch: int = 0
     warnings: tuple = ()
     skipped: tuple = ()
+    #: the top-level names :meth:`path` handed out: the run records them as its
+    #: own (``--overwrite`` may replace them; a file the user adds it keeps)
+    created: set = attrs.field(factory=set, eq=False, repr=False)
 
     def path(self, name) -> Path:
         """Where a callback or plugin writes ``name`` (a file or folder name,
@@ -110,6 +113,7 @@ class RunView:
             raise ClipftUsageError(f"'{name}' leads outside the run directory {self.out_dir} (a symlink); "
                                    "give a name inside it")
         full.parent.mkdir(parents=True, exist_ok=True)
+        self.created.add(full.relative_to(self.out_dir).parts[0])
         return full
 
 

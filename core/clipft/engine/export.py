@@ -30,6 +30,7 @@ model (else it is a bug), and how far plain open_clip is from the run's model
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -143,6 +144,14 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
     fine-tuned weights (:mod:`clipft.engine.wiseft`)."""
+    from clipft.engine.rundir import RunLock
+
+    with RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
+        # one process per run: a run training (or resumed) there now would change it under us
+        return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft)
+
+
+def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wise_ft: Optional[float]) -> dict:
     import open_clip
 
     from clipft import __version__
@@ -150,7 +159,6 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     from clipft.options import options_to_dict
     from clipft.protocols import inserted_modules
 
-    out = Path(out)
     run = load_run(run_dir, registry, device=device)
     model = run.model
     wise, folded = None, 0

@@ -20,6 +20,8 @@ directory says how to get it back.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -33,8 +35,54 @@ from clipft.errors import ClipftUsageError
 
 MARKER = ".clipft-run"
 MARKER_FORMAT = "clipft-run"
+#: the file whose fcntl lock says a process is using the run (see RunLock)
+LOCK = ".clipft-lock"
 #: ``data_split.json``: the training files of a sampled (few-shot) split
-RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", CURRENT, MARKER)
+RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", CURRENT, MARKER, LOCK)
+
+
+class RunLock:
+    """One process per run directory: an exclusive, non-blocking ``fcntl``
+    lock on ``DIR/.clipft-lock``, held by ``run``, ``--resume``, ``--overwrite``
+    and ``export`` of the run (under torchrun, by rank 0). The kernel releases
+    it when the process ends, however it ends, so a ``kill -9`` leaves no stale
+    lock; the file stays (deleting it would let two processes lock two files).
+    A second process gets a usage error naming the holder's pid."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and self.path.parent.is_dir():
+                return self   # a read-only run: no process can write it, so none need be kept out
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ClipftUsageError(
+                f"{self.path.parent} is in use by another clipft process (pid {holder}); wait for it to "
+                "finish, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _is_run_entry(name: str) -> bool:
@@ -89,8 +137,9 @@ def check_out_dir(path: Path, overwrite: bool) -> None:
         raise ClipftUsageError(
             f"--out {path} is not empty and is not a clipft run ({_listing(path)}); "
             "clipft will not write into it. Choose another directory")
-    if not any(p.is_dir() for p in candidates(path)) and not foreign_entries(path):
-        return   # a run that died before its first checkpoint: nothing to lose, reuse it
+    finished = (path / "summary.json").exists()
+    if newest_complete(path)[0] is None and not finished and not foreign_entries(path):
+        return   # a run that died before its first complete checkpoint: nothing to lose, reuse it
     if not overwrite:
         raise ClipftUsageError(
             f"--out {path} already holds a run; choose another directory, "
@@ -108,32 +157,53 @@ class RunDirectory:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.backup: Optional[Path] = None
+        #: top-level names the run's callbacks and plugins created through
+        #: :meth:`clipft.callbacks.RunView.path` (the session shares this set with the view)
+        self.created: set = set()
+        self.lock = RunLock(self.path)
+        self._ours: set = set()
 
     def start(self, overwrite: bool) -> None:
         """Only called once the run is fully built and validated."""
         check_out_dir(self.path, overwrite)
         if self.path.is_dir() and any(self.path.iterdir()):
-            if any(p.is_dir() for p in candidates(self.path)):   # a checkpointed run: keep it aside
-                self.backup = backup_of(self.path)
-                os.replace(self.path, self.backup)
-            else:   # died before its first checkpoint: only clipft's own files are left
-                for p in self.path.iterdir():
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            with RunLock(self.path):   # not while another process uses the old run
+                if any(p.is_dir() for p in candidates(self.path)):   # a checkpointed run: keep it aside
+                    self.backup = backup_of(self.path)
+                    os.replace(self.path, self.backup)
+                else:   # died before its first checkpoint: only clipft's own files are left
+                    for p in self.path.iterdir():
+                        if p.name != LOCK:
+                            shutil.rmtree(p) if p.is_dir() else p.unlink()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             self.abandon()
             raise ClipftUsageError(f"cannot write to {self.path}: {exc.strerror or exc}") from exc
+        try:
+            self.lock.acquire()
+        except ClipftUsageError:
+            self.abandon()
+            raise
         self.record()
 
+    def resume(self) -> None:
+        """Continue the run already in the directory (``--resume``): lock it,
+        and keep the entries its marker says it created."""
+        self.lock.acquire()
+        self._ours = set((read_marker(self.path) or {}).get("entries", ()))
+
     def record(self) -> None:
-        """(Re)write the marker: every entry the run has created so far."""
+        """(Re)write the marker: the entries the run created. Not whatever is in
+        the directory: a file the user adds while the run trains stays theirs,
+        and ``--overwrite`` will not delete it."""
         # a killed write's file is no entry of the run; a checkpoint's temporary folder
         # may hold the newest complete checkpoint, and only the checkpointer removes it
         atomic.remove_stale(self.path, set(RUN_FILES) - {CURRENT})
-        entries = sorted({p.name for p in self.path.iterdir()} | {MARKER})
+        present = {p.name for p in self.path.iterdir()}
+        ours = {n for n in present if _is_run_entry(n)} | (self.created & present) | (self._ours & present)
         atomic.write_text(self.path / MARKER, json.dumps(
-            {"format": MARKER_FORMAT, "version": 1, "entries": entries}))
+            {"format": MARKER_FORMAT, "version": 1, "entries": sorted(ours | {MARKER})}))
 
     def committed(self) -> None:
         """The new run has a checkpoint: the replaced run can go."""
@@ -145,6 +215,7 @@ class RunDirectory:
 
     def abandon(self) -> None:
         """The new run failed before its first checkpoint: put the old one back."""
+        self.lock.release()
         if self.backup is None:
             return
         shutil.rmtree(self.path, ignore_errors=True)

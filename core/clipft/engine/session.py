@@ -347,6 +347,12 @@ def build_callbacks(run: PreparedRun, progress) -> list:
 def _resume_folder(out_dir: Path, progress) -> tuple:
     """``(folder, state)`` of the checkpoint ``--resume`` continues from."""
     folder, state = newest_complete(out_dir)
+    backup = rundir.backup_of(out_dir)
+    if folder is None and backup.exists():
+        raise ClipftUsageError(
+            f"--resume {out_dir}: nothing to resume; an --overwrite of this directory was interrupted before "
+            f"the new run's first checkpoint, and the previous run is kept in {backup}. Restore it with "
+            f"`rm -rf {out_dir} && mv {backup} {out_dir}` (then --resume it), or remove it with `rm -rf {backup}`")
     if folder is None and (out_dir / "checkpoint").is_dir():
         _, why = inspect_checkpoint(out_dir / "checkpoint")
         raise ClipftUsageError(f"--resume {out_dir}: no complete checkpoint to resume from: {why}")
@@ -426,12 +432,25 @@ def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = Non
 
 
 def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> dict:
+    directory: list = []   # the run's RunDirectory once there is one: its lock goes at the end
+    try:
+        return _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist, directory)
+    finally:
+        for d in directory:
+            d.lock.release()
+
+
+def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist, held: list) -> dict:
     from clipft.progress import Silent
     progress = progress or Silent()
     main = dist.main
     directory = None
     if resume is not None:
         out_dir = Path(resume)
+        if main:   # before anything in the run is read or changed: one process per run
+            directory = rundir.RunDirectory(out_dir)
+            held.append(directory)
+            directory.resume()
     else:
         # one name for every rank (a default name has the time in it)
         out_dir = dist.broadcast(Path(out_dir or config.out or rundir.default_run_dir(config.model,
@@ -457,12 +476,12 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
     checkpoints = checkpointer_for(run, out_dir)
     if resume is not None:
         state = _resume_state(run, out_dir, checkpoints, progress, folder, weights_only=at_boundary, dist=dist)
-        directory = rundir.RunDirectory(out_dir) if main else None   # keeps the marker's list current
     else:
         # everything is validated and built: only now touch the run directory
         state = LoopState(world_size=dist.world, fit=run.fit)
         if main:
             directory = rundir.RunDirectory(out_dir)
+            held.append(directory)
             directory.start(overwrite)
     dist.barrier()     # the run directory exists before any rank trains
     try:
@@ -473,7 +492,10 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
                                  warn=getattr(progress, "warn", None), directory=directory)
         else:
             host = CallbackHost()
-        host.fire("on_run_start", run_view(run, out_dir, state.epoch))
+        view = run_view(run, out_dir, state.epoch)
+        if directory is not None:   # what callbacks create through view.path is the run's own
+            directory.created = view.created
+        host.fire("on_run_start", view)
         with StopSignals() as stop:
             try:
                 while True:
