@@ -196,3 +196,21 @@ def test_samples_failing_at_load_time_are_dropped_and_counted_once(workers):
         seen = [int(i) for b in Batches(loader, failures, "train") for i in b["index"]]
     assert sorted(seen) == [0, 1, 2, 4, 5, 6, 8, 9]
     assert failures.count == 2
+
+
+def test_guarded_stream_pickles_by_name_for_spawned_workers():
+    """A spawned DataLoader worker unpickles the guarded stream, so its class
+    must be importable by name; the markers it yields say which sample failed."""
+    import pickle
+
+    import torch
+    from clipft.data import _Failed, guard
+    from clipft.guarded_stream import GuardedStream
+
+    back = pickle.loads(pickle.dumps(GuardedStream([(0, None, "", 0), None, (2, "img", "c", 1)])))
+    assert type(back) is GuardedStream and isinstance(back, torch.utils.data.IterableDataset)
+    assert type(guard(back)) is GuardedStream
+    items = list(back)
+    assert [type(x) for x in items[:2]] == [_Failed, _Failed]
+    assert [x.index for x in items[:2]] == [0, None]
+    assert items[2] == (2, "img", "c", 1)
