@@ -12,7 +12,6 @@ whose length per epoch the bundle gives (``train_length``, ``val_length``).
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
