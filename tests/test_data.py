@@ -216,3 +216,21 @@ def test_a_train_folder_without_val_is_read_as_a_split_not_as_a_class(tmp_path):
     assert bundle.classnames == ["blue", "red"]
     assert len(bundle.train) + len(bundle.val) == 10 and len(bundle.val) > 0
     assert any("has train/ but no val" in w for w in bundle.warnings)
+
+
+def test_guarded_stream_pickles_by_name_for_spawned_workers():
+    """A spawned DataLoader worker unpickles the guarded stream, so its class
+    must be importable by name; the markers it yields say which sample failed."""
+    import pickle
+
+    import torch
+    from clipft.data import _Failed, guard
+    from clipft.guarded_stream import GuardedStream
+
+    back = pickle.loads(pickle.dumps(GuardedStream([(0, None, "", 0), None, (2, "img", "c", 1)])))
+    assert type(back) is GuardedStream and isinstance(back, torch.utils.data.IterableDataset)
+    assert type(guard(back)) is GuardedStream
+    items = list(back)
+    assert [type(x) for x in items[:2]] == [_Failed, _Failed]
+    assert [x.index for x in items[:2]] == [0, None]
+    assert items[2] == (2, "img", "c", 1)

@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-EXAMPLE_MARKER = "<!-- worked-example: clipft_clip_adapter.py -->"
+EXAMPLE_MARKER = re.compile(r"^<!-- worked-example: (\S+) -->\n", re.M)
 
 
 # -- reading the docs -----------------------------------------------------------------
@@ -272,24 +272,39 @@ def test_readme_is_a_landing_page():
 
 
 # -- the worked example runs ------------------------------------------------------------
-def _example_source() -> str:
+def _example_files() -> dict:
+    """``{path: source}`` of each file of the worked example."""
     text = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
-    after = text[text.index(EXAMPLE_MARKER) + len(EXAMPLE_MARKER):]
-    m = _FENCE.search(after)
-    assert m and m.group(1) == "python"
-    return m.group(2)
+    files = {}
+    for marker in EXAMPLE_MARKER.finditer(text):
+        m = _FENCE.match(text, marker.end())
+        assert m and m.group(1) == "python", f"no python block right after {marker.group(0)!r}"
+        files[marker.group(1)] = m.group(2)
+    return files
 
 
 @pytest.fixture(scope="module")
 def adapter_plugin(tmp_path_factory):
-    path = tmp_path_factory.mktemp("example") / "clipft_clip_adapter.py"
-    path.write_text(_example_source())
-    spec = importlib.util.spec_from_file_location("clipft_clip_adapter", path)
+    root = tmp_path_factory.mktemp("example")
+    files = _example_files()
+    assert sorted(files) == ["clipft_clip_adapter/__init__.py", "clipft_clip_adapter/adapter.py"]
+    for rel, source in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(source)
+    # the repository's own clipft-clip-adapter has the same package name: set it
+    # aside while the example stands in for it
+    names = ("clipft_clip_adapter", "clipft_clip_adapter.adapter")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    package = root / "clipft_clip_adapter"
+    spec = importlib.util.spec_from_file_location("clipft_clip_adapter", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["clipft_clip_adapter"] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop("clipft_clip_adapter", None)
+    for n in names:
+        sys.modules.pop(n, None)
+    sys.modules.update(saved)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -326,7 +341,7 @@ def test_the_worked_example_trains_on_cached_embeddings_and_round_trips(adapter_
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = encode_images(model, images)
-        fresh = adapter_plugin._adapter_class()(plain.shape[1], adapter.opts, seed=0)
+        fresh = adapter_plugin.adapter.ClipAdapter(plain.shape[1], adapter.opts, seed=0)
         adapter_plugin.clipft.install(model, fresh)
         assert torch.allclose(encode_images(model, images), plain, atol=1e-6)
 

@@ -220,6 +220,22 @@ def test_listing_plugins_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_plugin_classes_are_defined_at_module_level():
+    """Plugin convention: torch classes live at module level in a sibling module
+    that build/apply imports, never inside a function (a class made per call
+    does not pickle by name and is a new type each time)."""
+    import ast
+
+    nested = []
+    for path in sorted((ROOT / "plugins").glob("*/*/**/*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                nested += [f"{path.relative_to(ROOT)}:{c.lineno} {c.name}"
+                           for c in ast.walk(fn) if isinstance(c, ast.ClassDef)]
+    assert not nested, nested
+
+
 def test_plugins_load_lazily_not_at_import():
     code = "import sys, clipft, clipft.cli; print(any(m.startswith('clipft_') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

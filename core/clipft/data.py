@@ -12,7 +12,6 @@ whose length per epoch the bundle gives (``train_length``, ``val_length``).
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -265,51 +264,6 @@ class GuardedDataset:
         return _Failed(i) if item is None else item
 
 
-def _guarded_item(item):
-    if item is None:
-        return _Failed(None)
-    if isinstance(item, tuple) and len(item) == 4 and item[1] is None:
-        return _Failed(item[0])   # (index, None, ...): the stream says which sample failed
-    return item
-
-
-def _guarded_stream(dataset):
-    # a stream catches its own per-sample failures (it yields None): one that
-    # raises cannot go on, so the exception ends the pass and is reported
-    for item in dataset:
-        yield _guarded_item(item)
-
-
-_GUARDED_STREAM = None
-
-
-def _guarded_stream_class():
-    """``GuardedStream``, made on first use: it subclasses torch's
-    IterableDataset, and importing this module must not import torch."""
-    global _GUARDED_STREAM
-    if _GUARDED_STREAM is None:
-        import torch
-
-        class GuardedStream(torch.utils.data.IterableDataset):
-            """A stream whose failed samples are markers for :func:`collate`."""
-
-            def __init__(self, inner):
-                self.dataset = inner
-
-            def __iter__(self):
-                return _guarded_stream(self.dataset)
-
-        GuardedStream.__module__, GuardedStream.__qualname__ = __name__, "GuardedStream"
-        _GUARDED_STREAM = GuardedStream
-    return _GUARDED_STREAM
-
-
-def __getattr__(name):   # pickle finds clipft.data.GuardedStream (spawned DataLoader workers)
-    if name == "GuardedStream":
-        return _guarded_stream_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def guard(dataset):
     """A dataset whose failed samples are markers for :func:`collate`:
     :class:`GuardedDataset` for a map-style one; for an iterable one, a stream
@@ -317,7 +271,8 @@ def guard(dataset):
     the sample) into a marker."""
     if not is_iterable(dataset):
         return GuardedDataset(dataset)
-    return _guarded_stream_class()(dataset)
+    from clipft.guarded_stream import GuardedStream
+    return GuardedStream(dataset)
 
 
 class DecodeFailures:
