@@ -227,7 +227,7 @@ def test_guarded_stream_pickles_by_name_for_spawned_workers():
     from clipft.data import _Failed, guard
     from clipft.guarded_stream import GuardedStream
 
-    back = pickle.loads(pickle.dumps(GuardedStream([(0, None, "", 0), None, (2, "img", "c", 1)])))
+    back = pickle.loads(pickle.dumps(GuardedStream([(0, None, "", 0), None, (2, "img", "c", 1)], _Failed)))
     assert type(back) is GuardedStream and isinstance(back, torch.utils.data.IterableDataset)
     assert type(guard(back)) is GuardedStream
     items = list(back)

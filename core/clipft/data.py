@@ -272,7 +272,7 @@ def guard(dataset):
     if not is_iterable(dataset):
         return GuardedDataset(dataset)
     from clipft.guarded_stream import GuardedStream
-    return GuardedStream(dataset)
+    return GuardedStream(dataset, _Failed)
 
 
 class DecodeFailures:

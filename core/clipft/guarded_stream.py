@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import torch
 
-from clipft.data import _Failed
-
-
-def _guarded_item(item):
-    if item is None:
-        return _Failed(None)
-    if isinstance(item, tuple) and len(item) == 4 and item[1] is None:
-        return _Failed(item[0])   # (index, None, ...): the stream says which sample failed
-    return item
-
 
 class GuardedStream(torch.utils.data.IterableDataset):
-    """A stream whose failed samples are markers for :func:`clipft.data.collate`."""
+    """A stream whose failed samples become ``failed(index)`` markers for
+    :func:`clipft.data.collate` (the marker class comes from clipft.data, which
+    this module does not import: clipft.data imports it)."""
 
-    def __init__(self, inner):
-        self.dataset = inner
+    def __init__(self, inner, failed):
+        self.dataset, self.failed = inner, failed
 
     def __iter__(self):
         # a stream catches its own per-sample failures (it yields None): one that
         # raises cannot go on, so the exception ends the pass and is reported
         for item in self.dataset:
-            yield _guarded_item(item)
+            if item is None:
+                yield self.failed(None)
+            elif isinstance(item, tuple) and len(item) == 4 and item[1] is None:
+                yield self.failed(item[0])   # (index, None, ...): the stream says which sample failed
+            else:
+                yield item
