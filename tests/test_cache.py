@@ -1,7 +1,9 @@
 """Frozen-tower caching: cached and live runs train the same parameters, the
 cache is used where (and only where) a tower or prefix is frozen, hits are
 counted, the on-disk cache is reused and keyed, and --no-cache runs live."""
+import contextlib
 import json
+from unittest import mock
 
 import attrs
 import pytest
@@ -104,9 +106,10 @@ def train_run(registry, tmp_path, name, cache=True, memory_budget=None, **kw):
 
     cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
                        "loss": "contrastive", **kw}, cache=cache)
-    run = prepare(cfg, registry)
-    if memory_budget is not None:
-        run.features.keys.memory_budget = memory_budget
+    budget = (mock.patch("clipft.engine.prepare.memory_budget_bytes", return_value=memory_budget)
+              if memory_budget is not None else contextlib.nullcontext())
+    with budget:
+        run = prepare(cfg, registry)
     out = tmp_path / name
     out.mkdir()
     stats = train(run, out, Silent())
@@ -140,7 +143,8 @@ CASES = {
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_and_live_runs_train_the_same_parameters(registry, tmp_path, case):
-    from clipft.engine.features import CachedFeatures, LiveFeatures
+    from clipft.engine.cache.provider import CachedFeatures
+    from clipft.engine.features import LiveFeatures
 
     kw, cut, text = CASES[case]
     run_c, sum_c, cached = train_run(registry, tmp_path, "cached", **kw)
@@ -368,7 +372,8 @@ def test_anything_that_could_change_a_frozen_tower_disables_its_cache():
 
 
 def test_strategy_can_keep_a_tower_live(registry, tmp_path):
-    from clipft.engine.features import CachedFeatures, LiveFeatures
+    from clipft.engine.cache.provider import CachedFeatures
+    from clipft.engine.features import LiveFeatures
     from clipft.engine.prepare import prepare
 
     def features(live):
