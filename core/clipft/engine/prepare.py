@@ -59,7 +59,7 @@ class PreparedRun:
     groups: list
     lr: float
     loaders: Loaders
-    features: object          # LiveFeatures, or the cache's CachedFeatures around one
+    features: object          # LiveFeatures or CachedFeatures
     evaluate: Evaluator
     autocast: object
     trainer: Optional[Trainer] = None

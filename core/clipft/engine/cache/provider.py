@@ -62,6 +62,7 @@ from clipft.engine.cache.store import (
     tensor_digest,
     transform_repr,
 )
+from clipft.engine.compose import freeze_frozen_norm_stats
 from clipft.engine.features import Batch, Encoders, LiveFeatures, _batch, _joined
 from clipft.protocols import ENTERS_TEXT_EMBEDDING, installed
 
@@ -91,8 +92,6 @@ class SplitCache:
 def _in_train_mode(model, probe):
     """``probe()`` with ``model`` in the mode an epoch trains in; the modes of
     its modules are left as they were."""
-    from clipft.engine.compose import freeze_frozen_norm_stats
-
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     freeze_frozen_norm_stats(model)
