@@ -1,7 +1,9 @@
 """Frozen-tower caching: cached and live runs train the same parameters, the
 cache is used where (and only where) a tower or prefix is frozen, hits are
 counted, the on-disk cache is reused and keyed, and --no-cache runs live."""
+import contextlib
 import json
+from unittest import mock
 
 import attrs
 import pytest
@@ -71,6 +73,18 @@ class InstallClassBias(clipft.Strategy):
         return [Selection("class-bias", [(f"{slot}.bias", encoder.bias)])]
 
 
+class NoisyFrozenBlock(clipft.Strategy):
+    """Trains the ViT projection and puts dropout (no parameters) at the end of
+    the frozen block 0's MLP: random in train mode, the identity in eval mode."""
+
+    def __init__(self, opts):
+        pass
+
+    def apply(self, model, ctx):
+        model.visual.transformer.resblocks[0].mlp.add_module("drop", torch.nn.Dropout(0.5))
+        return [Selection("proj", [("visual.proj", model.visual.proj)])]
+
+
 class PickPlugin:
     @clipft.hookimpl
     def clipft_register_strategies(self, register):
@@ -78,6 +92,8 @@ class PickPlugin:
                               build=Pick, default_lr=1e-3))
         register(StrategySpec(name="class-bias", summary="test: a trainable class-prompt encoder",
                               build=InstallClassBias, default_lr=1e-2))
+        register(StrategySpec(name="noisy-block", summary="test: dropout in a frozen block",
+                              build=NoisyFrozenBlock, default_lr=1e-3))
 
 
 #: in-process plugins the conftest ``registry`` fixture adds to the installed ones
@@ -96,9 +112,10 @@ def train_run(registry, tmp_path, name, cache=True, memory_budget=None, **kw):
 
     cfg = RunConfig(**{"model": "tiny-vit", "data": DATA, "epochs": 2, "batch_size": 16,
                        "loss": "contrastive", **kw}, cache=cache)
-    run = prepare(cfg, registry)
-    if memory_budget is not None:
-        run.features.keys.memory_budget = memory_budget
+    budget = (mock.patch("clipft.engine.prepare.memory_budget_bytes", return_value=memory_budget)
+              if memory_budget is not None else contextlib.nullcontext())
+    with budget:
+        run = prepare(cfg, registry)
     out = tmp_path / name
     out.mkdir()
     stats = train(run, out, Silent())
@@ -132,7 +149,8 @@ CASES = {
 @pytest.mark.numerics
 @pytest.mark.parametrize("case", list(CASES))
 def test_cached_and_live_runs_train_the_same_parameters(registry, tmp_path, case):
-    from clipft.engine.features import CachedFeatures, LiveFeatures
+    from clipft.engine.cache.provider import CachedFeatures
+    from clipft.engine.features import LiveFeatures
 
     kw, cut, text = CASES[case]
     run_c, sum_c, cached = train_run(registry, tmp_path, "cached", **kw)
@@ -244,6 +262,36 @@ def test_store_over_the_memory_limit_falls_back_to_live(registry, tmp_path):
     assert "in-memory limit" in summary["cache"]["train_image"]
     assert summary["cache"]["image_hits"] == 0
     assert max_diff(cached, live) == EXACT
+
+
+@pytest.mark.numerics
+def test_dropout_in_the_frozen_part_keeps_train_images_live_but_caches_val(registry, tmp_path):
+    kw = dict(strategies=[ComponentRef("noisy-block")])
+    _, summary, cached = train_run(registry, tmp_path, "noisy", **kw)
+    _, _, live = train_run(registry, tmp_path, "live", cache=False, **kw)
+    c = summary["cache"]
+    assert c["train_image"] == "live (Dropout is active in the frozen part)" and "val_image" not in c
+    assert c["image_misses"] == N_VAL and c["image_hits"] == 3 * N_VAL
+    assert max_diff(cached, live) == EXACT     # the dropout draws are the live run's
+
+
+def test_a_fill_cut_short_leaves_no_store_and_the_next_epoch_fills_again(registry, tmp_path):
+    from clipft.engine.prepare import prepare
+
+    cache_dir = tmp_path / "cache"
+    run = prepare(RunConfig(model="tiny-vit", data=DATA, loss="cross-entropy", head="linear", batch_size=16,
+                            cache_dir=str(cache_dir)), registry)
+    run.model.train()
+    epoch = run.features.train_epoch(0)
+    assert next(epoch).at == "cache"
+    epoch.close()                                    # a run stopped inside its first epoch
+    assert list(cache_dir.iterdir()) == []           # neither a committed nor a half-written store
+    assert [b.at for b in run.features.train_epoch(0)] == ["cache", "cache"]
+    assert [d.name.split("-")[0] for d in cache_dir.iterdir()] == ["train"]
+    hits = run.features.stats["image_hits"]
+    assert len(list(run.features.train_epoch(1))) == 2
+    assert run.features.stats["image_hits"] == hits + N_TRAIN
+    assert run.features.stats["image_misses"] == 16 + N_TRAIN
 
 
 def test_random_augmentation_keeps_train_images_live_but_caches_val(registry, tmp_path):
@@ -360,7 +408,8 @@ def test_anything_that_could_change_a_frozen_tower_disables_its_cache():
 
 
 def test_strategy_can_keep_a_tower_live(registry, tmp_path):
-    from clipft.engine.features import CachedFeatures, LiveFeatures
+    from clipft.engine.cache.provider import CachedFeatures
+    from clipft.engine.features import LiveFeatures
     from clipft.engine.prepare import prepare
 
     def features(live):

@@ -18,10 +18,11 @@ import torch
 from clipft.data import DataContext
 from clipft.engine.assemble import Assembly, Resolved, assemble, live_towers, pick_device, resolve, seed_everything
 from clipft.engine.cache.plan import plan_cache
+from clipft.engine.cache.provider import Where, cached_features
 from clipft.engine.cache.store import memory_budget_bytes
 from clipft.engine.compose import build_groups
 from clipft.engine.evaluate import Evaluator
-from clipft.engine.features import CachedFeatures, Encoders, LiveFeatures, StoreKeys
+from clipft.engine.features import Encoders, LiveFeatures
 from clipft.engine.fit import fit_to_train_split, fitters
 from clipft.engine.loaders import Loaders
 from clipft.engine.loop import Trainer
@@ -146,11 +147,11 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
     if not plan.anything:
         return LiveFeatures(enc, loaders, autocast)
     spec, opts = res.data
-    directory = Path(config.cache_dir).expanduser() if config.cache_dir else None
-    keys = StoreKeys(directory=directory, memory_budget=memory_budget_bytes(), base={
-        "model": config.model, "data": {"source": spec.name, "options": options_to_dict(opts)},
-        "precision": precision, "device": device.type})
-    return CachedFeatures(enc, loaders, autocast, plan, keys, augment=bool(config.augment))
+    where = Where(directory=Path(config.cache_dir).expanduser() if config.cache_dir else None,
+                  memory_budget=memory_budget_bytes(), base={
+                      "model": config.model, "data": {"source": spec.name, "options": options_to_dict(opts)},
+                      "precision": precision, "device": device.type})
+    return cached_features(enc, loaders, autocast, plan, where, augment=bool(config.augment))
 
 
 def build_loss(spec, options, ctx, device):
