@@ -131,6 +131,26 @@ def newest_intact(run_dir: Path) -> tuple:
     return None, None, damaged
 
 
+def checkpoint_to_load(run_dir: Path, what: str, warn=None) -> tuple:
+    """``(folder, state)`` of the checkpoint a command loads (``what`` names it
+    in messages: ``--resume RUN``, ``RUN``): the newest complete one whose files
+    match their checksums. A newer damaged one is passed over with a warning;
+    when every complete checkpoint is damaged, a runtime error (exit 1) names
+    the file. ``(None, None)`` when there is no complete checkpoint at all."""
+    folder, state, damaged = newest_intact(run_dir)
+    if folder is None and damaged:
+        raise ClipftError(f"{what}: no intact checkpoint: {damaged[0][1]}"
+                          + (f" (and {len(damaged) - 1} older damaged)" if len(damaged) > 1 else ""))
+    for bad, why in damaged:
+        message = f"{why}; using {folder.name}, the newest intact checkpoint"
+        if warn is not None:
+            warn(message)
+        else:
+            import sys
+            print(f"warning: {message}", file=sys.stderr)
+    return folder, state
+
+
 def _order(state) -> tuple:
     return (int(state.get("global_step", 0)), int(state.get("epoch", 0)))
 

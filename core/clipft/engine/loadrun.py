@@ -52,14 +52,14 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     """The model of a finished (or checkpointed) run, ready for inference."""
     from clipft.config import RunConfig, load_toml
     from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
-    from clipft.engine.checkpoint import CURRENT, inspect_checkpoint, load_trained_tensors, newest_complete
+    from clipft.engine.checkpoint import CURRENT, checkpoint_to_load, inspect_checkpoint, load_trained_tensors
     from clipft.models import load_model
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
-    ck, state = newest_complete(run_dir)
+    ck, state = checkpoint_to_load(run_dir, str(run_dir))
     if ck is None:
         if (run_dir / CURRENT).is_dir():   # there is one, but it is damaged: say which file
             raise ClipftUsageError(

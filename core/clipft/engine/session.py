@@ -27,7 +27,7 @@ from clipft.data import is_iterable
 from clipft.engine import rundir
 from clipft.callbacks import Callback, CheckpointView, RunView
 from clipft.engine.callbacks import CallbackHost
-from clipft.engine.checkpoint import Checkpointer, inspect_checkpoint, newest_complete
+from clipft.engine.checkpoint import Checkpointer, checkpoint_to_load, inspect_checkpoint
 from clipft.engine.loop import LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.errors import ClipftUsageError, RunInterrupted
@@ -346,7 +346,7 @@ def build_callbacks(run: PreparedRun, progress) -> list:
 
 def _resume_folder(out_dir: Path, progress) -> tuple:
     """``(folder, state)`` of the checkpoint ``--resume`` continues from."""
-    folder, state = newest_complete(out_dir)
+    folder, state = checkpoint_to_load(out_dir, f"--resume {out_dir}", getattr(progress, "warn", None))
     backup = rundir.backup_of(out_dir)
     if folder is None and backup.exists():
         raise ClipftUsageError(
