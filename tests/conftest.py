@@ -1,12 +1,15 @@
 """Shared fixtures: offline, tiny models, CLI runner."""
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # never touch the network from tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the plugins' provides cache (clipft.plugins.cache_path) of this test process, not the user's
+os.environ.setdefault("CLIPFT_CACHE_DIR", tempfile.mkdtemp(prefix="clipft-test-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

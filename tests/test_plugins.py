@@ -388,3 +388,66 @@ def test_unknown_name_close_to_a_known_one_is_suggested():
     assert "unknown strategy 'last_n' (did you mean 'last-n'?)" in msg
     assert "clipft-last-n is installed and provides strategy 'last-n'" in msg
     assert "pip install" not in msg
+
+
+# -- plugins that break everyone: stdout, import cost, a process that exits -------
+def test_a_plugin_that_prints_at_import_leaves_json_valid(site, invoke):
+    make_dist(site, "clipft-noisy", "clipft_noisy",
+              "print('hello from import')\n" + textwrap.dedent(STRATEGY_SRC.format(name="noisy")))
+    printed = ""
+    for args in (["plugins", "--json"], ["describe", "strategy", "noisy", "--json"],
+                 ["plan", "--model", "tiny-vit", "--strategy", "noisy", "--json"]):
+        r = invoke(*args)
+        assert r.exit_code == 0, r.output
+        json.loads(r.stdout)                       # one document, nothing else
+        printed += r.stderr
+    assert "hello from import" in printed          # (imported once: this process keeps the module)
+
+
+def _cli(site, cache, *args):
+    env = {**os.environ, "CLIPFT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "clipft.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+RUN_FULL = ["run", "--model", "tiny-vit", "--data", "shapes:n=16,val_n=8", "--strategy", "full",
+            "--epochs", "1", "--batch-size", "8", "--callback", "none", "--json"]
+
+
+def test_a_run_imports_only_the_distributions_it_uses(tmp_path):
+    """After one full load has recorded what each distribution provides, a run
+    imports the providers of the components it names, not a plugin it does not use."""
+    site, cache, marker = tmp_path / "site", tmp_path / "cache", tmp_path / "imported"
+    site.mkdir()
+    make_dist(site, "clipft-heavy", "clipft_heavy", f"open({str(marker)!r}, 'a').write('x')\n"
+              + textwrap.dedent(STRATEGY_SRC.format(name="heavy")))
+    r = _cli(site, cache, "plugins", "--json")                # a full load: fills the cache
+    assert r.returncode == 0, r.stderr
+    assert marker.read_text() == "x"
+    r = _cli(site, cache, *RUN_FULL, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    assert marker.read_text() == "x"                            # not imported again
+    heavy = [a if a != "full" else "heavy" for a in RUN_FULL]
+    r = _cli(site, cache, *heavy, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert marker.read_text() == "xx"                           # its own component: imported
+
+
+def test_a_plugin_that_exits_at_import_breaks_one_command_once(tmp_path):
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    make_dist(site, "clipft-exiter", "clipft_exiter", "import os\nos._exit(7)\n")
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    # commands that need no plugin load none
+    for args in (["--version"], ["--help"], ["runs", runs_dir]):
+        r = _cli(site, cache, *args)
+        assert r.returncode == 0, (args, r.stderr)
+    assert _cli(site, cache, "plugins", "--json").returncode == 7     # the import ends the process
+    r = _cli(site, cache, "plugins", "--json")                         # the next one skips it
+    assert r.returncode == 0, r.stderr
+    row = next(p for p in json.loads(r.stdout)["plugins"] if p["distribution"] == "clipft-exiter")
+    assert row["status"] == "failed" and "ended the process that imported it" in row["error"]
+    r = _cli(site, cache, *RUN_FULL, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr

@@ -226,13 +226,16 @@ def test_missing_default_dir_says_so(invoke, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "runs: no such directory" in r.stderr and "default runs/" in r.stderr
 
 
-def test_component_strings_show_options_that_differ_from_the_defaults():
+def test_component_strings_show_options_that_differ_from_the_defaults(monkeypatch, tmp_path):
     from clipft import runs
     from clipft.api import make_registry
-    reg = make_registry()
+    reg = make_registry()    # a full load: it records the defaults in the provides cache too
     t = {"name": "last-n", "n": 3, "tower": "both", "projection": True}   # n defaults to 2
     assert runs.component_string(t, "strategy", reg) == "last-n:n=3"
-    assert runs.component_string(t, "strategy") == "last-n:n=3,tower=both,projection=true"   # no registry
+    # no registry (`clipft runs` imports no plugin): the defaults the cache recorded
+    assert runs.component_string(t, "strategy") == "last-n:n=3"
+    monkeypatch.setenv("CLIPFT_CACHE_DIR", str(tmp_path / "empty"))   # nothing recorded: every option
+    assert runs.component_string(t, "strategy") == "last-n:n=3,tower=both,projection=true"
     lora = {"name": "lora", "targets": ["q", "v"], "r": 4, "dropout": None}
     assert runs.component_string(lora, "strategy", None) == "lora:targets=q,v,r=4"
     unknown = {"name": "not-installed", "alpha": 0.5}

@@ -70,12 +70,24 @@ def guarded(fn):
     return wrapper
 
 
-def _registry(ctx: click.Context):
+def _registry(ctx: click.Context, only=None):
+    """The plugins; ``only``: the ``(kind, name)`` pairs the command looks up,
+    so that only the distributions providing them are imported (Registry.load)."""
     from clipft.plugins import Registry
     obj = ctx.find_root().obj
     if obj.get("registry") is None:
-        obj["registry"] = Registry(disabled=obj["disabled"]).load()
+        obj["registry"] = Registry(disabled=obj["disabled"]).load(only)
     return obj["registry"]
+
+
+def _components(cfg, strategies=()) -> set:
+    """The ``(kind, name)`` pairs a run of ``cfg`` looks up first (its loss may
+    default to either built-in); anything else loads when it is looked up."""
+    refs = [(k.name, r) for k in kinds.KINDS
+            for r in (getattr(cfg, k.config_field) if k.repeatable else [getattr(cfg, k.config_field)])]
+    names = {(kind, r.name) for kind, r in refs if r is not None}
+    names |= {("strategy", r.name) for r in strategies} | {("loss", "contrastive"), ("loss", "cross-entropy")}
+    return names
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,7 +148,7 @@ def plugins_cmd(ctx, as_json):
 def describe_cmd(ctx, kind, name, as_json):
     from clipft.options import describe_options
     k = kinds.lookup(kind).name
-    reg = _registry(ctx)
+    reg = _registry(ctx, {(k, name)})
     spec = reg.get(k, name)
     rows = describe_options(spec)
     doc = {"kind": k, "name": name, "summary": spec.summary,
@@ -264,7 +276,7 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
                 f"got {flags.get(changed[0], '--' + changed[0])}")
         config_file = str(resume_dir / "config.toml")
     cfg = build_config(config_file, kw)
-    reg = _registry(ctx)
+    reg = _registry(ctx, _components(cfg))
     # the closing table is the result: on stdout, unless stdout is the JSON's
     reporter = RichReporter(result=None if as_json else stdout_console())
     summary = execute(cfg, reg, reporter, out_dir=Path(out) if out else None,
@@ -282,7 +294,7 @@ def plan_cmd(ctx, config_file, as_json, **kw):
     """Show what a run would train (groups, counts, lr, memory) without training."""
     from clipft.engine.plan import make_plan, render_plan
     cfg = build_config(config_file, kw)
-    p = make_plan(cfg, _registry(ctx))
+    p = make_plan(cfg, _registry(ctx, _components(cfg)))
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return
@@ -519,7 +531,7 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
         raise ClipftUsageError(f"--seeds {seeds}: must be >= 1")
     refs = sweep.parse_members(members)
     cfg = build_config(config_file, kw)
-    reg = _registry(ctx)
+    reg = _registry(ctx, _components(cfg, [r for m in refs for r in m]))
     from clipft.engine.assemble import resolve
     import attrs
     for m in refs:                      # every member resolves before the first one trains
@@ -604,9 +616,9 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
         raise ClipftUsageError("--all goes with --compare A B")
     if compare:
         a, b = (runs.resolve_run(x, base) for x in compare)
-        doc = runs.compare(a, b, _registry(ctx))
+        doc = runs.compare(a, b)
     else:
-        doc = runs.list_runs(base, _registry(ctx))
+        doc = runs.list_runs(base)
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
     elif compare:

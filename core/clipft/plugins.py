@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.metadata as md
+import json
 import os
 import re
 import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Iterable, Optional
 
 import attrs
@@ -131,6 +133,157 @@ def conflict_message(kind: str, name: str, owners: list["PluginRecord"]) -> str:
         rest = [r for r in owners if r is not other]
         msg += f"; to keep '{other.distribution}' instead: {_disable_flags(rest)}"
     return msg + "."
+
+
+# -- the provides cache ----------------------------------------------------------
+# What each installed entry point provided when it was last imported, keyed by
+# its distribution, version, install time and target, so that a command can
+# import only the distributions it needs (Registry.load(only=...)) and `clipft
+# runs` can show options against their defaults without importing any plugin.
+# A plugin that changes without a reinstall (an editable one) is still found:
+# a name the cache does not place loads every pending distribution.
+CACHE_ENV = "CLIPFT_CACHE_DIR"
+CACHE_FORMAT = 1
+
+
+def cache_path() -> Path:
+    """``$CLIPFT_CACHE_DIR/plugins.json``, else ``$XDG_CACHE_HOME/clipft/`` or ``~/.cache/clipft/``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "clipft")
+    return Path(root) / "plugins.json"
+
+
+def _fingerprint(ep) -> str:
+    dist = ep.dist
+    where = _installed_at(dist) if dist is not None else None
+    return "|".join(map(str, (dist.name if dist else "?", dist.version if dist else "?", where, ep.name, ep.value)))
+
+
+def _pairs(provides: dict) -> set:
+    return {(k, n) for k, names in provides.items() for n in names}
+
+
+def _read_cache() -> Optional[dict]:
+    try:
+        doc = json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    ok = isinstance(doc, dict) and doc.get("format") == CACHE_FORMAT and isinstance(doc.get("entries"), dict)
+    return doc["entries"] if ok else None
+
+
+def _jsonable_default(value):
+    """A default as TOML/JSON would hold it (tuples as lists), or a marker that
+    it cannot be compared (such an option is always shown)."""
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable_default(v) for v in value]
+        return _UNCOMPARABLE if _UNCOMPARABLE in items else items
+    return value if value is None or isinstance(value, (str, int, float, bool)) else _UNCOMPARABLE
+
+
+_UNCOMPARABLE = "<clipft: not comparable>"
+
+
+def _write_cache(records: list, eps: list, components: dict) -> None:
+    """Record what every entry point of a full load provided; best effort (a
+    read-only home is no error: the next command loads everything again)."""
+    from clipft import atomic
+    from clipft.options import describe_options
+    by_name = {r.name: r for r in records if not r.distribution.startswith("<in-process")}
+    entries = {}
+    for ep in eps:
+        rec = by_name.get(ep.name)
+        if rec is None or rec.status == "disabled":
+            continue
+        provides = {k: list(v) for k, v in rec.provides.items() if v}
+        defaults, default_callbacks = {}, []
+        for kind, names in provides.items():
+            for name in names:
+                hit = components[kind].get(name)
+                if hit is None or hit[1] is not rec:
+                    continue
+                spec = hit[0]
+                if kind == "callback" and getattr(spec, "default", False):
+                    default_callbacks.append(name)
+                try:
+                    rows = describe_options(spec)
+                except Exception:  # noqa: BLE001 - an options class we cannot read: no defaults
+                    continue
+                defaults.setdefault(kind, {})[name] = {
+                    r["name"]: d for r in rows if not r["required"]
+                    and (d := _jsonable_default(r["default"])) != _UNCOMPARABLE}
+        entries[_fingerprint(ep)] = {"status": rec.status, "error": rec.error, "provides": provides,
+                                     "default_callbacks": default_callbacks, "defaults": defaults}
+    if _read_cache() == entries:
+        return
+    try:
+        path = cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+    except OSError:
+        pass
+
+
+class _ImportJournal:
+    """``importing``: a line ``PID FINGERPRINT`` written just before an entry
+    point is imported and removed when the import is over, however it ended.
+    A plugin that ends the process at import (``os._exit``, a segfault) leaves
+    its line with a dead pid, and the next command skips it as failed
+    (:func:`_killed_importers`) instead of dying the same way."""
+
+    def __init__(self):
+        self.path = cache_path().parent / "importing"
+
+    @contextlib.contextmanager
+    def importing(self, ep):
+        line = f"{os.getpid()} {_fingerprint(ep)}\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError:
+            line = None
+        try:
+            yield
+        finally:
+            if line is not None:
+                self._forget(line)
+
+    def _forget(self, line: str) -> None:
+        try:   # other processes' lines stay (a parallel command importing now)
+            rest = [ln for ln in self.path.read_text(encoding="utf-8").splitlines(keepends=True) if ln != line]
+            if rest:
+                from clipft import atomic
+                atomic.write_text(self.path, "".join(rest))
+            else:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+def _killed_importers() -> set:
+    """Fingerprints whose import ended its process (see :class:`_ImportJournal`)."""
+    from clipft.atomic import pid_alive
+    try:
+        lines = (cache_path().parent / "importing").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return set()
+    out = set()
+    for ln in lines:
+        pid, _, fp = ln.partition(" ")
+        if pid.isdigit() and fp and not pid_alive(int(pid)):
+            out.add(fp)
+    return out
+
+
+def cached_defaults(kind: str, name: str) -> Optional[dict]:
+    """The option defaults of ``kind`` ``name`` as the provides cache recorded
+    them (one provider only), or None: for showing a run's options without
+    importing any plugin (``clipft runs``)."""
+    entries = _read_cache() or {}
+    found = [e["defaults"][kind][name] for e in entries.values()
+             if isinstance(e, dict) and name in (e.get("defaults") or {}).get(kind, {})]
+    return found[0] if len(found) == 1 else None
 
 
 def disabled_from_env() -> set[str]:
@@ -251,70 +404,114 @@ class Registry:
             k: {} for k in kinds.kind_names()}
         #: (kind, name) -> every record registering it, oldest install first
         self._conflicts: dict[tuple[str, str], list[PluginRecord]] = {}
+        #: entry points the provides cache says this command need not import (yet)
+        self._pending: list = []
 
     # -- loading -----------------------------------------------------------
-    def load(self) -> "Registry":
+    def load(self, only: Optional[Iterable[tuple]] = None) -> "Registry":
+        """Load the plugins. ``only``: the ``(kind, name)`` pairs the command
+        will look up. Then, when the provides cache (:func:`cache_path`) knows
+        every installed entry point as it is now, only the distributions that
+        provide those names (or a default callback) are imported; the others
+        load when a lookup needs them (:meth:`get`, :meth:`names`), so a plugin
+        that is slow, prints or exits at import costs nothing to runs that do
+        not use it. Anything unknown to the cache, or no ``only``: load all."""
         if self._loaded:
             return self
         self._loaded = True
-        # stdout is the command's result (--json: one document): whatever a
-        # plugin prints while it loads goes to stderr
-        with _InterruptWatch() as watch, contextlib.redirect_stdout(sys.stderr):
-            self._load(watch)
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        eps = (sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+               if self._use_entry_points else [])
+        killers = _killed_importers()
+        cached = _read_cache() if only is not None else None
+        lazy = cached is not None and all(_fingerprint(ep) in cached for ep in eps)
+        wanted = set(only or ())
+        todo = []
+        for ep in eps:
+            dist = ep.dist.name if ep.dist is not None else "?"
+            rec = PluginRecord(name=ep.name, distribution=dist,
+                               version=ep.dist.version if ep.dist is not None else "?",
+                               disable_as=dist if ep.dist is not None else ep.name,
+                               installed_at=_installed_at(ep.dist))
+            self.records.append(rec)
+            if ep.name in self._disabled or dist in self._disabled:
+                rec.status = "disabled"
+                continue
+            if _fingerprint(ep) in killers:   # it ended the last process that imported it
+                rec.status, rec.error = "failed", (
+                    "ended the process that imported it (os._exit or a fatal signal at import); "
+                    "skipped until it is reinstalled")
+                continue
+            entry = cached.get(_fingerprint(ep)) if lazy else None
+            if entry is None:
+                todo.append((ep, rec))
+                continue
+            rec.provides = {k: list(entry["provides"].get(k, ())) for k in kinds.kind_names()}
+            if entry["status"] == "failed":   # known to fail as installed: not imported again
+                rec.status, rec.error = "failed", entry["error"]
+            elif wanted & _pairs(rec.provides) or entry.get("default_callbacks"):
+                todo.append((ep, rec))
+            else:
+                self._pending.append((ep, rec))
+        self._import(todo, extras=True)
+        if not lazy:
+            _write_cache(self.records, eps, self.components)
         return self
 
-    def _load(self, watch: _InterruptWatch) -> None:
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
-        pending: list[tuple[object, PluginRecord]] = []
-
-        if self._use_entry_points:
-            for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-                dist = ep.dist.name if ep.dist is not None else "?"
-                version = ep.dist.version if ep.dist is not None else "?"
-                rec = PluginRecord(name=ep.name, distribution=dist, version=version,
-                                   disable_as=dist if ep.dist is not None else ep.name,
-                                   installed_at=_installed_at(ep.dist))
-                self.records.append(rec)
-                if ep.name in self._disabled or dist in self._disabled:
-                    rec.status = "disabled"
-                    continue
+    def _import(self, todo: list, extras: bool = False) -> None:
+        """Import and register ``(entry point, record)`` pairs (and, once, the
+        in-process plugins); whatever a plugin does wrong fails it alone."""
+        pm, loaded = self._pm, []
+        with _InterruptWatch() as watch, contextlib.redirect_stdout(sys.stderr):
+            # stdout is the command's result (--json: one document): whatever a
+            # plugin prints while it loads goes to stderr
+            journal = _ImportJournal()
+            for ep, rec in todo:
+                rec.provides = {k: [] for k in kinds.kind_names()}
                 try:
-                    obj = ep.load()
-                    _register(pm, obj, name=f"{dist}:{ep.name}")
+                    with journal.importing(ep):
+                        obj = ep.load()
+                    _register(pm, obj, name=f"{rec.distribution}:{ep.name}")
                 except BaseException as exc:  # a broken plugin must not break the rest
                     if watch.is_host_interrupt(exc):
                         raise
                     rec.status, rec.error = "failed", _error_text(exc)
                     continue
-                pending.append((obj, rec))
-
-        for i, obj in enumerate(self._extra):
-            name = getattr(obj, "__name__", None) or type(obj).__name__
-            rec = PluginRecord(name=name, distribution=f"<in-process:{name}>", version="-",
-                               disable_as=name)
-            self.records.append(rec)
-            if name in self._disabled:
-                rec.status = "disabled"
-                continue
-            try:
-                _register(pm, obj, name=f"in-process:{i}:{name}")
-            except BaseException as exc:
-                if watch.is_host_interrupt(exc):
-                    raise
-                rec.status, rec.error = "failed", _error_text(exc)
-                continue
-            pending.append((obj, rec))
-
-        for obj, rec in pending:
-            self._collect(pm, obj, rec, watch)
-
+                loaded.append((obj, rec))
+            for i, obj in enumerate(self._extra if extras else ()):
+                name = getattr(obj, "__name__", None) or type(obj).__name__
+                rec = PluginRecord(name=name, distribution=f"<in-process:{name}>", version="-",
+                                   disable_as=name)
+                self.records.append(rec)
+                if name in self._disabled:
+                    rec.status = "disabled"
+                    continue
+                try:
+                    _register(pm, obj, name=f"in-process:{i}:{name}")
+                except BaseException as exc:
+                    if watch.is_host_interrupt(exc):
+                        raise
+                    rec.status, rec.error = "failed", _error_text(exc)
+                    continue
+                loaded.append((obj, rec))
+            for obj, rec in loaded:
+                self._collect(pm, obj, rec, watch)
         order = {id(r): i for i, r in enumerate(self.records)}
+        for rec in self.records:
+            rec.conflicts = []
         for (kind, name), owners in self._conflicts.items():
             owners[:] = _newest_last(owners, order)
             for rec in owners:
                 rec.conflicts.append({"kind": kind, "name": name, "with": [
                     r.distribution for r in owners if r is not rec]})
+
+    def _load_pending(self, needs=lambda rec: True) -> None:
+        """Import the not-yet-loaded distributions whose cached record ``needs``."""
+        todo = [(ep, rec) for ep, rec in self._pending if needs(rec)]
+        if todo:
+            self._pending = [x for x in self._pending if x not in todo]
+            self._import(todo)
 
     def _collect(self, pm: pluggy.PluginManager, obj: object, rec: PluginRecord,
                  watch: _InterruptWatch) -> None:
@@ -354,11 +551,14 @@ class Registry:
     # -- lookup ------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
         self.load()
-        return sorted(self.components[kinds.lookup(kind).name])
+        kind = kinds.lookup(kind).name
+        self._load_pending(lambda rec: bool(rec.provides[kind]))
+        return sorted(self.components[kind])
 
     def conflicts(self) -> dict:
         """``(kind, name)`` -> the records that all register it, oldest install first."""
         self.load()
+        self._load_pending()
         return {key: list(owners) for key, owners in self._conflicts.items()}
 
     def _check_unambiguous(self, kind: str, name: str) -> None:
@@ -366,9 +566,17 @@ class Registry:
         if owners:
             raise PluginConflictError(conflict_message(kind, name, owners))
 
+    def _ensure(self, kind: str, name: str) -> None:
+        """Every distribution that provides ``kind`` ``name`` is loaded (all of
+        them when the name is unknown to what is loaded and cached)."""
+        self._load_pending(lambda rec: name in rec.provides[kind])
+        if name not in self.components[kind]:
+            self._load_pending()
+
     def get(self, kind: str, name: str):
         self.load()
         kind = kinds.lookup(kind).name
+        self._ensure(kind, name)
         self._check_unambiguous(kind, name)
         hit = self.components[kind].get(name)
         if hit is None:
@@ -413,5 +621,6 @@ class Registry:
     def distribution_of(self, kind: str, name: str) -> str:
         self.load()
         kind = kinds.lookup(kind).name
+        self._ensure(kind, name)
         self._check_unambiguous(kind, name)
         return self.components[kind][name][1].distribution

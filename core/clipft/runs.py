@@ -13,9 +13,11 @@ it imports neither torch nor the engine and stays fast on a folder of many runs.
   those that are equal) and each metric before/after for both.
 - :func:`render_runs` and :func:`render_compare` print those on a rich console.
 
-A registry (optional everywhere) lets options be shown compactly: only the
-options that differ from the component's defaults (``last-n:n=2``); a component
-that is not installed shows every option the run recorded.
+Options are shown compactly: only those that differ from the component's
+defaults (``last-n:n=2``). The defaults come from a registry when one is given,
+else from the plugins' provides cache (:func:`clipft.plugins.cached_defaults`),
+so that ``clipft runs`` imports no plugin; a component neither knows shows every
+option the run recorded.
 """
 from __future__ import annotations
 
@@ -153,8 +155,9 @@ def _norm(v):
 def _defaults(registry, kind: str, name: str) -> Optional[dict]:
     """The component's option defaults (required options have none), or None
     when there is no registry or the component is not installed."""
-    if registry is None:
-        return None
+    if registry is None:   # `clipft runs` imports no plugin: what the provides cache recorded
+        from clipft.plugins import cached_defaults
+        return cached_defaults(kind, name)
     try:
         from clipft.options import describe_options
         spec = registry.get(kind, name)
