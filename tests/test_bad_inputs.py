@@ -164,6 +164,15 @@ def resume_of_corrupt(ctx, name: str) -> list:
     return ["run", "--resume", run, "--epochs", "2"]
 
 
+def resume_of_garbage_rng(ctx) -> list:
+    run = a_run(ctx)
+    path = run / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    state["python_random"] = ["garbage", 7]
+    path.write_text(json.dumps(state))
+    return ["run", "--resume", run, "--epochs", "2"]
+
+
 def non_clipft_dir(ctx) -> Path:
     ctx.out = ctx.tmp / "mine"
     (ctx.out / "checkpoint").mkdir(parents=True)
@@ -347,6 +356,8 @@ CASES = [
      r"no complete checkpoint to resume from: .*checkpoint/state\.json is corrupt", "unchanged"),
     ("resume-corrupt-optimizer", lambda c: resume_of_corrupt(c, "optimizer.safetensors"), 1,
      r"no intact checkpoint: .*checkpoint/optimizer\.safetensors does not match the checksum", "unchanged"),
+    ("resume-garbage-rng-state", resume_of_garbage_rng, 2,
+     r"state\.json is corrupt: its random-number states cannot be restored", "unchanged"),
     # a run whose only checkpoint is damaged still holds a run: never wiped as an empty one
     ("rerun-over-corrupt-checkpoint", lambda c: (resume_of_corrupt(c, "state.json"),
                                                  [*RUN, "--out", c.out])[1], 2,
@@ -384,6 +395,14 @@ CASES = [
      r"the weights are a pickle of more than tensors", "absent"),
     ("local-dir-missing", lambda c: RUN + ["--model", f"local-dir:{c.tmp / 'nothing'}", *out(c)], 2,
      r"no such folder", "absent"),
+    ("predict-batch-size-0", lambda c: ["predict", "--model", "tiny-vit", *images(c, 1), "--labels", "a,b",
+                                        "--batch-size", "0"], 2, r"Invalid value for '--batch-size'", "absent"),
+    ("eval-batch-size-0", lambda c: ["eval", "--model", "tiny-vit", "--data", SHAPES, "--batch-size", "0"], 2,
+     r"Invalid value for '--batch-size'", "absent"),
+    ("predict-labels-empty", lambda c: ["predict", "--model", "tiny-vit", *images(c, 1), "--labels", ""], 2,
+     r"--labels '': a label is empty", "absent"),
+    ("predict-labels-empty-one", lambda c: ["predict", "--model", "tiny-vit", *images(c, 1), "--labels", "a,,b"],
+     2, r"--labels 'a,,b': a label is empty", "absent"),
     ("describe-unknown-kind", lambda c: ["describe", "widget", "x"], 2, r"unknown kind 'widget'", "absent"),
     ("describe-unknown-name", lambda c: ["describe", "strategy", "nope"], 2, r"unknown strategy 'nope'", "absent"),
     ("plan-bad-option", lambda c: ["plan", "--model", "tiny-vit", "--data", "shapes:n=0"], 2,

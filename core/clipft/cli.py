@@ -36,6 +36,10 @@ def guarded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if kwargs.get("as_json") and sys.stdout is None:
+                # started with stdout closed (`>&-`): the document would go nowhere
+                raise ClipftUsageError("--json: standard output is closed, so the JSON document cannot "
+                                       "be written; redirect it to a file instead")
             return fn(*args, **kwargs)
         except ClipftError as exc:
             _err(str(exc))
@@ -351,8 +355,8 @@ def source_options(fn):
         click.option("--pretrained", help="With --model: pretrained tag or local checkpoint file."),
         click.option("--templates", help="Prompt templates: simple, openai-imagenet, @FILE or a,b "
                                          "(default: the run's, else the data source's)."),
-        click.option("--batch-size", type=int, default=64, show_default=True),
-        click.option("--num-workers", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--num-workers", type=click.IntRange(0, 1024), default=0, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout."),
@@ -481,8 +485,10 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
     if labels and labels_file:
         raise ClipftUsageError("give --labels or --labels-file, not both")
     names = None
-    if labels:
-        names = [x.strip() for x in labels.split(",") if x.strip()]
+    if labels is not None:
+        names = [x.strip() for x in labels.split(",")]
+        if names and not all(names):   # `--labels a,,b` or `--labels ''`: a class with no name
+            raise ClipftUsageError(f"--labels {labels!r}: a label is empty; give names separated by commas")
     elif labels_file:
         from clipft.data import read_text_utf8
         names = [x.strip() for x in read_text_utf8(labels_file, "labels file").splitlines() if x.strip()]

@@ -374,14 +374,23 @@ class Checkpointer:
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
 
-        def restore_rng():
-            torch.set_rng_state(rest["rng.torch_cpu"])
+        def restore_rng(gens=(torch.default_generator, random, np.random)):
+            torch_gen, py_gen, np_gen = gens
+            torch_gen.set_state(rest["rng.torch_cpu"])
             cuda_states = [rest[k] for k in sorted(rest) if k.startswith("rng.torch_cuda_")]
-            if cuda_states and torch.cuda.is_available():
+            if cuda_states and torch.cuda.is_available() and torch_gen is torch.default_generator:
                 torch.cuda.set_rng_state_all(cuda_states)
-            random.setstate(_tuplify(state["python_random"]))
+            py_gen.setstate(_tuplify(state["python_random"]))
             ns = state["numpy_random"]
-            np.random.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+            np_gen.set_state((ns[0], np.array(ns[1], dtype=np.uint32), *ns[2:]))
+
+        try:   # on scratch generators first: a bad state is refused before the run changes anything
+            restore_rng((torch.Generator(), random.Random(), np.random.RandomState()))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+            raise ClipftUsageError(
+                f"{folder / 'state.json'} is corrupt: its random-number states cannot be restored "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+                f"{_older_checkpoints_hint(folder)}") from None
 
         state["restore_rng"] = restore_rng
         loop = state.get("loop") or {"epoch": state["epoch"], "step": state["global_step"], "batch": 0}
