@@ -33,8 +33,11 @@ from clipft.data import is_iterable
 from clipft.encode import (
     class_scores,
     class_text_features,
+    embed_batches,
+    embed_unique_texts,
     encode_text_trimmed,
     image_embedding,
+    text_chunks,
     text_embedding,
 )
 from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
@@ -50,8 +53,6 @@ from clipft.engine.cache.store import (
     transform_repr,
 )
 from clipft.protocols import ENTERS_TEXT_EMBEDDING, class_text_encoder, conditional_class_text, installed
-
-TEXT_CHUNK = 256
 
 
 @attrs.define
@@ -174,26 +175,16 @@ class LiveFeatures:
         model = self.enc.model
         was = model.training
         model.eval()
-        feats, labels = [], []
         try:
             with torch.random.fork_rng(devices=[]):
-                for b in self.loaders.train_in_order():
-                    with self.autocast():
-                        feats.append(self.enc.images(b["images"]).float())
-                    labels.append(b["labels"])
+                return embed_batches(_pixels(self.loaders.train_in_order()), self.enc.images, self.enc.device,
+                                     self.autocast)[:2]
         finally:
             model.train(was)
-        return _joined(feats, labels, [], self.enc.device)[:2]
 
     @torch.no_grad()
     def val_image_features(self):
-        feats, labels, captions = [], [], []
-        for b in self.loaders.val():
-            with self.autocast():
-                feats.append(self.enc.images(b["images"]).float())
-            labels.append(b["labels"])
-            captions.extend(b["captions"])
-        return _joined(feats, labels, captions, self.enc.device)
+        return embed_batches(_pixels(self.loaders.val()), self.enc.images, self.enc.device, self.autocast)
 
     @torch.no_grad()
     def class_features(self):
@@ -211,18 +202,17 @@ class LiveFeatures:
 
     @torch.no_grad()
     def caption_features(self, captions):
-        uniq = list(dict.fromkeys(captions))
-        out = []
-        for i in range(0, len(uniq), TEXT_CHUNK):
-            with self.autocast():
-                out.append(self.enc.texts(uniq[i:i + TEXT_CHUNK]).float())
-        return torch.cat(out)
+        return embed_unique_texts(captions, self.enc.texts, self.autocast)
 
 
-def _joined(feats, labels, captions, device):
-    if not feats:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), []
-    return torch.cat(feats), torch.cat(labels).to(device), captions
+def _pixels(batches):
+    """A loader's batches as :func:`~clipft.encode.embed_batches` takes them."""
+    return ((b["images"], b["labels"], b["captions"]) for b in batches)
+
+
+def _stored(batches):
+    """Batches replayed from a store, embedded through ``image_features``."""
+    return ((b, b.labels, b.captions) for b in batches)
 
 
 @attrs.define
@@ -410,15 +400,11 @@ class CachedFeatures(LiveFeatures):
                 if store is None:
                     return super().train_split_features()
             model.eval()
-            feats, labels = [], []
             with torch.random.fork_rng(devices=[]):
-                for b in self._replay(store, "train", False, 0):
-                    with self.autocast():
-                        feats.append(self.image_features(b).float())
-                    labels.append(b.labels)
+                return embed_batches(_stored(self._replay(store, "train", False, 0)), self.image_features,
+                                     self.enc.device, self.autocast)[:2]
         finally:
             model.train(was)
-        return _joined(feats, labels, [], self.enc.device)[:2]
 
     def _fill_in_order(self, store: IndexStore) -> Optional[IndexStore]:
         try:
@@ -517,13 +503,8 @@ class CachedFeatures(LiveFeatures):
         store = self._store("val")
         if store is None:
             return super().val_image_features()
-        feats, labels, captions = [], [], []
-        for b in self._replay(store, "val", False, 0):
-            with self.autocast():
-                feats.append(self.image_features(b).float())
-            labels.append(b.labels)
-            captions.extend(b.captions)
-        return _joined(feats, labels, captions, self.enc.device)
+        return embed_batches(_stored(self._replay(store, "val", False, 0)), self.image_features, self.enc.device,
+                             self.autocast)
 
     @torch.no_grad()
     def class_features(self):
@@ -536,6 +517,5 @@ class CachedFeatures(LiveFeatures):
         if not self._text_cacheable():
             return super().caption_features(captions)
         uniq = list(dict.fromkeys(captions))
-        chunks = [uniq[i:i + TEXT_CHUNK] for i in range(0, len(uniq), TEXT_CHUNK)]
         with self.autocast():
-            return self._cached_texts(uniq, chunks).float()
+            return self._cached_texts(uniq, text_chunks(uniq)).float()
