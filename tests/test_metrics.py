@@ -106,6 +106,8 @@ def test_top1_per_class_and_confusion_follow_one_prediction_and_need_no_probabil
     assert head["top1"] == 0.5 and details["confusion"][:, 0].tolist() == [2, 1, 1]
     assert [a for _, a in details["per_class"]] == [1.0, 0.0, 0.0]
     assert "ece" not in head and "reliability" not in details
+    lean, details = classification_metrics(scores, None, labels, 3, confusion=False)
+    assert lean == head and "confusion" not in details
 
 
 def test_per_class_accuracies_equal_the_mean_of_each_class_hits():
@@ -120,9 +122,10 @@ def test_per_class_accuracies_equal_the_mean_of_each_class_hits():
         assert per_class_accuracy(pred, labels, n_classes) == [(k, a if k else None) for k, a in want]
 
 
-def test_confusion_counts_leave_out_unlabelled_rows():
-    counts = confusion_matrix(torch.tensor([1, 0, 1]), torch.tensor([-1, 0, 1]), 2)
-    assert counts.tolist() == [[1, 0], [0, 1]]
+def test_counts_leave_out_unlabelled_rows():
+    pred, labels = torch.tensor([1, 0, 1]), torch.tensor([-1, 0, 1])
+    assert confusion_matrix(pred, labels, 2).tolist() == [[1, 0], [0, 1]]
+    assert per_class_accuracy(pred, labels, 2) == [(1, 1.0), (1, 1.0)]
 
 
 def test_retrieval_recall_matches_brute_force():

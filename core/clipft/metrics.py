@@ -26,18 +26,16 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> list:
     """``[(n_samples, accuracy)]`` per class; accuracy is None for a class with
-    no samples (it is left out of the balanced accuracy, not counted as 0)."""
-    return per_class_from_confusion(confusion_matrix(pred, labels, n_classes))
+    no samples (it is left out of the balanced accuracy, not counted as 0).
 
-
-def per_class_from_confusion(confusion: torch.Tensor) -> list:
-    """:func:`per_class_accuracy` from ``[true, predicted]`` counts: one pass
-    over the predictions however many classes there are. Each accuracy is the
-    float32 quotient of two counts, which is what the float32 mean of the
+    Counted in one pass over the predictions however many classes there are
+    (rows whose label is not a class, e.g. -1, are not counted). Each accuracy
+    is the float32 quotient of two counts: what the float32 mean of the
     class's 0/1 hits gives."""
-    counts = confusion.cpu()
-    n = counts.sum(dim=1)
-    acc = (counts.diagonal().float() / n.float()).tolist()
+    known = (labels >= 0) & (labels < n_classes)
+    n = torch.bincount(labels[known].long(), minlength=n_classes).cpu()
+    hits = torch.bincount(labels[pred == labels].long(), minlength=n_classes).cpu()
+    acc = (hits.float() / n.float()).tolist()
     return [(int(k), a if k else None) for k, a in zip(n.tolist(), acc)]
 
 
@@ -86,23 +84,25 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -
 
 
 def classification_metrics(scores: torch.Tensor, probs: Optional[torch.Tensor], labels: torch.Tensor,
-                           n_classes: int, prefix: str = "") -> tuple[dict, dict]:
+                           n_classes: int, prefix: str = "", confusion: bool = True) -> tuple[dict, dict]:
     """The headline numbers (``top1``, ``top5`` when there are more than five
     classes, ``balanced_accuracy``, ``ece``) under ``prefix``, and the details
     (``per_class``, ``reliability``, ``confusion``). Top-1, the per-class
     accuracies and the confusion counts all follow the first highest score of
-    each row. Without ``probs`` (None) there is no ``ece`` nor ``reliability``."""
+    each row. Without ``probs`` (None) there is no ``ece`` nor ``reliability``;
+    ``confusion=False`` leaves out the ``[C, C]`` counts (large with many classes)."""
     pred = scores.argmax(dim=1)
-    confusion = confusion_matrix(pred, labels, n_classes)
-    pc = per_class_from_confusion(confusion)
+    pc = per_class_accuracy(pred, labels, n_classes)
     top1 = float((pred == labels).float().mean()) if len(labels) else float("nan")
     head = {f"{prefix}top1": top1}
     if n_classes > 5:
         head[f"{prefix}top5"] = topk_accuracy(scores, labels, 5)
     head[f"{prefix}balanced_accuracy"] = balanced_accuracy(pc)
-    details = {"per_class": pc, "confusion": confusion}
+    details = {"per_class": pc}
     if probs is not None:
         head[f"{prefix}ece"], details["reliability"] = calibration(probs, labels)
+    if confusion:
+        details["confusion"] = confusion_matrix(pred, labels, n_classes)
     return head, details
 
 

@@ -37,21 +37,25 @@ class ZeroShot:
 
     name, prefix = "zero-shot", ""
 
-    def __init__(self, class_scores: Callable[[torch.Tensor], torch.Tensor], scale: Callable[[], torch.Tensor]):
+    def __init__(self, class_scores: Callable[[torch.Tensor], torch.Tensor], scale: Callable[[], torch.Tensor],
+                 clip_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         #: image features [N, D] -> cosine similarities [N, C]
         self.class_scores = class_scores
-        # the scale is read when probabilities are asked for (a run's
-        # evaluation ranks only, and the scale trains)
+        # read when probabilities are asked for (a run's evaluation ranks only)
         self._scale = scale
+        #: image features -> logits computed as open_clip does (scale * image @ text.T),
+        #: when the class weights are fixed; else the scale times the scores
+        self._clip_logits = clip_logits
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         return self.class_scores(feats)
 
-    def logits_of(self, scores: torch.Tensor) -> torch.Tensor:
+    def logits(self, feats: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scores``: :meth:`scores` of ``feats``, when already computed."""
+        if self._clip_logits is not None:
+            return self._clip_logits(feats)
+        scores = self.scores(feats) if scores is None else scores
         return self._scale().to(scores.device) * scores
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.logits_of(self.scores(feats))
 
 
 class HeadScores:
@@ -74,32 +78,31 @@ class HeadScores:
         out = out.float()
         return out if self.columns is None else out[:, self.columns.to(out.device)]
 
-    def logits_of(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.scores(feats)
+    def logits(self, feats: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.scores(feats) if scores is None else scores
 
 
 def evaluate_features(feats: torch.Tensor, labels: torch.Tensor, captions: list, classifiers: Sequence = (),
                       caption_features: Optional[Callable[[list], torch.Tensor]] = None,
-                      ks: Sequence[int] = RUN_RECALL_KS, calibrate: bool = True) -> tuple[dict, dict]:
+                      ks: Sequence[int] = RUN_RECALL_KS, details: bool = True) -> tuple[dict, dict]:
     """Metrics of image embeddings ``feats`` (normalised, ``[N, D]``) with
     their ``labels`` and ``captions``: each classifier's
     :func:`~clipft.metrics.classification_metrics` under its prefix, then,
     given ``caption_features`` (distinct captions -> their features), caption
     recall@k. Returns the metrics and each classifier's details by name.
-    ``calibrate=False`` leaves out the probabilities (ECE and reliability)."""
+    ``details=False`` leaves out what takes more than the predictions: the
+    probabilities (ECE, reliability) and the confusion counts."""
     metrics: dict = {}
-    details: dict = {}
+    by_name: dict = {}
     for clf in classifiers:
         scores = clf.scores(feats)
-        probs = clf.logits_of(scores).softmax(dim=1) if calibrate else None
-        head, details[clf.name] = classification_metrics(scores, probs, labels, scores.shape[1], clf.prefix)
+        probs = clf.logits(feats, scores).softmax(dim=1) if details else None
+        head, by_name[clf.name] = classification_metrics(scores, probs, labels, scores.shape[1], clf.prefix,
+                                                         confusion=details)
         metrics.update(head)
     if caption_features is not None:
         metrics.update(retrieval_metrics(feats, caption_features(captions), captions, ks=ks))
-    return metrics, details
+    return metrics, by_name
 
 
 class Evaluator:
@@ -146,6 +149,6 @@ class Evaluator:
         classifiers = self.classifiers()
         metrics, _ = evaluate_features(feats, labels, captions, classifiers,
                                        self.features.caption_features if self.has_captions else None,
-                                       ks=RUN_RECALL_KS, calibrate=False)
+                                       ks=RUN_RECALL_KS, details=False)
         kept = {c.prefix + m for c in classifiers for m in RUN_CLASSIFICATION_METRICS}
         return {k: v for k, v in metrics.items() if k in kept or "recall@" in k}

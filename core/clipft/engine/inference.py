@@ -34,14 +34,18 @@ def zero_shot(source, classnames: Sequence[str], templates: Sequence[str]) -> Ze
         def scores(feats):
             with torch.no_grad():
                 return class_scores(model, source.tokenizer, names, templates, source.device, feats).float()
+        clip_logits = None
     else:
         with torch.no_grad():
             weights = class_text_features(model, source.tokenizer, names, templates, source.device).float()
 
         def scores(feats):
             return feats @ weights.t()
+
+        def clip_logits(feats):
+            return scale * feats @ weights.t()
     scale = logit_scale(model).to(source.device)
-    return ZeroShot(scores, lambda: scale)
+    return ZeroShot(scores, lambda: scale, clip_logits)
 
 
 def head_scores(source, classnames: Sequence[str]) -> HeadScores:
