@@ -40,6 +40,18 @@ def test_eval_of_a_run_on_its_own_data_matches_the_runs_evaluation(invoke, runs)
     assert len(doc["reliability"]["zero-shot"]) == 15
 
 
+@pytest.mark.parametrize("name", ["full", "head"])
+def test_eval_batched_as_the_run_reports_the_runs_evaluation_exactly(invoke, runs, name):
+    """One evaluation path: on the run's val split, batched as the run batched
+    it (--batch-size 16), ``clipft eval`` reports every number of the run's
+    own evaluation (zero-shot and head top-1, caption recall), bit for bit."""
+    doc = _eval(invoke, runs[name], "--data", SMALL_NOVEL, "--batch-size", "16")
+    after = runs[f"{name}_summary"]["eval"]["after"]
+    assert {"top1", "recall@1", "recall@5"} <= set(after)
+    assert ("head_top1" in after) == (name == "head")
+    assert {k: doc["metrics"][k] for k in after} == after
+
+
 def test_eval_metrics_equal_an_independent_computation(invoke, runs):
     """Features through open_clip's own encode_image/encode_text on the same
     images, metrics by plain loops."""

@@ -97,6 +97,37 @@ def test_top5_is_left_out_with_five_classes_or_fewer():
     assert "top5" not in head and head["top1"] == 1.0
 
 
+def test_top1_per_class_and_confusion_follow_one_prediction_and_need_no_probabilities():
+    """On a tie the first class is predicted, for top-1 as for the per-class
+    accuracies and the confusion counts; without probabilities there is no ECE."""
+    scores = torch.zeros(4, 3)                      # every row a three-way tie
+    labels = torch.tensor([0, 0, 1, 2])
+    head, details = classification_metrics(scores, None, labels, 3)
+    assert head["top1"] == 0.5 and details["confusion"][:, 0].tolist() == [2, 1, 1]
+    assert [a for _, a in details["per_class"]] == [1.0, 0.0, 0.0]
+    assert "ece" not in head and "reliability" not in details
+    lean, details = classification_metrics(scores, None, labels, 3, confusion=False)
+    assert lean == head and "confusion" not in details
+
+
+def test_per_class_accuracies_equal_the_mean_of_each_class_hits():
+    """From the confusion counts, each accuracy is the float32 mean of the
+    class's hits, bit for bit (what the run's evaluation reported before)."""
+    g = torch.Generator().manual_seed(3)
+    for n_classes, n in ((3, 7), (11, 500), (40, 3001)):
+        labels = torch.randint(0, n_classes, (n,), generator=g)
+        pred = torch.where(torch.rand(n, generator=g) < 0.4, labels, torch.randint(0, n_classes, (n,), generator=g))
+        want = [(int((labels == c).sum()), float((pred[labels == c] == c).float().mean()))
+                for c in range(n_classes)]
+        assert per_class_accuracy(pred, labels, n_classes) == [(k, a if k else None) for k, a in want]
+
+
+def test_counts_leave_out_unlabelled_rows():
+    pred, labels = torch.tensor([1, 0, 1]), torch.tensor([-1, 0, 1])
+    assert confusion_matrix(pred, labels, 2).tolist() == [[1, 0], [0, 1]]
+    assert per_class_accuracy(pred, labels, 2) == [(1, 1.0), (1, 1.0)]
+
+
 def test_retrieval_recall_matches_brute_force():
     g = torch.Generator().manual_seed(1)
     img = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)

@@ -24,6 +24,9 @@ from clipft.protocols import (
 #: conditional class prompts (CoCoOp) are encoded for this many (image, class)
 #: pairs at a time at most, bounding the text tower's batch
 CONDITIONAL_CHUNK = 2048
+#: captions are encoded this many at a time at most (evaluation encodes a whole
+#: split's captions, far more than one batch)
+TEXT_CHUNK = 256
 
 # set by shared_class_text(): class-prompt embeddings already computed in the block
 _SHARED_CLASS_TEXT: contextvars.ContextVar = contextvars.ContextVar("clipft_shared_class_text", default=None)
@@ -70,6 +73,38 @@ def encode_texts(model, tokens: torch.Tensor, trim: bool = False) -> torch.Tenso
     tower cannot see (same result up to float rounding, see :func:`text_trim_length`)."""
     raw = encode_text_trimmed(model, tokens) if trim else model.encode_text(tokens)
     return F.normalize(text_embedding(model, raw), dim=-1)
+
+
+def embed_batches(batches, encode, device=None, autocast=contextlib.nullcontext):
+    """``(features, labels, captions)`` of a whole pass: ``batches`` yields
+    ``(inputs, labels, captions)``, ``encode(inputs)`` embeds one batch (under
+    ``autocast``), and the features come back as float32, the labels on
+    ``device``. Every evaluation embeds its images with this loop."""
+    feats, labels, captions = [], [], []
+    for inputs, batch_labels, batch_captions in batches:
+        with autocast():
+            feats.append(encode(inputs).float())
+        labels.append(batch_labels)
+        captions.extend(batch_captions)
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), []
+    return torch.cat(feats), torch.cat(labels).to(device), captions
+
+
+def text_chunks(texts: list) -> list:
+    """``texts`` in slices of at most :data:`TEXT_CHUNK`."""
+    return [texts[i:i + TEXT_CHUNK] for i in range(0, len(texts), TEXT_CHUNK)]
+
+
+def embed_unique_texts(texts, encode, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Float32 features of the distinct strings of ``texts`` in order of first
+    appearance (what :func:`clipft.metrics.retrieval_metrics` takes), each
+    :func:`text_chunks` slice embedded by ``encode(strings)`` under ``autocast``."""
+    out = []
+    for chunk in text_chunks(list(dict.fromkeys(texts))):
+        with autocast():
+            out.append(encode(chunk).float())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def class_text_features(model, tokenizer, classnames, templates, device, batch: int = 256,

@@ -6,7 +6,7 @@ evaluation and a plugin's tests compute them one way.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,13 +26,17 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> list:
     """``[(n_samples, accuracy)]`` per class; accuracy is None for a class with
-    no samples (it is left out of the balanced accuracy, not counted as 0)."""
-    out = []
-    for c in range(n_classes):
-        mask = labels == c
-        n = int(mask.sum())
-        out.append((n, float((pred[mask] == c).float().mean()) if n else None))
-    return out
+    no samples (it is left out of the balanced accuracy, not counted as 0).
+
+    Counted in one pass over the predictions however many classes there are
+    (rows whose label is not a class, e.g. -1, are not counted). Each accuracy
+    is the float32 quotient of two counts: what the float32 mean of the
+    class's 0/1 hits gives."""
+    known = (labels >= 0) & (labels < n_classes)
+    n = torch.bincount(labels[known].long(), minlength=n_classes).cpu()
+    hits = torch.bincount(labels[pred == labels].long(), minlength=n_classes).cpu()
+    acc = (hits.float() / n.float()).tolist()
+    return [(int(k), a if k else None) for k, a in zip(n.tolist(), acc)]
 
 
 def balanced_accuracy(per_class: Sequence) -> float:
@@ -70,26 +74,36 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS)
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """``[true, predicted]`` counts."""
+    """``[true, predicted]`` counts (rows whose label is not a class, e.g. -1
+    for an unlabelled sample, are not counted)."""
+    known = (labels >= 0) & (labels < n_classes)
+    if not bool(known.all()):
+        pred, labels = pred[known], labels[known]
     flat = labels.long() * n_classes + pred.long()
     return torch.bincount(flat, minlength=n_classes * n_classes).view(n_classes, n_classes)
 
 
-def classification_metrics(scores: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
-                           n_classes: int, prefix: str = "") -> tuple[dict, dict]:
+def classification_metrics(scores: torch.Tensor, probs: Optional[torch.Tensor], labels: torch.Tensor,
+                           n_classes: int, prefix: str = "", confusion: bool = True) -> tuple[dict, dict]:
     """The headline numbers (``top1``, ``top5`` when there are more than five
     classes, ``balanced_accuracy``, ``ece``) under ``prefix``, and the details
-    (``per_class``, ``reliability``, ``confusion``)."""
+    (``per_class``, ``reliability``, ``confusion``). Top-1, the per-class
+    accuracies and the confusion counts all follow the first highest score of
+    each row. Without ``probs`` (None) there is no ``ece`` nor ``reliability``;
+    ``confusion=False`` leaves out the ``[C, C]`` counts (large with many classes)."""
     pred = scores.argmax(dim=1)
     pc = per_class_accuracy(pred, labels, n_classes)
-    ece, table = calibration(probs, labels)
-    head = {f"{prefix}top1": topk_accuracy(scores, labels, 1)}
+    top1 = float((pred == labels).float().mean()) if len(labels) else float("nan")
+    head = {f"{prefix}top1": top1}
     if n_classes > 5:
         head[f"{prefix}top5"] = topk_accuracy(scores, labels, 5)
     head[f"{prefix}balanced_accuracy"] = balanced_accuracy(pc)
-    head[f"{prefix}ece"] = ece
-    return head, {"per_class": pc, "reliability": table,
-                  "confusion": confusion_matrix(pred, labels, n_classes)}
+    details = {"per_class": pc}
+    if probs is not None:
+        head[f"{prefix}ece"], details["reliability"] = calibration(probs, labels)
+    if confusion:
+        details["confusion"] = confusion_matrix(pred, labels, n_classes)
+    return head, details
 
 
 def retrieval_metrics(img: torch.Tensor, txt_unique: torch.Tensor, captions: list[str],

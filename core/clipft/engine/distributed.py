@@ -32,6 +32,7 @@ from typing import Optional
 import attrs
 import torch
 
+from clipft.engine.loop import train_forward
 from clipft.errors import ClipftError, ClipftUsageError
 
 #: how long a collective may wait before the job fails instead of hanging
@@ -212,9 +213,7 @@ class TrainForward(torch.nn.Module):
 
     def forward(self, batch):
         _, head, features, needs_text = self._refs
-        img, txt = features.train_features(batch, needs_text)
-        logits = head(img) if head is not None else None
-        return img, txt, logits
+        return train_forward(features, head, batch, needs_text)
 
 
 class rng_kept:

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from clipft.encode import (
     class_scores,
     class_text_features,
+    embed_batches,
+    embed_unique_texts,
     encode_text_trimmed,
     image_embedding,
+    text_chunks,
     text_embedding,
 )
 from clipft.protocols import class_text_encoder, conditional_class_text
-
-TEXT_CHUNK = 256
 
 
 @attrs.define
@@ -150,26 +151,16 @@ class LiveFeatures:
         model = self.enc.model
         was = model.training
         model.eval()
-        feats, labels = [], []
         try:
             with torch.random.fork_rng(devices=[]):
-                for b in self.loaders.train_in_order():
-                    with self.autocast():
-                        feats.append(self.enc.images(b["images"]).float())
-                    labels.append(b["labels"])
+                return embed_batches(_pixels(self.loaders.train_in_order()), self.enc.images, self.enc.device,
+                                     self.autocast)[:2]
         finally:
             model.train(was)
-        return _joined(feats, labels, [], self.enc.device)[:2]
 
     @torch.no_grad()
     def val_image_features(self):
-        feats, labels, captions = [], [], []
-        for b in self.loaders.val():
-            with self.autocast():
-                feats.append(self.enc.images(b["images"]).float())
-            labels.append(b["labels"])
-            captions.extend(b["captions"])
-        return _joined(feats, labels, captions, self.enc.device)
+        return embed_batches(_pixels(self.loaders.val()), self.enc.images, self.enc.device, self.autocast)
 
     @torch.no_grad()
     def class_features(self):
@@ -187,15 +178,14 @@ class LiveFeatures:
 
     @torch.no_grad()
     def caption_features(self, captions):
-        uniq = list(dict.fromkeys(captions))
-        out = []
-        for i in range(0, len(uniq), TEXT_CHUNK):
-            with self.autocast():
-                out.append(self.enc.texts(uniq[i:i + TEXT_CHUNK]).float())
-        return torch.cat(out)
+        return embed_unique_texts(captions, self.enc.texts, self.autocast)
 
 
-def _joined(feats, labels, captions, device):
-    if not feats:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), []
-    return torch.cat(feats), torch.cat(labels).to(device), captions
+def _pixels(batches):
+    """A loader's batches as :func:`~clipft.encode.embed_batches` takes them."""
+    return ((b["images"], b["labels"], b["captions"]) for b in batches)
+
+
+def _stored(batches):
+    """Batches replayed from a store, embedded through ``image_features``."""
+    return ((b, b.labels, b.captions) for b in batches)

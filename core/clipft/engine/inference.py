@@ -16,66 +16,47 @@ import torch
 
 from clipft import atomic
 from clipft.data import DEFAULT_TEMPLATES, IMAGE_EXTENSIONS
+from clipft.engine.evaluate import HeadScores, ZeroShot, evaluate_features, logit_scale
 from clipft.errors import ClipftUsageError
 
 SPLITS = ("val", "train", "all")
 RECALL_KS = (1, 5, 10)
-TEXT_CHUNK = 256
 
 
-def logit_scale(model) -> torch.Tensor:
-    """exp(logit_scale), capped at 100 as CLIP trains it."""
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        return torch.tensor(100.0)
-    return scale.detach().float().exp().clamp(max=100.0)
-
-
-class ZeroShot:
-    """Scores against class-prompt embeddings (the model's learned prompts when
-    it has a class-prompt encoder, else the template ensemble)."""
-
-    name = "zero-shot"
-
-    def __init__(self, source, classnames: Sequence[str], templates: Sequence[str]):
-        from clipft.encode import class_text_features
-        from clipft.protocols import conditional_class_text
-        self.source, self.classnames, self.templates = source, list(classnames), tuple(templates)
-        #: a conditional class-prompt encoder (CoCoOp) prompts each image anew: no fixed weights
-        self.weights = None
-        if not conditional_class_text(source.model):
+def zero_shot(source, classnames: Sequence[str], templates: Sequence[str]) -> ZeroShot:
+    """Zero-shot scores of ``source`` against its class-prompt embeddings (the
+    model's learned prompts when it has a class-prompt encoder, else the
+    template ensemble), encoded once; a conditional class-prompt encoder
+    (CoCoOp) prompts each image anew."""
+    from clipft.encode import class_scores, class_text_features
+    from clipft.protocols import conditional_class_text
+    model, names, templates = source.model, list(classnames), tuple(templates)
+    if conditional_class_text(model):
+        def scores(feats):
             with torch.no_grad():
-                self.weights = class_text_features(source.model, source.tokenizer, self.classnames,
-                                                   self.templates, source.device).float()
-        self.scale = logit_scale(source.model).to(source.device)
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.weights is not None:
-            return self.scale * feats @ self.weights.t()
-        from clipft.encode import class_scores
+                return class_scores(model, source.tokenizer, names, templates, source.device, feats).float()
+        clip_logits = None
+    else:
         with torch.no_grad():
-            return self.scale * class_scores(self.source.model, self.source.tokenizer, self.classnames,
-                                             self.templates, self.source.device, feats).float()
+            weights = class_text_features(model, source.tokenizer, names, templates, source.device).float()
+
+        def scores(feats):
+            return feats @ weights.t()
+
+        def clip_logits(feats):
+            return scale * feats @ weights.t()
+    scale = logit_scale(model).to(source.device)
+    return ZeroShot(scores, lambda: scale, clip_logits)
 
 
-class HeadScores:
-    """The run's head, its columns put in the order of ``classnames``."""
+def head_scores(source, classnames: Sequence[str]) -> HeadScores:
+    """The source's head, its columns put in the order of ``classnames``."""
+    return HeadScores(source.head, HeadScores.columns_for(source.classnames, classnames))
 
-    name = "head"
 
-    def __init__(self, head, head_classes: Sequence[str], classnames: Sequence[str]):
-        self.head = head
-        pos = {c: i for i, c in enumerate(head_classes)}
-        self.columns = torch.tensor([pos[c] for c in classnames])
-
-    @staticmethod
-    def applies(head, head_classes, classnames) -> bool:
-        return head is not None and head_classes is not None and sorted(head_classes) == sorted(classnames)
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = self.head(feats).float()
-        return out[:, self.columns.to(out.device)]
+def head_applies(source, classnames: Sequence[str]) -> bool:
+    return (source.head is not None and source.classnames is not None
+            and sorted(source.classnames) == sorted(classnames))
 
 
 # -- data -------------------------------------------------------------------------------
@@ -115,27 +96,29 @@ def embed_dataset(source, dataset, batch_size: int = 64, num_workers: int = 0):
     """Normalised image embeddings, labels and captions of every decodable
     sample, and the number of samples that could not be decoded."""
     from clipft.data import Batches, DecodeFailures, collate, guard
-    from clipft.encode import encode_images
+    from clipft.encode import embed_batches, encode_images
     loader = torch.utils.data.DataLoader(guard(dataset), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=collate)
     failures = DecodeFailures()
-    feats, labels, captions = [], [], []
-    for b in Batches(loader, failures, "eval"):
-        feats.append(encode_images(source.model, b["images"].to(source.device)).float())
-        labels.append(b["labels"])
-        captions.extend(b["captions"])
-    if not feats:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), [], failures.count
-    return torch.cat(feats), torch.cat(labels).to(source.device), captions, failures.count
+    batches = ((b["images"], b["labels"], b["captions"]) for b in Batches(loader, failures, "eval"))
+    feats, labels, captions = embed_batches(
+        batches, lambda images: encode_images(source.model, images.to(source.device)), source.device)
+    return feats, labels, captions, failures.count
+
+
+def trims_text(source) -> bool:
+    """Whether captions skip the padding the causal text tower cannot see, as
+    the run did (``--no-trim-text`` turns it off); on by default, as for a run."""
+    return bool(getattr(source.config, "trim_text", True))
 
 
 @torch.no_grad()
 def caption_embeddings(source, captions: list[str]) -> torch.Tensor:
-    from clipft.encode import encode_texts
-    uniq = list(dict.fromkeys(captions))
-    out = [encode_texts(source.model, source.tokenizer(uniq[i:i + TEXT_CHUNK]).to(source.device)).float()
-           for i in range(0, len(uniq), TEXT_CHUNK)]
-    return torch.cat(out)
+    """Features of the distinct captions, in order of first appearance."""
+    from clipft.encode import embed_unique_texts, encode_texts
+    trim = trims_text(source)
+    return embed_unique_texts(
+        captions, lambda chunk: encode_texts(source.model, source.tokenizer(chunk).to(source.device), trim=trim))
 
 
 def pick_templates(explicit: Optional[Sequence[str]], data_ref, source, bundle) -> tuple:
@@ -159,7 +142,6 @@ class EvalResult:
 
 def evaluate_source(source, bundle, data_ref, split: str = "val", templates=None,
                     batch_size: int = 64, num_workers: int = 0) -> EvalResult:
-    from clipft.metrics import classification_metrics, retrieval_metrics
     if split not in SPLITS:
         raise ClipftUsageError(f"--split {split}: expected one of {', '.join(SPLITS)}")
     dataset = split_dataset(bundle, split)
@@ -171,32 +153,30 @@ def evaluate_source(source, bundle, data_ref, split: str = "val", templates=None
     doc = {"source": source.description, "data": bundle.description or data_ref.name, "split": split,
            "samples": len(feats), "unreadable": failed, "metrics": {}, "notes": []}
     result = EvalResult(doc)
+    classifiers = []
     if bundle.has_labels:
         names = list(bundle.classnames)
         tmpl = pick_templates(templates, data_ref, source, bundle)
         doc["classes"], doc["templates"] = names, list(tmpl)
-        classifiers = [ZeroShot(source, names, tmpl)]
-        if HeadScores.applies(source.head, source.classnames, names):
-            classifiers.append(HeadScores(source.head, source.classnames, names))
+        classifiers.append(zero_shot(source, names, tmpl))
+        if head_applies(source, names):
+            classifiers.append(head_scores(source, names))
         elif source.head is not None:
             doc["notes"].append(f"head skipped: it was trained for {len(source.classnames or [])} other "
                                 f"classes than the data's {len(names)}")
-        per_class = [{"class": c} for c in names]
+        result.classnames = names
+    captions_of = (lambda caps: caption_embeddings(source, caps)) if bundle.has_captions else None
+    metrics, details = evaluate_features(feats, labels, captions, classifiers, captions_of, ks=RECALL_KS)
+    doc["metrics"].update(metrics)
+    if classifiers:
+        per_class = [{"class": c} for c in result.classnames]
         doc["reliability"] = {}
         for clf in classifiers:
-            prefix = "" if clf.name == "zero-shot" else "head_"
-            logits = clf.logits(feats)
-            head, details = classification_metrics(logits, logits.softmax(dim=1), labels, len(names), prefix)
-            doc["metrics"].update(head)
-            for row, (n, acc) in zip(per_class, details["per_class"]):
-                row["samples"], row[f"{prefix}top1"] = n, acc
-            doc["reliability"][clf.name] = details["reliability"]
-            result.confusion[clf.name] = details["confusion"]
+            for row, (n, acc) in zip(per_class, details[clf.name]["per_class"]):
+                row["samples"], row[f"{clf.prefix}top1"] = n, acc
+            doc["reliability"][clf.name] = details[clf.name]["reliability"]
+            result.confusion[clf.name] = details[clf.name]["confusion"]
         doc["per_class"] = per_class
-        result.classnames = names
-    if bundle.has_captions:
-        doc["metrics"].update(retrieval_metrics(feats, caption_embeddings(source, captions), captions,
-                                                ks=RECALL_KS))
     if not doc["metrics"]:
         doc["notes"].append("the data has neither class labels nor captions: nothing to measure")
     return result
@@ -280,14 +260,14 @@ def classifier_for_predict(source, labels: Optional[list], templates: Optional[S
     """Ad-hoc labels: zero-shot over them. Otherwise the run's classes, through
     its head when it has one."""
     if labels:
-        return ZeroShot(source, labels, tuple(templates or source.templates or DEFAULT_TEMPLATES)), labels
+        return zero_shot(source, labels, tuple(templates or source.templates or DEFAULT_TEMPLATES)), labels
     if not source.classnames:
         raise ClipftUsageError(f"{source.description} has no class names: pass --labels a,b,c or "
                                "--labels-file FILE for zero-shot prediction")
     names = list(source.classnames)
     if source.head is not None and not templates:
-        return HeadScores(source.head, names, names), names
-    return ZeroShot(source, names, tuple(templates or source.templates or DEFAULT_TEMPLATES)), names
+        return head_scores(source, names), names
+    return zero_shot(source, names, tuple(templates or source.templates or DEFAULT_TEMPLATES)), names
 
 
 @torch.no_grad()

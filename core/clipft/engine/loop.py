@@ -91,6 +91,15 @@ def loss_total(out):
     return out, {}
 
 
+def train_forward(features, head, batch, needs_text: bool) -> tuple:
+    """The forward of one training batch: ``(image_features, text_features,
+    logits)`` from the features provider and the head (None for what is not
+    computed). One process calls it directly; with several, DDP calls it
+    through :class:`~clipft.engine.distributed.TrainForward`."""
+    img, txt = features.train_features(batch, needs_text)
+    return img, txt, (head(img) if head is not None else None)
+
+
 @attrs.define
 class Trainer:
     """Everything one optimizer step needs, handed over when it is built."""
@@ -145,8 +154,7 @@ class Trainer:
         if self.forward is not None:
             img, txt, logits = self.forward(batch)
         else:
-            img, txt = self.features.train_features(batch, self.needs_text)
-            logits = self.head(img) if self.head is not None else None
+            img, txt, logits = train_forward(self.features, self.head, batch, self.needs_text)
         return self.record_from(batch, img, txt, logits)
 
     def record_from(self, batch, img, txt, logits, gather: bool = True) -> ForwardRecord:

@@ -50,6 +50,7 @@ import attrs
 import torch
 
 from clipft.data import is_iterable
+from clipft.encode import embed_batches
 from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
 from clipft.engine.cache.stats import CacheStats
 from clipft.engine.cache.store import (
@@ -63,7 +64,7 @@ from clipft.engine.cache.store import (
     transform_repr,
 )
 from clipft.engine.compose import freeze_frozen_norm_stats
-from clipft.engine.features import Batch, Encoders, LiveFeatures, _batch, _joined
+from clipft.engine.features import Batch, Encoders, LiveFeatures, _batch, _stored
 from clipft.protocols import ENTERS_TEXT_EMBEDDING, installed
 
 
@@ -383,10 +384,5 @@ class CachedFeatures:
 
     def _replayed_features(self, split: SplitCache, store: IndexStore):
         """``(features, labels, captions)`` of a split in index order, from its store."""
-        feats, labels, captions = [], [], []
-        for b in self._replay(split, store, False):
-            with self.live.autocast():
-                feats.append(self.image_features(b).float())
-            labels.append(b.labels)
-            captions.extend(b.captions)
-        return _joined(feats, labels, captions, self.enc.device)
+        return embed_batches(_stored(self._replay(split, store, False)), self.image_features, self.enc.device,
+                             self.live.autocast)
