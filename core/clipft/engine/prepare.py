@@ -2,8 +2,11 @@
 resolve → model → data → strategies + head (:func:`assemble`) → loss →
 optimizer groups → features provider → optimizer, schedule, trainer.
 
-:class:`PreparedRun` is the result: a record of built parts. Nothing it holds
-reaches back into it; each part got what it needs when it was built.
+:class:`PreparedRun` is the result: a frozen record of built parts, made
+once everything is built (the DDP wrapping too); what the build chose (the
+optimizer implementation, the trained tensors DDP finds unused) is data in it
+(:class:`Training`). Nothing it holds reaches back into it; each part got what
+it needs when it was built.
 """
 from __future__ import annotations
 
@@ -46,6 +49,21 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @attrs.frozen
+class Training:
+    """What a run trains with, beside the model: built with the optimizer."""
+
+    #: its training forward wrapped in DDP under torchrun
+    trainer: Trainer
+    #: optimizer steps of the run (of the stage, in a multi-stage run)
+    total_steps: int
+    warmup_steps: int
+    #: the optimizer kernels ``--optimizer-impl`` resolved to
+    optimizer_impl: str
+    #: trained tensors the loss does not reach (DDP then finds unused parameters)
+    unused_trained: int = 0
+
+
+@attrs.frozen
 class PreparedRun:
     config: object            # RunConfig
     resolved: Resolved
@@ -63,16 +81,10 @@ class PreparedRun:
     evaluate: object
     autocast: object
     #: None when built without an optimizer (``clipft plan``)
-    trainer: Optional[Trainer] = None
+    training: Optional[Training] = None
     #: the precision the run trains at (``auto`` resolved for the device)
     precision: str = "fp32"
     dist: object = None       # distributed.Dist
-    total_steps: int = 0
-    warmup_steps: int = 0
-    #: the optimizer kernels ``--optimizer-impl`` resolved to (None: no optimizer)
-    optimizer_impl: Optional[str] = None
-    #: trained tensors the loss does not reach (DDP then finds unused parameters)
-    unused_trained: int = 0
     #: things the user should know before training starts (printed at start)
     warnings: list = attrs.field(factory=list)
     #: what apply_speed_options did (grad checkpointing, compiled modules)
@@ -103,8 +115,28 @@ class PreparedRun:
         return self.assembly.head
 
     @property
+    def trainer(self) -> Optional[Trainer]:
+        return self.training.trainer if self.training else None
+
+    @property
     def optimizer(self):
         return self.trainer.optimizer if self.trainer else None
+
+    @property
+    def total_steps(self) -> int:
+        return self.training.total_steps if self.training else 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.training.warmup_steps if self.training else 0
+
+    @property
+    def optimizer_impl(self) -> Optional[str]:
+        return self.training.optimizer_impl if self.training else None
+
+    @property
+    def unused_trained(self) -> int:
+        return self.training.unused_trained if self.training else 0
 
     @property
     def param_counts(self) -> tuple[int, int]:
@@ -263,9 +295,9 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         # components built from the training features (Tip-Adapter's cache); a
         # resume passes fit=False: the fitted tensors come back from the checkpoint
         fitted = fit_to_train_split(assembly.model, head, features, bundle.classnames)
-    training = {}
+    training = None
     if build_optimizer:
-        training = _training(config, st, groups, assembly, head, loss, features, loaders, autocast,
+        training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
                              device, precision, dist, NEED_TEXT in loss_spec.needs)
         if dist.enabled:
             evaluator = distributed.on_main(evaluator, dist)
@@ -273,14 +305,13 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
                        tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                        loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
                        evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
-                       precision=precision, dist=dist, stage=stage, fit=fitted, **training)
+                       precision=precision, dist=dist, stage=stage, fit=fitted, training=training)
 
 
-def _training(config, st, groups, assembly, head, loss, features, loaders, autocast, device, precision,
-              dist, needs_text: bool) -> dict:
-    """The optimizer, schedule and trainer of a run (stage ``st``'s epochs, or
-    the run's), its training forward wrapped in DDP under torchrun: the
-    :class:`PreparedRun` fields that come with them."""
+def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,
+                   precision, dist, needs_text: bool) -> Training:
+    """The optimizer, schedule and trainer of a run (over stage ``st``'s epochs,
+    or the run's), its training forward wrapped in DDP under torchrun."""
     steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
     total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
@@ -297,18 +328,17 @@ def _training(config, st, groups, assembly, head, loss, features, loaders, autoc
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)
         trainer = attrs.evolve(trainer, forward=forward)
-    return {"trainer": trainer, "total_steps": total_steps, "warmup_steps": warmup_steps,
-            "optimizer_impl": impl, "unused_trained": unused}
+    return Training(trainer, total_steps, warmup_steps, impl, unused)
 
 
 def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module, int]:
-    """``(forward, unused)``: the training forward in DistributedDataParallel, over the trained
-    parameters only (:class:`~clipft.engine.distributed.TrainForward`);
+    """``(forward, unused)``: the training forward in DistributedDataParallel,
+    over the trained parameters only (:class:`~clipft.engine.distributed.TrainForward`);
     buffers are not broadcast (frozen, identical on every rank), and
     ``find_unused_parameters`` is on only when the first batch's graph leaves
-    a trained parameter out (a text tower that trains under a loss that never
-    encodes text, say); ``unused`` counts those parameters. The probe runs in eval mode with the RNG kept, so
-    training draws exactly what it would have."""
+    ``unused`` trained parameters out (a text tower that trains under a loss
+    that never encodes text, say). The probe runs in eval mode with the RNG
+    kept, so training draws exactly what it would have."""
     from clipft.engine import distributed
     from clipft.engine.features import _batch
     from clipft.engine.loop import loss_total
