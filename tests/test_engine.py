@@ -84,6 +84,27 @@ def test_resume_cli_extends_epochs_and_rejects_other_changes(invoke, tmp_path):
     assert r.exit_code == 2 and "no config.toml" in r.stderr
 
 
+def test_resume_through_the_api_follows_the_cli_policy(tmp_path):
+    """run(config, resume=...) refuses what --resume refuses, naming the flag;
+    the run's own config, spelt otherwise ("shapes:n=48,..." against the saved
+    table), and the resumable options go through."""
+    from clipft.errors import ClipftUsageError
+
+    out = tmp_path / "r"
+    conf = cfg(strategies=["full"])
+    run(conf, out=out)
+    refused = [(dict(lr=0.5), {}, "--lr"), (dict(strategies=["projections"]), {}, "--strategy"),
+               (dict(batch_size=8), {}, "--batch-size"), ({}, dict(out=tmp_path / "elsewhere"), "--out"),
+               ({}, dict(overwrite=True), "--overwrite")]
+    for change, kw, flag in refused:
+        with pytest.raises(ClipftUsageError, match=rf"only --epochs, .* can change when resuming .*; got {flag}$"):
+            run(cfg(**{"strategies": ["full"], "epochs": 2, **change}), resume=out, **kw)
+    with pytest.raises(ClipftUsageError, match="no config.toml"):
+        run(conf, resume=tmp_path / "nothing")
+    s = run(cfg(strategies=["full"], epochs=2, checkpoint_every="epoch"), resume=out)
+    assert len(s["eval"]["history"]) == 3 and s["train"]["epochs"] == 2
+
+
 @pytest.mark.numerics
 def test_grad_accumulation_matches_a_large_batch(tmp_path):
     """Cross-entropy on a frozen model with a head: 2 micro-batches of 8 make the

@@ -62,9 +62,9 @@ def test_fused_and_for_loop_adamw_agree_within_their_rounding():
     ref, fused = _params(1), _params(1)
     cfg = {impl: types.SimpleNamespace(optimizer="adamw", optimizer_impl=impl, momentum=0.9)
            for impl in ("for-loop", "fused")}
-    opt_ref = make_optimizer([_group(ref)], cfg["for-loop"])
-    opt_fused = make_optimizer([_group(fused)], cfg["fused"])
-    assert opt_ref.clipft_impl == "for-loop" and opt_fused.clipft_impl == "fused"
+    opt_ref, impl_ref = make_optimizer([_group(ref)], cfg["for-loop"])
+    opt_fused, impl_fused = make_optimizer([_group(fused)], cfg["fused"])
+    assert impl_ref == "for-loop" and impl_fused == "fused"
     g = torch.Generator().manual_seed(2)
     for _ in range(K):
         for a, b in zip(ref, fused):
@@ -87,12 +87,12 @@ def test_a_checkpoint_resumes_on_this_runs_implementation():
 
     cfg = types.SimpleNamespace(optimizer="adamw", optimizer_impl="for-loop", momentum=0.9)
     ps = _params()
-    writer = make_optimizer([_group(ps)], cfg)
+    writer, _ = make_optimizer([_group(ps)], cfg)
     for p in ps:
         p.grad = torch.ones_like(p)
     writer.step()
     tensors, meta = _optimizer_tensors(writer)
-    reader = make_optimizer([_group(ps)], types.SimpleNamespace(**{**vars(cfg), "optimizer_impl": "fused"}))
+    reader, _ = make_optimizer([_group(ps)], types.SimpleNamespace(**{**vars(cfg), "optimizer_impl": "fused"}))
     _restore_optimizer(reader, tensors, meta)
     assert all(g["fused"] is True and g["foreach"] is False for g in reader.param_groups)
     assert torch.equal(reader.state[ps[0]]["exp_avg"], writer.state[ps[0]]["exp_avg"])
@@ -102,8 +102,9 @@ def test_a_checkpoint_resumes_on_this_runs_implementation():
 @pytest.mark.parametrize("impl", sorted(IMPL_FLAGS))
 def test_sgd_takes_the_switch_too(impl):
     ps = _params()
-    opt = make_optimizer([_group(ps)], types.SimpleNamespace(optimizer="sgd", optimizer_impl=impl,
-                                                             momentum=0.9))
+    opt, chosen = make_optimizer([_group(ps)], types.SimpleNamespace(optimizer="sgd", optimizer_impl=impl,
+                                                                     momentum=0.9))
+    assert chosen == impl
     assert isinstance(opt, torch.optim.SGD)
     assert all(opt.param_groups[0][k] == v for k, v in IMPL_FLAGS[impl].items())
 

@@ -35,17 +35,18 @@ def run(config: Union[RunConfig, dict, None] = None, *, plugins: Iterable[object
         registry: Optional[Registry] = None) -> dict:
     """Train and return the summary (the same dict as ``summary.json``).
 
-    With ``resume=RUN_DIR`` and no ``config``, the run's own config.toml is used."""
-    from clipft.config import load_toml
+    With ``resume=RUN_DIR`` the run continues with its own config.toml: a
+    ``config`` given as well may change only what ``clipft run --resume`` lets
+    change (epochs, device, workers, checkpointing, callbacks), and the options
+    it sets to anything else than the saved values are refused, as on the
+    command line."""
     from clipft.engine.session import execute
     from clipft.progress import Silent
 
+    if config is None and resume is None:
+        raise TypeError("run() needs a config, or resume=RUN_DIR")
     reg = registry or make_registry(plugins, disabled, entry_points)
-    if config is None:
-        if resume is None:
-            raise TypeError("run() needs a config, or resume=RUN_DIR")
-        config = load_toml(Path(resume) / "config.toml")
-    cfg = _config(config)
+    cfg = _config(config) if config is not None else None
     return execute(cfg, reg, progress or Silent(), out_dir=Path(out) if out else None,
                    overwrite=overwrite, resume=Path(resume) if resume else None)
 

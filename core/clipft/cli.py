@@ -258,33 +258,19 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
         sys.exit(launch_torchrun(nproc, sys.argv[1:]))
     from clipft.engine.session import execute
     from clipft.progress import RichReporter, stdout_console
-    resume_dir = None
+    resume_dir, given = None, None
     if resume:
+        # the session decides what may change: it gets the options set here, in order
         resume_dir = Path(resume)
-        if not (resume_dir / "config.toml").is_file():
-            raise ClipftUsageError(f"--resume {resume}: no config.toml there; is it a clipft run directory?")
-        resumable = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "callbacks")
-        changed = [k for k, v in kw.items() if v not in (None, ()) and k not in resumable]
-        if config_file:
-            changed.append("config")
-        # a resumed run stays in its directory: --out elsewhere would be silently ignored
-        if out and Path(out).resolve() != resume_dir.resolve():
-            changed.append("out")
-        if overwrite:
-            changed.append("overwrite")
-        if changed:
-            flags = {p.name: p.opts[0] for p in ctx.command.params}   # e.g. strategies -> --strategy
-            raise ClipftUsageError(
-                "only --epochs, --device, --num-workers, --checkpoint-every, --keep-checkpoints and "
-                "--callback can change when resuming (the run continues in its own directory); "
-                f"got {flags.get(changed[0], '--' + changed[0])}")
-        config_file = str(resume_dir / "config.toml")
+        given = [k for k, v in kw.items() if v not in (None, ())] + (["config"] if config_file else [])
+        saved = resume_dir / "config.toml"
+        config_file = str(saved) if saved.is_file() else None   # missing: the session says so
     cfg = build_config(config_file, kw)
     reg = _registry(ctx, _components(cfg))
     # the closing table is the result: on stdout, unless stdout is the JSON's
     reporter = RichReporter(result=None if as_json else stdout_console())
     summary = execute(cfg, reg, reporter, out_dir=Path(out) if out else None,
-                      overwrite=overwrite, resume=resume_dir)
+                      overwrite=overwrite, resume=resume_dir, given=given)
     if as_json and int(os.environ.get("RANK", "0")) == 0:   # one document, from rank 0
         click.echo(json.dumps(summary))
 

@@ -56,6 +56,21 @@ class Resolved:
     #: the staged strategy the stages came from (its name), or None
     staged_by: Optional[str] = None
 
+    def stage_strategies(self, stage: int = 0) -> tuple[list, list]:
+        """``(strategies, before)`` for stage ``stage``: the ``(spec, options)``
+        whose selections train, and those of each earlier stage, which are
+        applied first, in order, so the model has what they inserted. An
+        ordinary run: its strategies, nothing before."""
+        if not self.stages:
+            return self.strategies, []
+        return self.stages[stage].strategies, [s.strategies for s in self.stages[:stage]]
+
+    def saved_stage(self, state: dict) -> int:
+        """The stage a checkpoint's ``state`` was written in (0: an ordinary run)."""
+        if not self.stages:
+            return 0
+        return min(int((state.get("loop") or {}).get("stage", 0)), len(self.stages) - 1)
+
 
 def default_loss(config) -> ComponentRef:
     # a head is there to be trained: CE through it (CoOp's loss for the text
@@ -102,8 +117,7 @@ def resolve_stages(config, strategies, one) -> tuple:
 
     staged = []
     for spec, opts in strategies:
-        built = check_strategy(spec.name, spec.build(opts))
-        got = built.stages()
+        got = _own_stages(spec, opts)
         if got is not None:
             staged.append((spec.name, list(got)))
     if not staged and not config.stages:
@@ -143,12 +157,17 @@ def resolve_stages(config, strategies, one) -> tuple:
             refs = [r for r in refs if r.name != "none"]
         resolved = [one("strategy", r) for r in refs]
         for spec, opts in resolved:
-            if check_strategy(spec.name, spec.build(opts)).stages() is not None:
+            if _own_stages(spec, opts) is not None:
                 raise ClipftUsageError(f"stage '{st.name}': strategy '{spec.name}' defines stages itself; "
                                        "stages do not nest")
         out.append(ResolvedStage(st.name, resolved, start, end, st.lr, st.head))
         start = end
     return out, by
+
+
+def _own_stages(spec, opts):
+    """The stages a strategy defines (:meth:`clipft.Strategy.stages`), or None."""
+    return check_strategy(spec.name, spec.build(opts)).stages()
 
 
 _TRUE, _FALSE = (True, "true", "1", "yes", "on"), (False, "false", "0", "no", "off")
@@ -238,13 +257,12 @@ def assemble(model, *, model_name: str, tokenizer, device, strategies, head=None
                        head=head[0].name if head else None)
     earlier_keys: set = set()
     earlier: list = []
-    for stage_strategies in before:
-        built_before = build_strategies(stage_strategies)
-        apply_strategies(model, built_before, ctx)
-        earlier_keys |= changed_keys(model, base_shapes)
-        earlier += built_before
-    built = build_strategies(strategies)
-    selections = apply_strategies(model, built, ctx)
+    for k, specs in enumerate([*before, strategies]):
+        built = build_strategies(specs)
+        selections = apply_strategies(model, built, ctx)
+        if k < len(before):   # an earlier stage: what it trained stays in every checkpoint
+            earlier_keys |= changed_keys(model, base_shapes)
+            earlier += built
     model.to(device)
     head_module = None
     if head is not None:

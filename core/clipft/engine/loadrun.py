@@ -80,11 +80,8 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         templates = tuple(state.get("templates") or ("a photo of a {}.",))
     else:
         classnames, templates = _classes_from_data(config, resolved, loaded)
-    strategies, before = resolved.strategies, ()
-    if resolved.stages:   # a multi-stage run: every stage up to the checkpoint's, in order
-        k = min(int((state.get("loop") or {}).get("stage", 0)), len(resolved.stages) - 1)
-        strategies = resolved.stages[k].strategies
-        before = [s.strategies for s in resolved.stages[:k]]
+    # a multi-stage run: every stage up to the checkpoint's, in order
+    strategies, before = resolved.stage_strategies(resolved.saved_stage(state))
     built = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer, device=dev,
                      strategies=strategies, head=resolved.head, classnames=classnames,
                      templates=templates, seed=config.seed, before=before)

@@ -44,7 +44,9 @@ def resolve_impl(requested: str, params) -> str:
     return requested
 
 
-def make_optimizer(groups, config) -> torch.optim.Optimizer:
+def make_optimizer(groups, config) -> tuple[torch.optim.Optimizer, str]:
+    """``(optimizer, implementation)``: the implementation ``auto`` resolved
+    to (:func:`resolve_impl`), which ``summary.json`` reports."""
     param_groups = [
         {"params": [p for _, p in g.params], "lr": g.lr, "weight_decay": g.weight_decay,
          "name": g.name}
@@ -58,8 +60,7 @@ def make_optimizer(groups, config) -> torch.optim.Optimizer:
     else:
         opt = torch.optim.AdamW(param_groups, lr=param_groups[0]["lr"], betas=(0.9, 0.98), eps=1e-6,
                                 **IMPL_FLAGS[impl])
-    opt.clipft_impl = impl
-    return opt
+    return opt, impl
 
 
 def kept_impl(optimizer: torch.optim.Optimizer, saved_groups: list) -> list:
@@ -67,11 +68,10 @@ def kept_impl(optimizer: torch.optim.Optimizer, saved_groups: list) -> list:
     torch's ``load_state_dict`` would otherwise bring back the ``fused`` /
     ``foreach`` flags of the run that wrote it (and place the state for that
     implementation), so a checkpoint from another implementation resumes on
-    this one."""
-    impl = getattr(optimizer, "clipft_impl", None)
-    if impl is None:
-        return saved_groups
-    return [{**g, **IMPL_FLAGS[impl]} for g in saved_groups]
+    this one. The flags come from the optimizer's constructor arguments
+    (``defaults``), which ``load_state_dict`` leaves as they were."""
+    flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    return [{**g, **flags} for g in saved_groups]
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

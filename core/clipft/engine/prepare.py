@@ -2,8 +2,11 @@
 resolve → model → data → strategies + head (:func:`assemble`) → loss →
 optimizer groups → features provider → optimizer, schedule, trainer.
 
-:class:`PreparedRun` is the result: a record of built parts. Nothing it holds
-reaches back into it; each part got what it needs when it was built.
+:class:`PreparedRun` is the result: a frozen record of built parts, made
+once everything is built (the DDP wrapping too); what the build chose (the
+optimizer implementation, the trained tensors DDP finds unused) is data in it
+(:class:`Training`). Nothing it holds reaches back into it; each part got what
+it needs when it was built.
 """
 from __future__ import annotations
 
@@ -46,7 +49,22 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-@attrs.define
+@attrs.frozen
+class Training:
+    """What a run trains with, beside the model: built with the optimizer."""
+
+    #: its training forward wrapped in DDP under torchrun
+    trainer: Trainer
+    #: optimizer steps of the run (of the stage, in a multi-stage run)
+    total_steps: int
+    warmup_steps: int
+    #: the optimizer kernels ``--optimizer-impl`` resolved to
+    optimizer_impl: str
+    #: trained tensors the loss does not reach (DDP then finds unused parameters)
+    unused_trained: int = 0
+
+
+@attrs.frozen
 class PreparedRun:
     config: object            # RunConfig
     resolved: Resolved
@@ -60,14 +78,14 @@ class PreparedRun:
     lr: float
     loaders: Loaders
     features: object          # LiveFeatures or CachedFeatures
-    evaluate: Evaluator
+    #: () -> metrics; under torchrun, rank 0 evaluates and every rank gets the metrics
+    evaluate: object
     autocast: object
-    trainer: Optional[Trainer] = None
+    #: None when built without an optimizer (``clipft plan``)
+    training: Optional[Training] = None
     #: the precision the run trains at (``auto`` resolved for the device)
     precision: str = "fp32"
     dist: object = None       # distributed.Dist
-    total_steps: int = 0
-    warmup_steps: int = 0
     #: things the user should know before training starts (printed at start)
     warnings: list = attrs.field(factory=list)
     #: what apply_speed_options did (grad checkpointing, compiled modules)
@@ -98,8 +116,28 @@ class PreparedRun:
         return self.assembly.head
 
     @property
+    def trainer(self) -> Optional[Trainer]:
+        return self.training.trainer if self.training else None
+
+    @property
     def optimizer(self):
         return self.trainer.optimizer if self.trainer else None
+
+    @property
+    def total_steps(self) -> int:
+        return self.training.total_steps if self.training else 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.training.warmup_steps if self.training else 0
+
+    @property
+    def optimizer_impl(self) -> Optional[str]:
+        return self.training.optimizer_impl if self.training else None
+
+    @property
+    def unused_trained(self) -> int:
+        return self.training.unused_trained if self.training else 0
 
     @property
     def param_counts(self) -> tuple[int, int]:
@@ -197,8 +235,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     bundle = res.data[0].build(res.data[1], dctx)
     _check_data(bundle, res)
 
-    strategies = st.strategies if st is not None else res.strategies
-    before = [s.strategies for s in res.stages[:stage]]
+    strategies, before = res.stage_strategies(stage)
     assembly = assemble(loaded.model, model_name=config.model, tokenizer=loaded.tokenizer,
                         device=device, strategies=strategies, head=res.head,
                         classnames=bundle.classnames, templates=bundle.templates, seed=config.seed,
@@ -249,48 +286,60 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
                               precision, dist.enabled)
     evaluator = Evaluator(assembly.model, head, features, autocast,
                           has_classes=bool(bundle.classnames), has_captions=bundle.has_captions)
-    run = PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
-                      tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
-                      loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
-                      evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
-                      precision=precision, dist=dist, stage=stage)
     if dist.enabled and fitters(assembly.model, head):
         # each rank sees its share of the train split, so their caches would differ
         names = ", ".join(n for n, _ in fitters(assembly.model, head))
         raise ClipftUsageError(f"{names} fits itself to the training features, which a run on "
                                f"{dist.world} processes splits among them; train it on one process")
+    fitted = {}
     if build_optimizer if fit is None else fit:
         # components built from the training features (Tip-Adapter's cache); a
         # resume passes fit=False: the fitted tensors come back from the checkpoint
-        run.fit = fit_to_train_split(assembly.model, head, features, bundle.classnames)
+        fitted = fit_to_train_split(assembly.model, head, features, bundle.classnames)
+    training = None
     if build_optimizer:
-        steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
-        run.total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
-        run.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
-                            else default_warmup(run.total_steps))
-        optimizer = make_optimizer(groups, config)
-        run.trainer = Trainer(
-            model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
-            scheduler=make_scheduler(optimizer, run.total_steps, run.warmup_steps, config.schedule),
-            scaler=grad_scaler(device, precision),
-            params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
-            needs_text=NEED_TEXT in loss_spec.needs, grad_accum=config.grad_accum,
-            grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
-            inserted=[m for _, m in inserted_modules(assembly.model)])
+        training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
+                             device, precision, dist, NEED_TEXT in loss_spec.needs)
         if dist.enabled:
-            run.trainer.forward = wrap_ddp(run.trainer, loaders, head)
-            run.evaluate = distributed.on_main(evaluator, dist)
-    return run
+            evaluator = distributed.on_main(evaluator, dist)
+    return PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
+                       tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
+                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
+                       evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
+                       precision=precision, dist=dist, stage=stage, fit=fitted, training=training)
 
 
-def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> torch.nn.Module:
-    """The training forward in DistributedDataParallel, over the trained
-    parameters only (:class:`~clipft.engine.distributed.TrainForward`);
+def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,
+                   precision, dist, needs_text: bool) -> Training:
+    """The optimizer, schedule and trainer of a run (over stage ``st``'s epochs,
+    or the run's), its training forward wrapped in DDP under torchrun."""
+    steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
+    total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
+    optimizer, impl = make_optimizer(groups, config)
+    trainer = Trainer(
+        model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, total_steps, warmup_steps, config.schedule),
+        scaler=grad_scaler(device, precision),
+        params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
+        needs_text=needs_text, grad_accum=config.grad_accum,
+        grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
+        inserted=[m for _, m in inserted_modules(assembly.model)])
+    unused = 0
+    if dist.enabled:
+        forward, unused = wrap_ddp(trainer, loaders, head)
+        trainer = attrs.evolve(trainer, forward=forward)
+    return Training(trainer, total_steps, warmup_steps, impl, unused)
+
+
+def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module, int]:
+    """``(forward, unused)``: the training forward in DistributedDataParallel,
+    over the trained parameters only (:class:`~clipft.engine.distributed.TrainForward`);
     buffers are not broadcast (frozen, identical on every rank), and
     ``find_unused_parameters`` is on only when the first batch's graph leaves
-    a trained parameter out (a text tower that trains under a loss that never
-    encodes text, say). The probe runs in eval mode with the RNG kept, so
-    training draws exactly what it would have."""
+    ``unused`` trained parameters out (a text tower that trains under a loss
+    that never encodes text, say). The probe runs in eval mode with the RNG
+    kept, so training draws exactly what it would have."""
     from clipft.engine import distributed
     from clipft.engine.features import _batch
     from clipft.engine.loop import loss_total
@@ -312,5 +361,4 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> torch.nn.Module:
     ddp = torch.nn.parallel.DistributedDataParallel(
         fwd, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
         find_unused_parameters=bool(unused))
-    ddp.clipft_unused = len(unused)
-    return ddp
+    return ddp, len(unused)

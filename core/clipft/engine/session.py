@@ -111,6 +111,12 @@ class Checkpoints(Callback):
             self.directory.committed()
         self.host.fire("on_checkpoint", CheckpointView(folder, st.epoch, st.step))
 
+    def next_stage(self, checkpointer: Checkpointer) -> None:
+        """The next stage of a multi-stage run saves its own parts (a new model,
+        optimizer and schedule); the point already saved stays saved."""
+        checkpointer.last_saved = self.checkpointer.last_saved
+        self.checkpointer = checkpointer
+
 
 class StopSignals:
     """SIGTERM and SIGINT (Ctrl-C) ask training to stop after the current
@@ -192,8 +198,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "pretrained": run.pretrained,
         "device": str(run.device),
         "precision": run.precision,
-        "optimizer": {"name": run.config.optimizer,
-                      "impl": getattr(getattr(run.trainer, "optimizer", None), "clipft_impl", None)},
+        "optimizer": {"name": run.config.optimizer, "impl": run.optimizer_impl},
         "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in res.strategies],
         "loss": {"name": res.loss[0].name, **options_to_dict(res.loss[1])},
         "head": ({"name": res.head[0].name, **options_to_dict(res.head[1])} if res.head else None),
@@ -244,7 +249,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "global_batch": run.config.batch_size * world,
         "dropped_per_epoch": run.loaders.dropped_per_epoch,
         #: trained tensors the loss does not reach (DDP then finds unused parameters)
-        "unused_trained_tensors": getattr(run.trainer.forward if run.trainer else None, "clipft_unused", 0),
+        "unused_trained_tensors": run.unused_trained,
     }
     if run.resolved.stages:   # a multi-stage run: params/cache above are the last stage's
         summary["stages"] = [dict(s) for s in state.stages]
@@ -291,11 +296,12 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
                   checkpoints: Optional[Checkpointer] = None, callbacks=(), warn=None,
-                  directory=None) -> CallbackHost:
-    """The run's callbacks: ``progress`` (a reporter from :mod:`clipft.progress`),
-    ``metrics.jsonl`` and the checkpoints (the engine's own), with ``callbacks``
-    (``[(name, Callback, required)]``, from plugins) before the checkpoints, so
-    that ``on_checkpoint`` follows every ``on_epoch_end``."""
+                  directory=None) -> tuple[CallbackHost, Checkpoints]:
+    """The run's callbacks and, of them, the one that saves checkpoints:
+    ``progress`` (a reporter from :mod:`clipft.progress`), ``metrics.jsonl``
+    and the checkpoints (the engine's own), with ``callbacks`` (``[(name,
+    Callback, required)]``, from plugins) before the checkpoints, so that
+    ``on_checkpoint`` follows every ``on_epoch_end``."""
     from clipft.progress import Silent
 
     host = CallbackHost(warn=warn)
@@ -304,9 +310,10 @@ def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=No
     host.add("metrics", metrics, builtin=True)
     for name, cb, required in callbacks:
         host.add(name, cb, required)
-    host.add("checkpoint", Checkpoints(checkpoints or checkpointer_for(run, out_dir), state, host, metrics,
-                                       run.config.checkpoint_every, directory), builtin=True)
-    return host
+    saver = Checkpoints(checkpoints or checkpointer_for(run, out_dir), state, host, metrics,
+                        run.config.checkpoint_every, directory)
+    host.add("checkpoint", saver, builtin=True)
+    return host, saver
 
 
 def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[LoopState] = None,
@@ -314,7 +321,7 @@ def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[Lo
               stop=lambda: None) -> LoopState:
     """Train a prepared run into ``out_dir``, firing the callbacks' events."""
     state = state or LoopState()
-    host = host or callback_host(run, out_dir, state, progress, checkpoints)
+    host = host or callback_host(run, out_dir, state, progress, checkpoints)[0]
     return train(run.trainer, run.epochs_end, state, run.evaluate, host, stop,
                  total_epochs=run.config.epochs)
 
@@ -375,7 +382,7 @@ def resume_stage(res, state: dict) -> tuple:
     if not res.stages:
         return 0, False
     loop = state.get("loop") or {}
-    k = min(int(loop.get("stage", 0)), len(res.stages) - 1)
+    k = res.saved_stage(state)
     ended = int(loop.get("epoch", state.get("epoch", 0))) >= res.stages[k].end and not loop.get("batch")
     if ended and k + 1 < len(res.stages):
         return k + 1, True
@@ -417,13 +424,22 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
     return state
 
 
-def execute(config: RunConfig, registry, progress, out_dir: Optional[Path] = None,
-            overwrite: bool = False, resume: Optional[Path] = None) -> dict:
+def execute(config: Optional[RunConfig], registry, progress, out_dir: Optional[Path] = None,
+            overwrite: bool = False, resume: Optional[Path] = None, given=None) -> dict:
     """Run (or resume) a training run; returns the summary dict.
+
+    A resume trains with the run's own config, of which only some options may
+    change (:func:`clipft.engine.resume.resume_config`): ``given`` names the
+    options the caller set explicitly (the command line's flags; ``config``
+    is then the saved config with them applied), or is None (``config`` is a
+    whole config, compared with the saved one; None: the saved one).
 
     Under ``torchrun`` every rank trains; rank 0 alone writes the run directory,
     shows progress and fires the callbacks (the others are silent)."""
     from clipft.engine import distributed
+    if resume is not None:
+        from clipft.engine.resume import resume_config
+        config = resume_config(Path(resume), config, registry, given, out_dir, overwrite)
     dist = distributed.from_env(config.device)
     try:
         return _execute(config, registry, progress if dist.main else None, out_dir, overwrite, resume, dist)
@@ -488,10 +504,10 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
         if main:
             rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
             write_split(run, out_dir)
-            host = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
-                                 warn=getattr(progress, "warn", None), directory=directory)
+            host, saver = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
+                                        warn=getattr(progress, "warn", None), directory=directory)
         else:
-            host = CallbackHost()
+            host, saver = CallbackHost(), None
         view = run_view(run, out_dir, state.epoch)
         if directory is not None:   # what callbacks create through view.path is the run's own
             directory.created = view.created
@@ -506,13 +522,13 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                         state.stages[run.stage]["cache"] = run.features.stats or None
                     if not run.resolved.stages or run.stage + 1 >= len(run.resolved.stages):
                         break
-                    run = _next_stage(run, config, registry, out_dir, host)
+                    run = _next_stage(run, config, registry, out_dir, saver)
             except StopTraining as stopped:
-                _stop(host, stopped, out_dir, stop.received, main)
-        if run.config.epochs == 0 and main:
+                _stop(saver, stopped, out_dir, stop.received)
+        if run.config.epochs == 0 and saver is not None:
             # no epoch ends, so no checkpoint was written: save the model as
             # evaluated, so that export, eval and predict work on the run
-            next(e.callback for e in host.entries if e.name == "checkpoint").save()
+            saver.save()
     except BaseException:
         if directory is not None:
             directory.abandon()   # a no-op once the new run has a checkpoint
@@ -540,7 +556,7 @@ def _start_stage(run: PreparedRun, state: LoopState) -> None:
         state.stages.append(record)
 
 
-def _next_stage(run: PreparedRun, config, registry, out_dir: Path, host: CallbackHost) -> PreparedRun:
+def _next_stage(run: PreparedRun, config, registry, out_dir: Path, saver: Checkpoints) -> PreparedRun:
     """End ``run``'s stage and prepare the next one: built afresh (seeded,
     strategies of the earlier stages re-applied, this stage's on top), with the
     weights of the checkpoint that ended the stage loaded, exactly as a
@@ -549,19 +565,17 @@ def _next_stage(run: PreparedRun, config, registry, out_dir: Path, host: Callbac
 
     nxt = prepare(config, registry, stage=run.stage + 1, resolved=run.resolved)
     checkpointer = checkpointer_for(nxt, out_dir)
-    cb = next(e.callback for e in host.entries if e.name == "checkpoint")
-    checkpointer.last_saved = cb.checkpointer.last_saved
     checkpointer.restore_weights(Path(out_dir) / CURRENT)
-    cb.checkpointer = checkpointer
+    saver.next_stage(checkpointer)
     return nxt
 
 
-def _stop(host: CallbackHost, stopped: StopTraining, out_dir: Path, received, main: bool = True) -> None:
-    """A stop request: checkpoint where the loop stopped, say how to resume, exit."""
+def _stop(saver: Optional[Checkpoints], stopped: StopTraining, out_dir: Path, received) -> None:
+    """A stop request: checkpoint where the loop stopped (rank 0, which holds
+    ``saver``), say how to resume, exit."""
     name, code = received or ("stopped", 143)
-    if main:
-        checkpoint = next(e.callback for e in host.entries if e.name == "checkpoint")
-        checkpoint.save()
+    if saver is not None:
+        saver.save()
     st = stopped.state
     where = f"epoch {st.epoch + 1}, batch {st.batch}" if st.batch else f"the end of epoch {st.epoch}"
     raise RunInterrupted(
