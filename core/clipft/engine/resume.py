@@ -13,15 +13,17 @@ from typing import Iterable, Optional
 
 import attrs
 
-from clipft.config import RunConfig, load_toml
+from clipft import kinds
+from clipft.config import RunConfig, flag_fields, flag_name, load_toml
 from clipft.errors import ClipftUsageError
 from clipft.options import build_options, options_to_dict
 
-#: the options a resumed run may change
-RESUMABLE = ("epochs", "device", "num_workers", "checkpoint_every", "keep_checkpoints", "callbacks")
+#: the options a resumed run may change: RunConfig fields marked ``resumable``
+#: (clipft.config.option), and the callbacks, which only observe
+RESUMABLE = tuple(f.name for f in flag_fields() if f.metadata["resumable"]) + ("callbacks",)
 
-#: the options whose flag is not the field's name (repeatable flags are singular)
-_FLAGS = {"strategies": "--strategy", "callbacks": "--callback"}
+#: the component fields' flags (``--strategy`` for ``strategies``), from the kinds table
+_FLAGS = {k.config_field: k.flag for k in kinds.KINDS}
 
 #: component fields: their kind, to compare options by value rather than by spelling
 _KINDS = {"data": "data", "loss": "loss", "head": "head", "strategies": "strategy"}
@@ -29,7 +31,7 @@ _KINDS = {"data": "data", "loss": "loss", "head": "head", "strategies": "strateg
 
 def flag(name: str) -> str:
     """The command-line spelling of option ``name`` (``batch_size`` -> ``--batch-size``)."""
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+    return _FLAGS.get(name) or flag_name(name)
 
 
 def resume_config(run_dir: Path, config: Optional[RunConfig], registry, given: Optional[Iterable[str]] = None,
@@ -59,10 +61,10 @@ def resume_config(run_dir: Path, config: Optional[RunConfig], registry, given: O
     if overwrite:
         changed.append("overwrite")
     if changed:
+        names = [flag(n) for n in RESUMABLE]
         raise ClipftUsageError(
-            "only --epochs, --device, --num-workers, --checkpoint-every, --keep-checkpoints and "
-            "--callback can change when resuming (the run continues in its own directory); "
-            f"got {flag(changed[0])}")
+            f"only {', '.join(names[:-1])} and {names[-1]} can change when resuming (the run continues "
+            f"in its own directory); got {flag(changed[0])}")
     return config
 
 
