@@ -209,7 +209,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_export_never_touches_a_folder_named_like_its_old_temporary(tiny_run, tmp_path, invoke, monkeypatch):
-    import clipft.engine.export as export
+    import clipft.commands.export as export
     mine = tmp_path / ".out.tmp"              # the name export used to clear unconditionally
     mine.mkdir()
     (mine / "thesis.tex").write_text("mine")

@@ -19,7 +19,7 @@ import torch
 
 import clipft
 from clipft import kinds, testing
-from clipft.scaffold import files_for, scaffold
+from clipft.commands.scaffold import files_for, scaffold
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -154,7 +154,7 @@ def test_checkpoint_and_resume_are_bit_exact(invoke, tmp_path, monkeypatch):
 
 def test_export_writes_each_adapter_to_its_own_file_and_load_export_puts_them_back(invoke, tmp_path):
     from clipft.encode import class_text_features, encode_images
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     from clipft.engine.loadrun import load_run
 
     run_dir, out = tmp_path / "run", tmp_path / "export"

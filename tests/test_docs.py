@@ -313,7 +313,7 @@ def test_the_worked_example_trains_on_cached_embeddings_and_round_trips(adapter_
 
     from clipft.api import RunConfig, make_registry, run
     from clipft.encode import encode_images
-    from clipft.engine.export import export_run, load_export
+    from clipft.commands.export import export_run, load_export
     from clipft.errors import ClipftUsageError
     from clipft.options import build_options
 

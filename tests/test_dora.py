@@ -208,7 +208,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 @pytest.mark.numerics
 def test_export_merges_and_equals_the_unmerged_run(tmp_path):
     from clipft import testing
-    from clipft.engine.export import WEIGHTS
+    from clipft.commands.export import WEIGHTS
     reg = testing.plugin_registry()
     summary = testing.run_plugin(None, strategy="lora:dora=true,targets=q,k,v,out,mlp", steps=2,
                                  tmp_path=tmp_path, registry=reg, lr=1e-2)

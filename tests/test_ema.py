@@ -87,7 +87,7 @@ def test_use_for_eval_evaluates_and_exports_the_averages(tmp_path_factory, tmp_p
     scalar kernels) the two after-top-1s were 0.11-0.40 apart; 0.04 is asked."""
     from clipft import testing
     from clipft.api import RunConfig, run
-    from clipft.engine.export import WEIGHTS, export_run
+    from clipft.commands.export import WEIGHTS, export_run
     base = base_checkpoint(tmp_path_factory)
     reg = testing.plugin_registry()
 

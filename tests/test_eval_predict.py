@@ -56,8 +56,8 @@ def test_eval_metrics_equal_an_independent_computation(invoke, runs):
     """Features through open_clip's own encode_image/encode_text on the same
     images, metrics by plain loops."""
     from clipft.engine.loadrun import load_run
-    from clipft.engine.inference import build_data
-    from clipft.engine.source import load_source
+    from clipft.commands.inference import build_data
+    from clipft.commands.source import load_source
     from clipft.options import parse_ref
     from clipft.plugins import Registry
     doc = _eval(invoke, runs["full"], "--data", SMALL_NOVEL)

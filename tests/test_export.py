@@ -120,7 +120,7 @@ def test_export_merges_lora_and_loads_in_plain_open_clip(lora_run, tmp_path, inv
 
 @pytest.mark.numerics
 def test_load_export_restores_prompts_and_head(lora_run, tmp_path, invoke):
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     from clipft.encode import class_text_features
     from clipft.engine.loadrun import load_run
     out = tmp_path / "export"
@@ -158,7 +158,7 @@ def test_export_head_weights_and_vision_prompts(tmp_path_factory, tmp_path, invo
     # the open_clip weights are the base's: vision prompts live outside them
     weights, base_w = load_file(str(out / "open_clip_model.safetensors")), load_file(str(base["weights"]))
     assert all(torch.equal(weights[k], base_w[k]) for k in base_w)      # a copy: exact
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     from clipft.engine.loadrun import load_run
     exp, run = load_export(out), load_run(run_dir)
     img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -151,7 +151,7 @@ def test_image_adapter_runs_on_the_cached_image_embedding(registry, tmp_path):
 
 
 def test_export_says_plain_open_clip_drops_the_adapter_and_load_export_keeps_it(registry, tmp_path, invoke):
-    from clipft.engine.export import export_run, load_export
+    from clipft.commands.export import export_run, load_export
     from clipft.engine.loadrun import load_run
 
     run(RunConfig(model="tiny-vit", data=DATA, strategies=["image-adapter"], epochs=1, batch_size=32),

@@ -74,7 +74,7 @@ def _line(text, run_name):
 
 
 def test_the_marker_name_is_the_run_directory_contracts():
-    from clipft import runs
+    from clipft.commands import runs
     from clipft.engine import rundir
     assert runs.MARKER == rundir.MARKER
 
@@ -153,7 +153,7 @@ def test_dir_defaults_to_runs_and_may_be_a_run_or_a_sweep(invoke, runs_dir, monk
 
 
 def test_search_depth_and_empty_folder(runs_dir, tmp_path, invoke):
-    from clipft import runs
+    from clipft.commands import runs
     found = {p.relative_to(runs_dir).as_posix() for p in runs.find_runs(runs_dir)}
     assert found == set(TIMES)
     assert {p.name for p in runs.find_runs(runs_dir, max_depth=1)} == {"a", "crashed", "corrupt", "captions"}
@@ -227,7 +227,7 @@ def test_missing_default_dir_says_so(invoke, tmp_path, monkeypatch):
 
 
 def test_component_strings_show_options_that_differ_from_the_defaults(monkeypatch, tmp_path):
-    from clipft import runs
+    from clipft.commands import runs
     from clipft.api import make_registry
     reg = make_registry()    # a full load: it records the defaults in the provides cache too
     t = {"name": "last-n", "n": 3, "tower": "both", "projection": True}   # n defaults to 2

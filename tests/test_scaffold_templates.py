@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clipft import kinds, testing
-from clipft.scaffold import PLACEHOLDER, files_for, renamer, template_files, templates
+from clipft.commands.scaffold import PLACEHOLDER, files_for, renamer, template_files, templates
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(str(templates()))

@@ -139,7 +139,7 @@ def test_eval_report_on_stdout(made, invoke):
 def test_eval_notes_go_to_the_notes_console(made, invoke):
     from rich.console import Console
 
-    from clipft.engine.inference import render_eval
+    from clipft.commands.inference import render_eval
     doc = one_json(invoke("eval", made["root"] / "b", "--data", DATA, "--json"))
     doc["notes"] = ["head skipped: a made-up reason"]
     out, err = io.StringIO(), io.StringIO()
@@ -197,7 +197,7 @@ def test_new_lists_files_on_stdout(invoke, tmp_path):
 
 def test_sweep_table_on_stdout_progress_on_stderr(invoke, tmp_path, monkeypatch):
     """Members as canned rows: the streams are the CLI's, not the training's."""
-    from clipft.engine import sweep
+    from clipft.commands import sweep
 
     def member(spec, refs, seed, run_dir):
         return {"seed": seed, "run_dir": str(run_dir), "status": "ok", "top1_before": 0.25,

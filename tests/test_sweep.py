@@ -14,7 +14,7 @@ CONTROL = "shapes:n=16,val_n=24,seed=2,colours=red,green,blue,yellow,shapes=circ
 
 
 def test_parse_members():
-    from clipft.engine.sweep import member_name, parse_members
+    from clipft.commands.sweep import member_name, parse_members
     members = parse_members("projections,last-n:n=2,tower=vision,lora,reproject:dim=64+last-n:n=1")
     assert [[r.name for r in m] for m in members] == [["projections"], ["last-n"], ["lora"],
                                                       ["reproject", "last-n"]]

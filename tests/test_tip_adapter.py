@@ -157,7 +157,7 @@ def test_export_round_trip(invoke, tmp_path):
     run_cli(invoke, run_dir, "--head", "tip-adapter:finetune=true", epochs=1)
     manifest = testing.assert_export_roundtrip(run_dir, tmp_path / "export")
     assert manifest["head"]["name"] == "tip-adapter" and manifest["head"]["file"] == "head.safetensors"
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     head = load_export(tmp_path / "export")["head"]
     assert head.keys.shape == (48, EMBED_DIM) and head.values.shape == (48, 9)   # resized on load
     import sys

@@ -106,7 +106,7 @@ def test_shards_refuse_a_non_empty_out_and_overwrite_only_their_own_files(invoke
 
 
 def test_shards_write_crash_safely(invoke, folder, tmp_path, monkeypatch):
-    import clipft.shards as mod
+    import clipft.commands.shards as mod
     out = tmp_path / "shards"
     shards(invoke, folder, out, "--shard-size", "10")
     before = {p.name: p.read_bytes() for p in out.iterdir()}

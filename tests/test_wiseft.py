@@ -64,7 +64,7 @@ def test_endpoints_are_exact(invoke, runs, tmp_path, strategy):
 
 def test_zero_shot_head_interpolates_with_its_zero_shot_init(invoke, runs, tmp_path):
     from clipft.encode import class_text_features
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     run = runs["head"]
     plain = _export(invoke, run, tmp_path / "plain")
     assert plain["head"]["file"]

@@ -55,7 +55,7 @@ def plan(config: Union[RunConfig, dict], *, plugins: Iterable[object] = (),
          disabled: Iterable[str] = (), entry_points: bool = True,
          registry: Optional[Registry] = None) -> dict:
     """What would train, without training: groups, counts, lr, optimizer memory."""
-    from clipft.engine.plan import make_plan
+    from clipft.commands.plan import make_plan
 
     reg = registry or make_registry(plugins, disabled, entry_points)
     return make_plan(_config(config), reg)

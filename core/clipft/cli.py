@@ -254,7 +254,7 @@ def build_config(config_file, kw, base: dict | None = None):
 def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
     """Fine-tune a model and write a run directory."""
     if nproc is not None:
-        from clipft.engine.launch import launch_torchrun
+        from clipft.commands.launch import launch_torchrun
         sys.exit(launch_torchrun(nproc, sys.argv[1:]))
     from clipft.engine.session import execute
     from clipft.progress import RichReporter, stdout_console
@@ -282,7 +282,7 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
 @guarded
 def plan_cmd(ctx, config_file, as_json, **kw):
     """Show what a run would train (groups, counts, lr, memory) without training."""
-    from clipft.engine.plan import make_plan, render_plan
+    from clipft.commands.plan import make_plan, render_plan
     cfg = build_config(config_file, kw)
     p = make_plan(cfg, _registry(ctx, _components(cfg)))
     if as_json:
@@ -307,7 +307,7 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json):
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
     head weights go to separate files (see OUT/clipft_export.json)."""
-    from clipft.engine.export import export_run
+    from clipft.commands.export import export_run
     manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device,
                           wise_ft=wise_ft)
     if as_json:
@@ -328,7 +328,7 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json):
                   f"{'' if drops else ' (verified)'}")
     for d in drops:
         console.print(f"  [yellow]plain open_clip drops[/yellow] {d['module']} ({d['kind']}, strategy "
-                      f"{d['strategy']}, in {d['file']}); clipft.engine.export.load_export keeps it")
+                      f"{d['strategy']}, in {d['file']}); clipft.commands.export.load_export keeps it")
     if drops:
         console.print(f"  verified: load_export reproduces the run's model "
                       f"(max |diff| {manifest['load_export_max_abs_diff']:.2e})")
@@ -388,8 +388,8 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
              data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot):
     """Evaluate a run, an export or a plain model on a data source: zero-shot and head
     top-1/top-5, per-class and balanced accuracy, calibration (ECE), caption recall@k."""
-    from clipft.engine import inference
-    from clipft.engine.source import KIND_RUN, load_source
+    from clipft.commands import inference
+    from clipft.commands.source import KIND_RUN, load_source
     reg = _registry(ctx)
     task_ref = _data_ref(data)
     control_ref = _data_ref(control_data, "--control-data") if control_data else None
@@ -398,7 +398,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
         raise ClipftUsageError("--wise-ft-plot goes with --wise-ft-sweep")
     alphas = None
     if wise_ft_sweep:
-        from clipft.engine.wiseft import parse_alphas
+        from clipft.commands.wiseft import parse_alphas
         alphas = parse_alphas(wise_ft_sweep)
         if wise_ft_plot:
             inference.require_matplotlib("--wise-ft-plot")
@@ -419,7 +419,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
         if src.kind != KIND_RUN:
             raise ClipftUsageError("--wise-ft-sweep needs a run directory as SOURCE (it interpolates "
                                    "the run's weights with the model it started from)")
-        from clipft.engine import wiseft
+        from clipft.commands import wiseft
         ends = wiseft.endpoints(src.run)
         curve = []
         for a in alphas:
@@ -460,8 +460,8 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
                 top_k, labels, labels_file):
     """Top-k labels with probabilities for images: the run's classes (through its head
     when it has one), or ad-hoc --labels for zero-shot use. --json prints JSON Lines."""
-    from clipft.engine import inference
-    from clipft.engine.source import load_source
+    from clipft.commands import inference
+    from clipft.commands.source import load_source
     args = list(args)
     source = None if model_name else (args.pop(0) if args else None)
     if not args:
@@ -516,7 +516,7 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     before/after, forgetting, trainable params, time, memory and checkpoint size."""
     import time as _time
 
-    from clipft.engine import sweep
+    from clipft.commands import sweep
     if kw.get("strategies"):
         raise ClipftUsageError("clipft sweep takes its strategies from --strategies, not --strategy")
     if seeds < 1:
@@ -581,7 +581,7 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
 @click.pass_context
 @guarded
 def new_cmd(ctx, kind, name, directory):
-    from clipft.scaffold import scaffold
+    from clipft.commands.scaffold import scaffold
     target, written = scaffold(kind, name, Path(directory) if directory else None, _registry(ctx))
     click.echo(f"wrote {kinds.lookup(kind).name} plugin clipft-{name} in {target}:")
     for path in written:
@@ -601,7 +601,7 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
     """List the runs under DIR (default runs/, searched a few levels down),
     oldest first: strategy, loss, head, data, trainable %, top-1 before ->
     after, train time, peak RSS. --compare A B shows two runs side by side."""
-    from clipft import runs
+    from clipft.commands import runs
     from clipft.progress import stdout_console
     base = Path(directory or "runs")
     if show_all and not compare:
@@ -638,7 +638,7 @@ def shards_cmd(source, out, shard_size, shuffle_seed, templates, image_column, c
     CSV/TSV/JSONL file of image-caption pairs, with OUT/shards.json (sample
     counts) and OUT/classnames.txt. Train on them with --data webdataset:urls=OUT."""
     from clipft.data import DEFAULT_TEMPLATES
-    from clipft.shards import write_shards
+    from clipft.commands.shards import write_shards
     m = write_shards(source, out, shard_size=shard_size, shuffle_seed=shuffle_seed, overwrite=overwrite,
                      templates=_templates(templates) or DEFAULT_TEMPLATES, image_column=image_column,
                      caption_column=caption_column, label_column=label_column)

@@ -89,7 +89,7 @@ def tiny_base_checkpoint(directory: Union[str, Path], *, epochs: int = 2, seed: 
     zero-shot top-1 on the base data (well above chance, 1/12). Built once per
     process and directory (about 10 s on one CPU thread)."""
     from clipft.api import RunConfig, make_registry, run
-    from clipft.engine.export import WEIGHTS, export_run
+    from clipft.commands.export import WEIGHTS, export_run
 
     directory = Path(directory)
     key = (str(directory.resolve()), epochs, seed)
@@ -381,7 +381,7 @@ def assert_export_roundtrip(run_dir, out, registry=None, *, atol: float = 1e-5) 
     import torch
 
     from clipft.encode import class_scores, class_text_features, encode_images, encode_texts
-    from clipft.engine.export import export_run, load_export
+    from clipft.commands.export import export_run, load_export
 
     run_dir = _run_dir(run_dir)
     registry = registry if registry is not None else plugin_registry()

@@ -1,4 +1,4 @@
-"""``clipft eval`` and ``clipft predict``: a :class:`~clipft.engine.source.Source`
+"""``clipft eval`` and ``clipft predict``: a :class:`~clipft.commands.source.Source`
 applied to a data split, or to image files.
 
 Two classifiers score an image embedding: zero-shot (cosine similarity to the

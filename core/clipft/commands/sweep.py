@@ -119,8 +119,8 @@ def _run_member(spec: SweepSpec, refs, seed: int, run_dir: Path) -> dict:
 
 
 def _control_top1(source_args: dict, control_ref, registry) -> float:
-    from clipft.engine import inference
-    from clipft.engine.source import load_source
+    from clipft.commands import inference
+    from clipft.commands.source import load_source
     src = load_source(registry=registry, **source_args)
     bundle = inference.build_data(control_ref, registry, src)
     res = inference.evaluate_source(src, bundle, control_ref)
@@ -212,7 +212,7 @@ def render_sweep(doc: dict, console) -> None:
 
 
 def write_sweep_png(doc: dict, path: Path) -> None:
-    from clipft.engine.inference import _save_png, require_matplotlib
+    from clipft.commands.inference import _save_png, require_matplotlib
     plt = require_matplotlib("the sweep plot")
     members = [m for m in doc["members"] if m["ok"]]
     if not members:

@@ -38,7 +38,7 @@ class Source:
 
 
 def source_kind(path: Path) -> str:
-    from clipft.engine.export import MANIFEST
+    from clipft.commands.export import MANIFEST
     if (path / "config.toml").is_file():
         return KIND_RUN
     if (path / MANIFEST).is_file():
@@ -77,7 +77,7 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         return Source(KIND_RUN, f"run {path}", run.model, run.tokenizer, run.preprocess, run.head,
                       run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
-    from clipft.engine.export import load_export
+    from clipft.commands.export import load_export
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,

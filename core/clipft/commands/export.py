@@ -143,7 +143,7 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
                wise_ft: Optional[float] = None) -> dict:
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
-    fine-tuned weights (:mod:`clipft.engine.wiseft`)."""
+    fine-tuned weights (:mod:`clipft.commands.wiseft`)."""
     from clipft.engine.rundir import RunLock
 
     with RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
@@ -163,7 +163,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
     model = run.model
     wise, folded = None, 0
     if wise_ft is not None:
-        from clipft.engine import wiseft
+        from clipft.commands import wiseft
         wiseft.check_alpha(wise_ft)
         ends = wiseft.endpoints(run)     # refuses (before anything is written) where it has no meaning
         wiseft.apply(run, ends, wise_ft)
@@ -197,7 +197,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
             delattr(_get(model, parent), attr)
 
         # 2. fold adapters into the base weights
-        from clipft.engine.wiseft import fold_adapters
+        from clipft.commands.wiseft import fold_adapters
         folded += fold_adapters(model)
         state = model.state_dict()
         stray = sorted(set(state) - set(run.base_shapes))
@@ -235,7 +235,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
             "model": run.config.model,
             "pretrained": run.pretrained,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
-            "load_all_with": f"clipft.engine.export.load_export('{out}')",
+            "load_all_with": f"clipft.commands.export.load_export('{out}')",
             "weights": WEIGHTS,
             "config": CONFIG,
             "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in run.resolved.strategies],
