@@ -28,8 +28,8 @@ DATA = "shapes:n=32,val_n=16"
 # SGD without momentum tricks: the first step moves θ by exactly lr·grad
 COMMON = ["--model", "tiny-vit", "--pretrained", "none", "--callback", "none", "--optimizer", "sgd",
           "--lr", "0.05", "--warmup-steps", "0", "--schedule", "constant", "--weight-decay", "0",
-          "--grad-clip", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", CLIPFT_DIST_TIMEOUT_MIN="1", COLUMNS="120")
+          "--grad-clip", "0", "--collective-timeout", "1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120")
 
 
 def torchrun(*args, script=None, timeout=150):
@@ -187,3 +187,52 @@ def test_a_trained_tower_the_loss_never_reaches_does_not_stall_ddp(tmp_path):
     d = json.loads(r.stdout)["distributed"]
     assert d["unused_trained_tensors"] > 0 and d["dropped_per_epoch"] == 1
     assert "left out of each epoch" in r.stderr
+
+
+def _pid_of_rank(tag: str, rank: int):
+    """The pid of the torchrun worker of ``rank`` whose environment carries ``tag``."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"CLIPFT_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env \
+                and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank's process through /proc")
+def test_a_stopped_rank_fails_the_job_naming_it_instead_of_hanging(tmp_path):
+    import signal
+    import time
+    import uuid
+    tag = uuid.uuid4().hex
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clipft", "run", *COMMON[:-1], "0.15", "--data", "shapes:n=4096,val_n=16",
+           "--epochs", "1", "--strategy", "full", "--batch-size", "8", "--nproc", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env={**ENV, "CLIPFT_TEST_TAG": tag}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stopped = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (out / "metrics.jsonl").exists(), "the run never started training"
+        stopped = _pid_of_rank(tag, 1)
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=150)     # 0.15 min of waiting, then the job ends
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert "did not answer" in err and "rank 1" in err, err[-2000:]
+    assert "Traceback" not in err

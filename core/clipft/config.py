@@ -240,6 +240,11 @@ class RunConfig:
         validator=lambda i, a, v: parse_every(v), resumable=True)
     keep_checkpoints: int = option("Checkpoints to keep: the newest in checkpoint/, older ones beside it "
                                    "(default 1).", 1, validator=_positive, resumable=True)
+    collective_timeout: Optional[float] = option(
+        "Minutes a distributed collective may wait for a rank before the job fails (exit 1) instead of "
+        "hanging on a stalled or dead rank (default: 10 on GPUs, 20 on CPUs, where rank 0's "
+        "evaluation, the longest legitimate wait, is slower).", None, validator=_non_negative,
+        metavar="MIN", resumable=True)
     skip_nonfinite: int = option("Skip up to N steps whose loss is NaN/inf instead of stopping (default 0).",
                                  0, metavar="N", validator=_non_negative)
     out: Optional[str] = None

@@ -225,54 +225,42 @@ def _write_cache(records: list, eps: list, components: dict) -> None:
 
 
 class _ImportJournal:
-    """``importing``: a line ``PID FINGERPRINT`` written just before an entry
-    point is imported and removed when the import is over, however it ended.
-    A plugin that ends the process at import (``os._exit``, a segfault) leaves
-    its line with a dead pid, and the next command skips it as failed
-    (:func:`_killed_importers`) instead of dying the same way."""
+    """``importing-PID``: the fingerprint of the entry point this process is
+    importing, written just before the import and removed when it is over,
+    however it ended. A plugin that ends the process at import (``os._exit``,
+    a segfault) leaves the file behind with a dead pid, and the next command
+    skips that plugin as failed (:func:`_killed_importers`) instead of dying the
+    same way. One file per process: parallel commands never share one."""
 
     def __init__(self):
-        self.path = cache_path().parent / "importing"
+        self.path = cache_path().parent / f"importing-{os.getpid()}"
 
     @contextlib.contextmanager
     def importing(self, ep):
-        line = f"{os.getpid()} {_fingerprint(ep)}\n"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
+            self.path.write_text(_fingerprint(ep), encoding="utf-8")
+            written = True
         except OSError:
-            line = None
+            written = False
         try:
             yield
         finally:
-            if line is not None:
-                self._forget(line)
-
-    def _forget(self, line: str) -> None:
-        try:   # other processes' lines stay (a parallel command importing now)
-            rest = [ln for ln in self.path.read_text(encoding="utf-8").splitlines(keepends=True) if ln != line]
-            if rest:
-                from clipft import atomic
-                atomic.write_text(self.path, "".join(rest))
-            else:
-                self.path.unlink()
-        except OSError:
-            pass
+            if written:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
 
 
-def _killed_importers() -> set:
-    """Fingerprints whose import ended its process (see :class:`_ImportJournal`)."""
+def _killed_importers() -> dict:
+    """Fingerprint -> journal file, for imports that ended their process (see
+    :class:`_ImportJournal`); removing the file retries the plugin."""
     from clipft.atomic import pid_alive
-    try:
-        lines = (cache_path().parent / "importing").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return set()
-    out = set()
-    for ln in lines:
-        pid, _, fp = ln.partition(" ")
-        if pid.isdigit() and fp and not pid_alive(int(pid)):
-            out.add(fp)
+    out = {}
+    for f in cache_path().parent.glob("importing-*"):
+        pid = f.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                out[f.read_text(encoding="utf-8").strip()] = f
     return out
 
 
@@ -441,7 +429,7 @@ class Registry:
             if _fingerprint(ep) in killers:   # it ended the last process that imported it
                 rec.status, rec.error = "failed", (
                     "ended the process that imported it (os._exit or a fatal signal at import); "
-                    "skipped until it is reinstalled")
+                    f"skipped until it is reinstalled or {killers[_fingerprint(ep)]} is removed")
                 continue
             entry = cached.get(_fingerprint(ep)) if lazy else None
             if entry is None:

@@ -25,6 +25,7 @@ How a run divides (see docs/scaling.md):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from typing import Optional
@@ -37,7 +38,10 @@ from clipft.errors import ClipftError, ClipftUsageError
 
 #: how long a collective may wait before the job fails instead of hanging
 #: (rank 0 evaluating or saving a checkpoint is the longest legitimate wait)
-TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("CLIPFT_DIST_TIMEOUT_MIN", "30")))
+#: minutes a collective may wait when ``--collective-timeout`` is not given: rank 0
+#: evaluating (or checkpointing) while the others wait is the longest legitimate
+#: wait, and it is slower on CPUs
+DEFAULT_TIMEOUT_MIN = {"cuda": 10.0, "cpu": 20.0}
 
 
 @attrs.define
@@ -45,6 +49,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: how long a collective may wait (minutes) before it fails
+    timeout_min: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -112,7 +118,8 @@ class Dist:
             padded = torch.cat([tensor, pad], dim=0)
         if with_grad:
             from torch.distributed import nn as dist_nn
-            parts = list(dist_nn.all_gather(padded.contiguous()))
+            with quiet_deprecations():
+                parts = list(dist_nn.all_gather(padded.contiguous()))
         else:
             parts = [torch.empty_like(padded) for _ in range(self.world)]
             torch.distributed.all_gather(parts, padded.detach().contiguous())
@@ -140,8 +147,23 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def from_env(device_choice: str = "auto") -> Dist:
-    """Join the process group torchrun describes in the environment (once)."""
+@contextlib.contextmanager
+def quiet_deprecations():
+    """torch's FutureWarnings about its own distributed APIs (``all_gather``'s
+    autograd form, DDP's ``broadcast_buffers``): nothing a clipft user can act on."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def timeout_minutes(choice: Optional[float], cuda: bool) -> float:
+    return float(choice) if choice else DEFAULT_TIMEOUT_MIN["cuda" if cuda else "cpu"]
+
+
+def from_env(device_choice: str = "auto", timeout_min: Optional[float] = None) -> Dist:
+    """Join the process group torchrun describes in the environment (once);
+    collectives fail after ``timeout_min`` minutes (:func:`timeout_minutes`)."""
     global _current
     if not launched():
         return SINGLE
@@ -155,14 +177,61 @@ def from_env(device_choice: str = "auto") -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     try:
+        minutes = timeout_minutes(timeout_min, cuda)
         torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                             timeout=TIMEOUT)
+                                             timeout=datetime.timedelta(minutes=minutes))
     except Exception as exc:  # noqa: BLE001 - a rendezvous failure names what to check
         raise ClipftError(f"rank {rank}: could not join the process group of {world} processes "
                           f"({type(exc).__name__}: {exc}); check MASTER_ADDR/MASTER_PORT "
                           "(torchrun --rdzv-endpoint) and that every node started") from None
-    _current = Dist(rank, world, local)
+    _current = Dist(rank, world, local, timeout_min=minutes)
     return _current
+
+
+def _timed_out(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset"))
+
+
+def _silent_ranks(dist: "Dist", wait_s: float) -> Optional[list]:
+    """After a collective timed out: the ranks that do not say so within
+    ``wait_s`` seconds, through the launcher's key-value store (which outlives
+    the process group); None when the store cannot be reached."""
+    import time
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+        store = _get_default_store()
+        keys = {r: f"clipft/timed-out/{r}" for r in range(dist.world)}
+        store.set(keys[dist.rank], "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r, k in keys.items() if not store.check([k])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - no store: the message cannot name the rank
+        return None
+
+
+@contextlib.contextmanager
+def stalled_ranks_named(dist: "Dist"):
+    """A collective that times out (a rank stopped, hung or died) becomes a
+    runtime error naming the ranks that did not answer, instead of torch's
+    transport message. Every live rank that timed out says so in the
+    launcher's store; the ranks that do not, within a minute (or the timeout,
+    if shorter), are the ones named."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - only a collective's timeout is translated
+        if not dist.enabled or not _timed_out(exc):
+            raise
+        silent = _silent_ranks(dist, min(60.0, dist.timeout_min * 60))
+        who = ("rank " + ", ".join(map(str, silent)) + " did not answer" if silent
+               else "a rank did not answer")
+        raise ClipftError(
+            f"rank {dist.rank}: a collective waited more than {dist.timeout_min:g} minutes and {who} "
+            "(stopped, hung or dead); the job stops rather than hang. Resume from the last checkpoint "
+            "once every rank can run (--collective-timeout MIN sets the wait)") from None
 
 
 def shutdown() -> None:

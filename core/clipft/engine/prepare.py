@@ -219,7 +219,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     res = resolved if resolved is not None else resolve(config, registry)
     st = res.stages[stage] if res.stages else None
     where = f"stage '{st.name}': " if st is not None else ""
-    dist = distributed.from_env(config.device)
+    dist = distributed.from_env(config.device, config.collective_timeout)
     device = distributed.device_for(dist, config.device) or pick_device(config.device)
     precision = effective_precision(device, config.precision)
     check_precision(device, precision)
@@ -358,7 +358,8 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module,
             unused = distributed.unused_trained_params(loss, trainer.params)
             del loss, img, txt, logits
     dev = trainer.device
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        fwd, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
-        find_unused_parameters=bool(unused))
+    with distributed.quiet_deprecations():
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=bool(unused))
     return ddp, len(unused)

@@ -440,9 +440,10 @@ def execute(config: Optional[RunConfig], registry, progress, out_dir: Optional[P
     if resume is not None:
         from clipft.engine.resume import resume_config
         config = resume_config(Path(resume), config, registry, given, out_dir, overwrite)
-    dist = distributed.from_env(config.device)
+    dist = distributed.from_env(config.device, config.collective_timeout)
     try:
-        return _execute(config, registry, progress if dist.main else None, out_dir, overwrite, resume, dist)
+        with distributed.stalled_ranks_named(dist):
+            return _execute(config, registry, progress if dist.main else None, out_dir, overwrite, resume, dist)
     finally:
         distributed.shutdown()
 
