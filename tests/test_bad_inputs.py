@@ -403,6 +403,8 @@ CASES = [
      r"--labels '': a label is empty", "absent"),
     ("predict-labels-empty-one", lambda c: ["predict", "--model", "tiny-vit", *images(c, 1), "--labels", "a,,b"],
      2, r"--labels 'a,,b': a label is empty", "absent"),
+    ("lora-rank-absurd", lambda c: RUN[:-2] + ["--strategy", "lora:r=100000000", "--data", SHAPES, *out(c)], 2,
+     r"lora: r=100000000 exceeds the width of the layers it adapts \(the smallest is 64\)", "absent"),
     ("describe-unknown-kind", lambda c: ["describe", "widget", "x"], 2, r"unknown kind 'widget'", "absent"),
     ("describe-unknown-name", lambda c: ["describe", "strategy", "nope"], 2, r"unknown strategy 'nope'", "absent"),
     ("plan-bad-option", lambda c: ["plan", "--model", "tiny-vit", "--data", "shapes:n=0"], 2,

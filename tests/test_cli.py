@@ -242,3 +242,23 @@ def test_a_head_the_loss_ignores_is_reported(invoke, tmp_path):
     s = json.loads(r.stdout)
     assert "head" not in {g["name"] for g in s["params"]["groups"]}
     assert "head_top1" in s["eval"]["after"]
+
+
+def test_a_closed_or_departed_stdout(tmp_path):
+    """`--json >&-` writes nothing and says so (exit 2); `predict --json | head -1`
+    stops quietly when the reader leaves (no traceback, no error)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    r = subprocess.run(f"{sys.executable} -m clipft plugins --json >&-", shell=True, capture_output=True, text=True)
+    assert r.returncode == 2 and "standard output is closed" in r.stderr
+    for i in range(40):
+        Image.fromarray(np.full((16, 16, 3), i * 5, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    r = subprocess.run(f"{sys.executable} -m clipft predict --model tiny-vit --labels a,b --batch-size 4 --json "
+                       f"{tmp_path} | head -1; exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                       capture_output=True, text=True)
+    assert r.stdout.count("\n") == 1 and '"top"' in r.stdout
+    assert "Traceback" not in r.stderr and "error" not in r.stderr, r.stderr
+    assert r.returncode in (0, 141), r.stderr

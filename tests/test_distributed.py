@@ -236,3 +236,34 @@ def test_a_stopped_rank_fails_the_job_naming_it_instead_of_hanging(tmp_path):
     assert proc.returncode == 1, err[-2000:]
     assert "did not answer" in err and "rank 1" in err, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_sigterm_to_the_nproc_launcher_exits_143_with_the_resume_line(tmp_path):
+    """The launcher forwards the signal; the ranks checkpoint and stop; the
+    launcher exits as a single process would (143), leaves no torchelastic
+    folder in the temp dir and prints none of torch's FutureWarnings."""
+    import signal
+    import tempfile
+    import time
+    before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "clipft", "run", *COMMON, "--data", "shapes:n=4096,val_n=16", "--epochs", "1",
+           "--strategy", "full", "--batch-size", "8", "--nproc", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        assert (out / "metrics.jsonl").exists(), "the run never started training"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert f"resume with: clipft run --resume {out}" in err
+    assert "FutureWarning" not in err and "SignalException" not in err and "Traceback" not in err
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) <= before
+    r = subprocess.run([sys.executable, "-m", "clipft", "run", "--resume", str(out), "--nproc", "2"],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -76,6 +76,10 @@ def test_an_interrupted_overwrite_says_how_to_get_the_old_run_back(invoke, tmp_p
     (x / "config.toml").write_text("# clipft\n")
     r = invoke(*RUN, "--out", x)
     assert r.exit_code == 2 and str(backup) in r.stderr and f"mv {backup} {x}" in r.stderr
+    # --resume and eval say the same, rather than "nothing to resume" or "no checkpoint" alone
+    for args in (["run", "--resume", x], ["eval", x, "--data", "shapes:n=32,val_n=8"]):
+        r = invoke(*args)
+        assert r.exit_code == 2 and str(backup) in r.stderr and f"mv {backup} {x}" in r.stderr, r.stderr
     assert (backup / "checkpoint" / "state.json").is_file()
 
 
@@ -91,6 +95,10 @@ def test_a_run_that_died_before_its_first_checkpoint_is_rerun_not_resumed(invoke
     assert invoke(*RUN, "--out", x).exit_code == 1
     monkeypatch.undo()
     assert (x / "config.toml").is_file() and not (x / "checkpoint").exists()
+    # a kill during the first checkpoint leaves its temporary folder, without state.json
+    partial = x / ".checkpoint.tmp-99999999-0-x"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
     r = invoke("run", "--resume", x)
     assert r.exit_code == 2 and "nothing to resume" in r.stderr and "without --resume" in r.stderr
     r = invoke(*RUN, "--out", x)                           # no --overwrite needed

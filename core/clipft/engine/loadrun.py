@@ -61,6 +61,12 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
     ck, state = checkpoint_to_load(run_dir, str(run_dir))
     if ck is None:
+        from clipft.engine.rundir import backup_of
+        if backup_of(run_dir).exists():
+            raise ClipftUsageError(
+                f"{run_dir} has no complete checkpoint: an --overwrite of it was interrupted before the new "
+                f"run's first checkpoint, and the previous run is kept in {backup_of(run_dir)}; restore it "
+                f"with `rm -rf {run_dir} && mv {backup_of(run_dir)} {run_dir}`")
         if (run_dir / CURRENT).is_dir():   # there is one, but it is damaged: say which file
             raise ClipftUsageError(
                 f"{run_dir} has no complete checkpoint: {inspect_checkpoint(run_dir / CURRENT)[1]}")

@@ -58,6 +58,13 @@ def inject(model, opts) -> list:
                         f"lora: the MLP of the {tower.label} blocks is not c_fc/c_proj nn.Linear; "
                         "drop mlp from targets")
                 plan.extend(("linear", lin) for lin in linears)
+    # a rank above a layer's smaller side adds nothing a full update lacks, and a
+    # typo such as r=100000000 would try to allocate terabytes: refuse it here
+    widths = [m.embed_dim if kind == "attn" else min(m.in_features, m.out_features)
+              for kind, m in plan]
+    if widths and opts.r > min(widths):
+        raise ClipftUsageError(f"lora: r={opts.r} exceeds the width of the layers it adapts (the smallest "
+                               f"is {min(widths)}); use r between 1 and {min(widths)} (2 to 64 is usual)")
     for kind, module in plan:
         try:
             if kind == "attn":
