@@ -39,7 +39,18 @@ from typing import Optional
 import torch
 
 from clipft import atomic
+from clipft import __version__
+from clipft.commands import wiseft
+from clipft.commands.wiseft import fold_adapters
+from clipft.encode import image_embedding, infer_embed_dim, text_embedding
+from clipft.engine.assemble import assemble
+from clipft.engine.loadrun import load_run
+from clipft.engine.rundir import RunLock
 from clipft.errors import ClipftError, ClipftUsageError
+from clipft.models import register_tiny_configs
+from clipft.options import build_options, options_to_dict
+from clipft.plugins import Registry
+from clipft.protocols import inserted_modules
 
 WEIGHTS = "open_clip_model.safetensors"
 CONFIG = "open_clip_config.json"
@@ -60,9 +71,6 @@ def _get(model, path: str):
 
 def _model_cfg(model, model_name: str) -> dict:
     import open_clip
-
-    from clipft.encode import infer_embed_dim
-    from clipft.models import register_tiny_configs
 
     register_tiny_configs()
     cfg = open_clip.get_model_config(model_name)
@@ -123,7 +131,6 @@ def _foreign_entries(out: Path) -> list:
 
 def _run_features(model, probe) -> torch.Tensor:
     """What the run's model computes on the probe, adapters in their slots included."""
-    from clipft.encode import image_embedding, text_embedding
     images, tokens = probe
     with torch.no_grad():
         img = image_embedding(model, model.encode_image(images)).float().flatten()
@@ -144,7 +151,6 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
     fine-tuned weights (:mod:`clipft.commands.wiseft`)."""
-    from clipft.engine.rundir import RunLock
 
     with RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
         # one process per run: a run training (or resumed) there now would change it under us
@@ -154,16 +160,10 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
 def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wise_ft: Optional[float]) -> dict:
     import open_clip
 
-    from clipft import __version__
-    from clipft.engine.loadrun import load_run
-    from clipft.options import options_to_dict
-    from clipft.protocols import inserted_modules
-
     run = load_run(run_dir, registry, device=device)
     model = run.model
     wise, folded = None, 0
     if wise_ft is not None:
-        from clipft.commands import wiseft
         wiseft.check_alpha(wise_ft)
         ends = wiseft.endpoints(run)     # refuses (before anything is written) where it has no meaning
         wiseft.apply(run, ends, wise_ft)
@@ -197,7 +197,6 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
             delattr(_get(model, parent), attr)
 
         # 2. fold adapters into the base weights
-        from clipft.commands.wiseft import fold_adapters
         folded += fold_adapters(model)
         state = model.state_dict()
         stray = sorted(set(state) - set(run.base_shapes))
@@ -302,9 +301,6 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     :func:`clipft.encode.class_text_features` uses the learned prompts."""
     import open_clip
 
-    from clipft.engine.assemble import assemble
-    from clipft.options import build_options
-
     out = Path(out)
     if not (out / MANIFEST).is_file():
         raise ClipftUsageError(f"{out} is not a clipft export (no {MANIFEST})")
@@ -314,7 +310,6 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}", device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     if registry is None and (manifest["extras"] or manifest.get("head")):
-        from clipft.plugins import Registry
         registry = Registry().load()
     classnames = manifest.get("classnames")
     templates = tuple(manifest.get("templates") or ("a photo of a {}.",))

@@ -16,8 +16,12 @@ import torch
 
 from clipft import atomic
 from clipft.data import DEFAULT_TEMPLATES, IMAGE_EXTENSIONS
+from clipft.data import Batches, DataContext, DecodeFailures, collate, guard, is_iterable, load_image
+from clipft.encode import class_scores, class_text_features, embed_batches, embed_unique_texts, encode_images, encode_texts
 from clipft.engine.evaluate import HeadScores, ZeroShot, evaluate_features, logit_scale
 from clipft.errors import ClipftUsageError
+from clipft.options import build_options
+from clipft.protocols import conditional_class_text
 
 SPLITS = ("val", "train", "all")
 RECALL_KS = (1, 5, 10)
@@ -28,8 +32,6 @@ def zero_shot(source, classnames: Sequence[str], templates: Sequence[str]) -> Ze
     model's learned prompts when it has a class-prompt encoder, else the
     template ensemble), encoded once; a conditional class-prompt encoder
     (CoCoOp) prompts each image anew."""
-    from clipft.encode import class_scores, class_text_features
-    from clipft.protocols import conditional_class_text
     model, names, templates = source.model, list(classnames), tuple(templates)
     if conditional_class_text(model):
         def scores(feats):
@@ -63,8 +65,6 @@ def head_applies(source, classnames: Sequence[str]) -> bool:
 def build_data(data_ref, registry, source):
     """The data source's bundle, both splits with the model's val transform, the
     split seeded as the run seeded it."""
-    from clipft.data import DataContext
-    from clipft.options import build_options
     spec = registry.get("data", data_ref.name)
     opts = build_options("data", spec, data_ref.options)
     ctx = DataContext(transform_train=source.preprocess, transform_val=source.preprocess,
@@ -73,7 +73,6 @@ def build_data(data_ref, registry, source):
 
 
 def split_dataset(bundle, split: str):
-    from clipft.data import is_iterable
     if split == "val":
         return bundle.val
     if split == "train":
@@ -95,8 +94,6 @@ def _split_size(bundle, split: str):
 def embed_dataset(source, dataset, batch_size: int = 64, num_workers: int = 0):
     """Normalised image embeddings, labels and captions of every decodable
     sample, and the number of samples that could not be decoded."""
-    from clipft.data import Batches, DecodeFailures, collate, guard
-    from clipft.encode import embed_batches, encode_images
     loader = torch.utils.data.DataLoader(guard(dataset), batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, collate_fn=collate)
     failures = DecodeFailures()
@@ -115,7 +112,6 @@ def trims_text(source) -> bool:
 @torch.no_grad()
 def caption_embeddings(source, captions: list[str]) -> torch.Tensor:
     """Features of the distinct captions, in order of first appearance."""
-    from clipft.encode import embed_unique_texts, encode_texts
     trim = trims_text(source)
     return embed_unique_texts(
         captions, lambda chunk: encode_texts(source.model, source.tokenizer(chunk).to(source.device), trim=trim))
@@ -275,8 +271,6 @@ def predict(source, paths: Sequence[Path], classifier, names: list, top_k: int =
             batch_size: int = 32) -> Iterator[dict]:
     """One record per path, in order: ``{"image", "used", "top": [{"label",
     "prob"}]}``, or ``{"image", "error"}`` for a file that cannot be read."""
-    from clipft.data import load_image
-    from clipft.encode import encode_images
     k = min(top_k, len(names))
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]

@@ -13,7 +13,11 @@ from typing import Optional
 import attrs
 import torch
 
+from clipft.commands.export import MANIFEST, load_export
+from clipft.engine.assemble import pick_device
+from clipft.engine.loadrun import load_run
 from clipft.errors import ClipftUsageError
+from clipft.models import load_model
 
 KIND_RUN, KIND_EXPORT, KIND_MODEL = "run", "export", "model"
 
@@ -38,7 +42,6 @@ class Source:
 
 
 def source_kind(path: Path) -> str:
-    from clipft.commands.export import MANIFEST
     if (path / "config.toml").is_file():
         return KIND_RUN
     if (path / MANIFEST).is_file():
@@ -52,7 +55,6 @@ def source_kind(path: Path) -> str:
 
 def load_source(source: Optional[str], model_name: Optional[str] = None, pretrained: Optional[str] = None,
                 registry=None, device: str = "cpu") -> Source:
-    from clipft.engine.assemble import pick_device
 
     if source and model_name:
         raise ClipftUsageError(f"give either SOURCE ({source}) or --model, not both")
@@ -63,7 +65,6 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         raise ClipftUsageError("--pretrained goes with --model (a run or export knows its weights)")
     dev = pick_device(device)
     if model_name:
-        from clipft.models import load_model
         loaded = load_model(model_name, pretrained or "auto", device=str(dev))
         loaded.model.requires_grad_(False)
         loaded.model.eval()
@@ -72,12 +73,10 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
     path = Path(source)
     kind = source_kind(path)
     if kind == KIND_RUN:
-        from clipft.engine.loadrun import load_run
         run = load_run(path, registry, device=str(dev))
         return Source(KIND_RUN, f"run {path}", run.model, run.tokenizer, run.preprocess, run.head,
                       run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
-    from clipft.commands.export import load_export
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,

@@ -20,7 +20,10 @@ from typing import Optional
 import attrs
 import torch
 
+from clipft.engine.assemble import assemble, seed_everything
 from clipft.errors import ClipftUsageError
+from clipft.models import load_model
+from clipft.protocols import inserted_modules
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -42,7 +45,6 @@ def check_alpha(alpha: float) -> None:
 
 def refusal(run) -> Optional[str]:
     """Why WiSE-FT cannot interpolate this run, or None."""
-    from clipft.protocols import inserted_modules
     names = [s.name for s, _ in run.resolved.strategies]
     for qname, module in inserted_modules(run.model):
         if not module.folds_into_base:
@@ -67,7 +69,6 @@ class Endpoints:
 
 
 def fold_adapters(model) -> int:
-    from clipft.protocols import inserted_modules
     n = 0
     for _, module in inserted_modules(model):
         if module.folds_into_base:
@@ -79,8 +80,6 @@ def fold_adapters(model) -> int:
 def endpoints(run) -> Endpoints:
     """The two endpoints of a loaded run (:func:`clipft.engine.loadrun.load_run`).
     Folds the run's adapters into ``run.model`` in place."""
-    from clipft.engine.assemble import assemble, seed_everything
-    from clipft.models import load_model
 
     reason = refusal(run)
     if reason:

@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from clipft.context import BuildContext
+from clipft.engine.checkpoint import changed_keys
 from clipft.engine.compose import apply_strategies, check_strategy
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.options import ComponentRef, build_options
+from clipft.options import parse_ref
 from clipft.specs import NEED_HEAD
+from clipft.specs import Stage
 
 
 @attrs.define
@@ -112,8 +115,6 @@ def resolve_stages(config, strategies, one) -> tuple:
     """``(stages, staged_by)``: the run's stages, from ``config.stages`` or from a
     staged strategy (:meth:`clipft.Strategy.stages`), each resolved with the
     epochs it covers; ``([], None)`` for an ordinary run."""
-    from clipft.options import parse_ref
-    from clipft.specs import Stage
 
     staged = []
     for spec, opts in strategies:
@@ -247,7 +248,6 @@ def assemble(model, *, model_name: str, tokenizer, device, strategies, head=None
     (a later stage of a multi-stage run): the strategies of each earlier stage,
     applied first, in order, so that the model has what they inserted; the last
     application (``strategies``) decides what trains."""
-    from clipft.engine.checkpoint import changed_keys
 
     base_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ctx = BuildContext(model=model, model_name=model_name, tokenizer=tokenizer, device=device,

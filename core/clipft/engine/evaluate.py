@@ -14,7 +14,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from clipft.encode import shared_class_text
 from clipft.metrics import classification_metrics, retrieval_metrics
+from clipft.protocols import use_eval_weights
 
 #: what the run's evaluation reports of each classifier's metrics (summary.json's
 #: eval.before/after); ``clipft eval`` reports them all
@@ -115,9 +117,6 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self) -> dict:
-        from clipft.encode import shared_class_text
-        from clipft.protocols import use_eval_weights
-
         model, head = self.model, self.head
         was_training = model.training
         model.eval()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from clipft.data import Batches, DecodeFailures, collate, guard, is_iterable
+from clipft.engine.distributed import SINGLE, rank_share
 
 
 class _Indices(torch.utils.data.Dataset):
@@ -72,7 +73,6 @@ def stream_rank_share(n: int) -> int:
 class Loaders:
     def __init__(self, bundle, *, batch_size: int, seed: int, device, num_workers: int = 0,
                  persistent_workers: bool = True, failures: DecodeFailures | None = None, dist=None):
-        from clipft.engine.distributed import SINGLE, rank_share
         self.bundle = bundle
         self.dist = dist or SINGLE
         #: this rank's positions in each epoch's permutation (None: all of them)

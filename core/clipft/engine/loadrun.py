@@ -18,7 +18,15 @@ from typing import Optional
 import attrs
 import torch
 
+from clipft.config import RunConfig, load_toml
+from clipft.data import DataContext
+from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
+from clipft.engine.checkpoint import CURRENT, checkpoint_to_load, inspect_checkpoint, load_trained_tensors
+from clipft.engine.rundir import backup_of
 from clipft.errors import ClipftUsageError
+from clipft.models import load_model
+from clipft.plugins import Registry
+from clipft.protocols import use_eval_weights
 
 
 @attrs.define
@@ -40,7 +48,6 @@ class LoadedRun:
 
 
 def _classes_from_data(config, resolved, loaded):
-    from clipft.data import DataContext
     spec, opts = resolved.data
     dctx = DataContext(transform_train=loaded.preprocess_val, transform_val=loaded.preprocess_val,
                        seed=config.seed, deterministic_train=True)
@@ -50,10 +57,6 @@ def _classes_from_data(config, resolved, loaded):
 
 def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
     """The model of a finished (or checkpointed) run, ready for inference."""
-    from clipft.config import RunConfig, load_toml
-    from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
-    from clipft.engine.checkpoint import CURRENT, checkpoint_to_load, inspect_checkpoint, load_trained_tensors
-    from clipft.models import load_model
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
@@ -61,7 +64,6 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
     ck, state = checkpoint_to_load(run_dir, str(run_dir))
     if ck is None:
-        from clipft.engine.rundir import backup_of
         if backup_of(run_dir).exists():
             raise ClipftUsageError(
                 f"{run_dir} has no complete checkpoint: an --overwrite of it was interrupted before the new "
@@ -74,7 +76,6 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
             f"{run_dir} has no complete checkpoint (checkpoint/state.json); a run writes one at the "
             "end of each epoch")
     if registry is None:
-        from clipft.plugins import Registry
         registry = Registry().load()
     config = RunConfig.from_toml_dict(load_toml(cfg_path), where=str(cfg_path))
     resolved = resolve(config, registry)
@@ -99,7 +100,6 @@ def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
             m.eval()
     # the weights the run's evaluations used (ema's averages), kept: eval,
     # predict and export see what summary.json's metrics were computed on
-    from clipft.protocols import use_eval_weights
     use_eval_weights(model)
     return LoadedRun(run_dir=run_dir, config=config, resolved=resolved, model=model,
                      tokenizer=loaded.tokenizer, preprocess=loaded.preprocess_val, head=head,

@@ -32,10 +32,14 @@ from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
 from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_precision, effective_precision,
                                 grad_scaler, set_tf32)
+from clipft.engine import distributed
+from clipft.engine.features import _batch
+from clipft.engine.loop import loss_total
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
 from clipft.protocols import inserted_modules
+from clipft.protocols import Loss
 from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -195,7 +199,6 @@ def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device,
 def build_loss(spec, options, ctx, device):
     """The run's loss: built, set up on the assembled model (:class:`clipft.Loss`)
     and, when it is a module, moved to the device."""
-    from clipft.protocols import Loss
 
     loss = spec.build(options)
     if isinstance(loss, Loss):
@@ -215,7 +218,6 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     (over this stage's epochs) and the cache plan are this stage's. The weights
     earlier stages trained are loaded by the caller (:mod:`clipft.engine.session`),
     from the checkpoint that ended them."""
-    from clipft.engine import distributed
     res = resolved if resolved is not None else resolve(config, registry)
     st = res.stages[stage] if res.stages else None
     where = f"stage '{st.name}': " if st is not None else ""
@@ -340,9 +342,6 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module,
     ``unused`` trained parameters out (a text tower that trains under a loss
     that never encodes text, say). The probe runs in eval mode with the RNG
     kept, so training draws exactly what it would have."""
-    from clipft.engine import distributed
-    from clipft.engine.features import _batch
-    from clipft.engine.loop import loss_total
     fwd = distributed.TrainForward(trainer.model, head, trainer.features, trainer.needs_text, trainer.params)
     unused = []
     with distributed.rng_kept():

@@ -22,16 +22,22 @@ import attrs
 import torch
 
 from clipft import __version__
+from clipft.callbacks import Callback, CheckpointView, RunView
+from clipft.callbacks import Callback as Base
 from clipft.config import RunConfig, dumps_toml, parse_every
 from clipft.data import is_iterable
 from clipft.engine import rundir
-from clipft.callbacks import Callback, CheckpointView, RunView
+from clipft.engine import distributed
+from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
 from clipft.engine.checkpoint import Checkpointer, checkpoint_to_load, inspect_checkpoint
+from clipft.engine.checkpoint import CURRENT
 from clipft.engine.loop import LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
+from clipft.engine.resume import resume_config
 from clipft.errors import ClipftUsageError, RunInterrupted
 from clipft.options import ComponentRef, options_to_dict
+from clipft.progress import Silent
 
 
 def peak_rss_mb() -> float:
@@ -302,7 +308,6 @@ def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=No
     and the checkpoints (the engine's own), with ``callbacks`` (``[(name,
     Callback, required)]``, from plugins) before the checkpoints, so that
     ``on_checkpoint`` follows every ``on_epoch_end``."""
-    from clipft.progress import Silent
 
     host = CallbackHost(warn=warn)
     host.add("progress", progress or Silent(), builtin=True)
@@ -330,7 +335,6 @@ def build_callbacks(run: PreparedRun, progress) -> list:
     """``[(name, Callback, required)]`` of the run's callback plugins. One the
     user selected must build; a default one that cannot (a missing optional
     dependency, say) is reported and left out."""
-    from clipft.callbacks import Callback as Base
     out = []
     for spec, options, required in run.resolved.callbacks:
         try:
@@ -436,9 +440,7 @@ def execute(config: Optional[RunConfig], registry, progress, out_dir: Optional[P
 
     Under ``torchrun`` every rank trains; rank 0 alone writes the run directory,
     shows progress and fires the callbacks (the others are silent)."""
-    from clipft.engine import distributed
     if resume is not None:
-        from clipft.engine.resume import resume_config
         config = resume_config(Path(resume), config, registry, given, out_dir, overwrite)
     dist = distributed.from_env(config.device, config.collective_timeout)
     try:
@@ -458,7 +460,6 @@ def _execute(config, registry, progress, out_dir, overwrite, resume, dist) -> di
 
 
 def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist, held: list) -> dict:
-    from clipft.progress import Silent
     progress = progress or Silent()
     main = dist.main
     directory = None
@@ -474,7 +475,6 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                                                                                       config.strategies)))
         if main:
             rundir.check_out_dir(out_dir, overwrite)
-    from clipft.engine.assemble import resolve
     res = resolve(config, registry)
     if res.stages and dist.enabled:
         raise ClipftUsageError(f"a multi-stage run ({', '.join(s.name for s in res.stages)}) trains on one "
@@ -562,7 +562,6 @@ def _next_stage(run: PreparedRun, config, registry, out_dir: Path, saver: Checkp
     strategies of the earlier stages re-applied, this stage's on top), with the
     weights of the checkpoint that ended the stage loaded, exactly as a
     ``--resume`` from that checkpoint does, so both continue identically."""
-    from clipft.engine.checkpoint import CURRENT
 
     nxt = prepare(config, registry, stage=run.stage + 1, resolved=run.resolved)
     checkpointer = checkpointer_for(nxt, out_dir)
