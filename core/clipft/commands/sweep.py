@@ -109,13 +109,15 @@ class MemberSignals(signals.Handlers):
     def __init__(self):
         super().__init__()
         self.member: Optional[subprocess.Popen] = None
-        self._waiting = False
+        self._waiting, self._unsent = False, None
 
     def _handle(self, signum, frame):
         if not self._waiting:
             return super()._handle(signum, frame)
         self.received = self.received or signum
-        if self.member is not None:
+        if self.member is None:
+            self._unsent = signum              # the member is being started
+        else:
             self.member.send_signal(signum)    # a no-op once it has exited
 
     def first(self, signum: int) -> None:
@@ -127,15 +129,15 @@ class MemberSignals(signals.Handlers):
         try:
             self.member = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                            env=env, start_new_session=True)
-            if self.received is not None:      # arrived while it started
-                self.member.send_signal(self.received)
+            if self._unsent is not None:
+                self.member.send_signal(self._unsent)
             out, err = self.member.communicate()
             return self.member.returncode, out, err
         finally:
             if self.member is not None and self.member.poll() is None:
                 self.member.terminate()        # the sweep itself failed: the member checkpoints and exits
                 self.member.communicate()
-            self.member, self._waiting = None, False
+            self.member, self._waiting, self._unsent = None, False, None
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
