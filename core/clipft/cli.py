@@ -507,7 +507,8 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
 @click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per member (mean ± std).")
 @click.option("--control-data", help="A second data source, to measure forgetting.")
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default runs/sweep-<time>).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier sweep in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier sweep in --out (without it, the same "
+              "command continues a stopped sweep: finished members are kept, an interrupted one resumes).")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 @click.pass_context
 @guarded
@@ -532,7 +533,7 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     if control is not None:
         reg.get("data", control.name)
     out_dir = Path(out) if out else Path("runs") / f"sweep-{_time.strftime('%Y%m%d-%H%M%S')}"
-    if (out_dir / sweep.SWEEP_JSON).exists() and not overwrite:
+    if (out_dir / sweep.SWEEP_JSON).exists() and not overwrite and not sweep.is_unfinished(out_dir):
         raise ClipftUsageError(f"{out_dir} holds a sweep already; pass --overwrite to replace it")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / sweep.SWEEP_JSON).exists() \
             and not any(out_dir.glob("*/seed*.toml")):
@@ -548,13 +549,14 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     def finished(name, row):
         if row["status"] == "ok":
             shown = " -> ".join("-" if v is None else f"{v:.3f}" for v in (row["top1_before"], row["top1_after"]))
-            console.print(f"  top1 {shown} in {row['train_seconds']:.1f}s")
+            how = {"kept": " (finished before: kept)", "resumed": " (resumed from its checkpoint)"}
+            console.print(f"  top1 {shown} in {row['train_seconds']:.1f}s{how.get(row.get('how'), '')}")
         else:      # reported now; the sweep goes on with the next member
             console.print(f"  [red]{escape(name)} seed {row['seed']} failed[/red]: {escape(row['error'])}",
                           soft_wrap=True)
 
     spec = sweep.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
-                           disabled=tuple(sorted(ctx.find_root().obj["disabled"])))
+                           disabled=tuple(sorted(ctx.find_root().obj["disabled"])), fresh=overwrite)
     doc = sweep.run_sweep(spec, reg, on_member=progress, on_done=finished)
     try:
         sweep.write_sweep_png(doc, out_dir / sweep.SWEEP_PNG)

@@ -19,10 +19,14 @@ class PluginConflictError(ClipftUsageError):
     Raised when that name is looked up (not while plugins load), naming both."""
 
 
-class RunInterrupted(ClipftError):
-    """Training stopped on a signal after writing a resumable checkpoint
-    (exit 130 for SIGINT/Ctrl-C, 143 for SIGTERM, as a shell reports them)."""
+class Interrupted(ClipftError):
+    """A command stopped on a signal (exit 128 + its number, as a shell reports
+    it: 130 for SIGINT/Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunInterrupted(Interrupted):
+    """Training stopped on a signal after writing a resumable checkpoint."""

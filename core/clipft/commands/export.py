@@ -46,6 +46,7 @@ from clipft.encode import image_embedding, infer_embed_dim, text_embedding
 from clipft.engine.assemble import assemble
 from clipft.engine.loadrun import load_run
 from clipft.engine.rundir import RunLock
+from clipft.engine.signals import Raising
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import register_tiny_configs
 from clipft.options import build_options, options_to_dict
@@ -152,12 +153,17 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
     fine-tuned weights (:mod:`clipft.commands.wiseft`)."""
 
-    with RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
+    # SIGTERM and SIGHUP would end the process where it is, leaving the
+    # temporary folder behind: as exceptions, building_dir removes it
+    stop = Raising(f"export stopped before it finished; {out} is left as it was",
+                   late=f"stopped after the export to {out} was complete")
+    with stop, RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
         # one process per run: a run training (or resumed) there now would change it under us
-        return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft)
+        return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop)
 
 
-def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wise_ft: Optional[float]) -> dict:
+def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wise_ft: Optional[float],
+            stop) -> dict:
     import open_clip
 
     run = load_run(run_dir, registry, device=device)
@@ -172,7 +178,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
                 "head": ends.head_tuned is not None}
     _check_out(out, overwrite)
     atomic.remove_stale(out.parent, {out.name})
-    with atomic.building_dir(out) as tmp:
+    with contextlib.ExitStack() as commit, atomic.building_dir(out) as tmp:
         probe = _probe(model, run.tokenizer)
         reference = _run_features(model, probe)  # the model as exported, everything in place
 
@@ -263,6 +269,9 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
         manifest["load_export_max_abs_diff"] = full_diff
         manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # from the removal of the earlier export to the rename, a signal waits:
+        # OUT is the old export or the new one, never neither
+        commit.enter_context(stop.held())
         if out.exists():   # checked above: an export with nothing its manifest does not list
             shutil.rmtree(out)
     return manifest

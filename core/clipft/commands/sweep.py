@@ -21,7 +21,8 @@ from typing import Optional
 import attrs
 
 from clipft import atomic
-from clipft.errors import ClipftUsageError
+from clipft.engine import signals
+from clipft.errors import ClipftUsageError, Interrupted
 from clipft.options import ComponentRef, parse_ref
 
 SWEEP_JSON = "sweep.json"
@@ -87,6 +88,82 @@ class SweepSpec:
     out: Path
     control: Optional[ComponentRef] = None
     disabled: tuple = ()
+    #: start every member over (--overwrite); else a member run finished with
+    #: the same config is kept and one stopped part-way resumes
+    fresh: bool = False
+    stop: Optional["MemberSignals"] = attrs.field(default=None, init=False)
+
+
+class _Stopped(Exception):
+    """A stop signal between member runs (the sweep's own evaluations)."""
+
+
+class MemberSignals(signals.Handlers):
+    """SIGINT, SIGTERM and SIGHUP stop the sweep. While a member runs, each
+    one is passed on to it (the first: it checkpoints and exits; a second: it
+    exits at once) and the sweep stops when the member has exited; between
+    members the first one stops the sweep at once. Members run in a session of
+    their own, so a Ctrl-C at the terminal reaches them once, through the sweep
+    (reaching both, it would count twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.member: Optional[subprocess.Popen] = None
+        self._waiting, self._unsent = False, None
+
+    def _handle(self, signum, frame):
+        if not self._waiting:
+            return super()._handle(signum, frame)
+        self.received = self.received or signum
+        if self.member is None:
+            self._unsent = signum              # the member is being started
+        else:
+            self.member.send_signal(signum)    # a no-op once it has exited
+
+    def first(self, signum: int) -> None:
+        raise _Stopped()
+
+    def call(self, cmd: list, env: dict) -> tuple:
+        """``(exit code, stdout, stderr)`` of a member run; no member outlives it."""
+        self._waiting = True
+        try:
+            self.member = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           env=env, start_new_session=True)
+            if self._unsent is not None:
+                self.member.send_signal(self._unsent)
+            out, err = self.member.communicate()
+            return self.member.returncode, out, err
+        finally:
+            if self.member is not None and self.member.poll() is None:
+                self.member.terminate()        # the sweep itself failed: the member checkpoints and exits
+                self.member.communicate()
+            self.member, self._waiting, self._unsent = None, False, None
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    from clipft.engine.checkpoint import CURRENT, STEP_PREFIX
+    return run_dir.is_dir() and any(p.is_dir() and (p.name == CURRENT or p.name.startswith(STEP_PREFIX))
+                                    for p in run_dir.iterdir())
+
+
+def _plan(spec: SweepSpec, cfg_file: Path, cfg_text: str, run_dir: Path) -> str:
+    """``new``, ``resumed`` or ``kept``: only a run of this very member config
+    (its ``seed<S>.toml`` as this sweep writes it) is kept or resumed."""
+    if spec.fresh or not cfg_file.is_file() or cfg_file.read_text() != cfg_text:
+        return "new"
+    if (run_dir / "summary.json").is_file():
+        return "kept"
+    return "resumed" if _has_checkpoint(run_dir) else "new"
+
+
+def _ok_row(row: dict, summary: dict, run_dir: Path) -> dict:
+    before, after = summary["eval"]["before"], summary["eval"]["after"]
+    row.update(status="ok", top1_before=before.get("top1"), top1_after=after.get("top1"),
+               head_top1_after=after.get("head_top1"), trainable=summary["params"]["trainable"],
+               trainable_fraction=summary["params"]["trainable_fraction"],
+               train_seconds=summary["train"]["seconds"], peak_rss_mb=summary["train"]["peak_rss_mb"],
+               checkpoint_mb=_dir_bytes(run_dir / "checkpoint") / 2**20)
+    return row
 
 
 def _run_member(spec: SweepSpec, refs, seed: int, run_dir: Path) -> dict:
@@ -94,27 +171,31 @@ def _run_member(spec: SweepSpec, refs, seed: int, run_dir: Path) -> dict:
     cfg = attrs.evolve(spec.config, strategies=list(refs), seed=seed)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir.parent / f"seed{seed}.toml"
-    cfg_file.write_text(config_for_dir(cfg, run_dir))
+    cfg_text = config_for_dir(cfg, run_dir)
+    how = _plan(spec, cfg_file, cfg_text, run_dir)
+    row = {"seed": seed, "run_dir": str(run_dir), "how": how}
+    if how == "kept":
+        return _ok_row(row, json.loads((run_dir / "summary.json").read_text()), run_dir)
     cmd = [sys.executable, "-m", "clipft.cli"]
     for d in spec.disabled:
         cmd += ["--disable-plugin", d]
-    cmd += ["run", "--config", str(cfg_file), "--out", str(run_dir), "--overwrite", "--json"]
+    if how == "resumed":
+        cmd += ["run", "--resume", str(run_dir), "--json"]
+    else:
+        atomic.write_text(cfg_file, cfg_text)
+        cmd += ["run", "--config", str(cfg_file), "--out", str(run_dir), "--overwrite", "--json"]
     env = dict(os.environ, COLUMNS=os.environ.get("COLUMNS", "120"))
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    row = {"seed": seed, "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - started}
-    if proc.returncode != 0:
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        row.update(status="failed", exit_code=proc.returncode,
-                   error=(errors[-1][7:] if errors else (proc.stderr.strip().splitlines() or ["?"])[-1]))
+    code, stdout, stderr = (spec.stop or MemberSignals()).call(cmd, env)
+    row["wall_seconds"] = time.perf_counter() - started
+    if code == 0:
+        return _ok_row(row, json.loads(stdout), run_dir)
+    if spec.stop is not None and spec.stop.received is not None:
+        row.update(status="interrupted", exit_code=code, checkpoint=_has_checkpoint(run_dir))
         return row
-    summary = json.loads(proc.stdout)
-    before, after = summary["eval"]["before"], summary["eval"]["after"]
-    row.update(status="ok", top1_before=before.get("top1"), top1_after=after.get("top1"),
-               head_top1_after=after.get("head_top1"), trainable=summary["params"]["trainable"],
-               trainable_fraction=summary["params"]["trainable_fraction"],
-               train_seconds=summary["train"]["seconds"], peak_rss_mb=summary["train"]["peak_rss_mb"],
-               checkpoint_mb=_dir_bytes(run_dir / "checkpoint") / 2**20)
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    row.update(status="failed", exit_code=code,
+               error=(errors[-1][7:] if errors else (stderr.strip().splitlines() or ["?"])[-1]))
     return row
 
 
@@ -127,47 +208,93 @@ def _control_top1(source_args: dict, control_ref, registry) -> float:
     return res.doc["metrics"].get("top1")
 
 
+def _member_entry(refs, name: str, runs: list) -> dict:
+    ok = [r for r in runs if r["status"] == "ok"]
+    stats = {k: _mean_std([r.get(k) for r in ok]) for k in NUMBERS}
+    return {"name": name, "strategies": [{"name": r.name, **r.options} for r in refs],
+            "runs": runs, "ok": len(ok), "failed": sum(r["status"] == "failed" for r in runs),
+            "mean": {k: v[0] for k, v in stats.items()}, "std": {k: v[1] for k, v in stats.items()}}
+
+
+def is_unfinished(out: Path) -> bool:
+    """Whether ``out/sweep.json`` is that of a sweep a signal stopped (which
+    the same sweep command continues)."""
+    try:
+        return json.loads((out / SWEEP_JSON).read_text()).get("status") == "interrupted"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
     """Run every member with every seed; returns (and writes) ``sweep.json``.
     ``on_member(done, total, name, seed)`` is called before each member run,
-    ``on_done(name, row)`` after it."""
+    ``on_done(name, row)`` after it. A stop signal is passed on to the member
+    running (:class:`MemberSignals`), which checkpoints; ``sweep.json`` then
+    records it as interrupted and :class:`Interrupted` is raised."""
     spec.out.mkdir(parents=True, exist_ok=True)
     cfg = spec.config
-    control_before = None
-    if spec.control is not None:
-        control_before = _control_top1({"source": None, "model_name": cfg.model, "pretrained": cfg.pretrained,
-                                        "device": cfg.device}, spec.control, registry)
     seeds = [cfg.seed + k for k in range(spec.seeds)]
-    members = []
-    total, done = len(spec.members) * len(seeds), 0
-    for refs in spec.members:
-        name = member_name(refs)
-        runs = []
-        for seed in seeds:
-            if on_member:
-                on_member(done, total, name, seed)
-            row = _run_member(spec, refs, seed, spec.out / name / f"seed{seed}")
-            if row["status"] == "ok" and spec.control is not None:
-                row["control_before"] = control_before
-                row["control_after"] = _control_top1({"source": row["run_dir"], "device": cfg.device},
-                                                     spec.control, registry)
-                row["forgetting"] = control_before - row["control_after"]
-            if on_done:
-                on_done(name, row)
-            runs.append(row)
-            done += 1
-        ok = [r for r in runs if r["status"] == "ok"]
-        stats = {k: _mean_std([r.get(k) for r in ok]) for k in NUMBERS}
-        members.append({"name": name, "strategies": [{"name": r.name, **r.options} for r in refs],
-                        "runs": runs, "ok": len(ok), "failed": len(runs) - len(ok),
-                        "mean": {k: v[0] for k, v in stats.items()},
-                        "std": {k: v[1] for k, v in stats.items()}})
+    members, current = [], None
     doc = {"out": str(spec.out), "seeds": seeds, "model": cfg.model, "pretrained": cfg.pretrained,
            "data": {"name": cfg.data.name, **cfg.data.options}, "epochs": cfg.epochs,
            "control_data": ({"name": spec.control.name, **spec.control.options} if spec.control else None),
-           "members": members}
+           "status": "complete", "members": members}
+    with MemberSignals() as stop:
+        spec.stop = stop
+        try:
+            control_before = None
+            if spec.control is not None:
+                control_before = _control_top1({"source": None, "model_name": cfg.model,
+                                                "pretrained": cfg.pretrained, "device": cfg.device},
+                                               spec.control, registry)
+            total, done = len(spec.members) * len(seeds), 0
+            for refs in spec.members:
+                current = (refs, member_name(refs), [])
+                for seed in seeds:
+                    if stop.received is not None:   # raised between members, and caught on the way
+                        raise _Stopped()
+                    if on_member:
+                        on_member(done, total, current[1], seed)
+                    row = _run_member(spec, refs, seed, spec.out / current[1] / f"seed{seed}")
+                    current[2].append(row)
+                    if stop.received is not None:
+                        raise _Stopped()
+                    if row["status"] == "ok" and spec.control is not None:
+                        row["control_before"] = control_before
+                        row["control_after"] = _control_top1({"source": row["run_dir"], "device": cfg.device},
+                                                             spec.control, registry)
+                        row["forgetting"] = control_before - row["control_after"]
+                    if on_done:
+                        on_done(current[1], row)
+                    done += 1
+                members.append(_member_entry(*current))
+                current = None
+            if stop.received is not None:
+                raise _Stopped()
+        except _Stopped:
+            raise _interrupted(spec, doc, current, stop.received) from None
+        finally:
+            spec.stop = None
     atomic.write_json(spec.out / SWEEP_JSON, doc, indent=2)
     return doc
+
+
+def _interrupted(spec: SweepSpec, doc: dict, current, signum: int) -> Interrupted:
+    """Record the sweep as stopped (the member running as interrupted) and say how to continue."""
+    name, code = signals.describe(signum)
+    if current is not None and current[2]:
+        doc["members"].append(_member_entry(*current))
+    doc.update(status="interrupted", signal=name)
+    atomic.write_json(spec.out / SWEEP_JSON, doc, indent=2)
+    last = doc["members"][-1]["runs"][-1] if doc["members"] else None
+    where = ""
+    if last is not None and last["status"] == "interrupted":
+        where = (f" {doc['members'][-1]['name']} seed {last['seed']} was interrupted"
+                 + (f" (checkpoint in {last['run_dir']})" if last["checkpoint"] else " before its first checkpoint")
+                 + ";")
+    return Interrupted(f"{name}: sweep stopped;{where} run the same clipft sweep command again (same --out "
+                       f"{spec.out} and options) to continue it: finished members are kept, an interrupted "
+                       "one resumes from its checkpoint", code)
 
 
 def _pm(m, sd, fmt="{:.3f}") -> str:

@@ -4,16 +4,13 @@ the loop, and the summary.
 ``execute`` validates and builds everything (:func:`prepare`) before it touches
 the run directory, then trains with the callbacks: the progress reporter, the
 ``metrics.jsonl`` writer, the plugins' callbacks and the checkpoints (at every
-epoch end, every ``--checkpoint-every`` steps or minutes, and when a SIGTERM or
-Ctrl-C stops the run).
+epoch end, every ``--checkpoint-every`` steps or minutes, and when a SIGTERM,
+SIGHUP or Ctrl-C stops the run).
 """
 from __future__ import annotations
 
 import json
-import os
 import resource
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,15 +20,12 @@ import torch
 
 from clipft import __version__
 from clipft.callbacks import Callback, CheckpointView, RunView
-from clipft.callbacks import Callback as Base
 from clipft.config import RunConfig, dumps_toml, parse_every
 from clipft.data import is_iterable
-from clipft.engine import rundir
-from clipft.engine import distributed
+from clipft.engine import distributed, rundir, signals
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
-from clipft.engine.checkpoint import Checkpointer, checkpoint_to_load, inspect_checkpoint
-from clipft.engine.checkpoint import CURRENT
+from clipft.engine.checkpoint import CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
 from clipft.engine.loop import LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.engine.resume import resume_config
@@ -124,37 +118,13 @@ class Checkpoints(Callback):
         self.checkpointer = checkpointer
 
 
-class StopSignals:
-    """SIGTERM and SIGINT (Ctrl-C) ask training to stop after the current
-    optimizer step (the session then checkpoints and exits 143 / 130); a second
-    signal exits at once. Installed only in the main thread."""
-
-    CODES = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
-
-    def __init__(self):
-        self.received = None
-        self._saved = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.CODES:
-                self._saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.received is not None:   # the second one: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = self.CODES[signum]
+class StopSignals(signals.Handlers):
+    """SIGTERM, SIGINT (Ctrl-C) and SIGHUP ask training to stop after the
+    current optimizer step (the session then checkpoints and exits 143 / 130 /
+    129); a second signal exits at once."""
 
     def __call__(self):
-        return self.received[0] if self.received else None
+        return signals.describe(self.received)[0] if self.received else None
 
 
 def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> RunView:
@@ -339,7 +309,7 @@ def build_callbacks(run: PreparedRun, progress) -> list:
     for spec, options, required in run.resolved.callbacks:
         try:
             cb = spec.build(options)
-            if not isinstance(cb, Base):
+            if not isinstance(cb, Callback):
                 raise TypeError(f"built a {type(cb).__name__}, not a clipft.Callback")
         except ClipftUsageError:
             raise
@@ -525,7 +495,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                         break
                     run = _next_stage(run, config, registry, out_dir, saver)
             except StopTraining as stopped:
-                _stop(saver, stopped, out_dir, stop.received)
+                _stop(saver, stopped, out_dir, signals.describe(stop.received) if stop.received else None)
         if run.config.epochs == 0 and saver is not None:
             # no epoch ends, so no checkpoint was written: save the model as
             # evaluated, so that export, eval and predict work on the run
