@@ -204,6 +204,60 @@ def out(ctx) -> list:
     return ["--out", ctx.out]
 
 
+def unreadable_shards(ctx) -> Path:
+    """Three shards of the two-class folder, every one garbage of its size (the
+    manifest's counts still say 2 samples each, so nothing is read at build time)."""
+    from clipft.commands.shards import write_shards
+    d = ctx.tmp / "shards"
+    write_shards(folder(ctx), d, shard_size=2, shuffle_seed=0)
+    for tar in sorted(d.glob("*.tar")):
+        corrupt(tar)
+    return d
+
+
+def truncated_jpegs(ctx) -> Path:
+    """A two-class folder of JPEGs cut in half: their headers pass the check made
+    while indexing, the decode at batch time fails."""
+    root = ctx.tmp / "jpegs"
+    for c in ("red", "blue"):
+        for i in range(3):
+            p = root / c / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(i)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(p, quality=95)
+            p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    return root
+
+
+def damaged_export(ctx, damage) -> Path:
+    """A copy of the module's export, as ``ctx.out``, with ``damage(path)`` done to it."""
+    ctx.out = ctx.tmp / "export"
+    shutil.copytree(ctx.exported, ctx.out)
+    damage(ctx.out)
+    return ctx.out
+
+
+def edit_manifest(**changes):
+    def damage(d: Path) -> None:
+        f = d / "clipft_export.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return damage
+
+
+def reshaped_weights(d: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    f = d / "open_clip_model.safetensors"
+    tensors = load_file(f)
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.c_fc.weight"))
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, f)
+
+
+def predict_export(ctx, damage) -> list:
+    return ["predict", damaged_export(ctx, damage), *images(ctx, 1)]
+
+
 # -- the table -----------------------------------------------------------------
 # (id, args(ctx), exit code, stderr regex, state of ctx.out afterwards)
 CASES = [
@@ -409,6 +463,40 @@ CASES = [
      r"invalid options for data 'shapes': n must be from 1", "absent"),
     ("plan-lr-nan", lambda c: ["plan", "--model", "tiny-vit", "--strategy", "full", "--lr", "nan"], 2,
      r"'lr' must be a finite number", "absent"),
+    # data that decodes to nothing: the run fails (exit 1) with the counts, not "trained 0 steps"
+    ("webdataset-every-shard-unreadable",
+     lambda c: BASE + ["--data", f"webdataset:urls={unreadable_shards(c)}", *out(c)], 1,
+     r"epoch 1 trained on no samples: 3 shard\(s\) could not be read \(6 samples\), "
+     r"e\.g\. .*shard-00000\d\.tar \(ReadError", "no-checkpoint"),
+    ("imagefolder-every-jpeg-truncated",
+     lambda c: BASE + ["--data", f"imagefolder:root={truncated_jpegs(c)}", *out(c)], 1,
+     r"epoch 1 trained on no samples: 6 sample\(s\) could not be decoded, e\.g\. .*jpegs/\w+/\d\.jpg "
+     r"\(OSError: image file is truncated", "no-checkpoint"),
+    # damaged or foreign exports, read by eval, predict and clipft.load
+    ("export-manifest-garbage", lambda c: predict_export(
+        c, lambda d: (d / "clipft_export.json").write_text("garbage{")), 2,
+     r"export/clipft_export\.json: not valid JSON", "unchanged"),
+    ("export-manifest-list", lambda c: ["eval", damaged_export(
+        c, lambda d: (d / "clipft_export.json").write_text("[1, 2]")), "--data", SHAPES], 2,
+     r"export/clipft_export\.json: expected a JSON object, got list", "unchanged"),
+    ("export-classnames-not-a-list", lambda c: predict_export(c, edit_manifest(classnames="cat")), 2,
+     r"clipft_export\.json: 'classnames' must be a list of strings, got \"cat\"", "unchanged"),
+    ("export-classnames-empty-name", lambda c: predict_export(c, edit_manifest(classnames=["cat", " "])), 2,
+     r"clipft_export\.json: 'classnames' must hold non-empty names", "unchanged"),
+    ("export-classnames-numbers", lambda c: predict_export(c, edit_manifest(classnames=[1, 2])), 2,
+     r"clipft_export\.json: 'classnames' must be a list of strings", "unchanged"),
+    ("export-extras-foreign", lambda c: predict_export(c, edit_manifest(extras={"file": "x"})), 2,
+     r"clipft_export\.json: 'extras' must be a list of objects", "unchanged"),
+    ("export-weights-truncated", lambda c: predict_export(c, lambda d: (d / "open_clip_model.safetensors").write_bytes(
+        (d / "open_clip_model.safetensors").read_bytes()[:1000])), 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*\(SafetensorError", "unchanged"),
+    ("export-weights-bogus", lambda c: predict_export(c, lambda d: corrupt(d / "open_clip_model.safetensors")), 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*\(SafetensorError", "unchanged"),
+    ("export-weights-wrong-shape", lambda c: ["eval", damaged_export(c, reshaped_weights), "--data", SHAPES], 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*size mismatch", "unchanged"),
+    ("export-config-list", lambda c: predict_export(
+        c, lambda d: (d / "open_clip_config.json").write_text("[]")), 2,
+     r"export/open_clip_config\.json: expected a JSON object with a 'model_cfg'", "unchanged"),
 ]
 
 
@@ -429,11 +517,22 @@ def finished(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def exported(finished, tmp_path_factory):
+    """The finished run, exported once; cases copy it."""
+    from clipft.commands.export import export_run
+
+    d = tmp_path_factory.mktemp("exported") / "export"
+    export_run(finished, d)
+    return d
+
+
 @pytest.mark.parametrize("name,args,code,pattern,state", CASES, ids=[_id(c) for c in CASES])
-def test_bad_input(invoke, tmp_path, finished, name, args, code, pattern, state):
+def test_bad_input(invoke, tmp_path, finished, exported, name, args, code, pattern, state):
     from clipft.engine.checkpoint import newest_complete
 
-    ctx = SimpleNamespace(tmp=tmp_path, out=tmp_path / "out", finished=finished, cleanup=[])
+    ctx = SimpleNamespace(tmp=tmp_path, out=tmp_path / "out", finished=finished, exported=exported,
+                          cleanup=[])
     try:
         argv = args(ctx)
         out = Path(ctx.out)
@@ -450,6 +549,8 @@ def test_bad_input(invoke, tmp_path, finished, name, args, code, pattern, state)
                 assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
         elif state == "unchanged":
             assert snapshot(out) == before
+        elif state == "no-checkpoint":   # a run that failed while training: nothing to resume or export
+            assert newest_complete(out)[0] is None and not (out / "summary.json").exists()
         else:
             assert state == "resumable"
             assert newest_complete(out)[0] is not None
