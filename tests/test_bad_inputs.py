@@ -566,3 +566,69 @@ def test_bad_input(invoke, tmp_path, finished, exported, name, args, code, patte
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40
     assert len({_id(c) for c in CASES}) == len(CASES)
+
+
+# -- accepted, but said: the run goes on and the warning names what it found ----------
+def test_lr_zero_is_warned_about_at_start(invoke, tmp_path):
+    r = invoke(*RUN, "--lr", "0", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.stderr
+    assert re.search(r"warning:.*the learning rate is 0: training runs, but no weight will change", r.stderr)
+    again = invoke(*RUN, "--lr", "1e-3", "--out", tmp_path / "other")
+    assert again.exit_code == 0 and "learning rate is 0" not in again.stderr
+
+
+def test_a_truncated_jpeg_is_named_with_its_reason(invoke, tmp_path):
+    """It passes the header check made while indexing and fails at batch time:
+    the run goes on without it, and summary.json and the warning name it."""
+    ctx = SimpleNamespace(tmp=tmp_path)
+    root = folder(ctx)
+    bad = truncated_jpegs(ctx) / "red" / "0.jpg"
+    shutil.copy(bad, root / "red" / "bad.jpg")
+    r = invoke(*BASE, "--lr", "1e-3", "--data", f"imagefolder:root={root},val_fraction=0.01",
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)["data"]
+    name = str(root / "red" / "bad.jpg")
+    assert data["skipped_images"] == 1 and data["skipped"] == [name]
+    assert data["failed_at_load"]["count"] == 1
+    [why] = data["skipped_reasons"]
+    assert why["name"] == name and why["reason"].startswith("OSError: image file is truncated")
+    assert re.search(r"warning:.*1 sample\(s\) failed to decode while training and were skipped, e\.g\. "
+                     r".*bad\.jpg \(OSError: image file is truncated", " ".join(r.stderr.split()))
+
+
+def test_empty_and_nul_captions_are_counted_and_named_by_line(tmp_path):
+    from clipft.data import DataContext
+    from clipft.datafiles import read_pairs
+    from clipft_data.captions import CaptionsOptions, build_captions
+
+    ctx = SimpleNamespace(tmp=tmp_path)
+    rows = ["imgs/0.png,zero", "imgs/1.png,", "imgs/2.png,t\0wo", "imgs/3.png,  ", "imgs/0.png,\0"]
+    f = csv_file(ctx, "image,caption\n" + "\n".join(rows) + "\n")
+    bundle = build_captions(CaptionsOptions(file=str(f), val_fraction=0.0),
+                            DataContext(transform_train=None, transform_val=None, seed=0))
+    assert f"captions: {f}: 2 caption(s) held NUL characters, removed (lines 4, 6)" in bundle.warnings
+    assert any(w.startswith(f"captions: {f}: 3 caption(s) are empty (lines 3, 5, 6)") for w in bundle.warnings)
+    # the NUL is removed the same way for every reader (clipft shards reads the same file)
+    assert [c for _, c, _ in read_pairs(f)] == ["zero", "", "two", "  ", ""]
+    assert not [c for _, c, _ in bundle.train.items if "\0" in c]
+
+
+def test_a_clean_captions_file_has_no_caption_warnings(tmp_path):
+    from clipft.datafiles import read_pairs
+
+    warnings: list = []
+    read_pairs(good_csv(SimpleNamespace(tmp=tmp_path)), warnings=warnings)
+    assert warnings == []
+
+
+def test_load_export_of_a_damaged_manifest_is_a_usage_error(exported, tmp_path):
+    """The library entry that eval and predict use raises the same error the CLI prints."""
+    from clipft.commands.export import load_export
+    from clipft.errors import ClipftUsageError
+
+    ctx = SimpleNamespace(tmp=tmp_path, exported=exported)
+    d = damaged_export(ctx, edit_manifest(classnames=["a", 7]))
+    with pytest.raises(ClipftUsageError, match=r"clipft_export\.json: 'classnames' must be a list of strings"):
+        load_export(d)
+    assert load_export(exported)["classnames"]   # the intact export still loads

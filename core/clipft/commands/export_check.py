@@ -53,6 +53,12 @@ def read_manifest(path: Path) -> dict:
         raise _bad(path, f"head file {head['file']!r} is not a file name inside the export")
     _strings(path, "classnames", doc.get("classnames"))
     _strings(path, "templates", doc.get("templates"), allow_empty=True)
+    if doc.get("templates"):
+        from clipft.data import check_templates
+        try:
+            check_templates(doc["templates"])
+        except ValueError as exc:
+            raise _bad(path, f"'templates': {exc}") from None
     if not isinstance(doc.get("seed", 0), int):
         raise _bad(path, f"'seed' must be an integer, got {json.dumps(doc['seed'])[:40]}")
     return {**doc, "extras": extras}
