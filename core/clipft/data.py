@@ -338,8 +338,9 @@ class DecodeFailures:
             if m.part:
                 self.parts.setdefault((key, m.name), (m.reason, m.samples))
             elif m.name is not None and len(self.named) < NAMED_FAILURES:
-                self.named.setdefault((key, len(self.named) if m.index is None else int(m.index)),
-                                      (m.name, m.reason))
+                # a stream's failure without an index is each time a new one
+                ident = ("unindexed", len(self.named)) if m.index is None else int(m.index)
+                self.named.setdefault((key, ident), (m.name, m.reason))
 
     @property
     def count(self) -> int:
