@@ -204,6 +204,60 @@ def out(ctx) -> list:
     return ["--out", ctx.out]
 
 
+def unreadable_shards(ctx) -> Path:
+    """Three shards of the two-class folder, every one garbage of its size (the
+    manifest's counts still say 2 samples each, so nothing is read at build time)."""
+    from clipft.commands.shards import write_shards
+    d = ctx.tmp / "shards"
+    write_shards(folder(ctx), d, shard_size=2, shuffle_seed=0)
+    for tar in sorted(d.glob("*.tar")):
+        corrupt(tar)
+    return d
+
+
+def truncated_jpegs(ctx) -> Path:
+    """A two-class folder of JPEGs cut in half: their headers pass the check made
+    while indexing, the decode at batch time fails."""
+    root = ctx.tmp / "jpegs"
+    for c in ("red", "blue"):
+        for i in range(3):
+            p = root / c / f"{i}.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(i)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(p, quality=95)
+            p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    return root
+
+
+def damaged_export(ctx, damage) -> Path:
+    """A copy of the module's export, as ``ctx.out``, with ``damage(path)`` done to it."""
+    ctx.out = ctx.tmp / "export"
+    shutil.copytree(ctx.exported, ctx.out)
+    damage(ctx.out)
+    return ctx.out
+
+
+def edit_manifest(**changes):
+    def damage(d: Path) -> None:
+        f = d / "clipft_export.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return damage
+
+
+def reshaped_weights(d: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+    f = d / "open_clip_model.safetensors"
+    tensors = load_file(f)
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.c_fc.weight"))
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, f)
+
+
+def predict_export(ctx, damage) -> list:
+    return ["predict", damaged_export(ctx, damage), *images(ctx, 1)]
+
+
 # -- the table -----------------------------------------------------------------
 # (id, args(ctx), exit code, stderr regex, state of ctx.out afterwards)
 CASES = [
@@ -411,6 +465,40 @@ CASES = [
      r"invalid options for data 'shapes': n must be from 1", "absent"),
     ("plan-lr-nan", lambda c: ["plan", "--model", "tiny-vit", "--strategy", "full", "--lr", "nan"], 2,
      r"'lr' must be a finite number", "absent"),
+    # data that decodes to nothing: the run fails (exit 1) with the counts, not "trained 0 steps"
+    ("webdataset-every-shard-unreadable",
+     lambda c: BASE + ["--data", f"webdataset:urls={unreadable_shards(c)}", *out(c)], 1,
+     r"epoch 1 trained on no samples: 3 shard\(s\) could not be read \(6 samples\), "
+     r"e\.g\. .*shard-00000\d\.tar \(ReadError", "no-checkpoint"),
+    ("imagefolder-every-jpeg-truncated",
+     lambda c: BASE + ["--data", f"imagefolder:root={truncated_jpegs(c)}", *out(c)], 1,
+     r"epoch 1 trained on no samples: 6 sample\(s\) could not be decoded, e\.g\. .*jpegs/\w+/\d\.jpg "
+     r"\(OSError: image file is truncated", "no-checkpoint"),
+    # damaged or foreign exports, read by eval, predict and clipft.load
+    ("export-manifest-garbage", lambda c: predict_export(
+        c, lambda d: (d / "clipft_export.json").write_text("garbage{")), 2,
+     r"export/clipft_export\.json: not valid JSON", "unchanged"),
+    ("export-manifest-list", lambda c: ["eval", damaged_export(
+        c, lambda d: (d / "clipft_export.json").write_text("[1, 2]")), "--data", SHAPES], 2,
+     r"export/clipft_export\.json: expected a JSON object, got list", "unchanged"),
+    ("export-classnames-not-a-list", lambda c: predict_export(c, edit_manifest(classnames="cat")), 2,
+     r"clipft_export\.json: 'classnames' must be a list of strings, got \"cat\"", "unchanged"),
+    ("export-classnames-empty-name", lambda c: predict_export(c, edit_manifest(classnames=["cat", " "])), 2,
+     r"clipft_export\.json: 'classnames' must hold non-empty names", "unchanged"),
+    ("export-classnames-numbers", lambda c: predict_export(c, edit_manifest(classnames=[1, 2])), 2,
+     r"clipft_export\.json: 'classnames' must be a list of strings", "unchanged"),
+    ("export-extras-foreign", lambda c: predict_export(c, edit_manifest(extras={"file": "x"})), 2,
+     r"clipft_export\.json: 'extras' must be a list of objects", "unchanged"),
+    ("export-weights-truncated", lambda c: predict_export(c, lambda d: (d / "open_clip_model.safetensors").write_bytes(
+        (d / "open_clip_model.safetensors").read_bytes()[:1000])), 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*\(SafetensorError", "unchanged"),
+    ("export-weights-bogus", lambda c: predict_export(c, lambda d: corrupt(d / "open_clip_model.safetensors")), 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*\(SafetensorError", "unchanged"),
+    ("export-weights-wrong-shape", lambda c: ["eval", damaged_export(c, reshaped_weights), "--data", SHAPES], 2,
+     r"export/open_clip_model\.safetensors: cannot be loaded .*size mismatch", "unchanged"),
+    ("export-config-list", lambda c: predict_export(
+        c, lambda d: (d / "open_clip_config.json").write_text("[]")), 2,
+     r"export/open_clip_config\.json: expected a JSON object with a 'model_cfg'", "unchanged"),
 ]
 
 
@@ -431,11 +519,22 @@ def finished(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def exported(finished, tmp_path_factory):
+    """The finished run, exported once; cases copy it."""
+    from clipft.commands.export import export_run
+
+    d = tmp_path_factory.mktemp("exported") / "export"
+    export_run(finished, d)
+    return d
+
+
 @pytest.mark.parametrize("name,args,code,pattern,state", CASES, ids=[_id(c) for c in CASES])
-def test_bad_input(invoke, tmp_path, finished, name, args, code, pattern, state):
+def test_bad_input(invoke, tmp_path, finished, exported, name, args, code, pattern, state):
     from clipft.engine.checkpoint import newest_complete
 
-    ctx = SimpleNamespace(tmp=tmp_path, out=tmp_path / "out", finished=finished, cleanup=[])
+    ctx = SimpleNamespace(tmp=tmp_path, out=tmp_path / "out", finished=finished, exported=exported,
+                          cleanup=[])
     try:
         argv = args(ctx)
         out = Path(ctx.out)
@@ -452,6 +551,8 @@ def test_bad_input(invoke, tmp_path, finished, name, args, code, pattern, state)
                 assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
         elif state == "unchanged":
             assert snapshot(out) == before
+        elif state == "no-checkpoint":   # a run that failed while training: nothing to resume or export
+            assert newest_complete(out)[0] is None and not (out / "summary.json").exists()
         else:
             assert state == "resumable"
             assert newest_complete(out)[0] is not None
@@ -467,3 +568,69 @@ def test_bad_input(invoke, tmp_path, finished, name, args, code, pattern, state)
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40
     assert len({_id(c) for c in CASES}) == len(CASES)
+
+
+# -- accepted, but said: the run goes on and the warning names what it found ----------
+def test_lr_zero_is_warned_about_at_start(invoke, tmp_path):
+    r = invoke(*RUN, "--lr", "0", "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.stderr
+    assert re.search(r"warning:.*the learning rate is 0: training runs, but no weight will change", r.stderr)
+    again = invoke(*RUN, "--lr", "1e-3", "--out", tmp_path / "other")
+    assert again.exit_code == 0 and "learning rate is 0" not in again.stderr
+
+
+def test_a_truncated_jpeg_is_named_with_its_reason(invoke, tmp_path):
+    """It passes the header check made while indexing and fails at batch time:
+    the run goes on without it, and summary.json and the warning name it."""
+    ctx = SimpleNamespace(tmp=tmp_path)
+    root = folder(ctx)
+    bad = truncated_jpegs(ctx) / "red" / "0.jpg"
+    shutil.copy(bad, root / "red" / "bad.jpg")
+    r = invoke(*BASE, "--lr", "1e-3", "--data", f"imagefolder:root={root},val_fraction=0.01",
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)["data"]
+    name = str(root / "red" / "bad.jpg")
+    assert data["skipped_images"] == 1 and data["skipped"] == [name]
+    assert data["failed_at_load"]["count"] == 1
+    [why] = data["skipped_reasons"]
+    assert why["name"] == name and why["reason"].startswith("OSError: image file is truncated")
+    assert re.search(r"warning:.*1 sample\(s\) failed to decode while training and were skipped, e\.g\. "
+                     r".*bad\.jpg \(OSError: image file is truncated", " ".join(r.stderr.split()))
+
+
+def test_empty_and_nul_captions_are_counted_and_named_by_line(tmp_path):
+    from clipft.data import DataContext
+    from clipft.datafiles import read_pairs
+    from clipft_data.captions import CaptionsOptions, build_captions
+
+    ctx = SimpleNamespace(tmp=tmp_path)
+    rows = ["imgs/0.png,zero", "imgs/1.png,", "imgs/2.png,t\0wo", "imgs/3.png,  ", "imgs/0.png,\0"]
+    f = csv_file(ctx, "image,caption\n" + "\n".join(rows) + "\n")
+    bundle = build_captions(CaptionsOptions(file=str(f), val_fraction=0.0),
+                            DataContext(transform_train=None, transform_val=None, seed=0))
+    assert f"captions: {f}: 2 caption(s) held NUL characters, removed (lines 4, 6)" in bundle.warnings
+    assert any(w.startswith(f"captions: {f}: 3 caption(s) are empty (lines 3, 5, 6)") for w in bundle.warnings)
+    # the NUL is removed the same way for every reader (clipft shards reads the same file)
+    assert [c for _, c, _ in read_pairs(f)] == ["zero", "", "two", "  ", ""]
+    assert not [c for _, c, _ in bundle.train.items if "\0" in c]
+
+
+def test_a_clean_captions_file_has_no_caption_warnings(tmp_path):
+    from clipft.datafiles import read_pairs
+
+    warnings: list = []
+    read_pairs(good_csv(SimpleNamespace(tmp=tmp_path)), warnings=warnings)
+    assert warnings == []
+
+
+def test_load_export_of_a_damaged_manifest_is_a_usage_error(exported, tmp_path):
+    """The library entry that eval and predict use raises the same error the CLI prints."""
+    from clipft.commands.export import load_export
+    from clipft.errors import ClipftUsageError
+
+    ctx = SimpleNamespace(tmp=tmp_path, exported=exported)
+    d = damaged_export(ctx, edit_manifest(classnames=["a", 7]))
+    with pytest.raises(ClipftUsageError, match=r"clipft_export\.json: 'classnames' must be a list of strings"):
+        load_export(d)
+    assert load_export(exported)["classnames"]   # the intact export still loads

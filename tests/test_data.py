@@ -234,3 +234,34 @@ def test_guarded_stream_pickles_by_name_for_spawned_workers():
     assert [type(x) for x in items[:2]] == [_Failed, _Failed]
     assert [x.index for x in items[:2]] == [0, None]
     assert items[2] == (2, "img", "c", 1)
+
+
+def test_failed_samples_are_named_once_and_unreadable_parts_take_no_slot():
+    """The names of failed samples and unreadable shards reach DecodeFailures
+    through the re-cut batches of a stream; a shard marker is no sample."""
+    import torch
+    from clipft.data import (
+        Batches,
+        DecodeFailures,
+        collate,
+        failed_sample,
+        guard,
+        unreadable_part,
+    )
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield 0, torch.zeros(3, 2, 2), "a", 0
+            yield failed_sample(77, "s0.tar sample k1", "UnidentifiedImageError: nope")
+            yield unreadable_part("s1.tar", "ReadError: invalid header", 5)
+            yield 1, torch.zeros(3, 2, 2), "b", 0
+
+    failures = DecodeFailures()
+    for _ in range(2):
+        loader = torch.utils.data.DataLoader(guard(Stream()), batch_size=2, collate_fn=collate)
+        batches = list(Batches(loader, failures, "train"))
+    assert [b["index"].tolist() for b in batches] == [[0], [1]]   # the shard took no sample's place
+    assert failures.count == 1 and failures.examples() == [("s0.tar sample k1", "UnidentifiedImageError: nope")]
+    assert failures.parts == {("train", "s1.tar"): ("ReadError: invalid header", 5)}
+    assert failures.describe() == ("1 shard(s) could not be read (5 samples) and 1 sample(s) could not be "
+                                   "decoded, e.g. s1.tar (ReadError: invalid header)")

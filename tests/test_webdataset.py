@@ -2,6 +2,7 @@
 them (split by rank and worker), and the engine trains and evaluates on them."""
 import io
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -296,6 +297,10 @@ def test_train_and_evaluate_on_image_folder_shards_with_a_corrupt_sample(invoke,
     assert s == read_summary(run)
     assert (s["data"]["train_size"], s["data"]["val_size"], s["data"]["classes"]) == (31, 6, 6)
     assert s["data"]["skipped_images"] == 1   # read in both epochs, counted once
+    [why] = s["data"]["skipped_reasons"]      # named by shard and key, with the decoder's reason
+    assert why["name"] == f"{out / 'shard-000001.tar'} sample 999999"
+    assert why["reason"].startswith("UnidentifiedImageError: cannot identify image file")
+    assert "unreadable_shards" not in s["data"]
     assert s["train"]["samples"] == 60 and s["train"]["steps"] == 8   # ceil(31 / 8) a epoch
     assert {"top1"} <= set(s["eval"]["after"]) and "recall@1" not in s["eval"]["after"]   # class prompts
     assert 'urls = "' in (run / "config.toml").read_text()
@@ -359,3 +364,20 @@ def test_a_run_killed_part_way_into_an_epoch_resumes_bit_identical(invoke, folde
     assert sa["train"]["steps"] == sb["train"]["steps"] == 8
     assert sa["train"]["samples"] == sb["train"]["samples"] == 60
     assert sa["eval"]["after"] == sb["eval"]["after"]
+
+
+def test_a_truncated_shard_is_named_and_its_lost_samples_counted(invoke, folder, tmp_path):
+    """A shard cut short: the samples before the cut train, the shard is reported
+    (name, reason, samples lost) in summary.json and a warning."""
+    out = tmp_path / "shards"
+    shards(invoke, folder, out, "--shard-size", "6", "--shuffle-seed", "0")
+    cut = out / "shard-000002.tar"
+    cut.write_bytes(cut.read_bytes()[:1536])   # the first member's header and part of its data
+    r = invoke(*RUN, "--strategy", "full", "--lr", "1e-3", "--data", f"webdataset:urls={out}",
+               "--out", tmp_path / "run", "--json")
+    assert r.exit_code == 0, r.stderr
+    s = json.loads(r.stdout)
+    [shard] = s["data"]["unreadable_shards"]
+    assert shard["name"] == str(cut) and shard["samples"] == 6 and shard["reason"]
+    assert s["train"]["samples"] < 30
+    assert re.search(r"1 shard\(s\) could not be read while training", " ".join(r.stderr.split()))

@@ -214,13 +214,19 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[l
     return [[t.format(c) for t in templates] for c in classnames]
 
 
+def open_image(path):
+    """Decode an image to RGB; what fails to decode raises (PIL's error, whose
+    text is the reason a skipped file is reported with)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
 def load_image(path) -> Optional[object]:
     """Decode an image to RGB, or return None when it cannot be decoded."""
-    from PIL import Image
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        return open_image(path)
     except Exception:
         return None
 
@@ -236,19 +242,49 @@ def check_image(path) -> Optional[str]:
         return f"{type(exc).__name__}: {exc}"
 
 
+def reason_of(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Failed:
     """Marker for a sample that could not be produced (picklable for workers);
-    ``index`` is None when an iterable dataset yielded a bare None."""
+    ``index`` is None when an iterable dataset yielded a bare None. ``name``
+    and ``reason`` say which sample and why, when known. ``part`` marks a
+    part of a stream that yielded no samples at all (an unreadable shard,
+    ``samples`` of them lost when known): reported, but not a sample slot."""
 
-    __slots__ = ("index",)
+    __slots__ = ("index", "name", "reason", "part", "samples")
 
-    def __init__(self, index):
-        self.index = index
+    def __init__(self, index, name=None, reason=None, part=False, samples=None):
+        self.index, self.name, self.reason = index, name, reason
+        self.part, self.samples = part, samples
+
+
+def failed_sample(index, name: str, reason: str) -> _Failed:
+    """What a stream yields for a sample it cannot decode: ``index`` identifies
+    it across epochs (counted once), ``name`` (shard and key, say) and
+    ``reason`` are reported in ``summary.json`` and the run's warnings."""
+    return _Failed(index, str(name), str(reason))
+
+
+def unreadable_part(name: str, reason: str, samples: Optional[int] = None) -> _Failed:
+    """What a stream yields for a part of its data that it cannot read (a
+    shard), with the ``samples`` it would have held when known."""
+    return _Failed(None, str(name), str(reason), part=True, samples=samples)
+
+
+def _name_of(dataset, i) -> Optional[str]:
+    describe = getattr(dataset, "sample_name", None)
+    try:
+        return str(describe(i)) if callable(describe) else None
+    except Exception:
+        return None
 
 
 class GuardedDataset:
     """Wraps a source's dataset so that a sample that fails to decode (None) or
-    raises while loading/transforming becomes a marker instead of a crash."""
+    raises while loading/transforming becomes a marker instead of a crash,
+    named by the dataset's ``sample_name(i)`` when it has one."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -259,50 +295,87 @@ class GuardedDataset:
     def __getitem__(self, i):
         try:
             item = self.dataset[i]
-        except Exception:
-            item = None
-        return _Failed(i) if item is None else item
+        except Exception as exc:
+            return _Failed(i, _name_of(self.dataset, i), reason_of(exc))
+        return _Failed(i, _name_of(self.dataset, i), "could not be decoded") if item is None else item
 
 
 def guard(dataset):
     """A dataset whose failed samples are markers for :func:`collate`:
     :class:`GuardedDataset` for a map-style one; for an iterable one, a stream
     that turns a yielded None (or ``(index, None, caption, label)``, which names
-    the sample) into a marker."""
+    the sample) into a marker, and passes the markers of :func:`failed_sample`
+    and :func:`unreadable_part` through."""
     if not is_iterable(dataset):
         return GuardedDataset(dataset)
     from clipft.guarded_stream import GuardedStream
     return GuardedStream(dataset, _Failed)
 
 
+#: failures kept by name for the summary (the count covers them all)
+NAMED_FAILURES = 20
+
+
 class DecodeFailures:
     """Distinct samples dropped at batch time, counted in the main process so
     DataLoader workers do not lose the count; a sample failing every epoch
-    counts once."""
+    counts once. The first :data:`NAMED_FAILURES` named ones are kept with
+    their reason, and unreadable parts of a stream (shards) by name."""
 
     def __init__(self):
         self._seen: set = set()
         self._unnamed = 0   # failures a stream reported without an index, each counted
+        self.named: dict = {}   # (key, index) -> (name, reason)
+        self.parts: dict = {}   # (key, name) -> (reason, samples or None)
 
-    def add(self, key, indices) -> None:
+    def add(self, key, indices, notes=()) -> None:
         for i in indices:
             if i is None:
                 self._unnamed += 1
             else:
                 self._seen.add((key, int(i)))
+        for m in notes:
+            if m.part:
+                self.parts.setdefault((key, m.name), (m.reason, m.samples))
+            elif m.name is not None and len(self.named) < NAMED_FAILURES:
+                # a stream's failure without an index is each time a new one
+                ident = ("unindexed", len(self.named)) if m.index is None else int(m.index)
+                self.named.setdefault((key, ident), (m.name, m.reason))
 
     @property
     def count(self) -> int:
         return len(self._seen) + self._unnamed
 
+    def examples(self) -> list:
+        """``(name, reason)`` of the named failures, the first ones first."""
+        return list(self.named.values())
+
+    def describe(self) -> str:
+        """The failures in one phrase, for an error or a warning."""
+        parts = len(self.parts)
+        lost = sum(s for _, s in self.parts.values() if s)
+        said = [f"{parts} shard(s) could not be read" + (f" ({lost} samples)" if lost else "")] if parts else []
+        if self.count or not parts:
+            said.append(f"{self.count} sample(s) could not be decoded")
+        text = " and ".join(said)
+        first = next(iter(self.parts.items()), None)
+        if first is not None:
+            text += f", e.g. {first[0][1]} ({first[1][0]})"
+        elif self.named:
+            name, reason = next(iter(self.named.values()))
+            text += f", e.g. {name} ({reason})"
+        return text
+
 
 def collate(items):
     import torch
 
-    failed = [x.index for x in items if isinstance(x, _Failed)]
+    marks = [x for x in items if isinstance(x, _Failed)]
+    failed = [x.index for x in marks if not x.part]
+    notes = [x for x in marks if x.part or x.name is not None]
     good = [x for x in items if not isinstance(x, _Failed)]
     if not good:
-        return {"failed": failed, "images": None}
+        return {"failed": failed, "images": None, "notes": notes}
     idx, imgs, caps, labels = zip(*good)
     return {
         "index": torch.tensor(idx, dtype=torch.long),
@@ -310,6 +383,7 @@ def collate(items):
         "captions": list(caps),
         "labels": torch.tensor(labels, dtype=torch.long),
         "failed": failed,
+        "notes": notes,
     }
 
 
@@ -322,7 +396,8 @@ def _joined(parts: list) -> dict:
     import torch
 
     good = [p for p in parts if p["images"] is not None]
-    out = {"failed": [i for p in parts for i in p["failed"]], "images": None}
+    out = {"failed": [i for p in parts for i in p["failed"]], "images": None,
+           "notes": [n for p in parts for n in p.get("notes", ())]}
     if good:
         out.update(index=torch.cat([p["index"] for p in good]), images=torch.cat([p["images"] for p in good]),
                    captions=[c for p in good for c in p["captions"]],
@@ -334,8 +409,9 @@ def _split(batch: dict, n: int) -> tuple[dict, dict]:
     """The first ``n`` samples of a collated batch (failed ones first) and the rest."""
     failed = batch["failed"]
     k = min(n, len(failed))
-    head = {"failed": failed[:k], "images": None}
-    tail = {"failed": failed[k:], "images": None}
+    # the notes only name failures: they go with the head, reported at once
+    head = {"failed": failed[:k], "images": None, "notes": batch.get("notes", [])}
+    tail = {"failed": failed[k:], "images": None, "notes": []}
     good = n - k
     if batch["images"] is not None:
         for part, sl in ((head, slice(0, good)), (tail, slice(good, None))):
@@ -364,7 +440,7 @@ def rebatch(batches, size: int):
             yield out
             held -= size
             pending = [rest] if held else []
-    if held:
+    if held or any(p.get("notes") for p in pending):   # a batch of notes only: still reported
         yield _joined(pending)
 
 
@@ -394,8 +470,8 @@ class Batches:
 
     def _usable(self, it, first: int, drop: int = 0):
         for position, batch in enumerate(it, start=first):
-            if batch["failed"]:
-                self.failures.add(self.key, batch["failed"])
+            if batch["failed"] or batch.get("notes"):
+                self.failures.add(self.key, batch["failed"], batch.get("notes", ()))
             if position < drop:   # read again on a resume, trained on already
                 continue
             if batch["images"] is not None:

@@ -9,7 +9,8 @@ CSV row with fewer fields than the header, a JSONL object without the key, a
 null) is an error naming the file and line, not a sample captioned "None": a
 malformed file is fixed once rather than trained on quietly. So is a CSV row
 with more fields than the header (an unquoted comma in a caption would
-otherwise cut it short).
+otherwise cut it short). A NUL character in a caption is removed, and empty
+captions are kept; both are reported by line as warnings.
 """
 from __future__ import annotations
 
@@ -129,12 +130,14 @@ def _value(path: Path, line: int, row: dict, col: str, jsonl: bool, text: bool, 
 
 def read_pairs(path, image_column: str = "image", caption_column: str = "caption",
                label_column: Optional[str] = None,
-               what: str = "captions") -> list[tuple[Path, str, Optional[str]]]:
+               what: str = "captions", warnings: Optional[list] = None) -> list[tuple[Path, str, Optional[str]]]:
     """``(image_path, caption, label)`` for every row of a CSV, TSV or JSONL
     file, in file order; relative image paths resolve against the file's
     folder, and ``label`` is None without ``label_column``. A missing file or
     column, an empty file or a malformed row is a usage error prefixed with
-    ``what`` (the reader's name)."""
+    ``what`` (the reader's name). NUL characters are removed from captions
+    (every reader does the same, so a run and its shards agree); rows with
+    NULs or an empty caption are noted in ``warnings`` by line."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ClipftUsageError(f"{what}: file not found: {path}")
@@ -149,9 +152,35 @@ def read_pairs(path, image_column: str = "image", caption_column: str = "caption
         raise ClipftUsageError(f"{what}: {path} has no rows")
     jsonl = path.suffix.lower() == ".jsonl"
     pairs = []
+    nul, empty = [], []
     for line, r in rows:
         image = Path(_value(path, line, r, image_column, jsonl, True, what))
-        pairs.append((image if image.is_absolute() else path.parent / image,
-                      _value(path, line, r, caption_column, jsonl, True, what),
+        caption = _value(path, line, r, caption_column, jsonl, True, what)
+        if "\0" in caption:
+            nul.append(line)
+            caption = caption.replace("\0", "")
+        if not caption.strip():
+            empty.append(line)
+        pairs.append((image if image.is_absolute() else path.parent / image, caption,
                       _value(path, line, r, label_column, jsonl, False, what) if label_column else None))
+    if warnings is not None:
+        warnings.extend(caption_warnings(path, what, nul, empty))
     return pairs
+
+
+def _lines(lines: list) -> str:
+    shown = ", ".join(str(n) for n in lines[:5])
+    return f"line {shown}" if len(lines) == 1 else f"lines {shown}" + (", ..." if len(lines) > 5 else "")
+
+
+def caption_warnings(path: Path, what: str, nul: list, empty: list) -> list:
+    """The notes on captions read as they are not meant: NUL characters (an
+    encoding slip, dropped from the caption) and empty captions (kept: the
+    pair trains on an empty text, which is rarely meant)."""
+    out = []
+    if nul:
+        out.append(f"{what}: {path}: {len(nul)} caption(s) held NUL characters, removed ({_lines(nul)})")
+    if empty:
+        out.append(f"{what}: {path}: {len(empty)} caption(s) are empty ({_lines(empty)}); "
+                   "those images train against an empty text")
+    return out

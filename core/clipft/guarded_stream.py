@@ -19,7 +19,9 @@ class GuardedStream(torch.utils.data.IterableDataset):
         # a stream catches its own per-sample failures (it yields None): one that
         # raises cannot go on, so the exception ends the pass and is reported
         for item in self.dataset:
-            if item is None:
+            if isinstance(item, self.failed):   # already a marker, named by the stream
+                yield item
+            elif item is None:
                 yield self.failed(None)
             elif isinstance(item, tuple) and len(item) == 4 and item[1] is None:
                 yield self.failed(item[0])   # (index, None, ...): the stream says which sample failed

@@ -97,6 +97,16 @@ class RichReporter(Silent):
         self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
 
     def on_run_end(self, summary):
+        data = summary.get("data") or {}
+        late, shards = data.get("failed_at_load") or {}, data.get("unreadable_shards") or []
+        if late or shards:
+            first = (shards or late.get("examples") or [None])[0]
+            self.warn(", ".join(
+                ([f"{late['count']} sample(s) failed to decode"] if late else [])
+                + ([f"{len(shards)} shard(s) could not be read"] if shards else []))
+                + " while training and were skipped"
+                + (f", e.g. {first['name']} ({first['reason']})" if first else "")
+                + "; summary.json lists them")
         before, after = summary["eval"]["before"], summary["eval"]["after"]
         t = Table(title="evaluation (val split)")
         t.add_column("metric")

@@ -41,6 +41,7 @@ import torch
 from clipft import atomic
 from clipft import __version__
 from clipft.commands import wiseft
+from clipft.commands.export_check import blame, check_config, read_manifest
 from clipft.commands.wiseft import fold_adapters
 from clipft.encode import image_embedding, infer_embed_dim, text_embedding
 from clipft.engine.assemble import assemble
@@ -313,9 +314,10 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     out = Path(out)
     if not (out / MANIFEST).is_file():
         raise ClipftUsageError(f"{out} is not a clipft export (no {MANIFEST})")
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = read_manifest(out / MANIFEST)
+    check_config(out / CONFIG)
     dev = torch.device(device)
-    with _quiet():
+    with _quiet(), blame(out / WEIGHTS, "cannot be loaded as the model open_clip_config.json describes"):
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}", device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     if registry is None and (manifest["extras"] or manifest.get("head")):
@@ -325,7 +327,10 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
 
     strategies, extra_tensors, rebuilt = [], {}, {}
     for info in manifest["extras"]:
-        tensors, meta = read_extra(out / info["file"])
+        with blame(out / info["file"], "is not a clipft extras file"):
+            tensors, meta = read_extra(out / info["file"])
+            if not isinstance(meta.get("strategy"), str) or not isinstance(meta.get("options", {}), dict):
+                raise ValueError("its metadata names no strategy")
         spec = registry.get("strategy", meta["strategy"])
         options = meta.get("options", {})
         # a strategy that inserted several modules (clip-adapter on both
@@ -349,12 +354,15 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     for file, (tensors, strategy) in extra_tensors.items():
         unknown = [k for k in tensors if k not in sd]
         if unknown:
-            raise ClipftError(f"{file} does not fit the model rebuilt by strategy '{strategy}': {unknown[:3]}")
-        model.load_state_dict(tensors, strict=False)
+            raise ClipftUsageError(f"{out / file}: does not fit the model rebuilt by strategy '{strategy}' "
+                                   f"(no such tensors: {unknown[:3]})")
+        with blame(out / file, f"does not fit the model rebuilt by strategy '{strategy}'"):
+            model.load_state_dict(tensors, strict=False)
     head = built.head
     if head is not None and manifest["head"].get("file"):
-        tensors, _ = read_extra(out / manifest["head"]["file"])
-        head.load_state_dict(tensors)
+        with blame(out / manifest["head"]["file"], f"is not the weights of head '{manifest['head']['name']}'"):
+            tensors, _ = read_extra(out / manifest["head"]["file"])
+            head.load_state_dict(tensors)
     for m in (model, head):
         if m is not None:
             m.requires_grad_(False)

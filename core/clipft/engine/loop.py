@@ -136,6 +136,8 @@ class Trainer:
         return contextlib.nullcontext()
     #: the model's inserted modules (clipft.InsertedModule), told of every optimizer step
     inserted: list = attrs.field(factory=list)
+    #: the loaders' DecodeFailures: what an epoch that trained on nothing reports
+    failures: object = None
 
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
@@ -226,6 +228,14 @@ def _restore_rng(state: LoopState) -> None:
         state.restore_rng = None
 
 
+def nothing_trained(epoch: int, failures) -> str:
+    """The error of an epoch that yielded no usable sample: a run that trains on
+    nothing has failed, whatever it would write."""
+    why = failures.describe() if failures is not None and (failures.count or failures.parts) else (
+        "the training data yielded no samples")
+    return f"epoch {epoch} trained on no samples: {why}; check the data (nothing was saved from this epoch)"
+
+
 def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
           stop_requested: Callable[[], Optional[str]] = lambda: None,
           total_epochs: Optional[int] = None) -> LoopState:
@@ -252,7 +262,9 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         t.optimizer.zero_grad(set_to_none=True)
         batches = t.features.train_epoch(epoch, skip)
         _restore_rng(state)
+        yielded = 0
         for batch in batches:
+            yielded += 1
             i = batch.position
             will_step = pending + 1 == t.grad_accum or i + 1 == n_batches
             with t.sync(will_step):
@@ -302,6 +314,8 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 reason = t.stop_agreed(stop_requested())
                 if reason:
                     raise StopTraining(state, reason)
+        if not yielded and not skip and n_batches:
+            raise ClipftError(nothing_trained(epoch + 1, t.failures))
         if pending:  # the last batches were dropped as undecodable: apply what we have
             t.reduce_unsynced_grads()
             t.optimizer_step()

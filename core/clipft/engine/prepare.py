@@ -262,6 +262,8 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         head_trains = False
     lr = _default_lr(res, config, strategies, st)
     groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None, loss)
+    if training and groups and all(g.lr == 0 for g in groups):
+        warnings.append(f"{where}the learning rate is 0: training runs, but no weight will change")
     if not groups and training:
         if st is not None:
             raise ClipftUsageError(
@@ -326,7 +328,7 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
         needs_text=needs_text, grad_accum=config.grad_accum,
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
-        inserted=[m for _, m in inserted_modules(assembly.model)])
+        inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)

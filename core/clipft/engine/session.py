@@ -162,6 +162,23 @@ def stage_record(run: PreparedRun) -> dict:
             "cache": run.features.stats or None}
 
 
+def skipped_record(indexed: list, failures) -> dict:
+    """summary.json's account of unreadable data: files found while indexing
+    and samples that failed at batch time (a truncated JPEG passes the header
+    check), each named with its reason, and unreadable shards of a stream."""
+    named = [(str(p), r) for p, r in indexed] + failures.examples()
+    out = {"skipped_images": len(indexed) + failures.count,
+           "skipped": [n for n, _ in named[:20]],
+           "skipped_reasons": [{"name": n, "reason": r} for n, r in named[:20]]}
+    if failures.count:
+        out["failed_at_load"] = {"count": failures.count,
+                                 "examples": [{"name": n, "reason": r} for n, r in failures.examples()]}
+    if failures.parts:
+        out["unreadable_shards"] = [{"name": n, "reason": r, "samples": k}
+                                    for (_, n), (r, k) in failures.parts.items()]
+    return out
+
+
 def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     total, trainable = run.param_counts
     history = state.history
@@ -183,8 +200,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "train_size": run.bundle.size("train"),
             "val_size": run.bundle.size("val"),
             "classes": len(run.bundle.classnames or []),
-            "skipped_images": len(run.bundle.skipped) + run.loaders.failures.count,
-            "skipped": [str(p) for p, _ in run.bundle.skipped[:20]],
+            **skipped_record(run.bundle.skipped, run.loaders.failures),
         },
         "params": {
             "total": total,

@@ -2,8 +2,9 @@
 
 The file is read by :func:`clipft.datafiles.read_pairs` (shared with
 ``clipft shards``): UTF-8, and a malformed row is an error naming the file and
-line, not a sample captioned "None". Images that are missing or undecodable are skipped
-and counted, as for every source.
+line, not a sample captioned "None"; NUL characters are removed from captions,
+and those rows and empty captions are warned about by line. Images that are
+missing or undecodable are skipped and counted, as for every source.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class CaptionsOptions:
 
 def build_captions(opts: CaptionsOptions, ctx) -> DataBundle:
     path = Path(opts.file).expanduser()
-    pairs = read_pairs(path, opts.image_column, opts.caption_column, opts.label_column, "captions")
+    warnings: list = []
+    pairs = read_pairs(path, opts.image_column, opts.caption_column, opts.label_column, "captions", warnings)
     classnames = sorted({label for _, _, label in pairs}) if opts.label_column else None
     label_of = {c: i for i, c in enumerate(classnames or [])}
     items, skipped = [], []
@@ -68,10 +70,10 @@ def build_captions(opts: CaptionsOptions, ctx) -> DataBundle:
     if not items:
         raise ClipftUsageError(f"captions: none of the {len(pairs)} images in {path} could be read")
     train, val = split_items(items, opts.val_fraction, ctx.seed, by_label=False)
-    warnings: list = []
     if opts.shots is not None:   # after the val split, so val is the same with and without shots
-        train, warnings = sample_shots(train, classnames, opts.shots, opts.shots_seed, opts.shots_min,
+        train, shot_warnings = sample_shots(train, classnames, opts.shots, opts.shots_seed, opts.shots_min,
                                        relative_key(path.parent), "captions", unit="pair")
+        warnings += shot_warnings
     return DataBundle(
         train=FileDataset(train, ctx.transform_train),
         val=FileDataset(val, ctx.transform_val),

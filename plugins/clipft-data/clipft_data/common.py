@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from clipft.data import TEMPLATE_SETS, load_image, resolve_templates
+from clipft.data import TEMPLATE_SETS, open_image, resolve_templates
 from clipft.errors import ClipftUsageError
 
 
@@ -116,7 +116,10 @@ def split_record(opts, train: list) -> dict:
 
 
 class FileDataset:
-    """Items (path, caption, label) decoded lazily; undecodable files yield None."""
+    """Items (path, caption, label) decoded lazily. A file that passed the
+    header check while indexing but fails to decode (a truncated JPEG) raises:
+    the engine's guard drops it and reports it by ``sample_name`` (its path)
+    and the decoder's reason."""
 
     def __init__(self, items, transform):
         self.items = list(items)
@@ -125,12 +128,12 @@ class FileDataset:
     def __len__(self):
         return len(self.items)
 
+    def sample_name(self, i) -> str:
+        return str(self.items[i][0])
+
     def __getitem__(self, i):
         path, caption, label = self.items[i]
-        img = load_image(path)
-        if img is None:
-            return None
-        return i, self.transform(img), caption, label
+        return i, self.transform(open_image(path)), caption, label
 
 
 def split_items(items, val_fraction: float, seed: int, by_label: bool):

@@ -19,9 +19,11 @@ then are decoded: the first present key of ``image_key``, the ``caption_key``
 text (a class prompt when there is none), the ``label_key`` class index. The
 dataset yields ``(index, image_tensor, caption, label)`` with ``index`` a
 running number unique in the epoch (``n * readers + slot``); a sample whose
-image (or label) cannot be decoded yields ``(id, None, "", -1)``, ``id`` a hash
-of its shard and key, so the engine counts it once however often it is read.
-A shard that cannot be read is reported as a warning and skipped.
+image (or label) cannot be decoded yields a :func:`clipft.data.failed_sample`
+marker whose index is a hash of its shard and key, so the engine counts it once
+however often it is read, and names it by shard and key.
+A shard that cannot be read is skipped and reported (its name, why, and the
+samples it lost); an epoch in which nothing could be read stops the run.
 """
 from __future__ import annotations
 
@@ -32,13 +34,12 @@ import json
 import random
 import re
 import tarfile
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from clipft.data import DataBundle, resolve_templates
+from clipft.data import DataBundle, failed_sample, reason_of, resolve_templates, unreadable_part
 from clipft.errors import ClipftUsageError
 
 MANIFEST = "shards.json"
@@ -184,25 +185,47 @@ def _counts(urls: list, manifest: Optional[dict]) -> Optional[list]:
 
 
 # -- the stream ----------------------------------------------------------------------
-def _warn_and_continue(exn) -> bool:
-    warnings.warn(f"webdataset: skipped an unreadable part of a shard: {exn!r}", stacklevel=2)
-    return True
+_UNREADABLE = "__clipft_unreadable__"
+
+
+def _reason(exn: BaseException) -> str:
+    # webdataset appends the stream and url to the exception's args; the first is the message
+    text = str(exn.args[0]) if exn.args else str(exn)
+    return f"{type(exn).__name__}: {text.split(' @ ')[0]}"
+
+
+def read_shards(urls, counts: Optional[dict] = None):
+    """The samples of ``urls``, one shard after another; a shard that cannot be
+    read (all of it, or from some point on) is followed by a record naming it,
+    why, and how many of its samples were lost (when its count is known)."""
+    from webdataset.tariterators import tarfile_samples
+
+    for url in urls:
+        errors: list = []
+        read = 0
+        for sample in tarfile_samples([{"url": url}], handler=lambda exn: errors.append(exn) or True):
+            read += 1
+            yield sample
+        if errors:
+            known = (counts or {}).get(url)
+            yield {_UNREADABLE: url, "reason": _reason(errors[0]),
+                   "lost": max(0, known - read) if known is not None else None}
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """One split of WebDataset shards; see the module docstring. ``train``
     shuffles (shards per epoch, samples in a buffer) and splits by rank;
     ``set_epoch(seed)`` sets the epoch's seed (the engine calls it before each
-    train pass)."""
+    train pass). ``counts`` (url -> samples) says what an unreadable shard lost."""
 
     def __init__(self, urls, transform, *, image_keys, caption_key, label_key, classnames, templates,
                  train: bool, shuffle_buffer: int = 0, resampled: bool = False, length: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, counts: Optional[dict] = None):
         self.urls, self.transform = list(urls), transform
         self.image_keys, self.caption_key, self.label_key = tuple(image_keys), caption_key, label_key
         self.classnames, self.templates = list(classnames or []), tuple(templates)
         self.train, self.shuffle_buffer, self.resampled = train, shuffle_buffer, resampled
-        self.length, self.seed = length, seed
+        self.length, self.seed, self.counts = length, seed, dict(counts or {})
 
     def set_epoch(self, seed: int) -> None:
         self.seed = int(seed)
@@ -223,12 +246,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         from webdataset.filters import shuffle
-        from webdataset.tariterators import tarfile_samples
 
         rank, world, worker, workers = self._readers()
         slot, readers = rank * workers + worker, world * workers
-        samples = tarfile_samples(({"url": u} for u in self._shards(rank, world, worker, workers)),
-                                  handler=_warn_and_continue)
+        samples = read_shards(self._shards(rank, world, worker, workers), self.counts)
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(_mix("samples", self.seed, rank, worker))
             samples = shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
@@ -238,23 +259,29 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield self.decode(sample, n * readers + slot)
 
     def decode(self, sample: dict, index: int):
-        """``(index, image_tensor, caption, label)``, or ``(id, None, "", -1)``."""
+        """``(index, image_tensor, caption, label)``, or a marker that names the
+        sample (shard and key) and why it failed, or the unreadable shard."""
         from PIL import Image
 
-        def failed():
-            return _mix("sample", sample.get("__url__"), sample.get("__key__")) >> 8, None, "", -1
+        if _UNREADABLE in sample:
+            return unreadable_part(sample[_UNREADABLE], sample["reason"], sample["lost"])
+
+        def failed(reason: str):
+            key = sample.get("__key__")
+            return failed_sample(_mix("sample", sample.get("__url__"), key) >> 8,
+                                 f"{sample.get('__url__')} sample {key}", reason)
 
         data = next((sample[k] for k in self.image_keys if k in sample), None)
         if data is None:
-            return failed()
+            return failed(f"no image under {';'.join(self.image_keys)}")
         label = -1
         if self.label_key:
             try:
                 label = int(sample[self.label_key].decode("utf-8").strip())
             except (KeyError, ValueError, UnicodeDecodeError, AttributeError):
-                return failed()
+                return failed(f"no integer class index under '{self.label_key}'")
             if not 0 <= label < len(self.classnames):
-                return failed()
+                return failed(f"class index {label} is not one of the {len(self.classnames)} classes")
         caption = ""
         if self.caption_key and self.caption_key in sample:
             caption = sample[self.caption_key].decode("utf-8", errors="replace").strip()
@@ -265,8 +292,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 im.load()
                 image = im.convert("RGB")
             return index, self.transform(image), caption, label
-        except Exception:
-            return failed()
+        except Exception as exc:
+            return failed(reason_of(exc))
 
 
 # -- the source ----------------------------------------------------------------------
@@ -352,8 +379,10 @@ def build_webdataset(opts, ctx) -> DataBundle:
     common = dict(image_keys=[k.strip().lower() for k in opts.image_key.split(";") if k.strip()],
                   caption_key=caption_key, label_key=label_key, classnames=classnames, templates=templates)
     train = ShardStream(train_urls, ctx.transform_train, train=True, shuffle_buffer=opts.shuffle_buffer,
-                        resampled=opts.resampled, length=train_length, seed=ctx.seed, **common)
-    val = ShardStream(val_urls, ctx.transform_val, train=False, **common)
+                        resampled=opts.resampled, length=train_length, seed=ctx.seed,
+                        counts=dict(zip(train_urls, train_counts or ())), **common)
+    val = ShardStream(val_urls, ctx.transform_val, train=False, counts=dict(zip(val_urls, val_counts or ())),
+                      **common)
     how = "resampled" if opts.resampled else f"{len(train_urls)} shard(s)"
     return DataBundle(
         train=train, val=val, classnames=classnames, templates=templates, has_captions=has_captions,
