@@ -64,20 +64,6 @@ class Dist:
         if self.enabled:
             torch.distributed.barrier()
 
-    def all_reduce_mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
-
-    def all_reduce_sum_int(self, value: int) -> int:
-        if not self.enabled:
-            return value
-        t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
-        torch.distributed.all_reduce(t)
-        return int(t)
-
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (a stop request, a failure)."""
         if not self.enabled:

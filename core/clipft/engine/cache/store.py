@@ -237,11 +237,6 @@ class IndexStore:
         for i, c in zip(idx.tolist(), captions):
             self.captions[i] = c
 
-    def mark_failed(self, indices) -> None:
-        for i in indices:
-            if self.status[i] == STATUS_MISSING:
-                self.status[i] = STATUS_FAILED
-
     @property
     def complete(self) -> bool:
         return self.values is not None and bool((self.status != STATUS_MISSING).all())
