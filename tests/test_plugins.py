@@ -451,3 +451,20 @@ def test_a_plugin_that_exits_at_import_breaks_one_command_once(tmp_path):
     assert row["status"] == "failed" and "ended the process that imported it" in row["error"]
     r = _cli(site, cache, *RUN_FULL, "--out", tmp_path / "r")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_plugin_that_failed_when_the_cache_was_written_is_retried_when_its_name_is_asked_for(tmp_path):
+    """The cache records a failure (a missing dependency); once the dependency is
+    installed, a run naming the plugin's component imports it again rather than
+    answer "unknown strategy" from the cache."""
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    make_dist(site, "clipft-needy", "clipft_needy",
+              "import needy_dependency\n" + textwrap.dedent(STRATEGY_SRC.format(name="needy")))
+    r = _cli(site, cache, "plugins", "--json")
+    row = next(p for p in json.loads(r.stdout)["plugins"] if p["distribution"] == "clipft-needy")
+    assert row["status"] == "failed" and "needy_dependency" in row["error"]
+    (site / "needy_dependency.py").write_text("")          # the dependency arrives
+    needy = [a if a != "full" else "needy" for a in RUN_FULL]
+    r = _cli(site, cache, *needy, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr

@@ -394,6 +394,8 @@ class Registry:
         self._conflicts: dict[tuple[str, str], list[PluginRecord]] = {}
         #: entry points the provides cache says this command need not import (yet)
         self._pending: list = []
+        #: entry points the provides cache recorded as failed (retried on a miss)
+        self._failed_before: list = []
 
     # -- loading -----------------------------------------------------------
     def load(self, only: Optional[Iterable[tuple]] = None) -> "Registry":
@@ -413,7 +415,9 @@ class Registry:
                if self._use_entry_points else [])
         killers = _killed_importers()
         cached = _read_cache() if only is not None else None
-        lazy = cached is not None and all(_fingerprint(ep) in cached for ep in eps)
+        blocked = {ep.name for ep in eps if ep.name in self._disabled
+                   or (ep.dist is not None and ep.dist.name in self._disabled)}
+        lazy = cached is not None and all(_fingerprint(ep) in cached for ep in eps if ep.name not in blocked)
         wanted = set(only or ())
         todo = []
         for ep in eps:
@@ -423,7 +427,7 @@ class Registry:
                                disable_as=dist if ep.dist is not None else ep.name,
                                installed_at=_installed_at(ep.dist))
             self.records.append(rec)
-            if ep.name in self._disabled or dist in self._disabled:
+            if ep.name in blocked:
                 rec.status = "disabled"
                 continue
             if _fingerprint(ep) in killers:   # it ended the last process that imported it
@@ -436,8 +440,9 @@ class Registry:
                 todo.append((ep, rec))
                 continue
             rec.provides = {k: list(entry["provides"].get(k, ())) for k in kinds.kind_names()}
-            if entry["status"] == "failed":   # known to fail as installed: not imported again
+            if entry["status"] == "failed":   # known to fail as installed: tried again only on a miss
                 rec.status, rec.error = "failed", entry["error"]
+                self._failed_before.append((ep, rec))
             elif wanted & _pairs(rec.provides) or entry.get("default_callbacks"):
                 todo.append((ep, rec))
             else:
@@ -560,6 +565,13 @@ class Registry:
         self._load_pending(lambda rec: name in rec.provides[kind])
         if name not in self.components[kind]:
             self._load_pending()
+        if name not in self.components[kind] and self._failed_before:
+            # a plugin that failed when the cache was written may work now (its
+            # missing dependency installed since): try those before "unknown"
+            retry, self._failed_before = self._failed_before, []
+            for _, rec in retry:
+                rec.status, rec.error = "active", None
+            self._import(retry)
 
     def get(self, kind: str, name: str):
         self.load()
