@@ -204,3 +204,22 @@ def test_config_toml_keeps_callback_options_typed(tmp_path, registry):
     from clipft.config import load_toml
     again = RunConfig.from_toml_dict(load_toml(out / "config.toml"))
     assert again.callbacks[0].options == {"at_step": 100, "note": "7", "required": True}
+
+
+
+def test_a_resume_keeps_the_evaluations_of_the_schedule(tmp_path, monkeypatch, registry):
+    """A checkpoint due at a step with an --eval-every evaluation is written
+    after it: the run resumed from it neither skips nor repeats one."""
+    import clipft.api as api
+    from resume_check import crash_after_first_checkpoint_then_resume
+    real = api.run
+    monkeypatch.setattr(api, "run", lambda c=None, **k: real(c, registry=registry, **k))
+    cfg = RunConfig(**BASE, epochs=2, eval_every="1", checkpoint_every="1")
+    r = crash_after_first_checkpoint_then_resume(cfg, tmp_path, monkeypatch)
+    saved = json.loads((r.crashed / "checkpoint" / "state.json").read_text())
+    assert saved["global_step"] >= 1
+    history = r.whole["eval"]["history"]
+    assert [(h["epoch"], h.get("step")) for h in history] == [(0, None), (1, 1), (1, None), (2, 3), (2, None)]
+    def untimed(h):
+        return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]
+    assert untimed(r.resumed["eval"]["history"]) == untimed(history)   # metrics, bit for bit

@@ -246,6 +246,18 @@ class Trainer:
             return reason or "stop requested on another rank"
         return None
 
+    def stops_agreed(self, signal: Optional[str], end: Optional[str]) -> tuple:
+        """``(signal, end)`` as :meth:`stop_agreed` agrees each, in one collective:
+        a signal (interrupt) and a callback's request to end the run normally."""
+        if self.dist is None or not self.dist.enabled:
+            return signal, end
+        t = torch.tensor([int(bool(signal)), int(bool(end))], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.to(self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return ((signal or "stop requested on another rank") if int(t[0]) else None,
+                (end or "the run was asked to end on another rank") if int(t[1]) else None)
+
     def optimizer_step(self) -> Optional[float]:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -368,12 +380,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 schedule.done()
                 t_last = time.perf_counter()   # the evaluation is no step's time
             if stepped and i + 1 < n_batches:
-                reason = t.stop_agreed(stop_requested())
-                if reason:
-                    raise StopTraining(state, reason)
-                reason = t.stop_agreed(end_requested())
-                if reason:
-                    raise EndTraining(state, reason)
+                _check_stops(t, state, stop_requested, end_requested)
         if not yielded and not skip and n_batches:
             raise ClipftError(nothing_trained(epoch + 1, t.failures))
         if pending:  # the last batches were dropped as undecodable: apply what we have
@@ -393,13 +400,19 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss, step=state.step))
         schedule.done()
         events.fire("on_epoch_end", EpochView(epoch + 1, total_epochs, train_loss, seconds, metrics, state.step))
-        reason = t.stop_agreed(stop_requested())
-        if reason and epoch + 1 < total_epochs:
-            raise StopTraining(state, reason)
-        reason = t.stop_agreed(end_requested())
-        if reason and epoch + 1 < total_epochs:
-            raise EndTraining(state, reason)
+        if epoch + 1 < total_epochs:
+            _check_stops(t, state, stop_requested, end_requested)
     return state
+
+
+def _check_stops(t: Trainer, state: LoopState, stop_requested, end_requested) -> None:
+    """Interrupt (a signal: :class:`StopTraining`) or end normally (a callback's
+    request: :class:`EndTraining`), every rank alike; a signal wins."""
+    signal, end = t.stops_agreed(stop_requested(), end_requested())
+    if signal:
+        raise StopTraining(state, signal)
+    if end:
+        raise EndTraining(state, end)
 
 
 def _evaluate_within(t: Trainer, state: LoopState, evaluate, events, epoch: int, batch: int) -> None:

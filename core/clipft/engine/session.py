@@ -69,6 +69,8 @@ class MetricsLog(Callback):
 
     def on_eval(self, ev) -> None:
         row = {"type": "eval", "epoch": ev.epoch}
+        if ev.batch:   # a mid-epoch evaluation (--eval-every)
+            row.update(step=ev.step, batch=ev.batch)
         if ev.train_loss is not None:
             row["train_loss"] = ev.train_loss
         self._append({**row, **ev.metrics})
