@@ -222,3 +222,13 @@ def test_a_resume_keeps_the_evaluations_of_the_schedule(tmp_path, monkeypatch, r
     def untimed(h):
         return [{k: v for k, v in e.items() if k != "epoch_seconds"} for e in h]
     assert untimed(r.resumed["eval"]["history"]) == untimed(history)   # metrics, bit for bit
+
+
+def test_a_run_that_stopped_early_is_not_resumed(tmp_path, registry):
+    from clipft.errors import ClipftUsageError
+    out = tmp_path / "r"
+    run(RunConfig(**{**BASE, "callbacks": ["none", "stopper:at_step=2"]}, epochs=3), registry=registry, out=out)
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["loop"]["stopped_early"]["step"] == 2   # at an epoch end: the checkpoint was written again
+    with pytest.raises(ClipftUsageError, match="stopped early after step 2"):
+        run(resume=out, registry=registry)

@@ -54,7 +54,7 @@ class LoopState:
     #: (the checkpoint of that step waits for it, so a resume does not skip it)
     eval_due: bool = attrs.field(default=False, repr=False)
     #: why a callback ended the run early (summary.json's ``stopped_early``), or None
-    stopped_early: Optional[dict] = attrs.field(default=None, repr=False)
+    stopped_early: Optional[dict] = None
     #: callbacks' saved states (``{name: state_dict()}``) a resume restores
     callback_states: dict = attrs.field(factory=dict, repr=False)
     #: set by a resume: restores the RNG states at the point the checkpoint was
@@ -65,7 +65,7 @@ class LoopState:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
                                                "skipped_nonfinite", "world_size", "fit", "stage", "stages",
-                                               "last_eval_step", "best")}
+                                               "last_eval_step", "best", "stopped_early")}
 
 
 class EndTraining(Exception):

@@ -459,6 +459,11 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
             f"{world}; resume with the same number (torchrun --nproc-per-node {state.world_size}, "
             "or clipft run --nproc): the data order and the global batch depend on it")
     state.stage = run.stage
+    if state.stopped_early:
+        st = state.stopped_early
+        raise ClipftUsageError(
+            f"the run in {out_dir} stopped early after step {st['step']} ({st['reason']}) and is complete; "
+            "to train on, start a new run from its weights (clipft export, then --pretrained)")
     if state.epoch >= run.config.epochs:
         raise ClipftUsageError(
             f"the run in {out_dir} already finished {state.epoch} epoch(s); "
@@ -637,12 +642,14 @@ def _end(run: PreparedRun, state: LoopState, host: CallbackHost, saver: Optional
         state.history.append(entry)
         state.last_eval_step = state.step
         host.fire("on_eval", EvalView(entry["epoch"], metrics, step=state.step, batch=state.batch))
-    if saver is not None:
-        saver.save()
     reason = request.pop("reason", "stop requested by a callback")
     state.stopped_early = {"reason": reason, "step": state.step,
                            "epoch": state.epoch + 1 if state.batch else state.epoch,
                            "batch": state.batch, **request}
+    if saver is not None:
+        # written again when the point was saved already: the checkpoint says the run ended
+        saver.checkpointer.last_saved = None
+        saver.save()
 
 
 def _stop(saver: Optional[Checkpoints], stopped: StopTraining, out_dir: Path, received) -> None:
