@@ -88,4 +88,5 @@ class EarlyStopping(Callback):
         return {"metric": self.metric, "mode": self.mode, "patience": self.patience,
                 "min_delta": self.min_delta, "best": self.best, "best_step": self.best_step,
                 "best_epoch": self.best_epoch, "evaluations_without_improvement": self.bad,
-                "stopped": self.stopped}
+                # also true when patience ran out at the run's last evaluation (no early stop then)
+                "patience_exhausted": self.stopped}

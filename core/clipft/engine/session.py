@@ -116,7 +116,7 @@ class Checkpoints(Callback):
                 # in the loop state: every checkpoint saves it, a resume restores it
                 self.state.best = {"metric": self.keep_best, "value": value, "step": ev.step,
                                    "epoch": ev.epoch, "batch": ev.batch,
-                                   "path": str(Path(self.checkpointer.run_dir) / BEST)}
+                                   "path": BEST}   # in the run directory
                 self.checkpointer.save_best(self.state.counters(), self.state.history, self._extra())
         if self._deferred:
             self._deferred = False
