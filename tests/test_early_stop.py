@@ -67,8 +67,11 @@ def scores(monkeypatch):
     run's i-th evaluation (counted from its history, so a resumed run goes on
     with the same sequence), which makes plateaus certain on any CPU."""
     import clipft.engine.session as session
+    from clipft.engine.evaluate import Evaluator
     seq: list = []
     real = session.train
+    names = Evaluator.metric_names
+    monkeypatch.setattr(Evaluator, "metric_names", lambda self: [*names(self), "score"])
 
     def train(t, epochs, state, evaluate, *a, **k):
         def scored():
@@ -110,6 +113,12 @@ def test_early_stop_values_are_checked(invoke, tmp_path):
         assert r.exit_code == 2 and "early_stop" in r.stderr, (bad, r.output)
     r = invoke("run", "--model", "tiny-vit", "--data", DATA, "--eval-every", "0", "--out", tmp_path / "e")
     assert r.exit_code == 2 and "eval_every" in r.stderr
+    # a metric the evaluation does not report: refused before the run directory is made
+    for flag, value in (("--keep-best", "head_top1"), ("--early-stop", "2:metric=top5")):
+        r = invoke("run", "--model", "tiny-vit", "--data", DATA, "--strategy", "full", flag, value,
+                   "--out", tmp_path / "m")
+        assert r.exit_code == 2 and "it reports: top1, " in r.stderr, r.output
+        assert not (tmp_path / "m").exists()
 
 
 def test_keep_best_keeps_the_best_checkpoint_and_export_best_differs(scores, tmp_path, invoke, registry):

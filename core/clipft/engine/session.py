@@ -20,12 +20,12 @@ import torch
 
 from clipft import __version__
 from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
-from clipft.config import RunConfig, dumps_toml, metric_mode, parse_every
+from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
 from clipft.engine import distributed, rundir, signals
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
-from clipft.early_stop import EarlyStopping, improved, metric_value
+from clipft.early_stop import HEADLINE_METRICS, EarlyStopping, headline_metric, improved, metric_value
 from clipft.engine.checkpoint import BEST, CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
 from clipft.engine.loop import EndTraining, EvalSchedule, LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
@@ -399,6 +399,27 @@ def build_callbacks(run: PreparedRun, progress) -> list:
     return out
 
 
+def check_metrics(run: PreparedRun) -> None:
+    """``--keep-best`` and ``--early-stop`` name metrics the run's evaluation
+    reports: a usage error before the run directory is touched, not after an
+    epoch."""
+    names = getattr(run.evaluate, "metric_names", None)
+    if names is None:
+        return
+    names = names()
+    wanted = [("--keep-best", run.config.keep_best)]
+    if run.config.early_stop:
+        metric = parse_early_stop(run.config.early_stop)["metric"]
+        if metric is None and headline_metric(dict.fromkeys(names)) is None:
+            raise ClipftUsageError(f"--early-stop: the run's evaluation has no headline metric "
+                                   f"({', '.join(HEADLINE_METRICS)}); give one with :metric=NAME")
+        wanted.append(("--early-stop", metric))
+    for flag, metric in wanted:
+        if metric and metric not in names:
+            raise ClipftUsageError(f"{flag}: the run's evaluation has no metric '{metric}'; it reports: "
+                                   f"{', '.join(names) or 'nothing'}")
+
+
 def _resume_folder(out_dir: Path, progress) -> tuple:
     """``(folder, state)`` of the checkpoint ``--resume`` continues from."""
     folder, state = checkpoint_to_load(out_dir, f"--resume {out_dir}", getattr(progress, "warn", None))
@@ -534,6 +555,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
         folder, saved_state = _resume_folder(out_dir, progress)
         stage, at_boundary = resume_stage(res, saved_state)
     run = prepare(config, registry, stage=stage, resolved=res, fit=resume is None)
+    check_metrics(run)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
