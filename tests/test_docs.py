@@ -116,7 +116,7 @@ def field_items(classes) -> list[Item]:
     """attrs fields, plus public properties and methods, of data classes."""
     out = []
     for cls in classes:
-        names = [f.name for f in attrs.fields(cls)]
+        names = [f.name for f in attrs.fields(cls) if not f.name.startswith("_")]
         names += [n for n, v in vars(cls).items()
                   if not n.startswith("_") and (isinstance(v, property) or inspect.isfunction(v))]
         out += [Item("field", cls.__name__, n) for n in names]

@@ -17,6 +17,20 @@ Events, in order:
 - ``on_checkpoint(CheckpointView)``: after a checkpoint was written;
 - ``on_run_end(summary)``: with the dict written to ``summary.json``.
 
+A callback can also end the run, add to the summary and keep state across
+``--resume``:
+
+- ``RunView.request_stop(reason)`` ends the run *normally* after the current
+  optimizer step or evaluation: a checkpoint is written, ``summary.json``
+  records ``stopped_early`` and the run exits 0 (unlike a signal, which
+  interrupts it);
+- ``Callback.summary_section()`` returns a dict stored in ``summary.json``
+  under the callback's name (None: nothing);
+- ``Callback.state_dict()`` / ``load_state_dict(state)``: what the callback
+  needs to continue exactly after ``--resume``, saved in each checkpoint's
+  ``state.json`` (so it must be JSON-serialisable: numbers, strings, bools,
+  None, lists and dicts with string keys).
+
 A callback that raises is reported once, with its name, and disabled for the
 rest of the run; training goes on, unless the user selected it with
 ``required=true`` (``--callback NAME:required=true``), which makes its failure
@@ -93,13 +107,32 @@ class RunView:
     epochs: int = 0
     #: optimizer steps the whole run will take
     total_steps: int = 0
-    #: epochs already done when the run was resumed (0 for a fresh run)
+    #: epochs completed when the run was resumed (0 for a fresh run); after a
+    #: mid-epoch checkpoint the resumed run continues inside epoch
+    #: ``resumed_from_epoch + 1``, and ``resumed_from_step`` says where
     resumed_from_epoch: int = 0
+    #: optimizer steps done when the run was resumed (0 for a fresh run)
+    resumed_from_step: int = 0
     warnings: tuple = ()
     skipped: tuple = ()
     #: the top-level names :meth:`path` handed out: the run records them as its
     #: own (``--overwrite`` may replace them; a file the user adds it keeps)
     created: set = attrs.field(factory=set, eq=False, repr=False)
+    #: the stop requested by a callback: ``{"reason": ..., **details}``, or None
+    _stop: list = attrs.field(factory=list, eq=False, repr=False, alias="_stop")
+
+    def request_stop(self, reason: str, **details) -> None:
+        """End the run normally after the current optimizer step or evaluation
+        (exit 0, a final checkpoint, ``summary.json`` with ``stopped_early``:
+        ``reason``, the step and epoch, and ``details``, which must be
+        JSON-serialisable). The first request wins; later ones are ignored."""
+        if not self._stop:
+            self._stop.append({"reason": str(reason), **details})
+
+    @property
+    def stop_requested(self) -> Optional[Mapping]:
+        """The pending stop request (``reason`` and details), or None."""
+        return MappingProxyType(self._stop[0]) if self._stop else None
 
     def path(self, name) -> Path:
         """Where a callback or plugin writes ``name`` (a file or folder name,
@@ -138,9 +171,12 @@ class StepView:
 
 @attrs.frozen
 class EvalView:
-    epoch: int            # 0: before training
+    epoch: int            # 0: before training; a mid-epoch evaluation: the epoch in progress
     metrics: Mapping = attrs.field(converter=_frozen_map)
-    train_loss: Optional[float] = None  # the epoch's mean train loss (None at epoch 0)
+    train_loss: Optional[float] = None  # the epoch's mean train loss (None at epoch 0 and mid-epoch)
+    step: int = 0         # optimizer steps done when it evaluated
+    #: a mid-epoch evaluation (``--eval-every``): the micro-batches of ``epoch`` done; 0 at an epoch end
+    batch: int = 0
 
 
 @attrs.frozen
@@ -162,6 +198,20 @@ class CheckpointView:
 
 class Callback:
     """Base class: override the events you need; the others do nothing."""
+
+    def state_dict(self) -> dict:
+        """What to save in each checkpoint (JSON-serialisable) so that
+        :meth:`load_state_dict` continues exactly on ``--resume``; default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned, before ``on_run_start``
+        of a resumed run (not called for a fresh run, nor when it saved nothing)."""
+
+    def summary_section(self) -> Optional[dict]:
+        """A JSON-serialisable dict stored in ``summary.json`` under the
+        callback's name, asked once when the run ends; None (default): nothing."""
+        return None
 
     def on_run_start(self, run: RunView) -> None: ...
     def on_epoch_start(self, epoch: int, epochs: int, n_batches: int) -> None: ...

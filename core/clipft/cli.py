@@ -300,16 +300,18 @@ def plan_cmd(ctx, config_file, as_json, **kw):
 @click.option("--wise-ft", "wise_ft", type=float, metavar="ALPHA",
               help="Write the WiSE-FT weights (1-ALPHA)*zero-shot + ALPHA*fine-tuned, ALPHA in [0, 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest on stdout.")
+@click.option("--best", is_flag=True, help="A run's checkpoint-best/ (kept with --keep-best) instead of its "
+                                               "final weights.")
 @click.pass_context
 @guarded
-def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json):
+def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best):
     """Write a run as a plain open_clip model: OUT/open_clip_model.safetensors
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
     head weights go to separate files (see OUT/clipft_export.json)."""
     from clipft.commands.export import export_run
     manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device,
-                          wise_ft=wise_ft)
+                          wise_ft=wise_ft, best=best)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
@@ -346,6 +348,8 @@ def source_options(fn):
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      show_default=True),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout."),
+        click.option("--best", is_flag=True, help="A run's checkpoint-best/ (kept with --keep-best) instead of its "
+                                               "final weights."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -384,7 +388,7 @@ def _data_ref(value, flag="--data"):
               help="With --wise-ft-sweep: plot the curve to this PNG (e.g. wise_ft.png).")
 @click.pass_context
 @guarded
-def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_workers, device, as_json,
+def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_workers, device, as_json, best,
              data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot):
     """Evaluate a run, an export or a plain model on a data source: zero-shot and head
     top-1/top-5, per-class and balanced accuracy, calibration (ECE), caption recall@k."""
@@ -404,7 +408,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
             inference.require_matplotlib("--wise-ft-plot")
     if confusion:
         inference.require_matplotlib("--confusion")
-    src = load_source(source, model_name, pretrained, reg, device)
+    src = load_source(source, model_name, pretrained, reg, device, best=best)
     sets = [("data", task_ref, inference.build_data(task_ref, reg, src))]
     if control_ref is not None:
         sets.append(("control", control_ref, inference.build_data(control_ref, reg, src)))
@@ -456,7 +460,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
 @click.option("--labels-file", type=click.Path(dir_okay=False), help="One label per line.")
 @click.pass_context
 @guarded
-def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_workers, device, as_json,
+def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_workers, device, as_json, best,
                 top_k, labels, labels_file):
     """Top-k labels with probabilities for images: the run's classes (through its head
     when it has one), or ad-hoc --labels for zero-shot use. --json prints JSON Lines."""
@@ -483,7 +487,7 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
     if names is not None and len(set(names)) != len(names):
         raise ClipftUsageError("labels repeat: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
     paths = inference.image_paths(args)
-    src = load_source(source, model_name, pretrained, _registry(ctx), device)
+    src = load_source(source, model_name, pretrained, _registry(ctx), device, best=best)
     classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
     failed = 0
     for rec in inference.predict(src, paths, classifier, classes, top_k, batch_size):

@@ -96,9 +96,10 @@ def _momentum(inst, attribute, value):
         raise ClipftUsageError(f"'{attribute.name}' must be in [0, 1), got {value!r}")
 
 
-def parse_every(value) -> tuple:
+def parse_every(value, name: str = "checkpoint_every") -> tuple:
     """``("steps", N)``, ``("minutes", X)`` or ``("epoch", 0)`` from a
-    ``--checkpoint-every`` value; a usage error naming the option otherwise."""
+    ``--checkpoint-every`` (or ``--eval-every``) value; a usage error naming
+    the option otherwise."""
     text = str(value).strip().lower()
     try:
         if text == "epoch":
@@ -112,7 +113,47 @@ def parse_every(value) -> tuple:
     except ValueError:
         pass
     raise ClipftUsageError(
-        f"'checkpoint_every' must be a number of steps (500), of minutes (30m) or 'epoch', got {value!r}")
+        f"'{name}' must be a number of steps (500), of minutes (30m) or 'epoch', got {value!r}")
+
+
+#: metrics where lower is better (the rest, accuracies and recalls, are higher-better)
+def metric_mode(metric: str) -> str:
+    """``min`` for a loss-like metric (its name has ``loss``), else ``max``."""
+    return "min" if "loss" in metric.lower() else "max"
+
+
+def parse_early_stop(value) -> dict:
+    """``{"patience", "metric", "min_delta", "mode"}`` from an ``--early-stop``
+    value ``PATIENCE[:metric=NAME,min_delta=X,mode=max|min]`` (metric None:
+    the run's headline metric, mode None: from the metric); a usage error
+    naming what is wrong otherwise."""
+    text = str(value).strip()
+    head, _, rest = text.partition(":")
+    usage = "'early_stop' is PATIENCE[:metric=NAME,min_delta=X,mode=max|min] (e.g. 3:min_delta=0.01)"
+    try:
+        patience = int(head)
+    except ValueError:
+        raise ClipftUsageError(f"{usage}; the patience must be a whole number of evaluations, got {head!r}") from None
+    if patience < 1:
+        raise ClipftUsageError(f"{usage}; the patience must be at least 1, got {patience}")
+    out = {"patience": patience, "metric": None, "min_delta": 0.0, "mode": None}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, v = part.partition("=")
+        key, v = key.strip(), v.strip()
+        if not eq or key not in ("metric", "min_delta", "mode") or not v:
+            raise ClipftUsageError(f"{usage}; got {part!r}")
+        if key == "min_delta":
+            try:
+                out[key] = float(v)
+            except ValueError:
+                out[key] = float("nan")
+            if not (math.isfinite(out[key]) and out[key] >= 0):
+                raise ClipftUsageError(f"{usage}; min_delta must be a number >= 0, got {v!r}")
+        elif key == "mode" and v not in ("max", "min"):
+            raise ClipftUsageError(f"{usage}; mode must be max or min, got {v!r}")
+        else:
+            out[key] = v
+    return out
 
 
 def _ref(value):
@@ -245,6 +286,18 @@ class RunConfig:
         "hanging on a stalled or dead rank (default: 10 on GPUs, 20 on CPUs, where rank 0's "
         "evaluation, the longest legitimate wait, is slower).", None, validator=_non_negative,
         metavar="MIN", resumable=True)
+    eval_every: str = option(
+        "Evaluate also every N optimizer steps or N minutes (Nm) within epochs, besides each epoch end "
+        "(default 'epoch': epoch ends only).", "epoch", metavar="N|Nm|epoch", converter=str,
+        validator=lambda i, a, v: parse_every(v, "eval_every"))
+    early_stop: Optional[str] = option(
+        "Stop the run (normally, exit 0) when the val metric has not improved for PATIENCE evaluations; "
+        "metric defaults to the headline one (head_top1 with a head, else top1, else recall@1), mode to "
+        "min for losses and max otherwise.", None, metavar="PATIENCE[:metric=M,min_delta=X,mode=max|min]",
+        validator=attrs.validators.optional(lambda i, a, v: parse_early_stop(v)))
+    keep_best: Optional[str] = option(
+        "Keep the checkpoint with the best value of this val metric in checkpoint-best/ (export, eval "
+        "and predict load it with --best).", None, metavar="METRIC")
     skip_nonfinite: int = option("Skip up to N steps whose loss is NaN/inf instead of stopping (default 0).",
                                  0, metavar="N", validator=_non_negative)
     out: Optional[str] = None

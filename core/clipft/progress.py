@@ -126,3 +126,13 @@ class RichReporter(Silent):
         self.result.print(
             f"trained {tr['steps']} steps in {tr['seconds']:.1f}s · {tr['samples_per_s']:.1f} samples/s · "
             f"peak RSS {tr['peak_rss_mb']:.0f} MB{extra} · run dir {summary['run_dir']}")
+        self._print_stop_and_best(summary)
+
+    def _print_stop_and_best(self, summary: dict) -> None:
+        stopped, best = summary.get("stopped_early"), summary.get("best")
+        if stopped:
+            self.result.print(f"stopped early after step {stopped['step']} (epoch {stopped['epoch']}): "
+                              f"{stopped['reason']}; 'after' is the final weights (checkpoint/)")
+        if best:
+            self.result.print(f"best {best['metric']} {_fmt(best['value'])} at step {best['step']} "
+                              f"(epoch {best['epoch']}) kept in checkpoint-best/ (export, eval, predict --best)")

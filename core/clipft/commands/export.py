@@ -149,10 +149,11 @@ def _within(diff: float, reference: torch.Tensor) -> bool:
 
 
 def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu",
-               wise_ft: Optional[float] = None) -> dict:
+               wise_ft: Optional[float] = None, best: bool = False) -> dict:
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
-    fine-tuned weights (:mod:`clipft.commands.wiseft`)."""
+    fine-tuned weights (:mod:`clipft.commands.wiseft`); ``best`` exports the
+    run's ``checkpoint-best/`` (``--keep-best``) instead of its final weights."""
 
     # SIGTERM and SIGHUP would end the process where it is, leaving the
     # temporary folder behind: as exceptions, building_dir removes it
@@ -160,14 +161,14 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
                    late=f"stopped after the export to {out} was complete")
     with stop, RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
         # one process per run: a run training (or resumed) there now would change it under us
-        return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop)
+        return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop, best)
 
 
 def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wise_ft: Optional[float],
-            stop) -> dict:
+            stop, best: bool = False) -> dict:
     import open_clip
 
-    run = load_run(run_dir, registry, device=device)
+    run = load_run(run_dir, registry, device=device, best=best)
     model = run.model
     wise, folded = None, 0
     if wise_ft is not None:
@@ -238,6 +239,9 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
             "format": FORMAT,
             "clipft_version": __version__,
             "source_run": str(Path(run_dir).resolve()),
+            # which of the run's weights: its final ones, or checkpoint-best/ (--best)
+            "source_checkpoint": {"name": "best" if best else "final", "epoch": run.state.get("epoch"),
+                                  "step": run.state.get("global_step")},
             "model": run.config.model,
             "pretrained": run.pretrained,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",

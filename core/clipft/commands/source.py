@@ -54,10 +54,13 @@ def source_kind(path: Path) -> str:
 
 
 def load_source(source: Optional[str], model_name: Optional[str] = None, pretrained: Optional[str] = None,
-                registry=None, device: str = "cpu") -> Source:
+                registry=None, device: str = "cpu", best: bool = False) -> Source:
+    """``best``: a run's ``checkpoint-best/`` instead of its final weights."""
 
     if source and model_name:
         raise ClipftUsageError(f"give either SOURCE ({source}) or --model, not both")
+    if best and model_name:
+        raise ClipftUsageError("--best picks a run's best checkpoint; it does not go with --model")
     if not source and not model_name:
         raise ClipftUsageError("nothing to evaluate: give a run directory, an export directory, "
                                "or --model M --pretrained P")
@@ -72,9 +75,11 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
                       loaded.preprocess_val, None, None, None, dev)
     path = Path(source)
     kind = source_kind(path)
+    if best and kind != KIND_RUN:
+        raise ClipftUsageError(f"--best picks a run's best checkpoint; {path} is an export, not a run directory")
     if kind == KIND_RUN:
-        run = load_run(path, registry, device=str(dev))
-        return Source(KIND_RUN, f"run {path}", run.model, run.tokenizer, run.preprocess, run.head,
+        run = load_run(path, registry, device=str(dev), best=best)
+        return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer, run.preprocess, run.head,
                       run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
     exp = load_export(path, registry, device=str(dev))

@@ -7,6 +7,7 @@ its name, and disabled for the rest of the run, unless it was selected with
 """
 from __future__ import annotations
 
+import json
 from typing import Callable, Optional
 
 import attrs
@@ -37,24 +38,71 @@ class CallbackHost:
     def fire(self, event: str, *args) -> None:
         assert event in EVENTS, event
         for e in self.entries:
-            if e.disabled:
-                continue
-            fn = getattr(e.callback, event, None)
-            if fn is None:
-                continue
-            try:
-                fn(*args)
-            except ClipftError:
+            self._call(e, event, *args)
+
+    def _call(self, e: Entry, method: str, *args):
+        """``e.callback.method(*args)``, a failure contained as :meth:`fire` says;
+        None when it is disabled, lacks the method or failed."""
+        if e.disabled:
+            return None
+        fn = getattr(e.callback, method, None)
+        if fn is None:
+            return None
+        try:
+            return fn(*args)
+        except ClipftError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a plugin's callback must not stop training
+            # the engine's own observers, and interrupts, are not contained
+            if e.builtin or not isinstance(exc, Exception):
                 raise
-            except BaseException as exc:  # noqa: BLE001 - a plugin's callback must not stop training
-                # the engine's own observers, and interrupts, are not contained
-                if e.builtin or not isinstance(exc, Exception):
-                    raise
-                if e.required:
-                    raise ClipftError(f"callback '{e.name}' failed in {event}: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-                e.disabled = True
-                self.failures.append((e.name, event, f"{type(exc).__name__}: {exc}"))
-                self.warn(f"callback '{e.name}' failed in {event} ({type(exc).__name__}: {exc}); "
-                          "it is disabled for the rest of the run (select it with required=true "
-                          "to make its failure stop the run)")
+            return self._failed(e, method, exc)
+
+    def _failed(self, e: Entry, method: str, exc: Exception) -> None:
+        if e.required:
+            raise ClipftError(f"callback '{e.name}' failed in {method}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        e.disabled = True
+        self.failures.append((e.name, method, f"{type(exc).__name__}: {exc}"))
+        self.warn(f"callback '{e.name}' failed in {method} ({type(exc).__name__}: {exc}); "
+                  "it is disabled for the rest of the run (select it with required=true "
+                  "to make its failure stop the run)")
+
+    def _jsonable(self, e: Entry, method: str, value):
+        """``value`` if it is a dict JSON can write, else None (reported like a failure)."""
+        if value is None:
+            return None
+        try:
+            if not isinstance(value, dict):
+                raise TypeError(f"returned a {type(value).__name__}, not a dict")
+            json.dumps(value, allow_nan=True)
+            return value
+        except (TypeError, ValueError) as exc:
+            return self._failed(e, method, TypeError(f"must return a JSON-serialisable dict: {exc}"))
+
+    def states(self) -> dict:
+        """``{name: state_dict()}`` of the plugins' callbacks that have a state."""
+        out = {}
+        for e in self.entries:
+            if not e.builtin:
+                st = self._jsonable(e, "state_dict", self._call(e, "state_dict"))
+                if st:
+                    out[e.name] = st
+        return out
+
+    def load_states(self, states: dict) -> None:
+        """Give each callback the state a checkpoint saved for it (a resume)."""
+        for e in self.entries:
+            if not e.builtin and e.name in (states or {}):
+                self._call(e, "load_state_dict", states[e.name])
+
+    def sections(self) -> dict:
+        """``{name: summary_section()}`` of the callbacks that add one to summary.json."""
+        out = {}
+        for e in self.entries:
+            if not e.builtin:
+                section = self._jsonable(e, "summary_section", self._call(e, "summary_section"))
+                if section is not None:
+                    out[e.name] = section
+        return out
+

@@ -11,6 +11,9 @@ Layout of a checkpoint folder:
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
   continues exactly, also from the middle of an epoch.
 
+``RUN_DIR/checkpoint-best/`` (``--keep-best``) is written the same way; it is
+no candidate for ``--resume``, which continues from the newest one.
+
 ``RUN_DIR/checkpoint/`` is always the newest complete checkpoint; the older ones
 ``--keep-checkpoints`` keeps live beside it as ``checkpoint-step00000120/``. A
 new checkpoint is written to a new temporary folder ``.checkpoint.tmp-PID-...``
@@ -41,6 +44,9 @@ from clipft.errors import ClipftError, ClipftUsageError
 FORMAT = "clipft-checkpoint"
 FORMAT_VERSION = 2
 CURRENT = "checkpoint"
+#: ``--keep-best``: the checkpoint with the best value of a val metric; never
+#: one that resume or ``newest_complete`` picks (it may be older than others)
+BEST = "checkpoint-best"
 STEP_PREFIX = "checkpoint-step"
 #: how a checkpoint's temporary folders start (clipft.atomic's name for ``checkpoint``)
 TMP_PREFIX = f".{CURRENT}.tmp-"
@@ -301,14 +307,28 @@ class Checkpointer:
             os.fsync(f.fileno())
         atomic.fsync_dir(folder)
 
-    def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
-        """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
-        the current one; returns its folder."""
+    def save_best(self, loop: dict, history: list, extra: dict | None = None) -> Path:
+        """Write a checkpoint of ``loop`` as ``checkpoint-best/`` (same files,
+        same crash safety: the previous best stays until the new one is
+        complete); the current checkpoint and its schedule are untouched."""
+        tmp = self._write_temp(BEST, loop, history, extra)
+        best = self.run_dir / BEST
+        old = None
+        if best.is_dir():
+            old = self.run_dir / atomic.temp_name(BEST)
+            os.replace(best, old)
+        os.replace(tmp, best)
+        atomic.fsync_dir(self.run_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return best
+
+    def _write_temp(self, name: str, loop: dict, history: list, extra) -> Path:
         # not atomic.building_dir: once written, the folder is a complete checkpoint,
-        # which a failed swap below must leave behind (newest_complete finds it)
+        # which a failed swap must leave behind (newest_complete finds it)
         tmp = None
         try:
-            tmp = atomic.make_temp_dir(self.run_dir / CURRENT)
+            tmp = atomic.make_temp_dir(self.run_dir / name)
             self._write(tmp, loop, history, extra or {})
         except BaseException as exc:
             # a half-written folder never stays behind, whatever stopped the write
@@ -320,6 +340,12 @@ class Checkpointer:
             raise ClipftError(
                 f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
                 f"(the previous checkpoint is intact: {previous})") from exc
+        return tmp
+
+    def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
+        """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
+        the current one; returns its folder."""
+        tmp = self._write_temp(CURRENT, loop, history, extra)
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None
         if current.is_dir():

@@ -133,6 +133,15 @@ class Evaluator:
             if head is not None:
                 head.train(was_training)
 
+    def metric_names(self) -> list:
+        """The metrics an evaluation reports (when the val split is not empty),
+        known before any runs: what ``--keep-best``/``--early-stop`` are checked against."""
+        prefixes = ([ZeroShot.prefix] if self.has_classes else []) + ([HeadScores.prefix] if self.head else [])
+        names = [p + m for p in prefixes for m in RUN_CLASSIFICATION_METRICS]
+        if self.has_captions:
+            names += [f"{d}recall@{k}" for k in RUN_RECALL_KS for d in ("i2t_", "t2i_", "")]
+        return names
+
     def classifiers(self) -> list:
         out = []
         if self.has_classes:

@@ -21,9 +21,10 @@ import torch
 from clipft.config import RunConfig, load_toml
 from clipft.data import DataContext
 from clipft.engine.assemble import assemble, pick_device, resolve, seed_everything
-from clipft.engine.checkpoint import CURRENT, checkpoint_to_load, inspect_checkpoint, load_trained_tensors
+from clipft.engine.checkpoint import (BEST, CURRENT, checkpoint_to_load, inspect_checkpoint, load_trained_tensors,
+                                      verify_checkpoint)
 from clipft.engine.rundir import backup_of
-from clipft.errors import ClipftUsageError
+from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.plugins import Registry
 from clipft.protocols import use_eval_weights
@@ -55,14 +56,32 @@ def _classes_from_data(config, resolved, loaded):
     return bundle.classnames, tuple(bundle.templates)
 
 
-def load_run(run_dir, registry=None, device: str = "cpu") -> LoadedRun:
-    """The model of a finished (or checkpointed) run, ready for inference."""
+def best_checkpoint(run_dir: Path) -> tuple:
+    """``(folder, state)`` of a run's ``checkpoint-best/`` (``--best``), or a
+    usage error when the run kept none, a runtime error when it is damaged."""
+    folder = Path(run_dir) / BEST
+    if not folder.exists():
+        raise ClipftUsageError(f"--best: {run_dir} kept no best checkpoint ({BEST}/); a run keeps one "
+                               "with --keep-best METRIC. Without --best, RUN means its final weights")
+    state, why = inspect_checkpoint(folder)
+    if state is None:
+        raise ClipftUsageError(f"--best: {run_dir}'s best checkpoint is incomplete: {why}")
+    damaged = verify_checkpoint(folder, state)
+    if damaged:
+        raise ClipftError(f"--best: {damaged}")
+    return folder, state
+
+
+def load_run(run_dir, registry=None, device: str = "cpu", best: bool = False) -> LoadedRun:
+    """The model of a finished (or checkpointed) run, ready for inference: its
+    final weights (the newest checkpoint), or with ``best`` the ones
+    ``--keep-best`` kept in ``checkpoint-best/``."""
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise ClipftUsageError(f"{run_dir} is not a clipft run directory (no config.toml)")
-    ck, state = checkpoint_to_load(run_dir, str(run_dir))
+    ck, state = best_checkpoint(run_dir) if best else checkpoint_to_load(run_dir, str(run_dir))
     if ck is None:
         if backup_of(run_dir).exists():
             raise ClipftUsageError(

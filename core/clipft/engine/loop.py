@@ -45,6 +45,18 @@ class LoopState:
     #: stage started so far (name, epochs, lr, what trained), for summary.json
     stage: int = 0
     stages: list = attrs.field(factory=list)
+    #: optimizer step of the newest evaluation (-1: none yet), so the run's end
+    #: knows whether its last evaluation saw the final weights
+    last_eval_step: int = -1
+    #: ``--keep-best``: the best evaluation so far (metric, value, step, epoch, batch)
+    best: Optional[dict] = None
+    #: set while the callbacks hear of a step after which an evaluation follows
+    #: (the checkpoint of that step waits for it, so a resume does not skip it)
+    eval_due: bool = attrs.field(default=False, repr=False)
+    #: why a callback ended the run early (summary.json's ``stopped_early``), or None
+    stopped_early: Optional[dict] = None
+    #: callbacks' saved states (``{name: state_dict()}``) a resume restores
+    callback_states: dict = attrs.field(factory=dict, repr=False)
     #: set by a resume: restores the RNG states at the point the checkpoint was
     #: taken (after the epoch's data iterator was created, for a mid-epoch one)
     restore_rng: Optional[Callable] = attrs.field(default=None, repr=False)
@@ -52,7 +64,37 @@ class LoopState:
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch", "step", "samples", "seconds", "last_loss",
                                                "batch", "epoch_loss", "epoch_seen", "epoch_seconds",
-                                               "skipped_nonfinite", "world_size", "fit", "stage", "stages")}
+                                               "skipped_nonfinite", "world_size", "fit", "stage", "stages",
+                                               "last_eval_step", "best", "stopped_early")}
+
+
+class EndTraining(Exception):
+    """Raised by the loop after the optimizer step or evaluation after which a
+    callback asked the run to end (``RunView.request_stop``): the run ends
+    normally, its state consistent and checkpointable."""
+
+    def __init__(self, state: "LoopState", reason: str):
+        super().__init__(reason)
+        self.state, self.reason = state, reason
+
+
+class EvalSchedule:
+    """``--eval-every``: whether an evaluation is due after an optimizer step
+    within an epoch (every N steps, or N minutes after the last one)."""
+
+    def __init__(self, every: tuple = ("epoch", 0)):
+        self.kind, self.n = every
+        self.t_last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.kind == "steps":
+            return step % self.n == 0
+        if self.kind == "minutes":
+            return time.monotonic() - self.t_last >= 60.0 * self.n
+        return False
+
+    def done(self) -> None:
+        self.t_last = time.monotonic()
 
 
 class StopTraining(Exception):
@@ -204,6 +246,18 @@ class Trainer:
             return reason or "stop requested on another rank"
         return None
 
+    def stops_agreed(self, signal: Optional[str], end: Optional[str]) -> tuple:
+        """``(signal, end)`` as :meth:`stop_agreed` agrees each, in one collective:
+        a signal (interrupt) and a callback's request to end the run normally."""
+        if self.dist is None or not self.dist.enabled:
+            return signal, end
+        t = torch.tensor([int(bool(signal)), int(bool(end))], dtype=torch.int64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.to(self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return ((signal or "stop requested on another rank") if int(t[0]) else None,
+                (end or "the run was asked to end on another rank") if int(t[1]) else None)
+
     def optimizer_step(self) -> Optional[float]:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -238,18 +292,26 @@ def nothing_trained(epoch: int, failures) -> str:
 
 def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
           stop_requested: Callable[[], Optional[str]] = lambda: None,
-          total_epochs: Optional[int] = None) -> LoopState:
+          total_epochs: Optional[int] = None,
+          end_requested: Callable[[], Optional[str]] = lambda: None,
+          schedule: Optional[EvalSchedule] = None) -> LoopState:
     """Train from ``state`` (an epoch boundary, or part-way into an epoch after a
     resume) to ``epochs``, evaluating before the first epoch and after each one.
     ``events.fire(name, ...)`` receives every event; ``stop_requested()``, checked
     after each optimizer step, ends training with :class:`StopTraining`.
     ``total_epochs`` (default ``epochs``) is the run's length the events report:
-    a stage of a multi-stage run trains up to its own end, ``epochs``."""
+    a stage of a multi-stage run trains up to its own end, ``epochs``.
+    ``schedule`` adds evaluations within epochs; ``end_requested()``, checked
+    after each step and evaluation, ends training normally with
+    :class:`EndTraining`."""
     total_epochs = epochs if total_epochs is None else total_epochs
+    schedule = schedule or EvalSchedule()
     if state.epoch == 0 and not state.history:
         before = evaluate()
         state.history.append({"epoch": 0, "eval": before})
-        events.fire("on_eval", EvalView(0, before))
+        state.last_eval_step = state.step
+        events.fire("on_eval", EvalView(0, before, step=state.step))
+        schedule.done()
     n_batches = t.features.n_train_batches()
     for epoch in range(state.epoch, epochs):
         t.set_train_mode()
@@ -306,14 +368,19 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             state.epoch_loss += state.last_loss
             state.epoch_seen += 1
             state.batch = i + 1
+            state.eval_due = stepped and i + 1 < n_batches and schedule.due(state.step)
+            if stepped and i + 1 < n_batches and schedule.kind == "minutes":   # clocks differ between ranks
+                state.eval_due = bool(t.stop_agreed("evaluate" if state.eval_due else None))
             events.fire("on_step_end", StepView(
                 epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
                 loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
                 samples=seen, seconds=dt, grad_norm=norm))
+            if state.eval_due:
+                _evaluate_within(t, state, evaluate, events, epoch, i + 1)
+                schedule.done()
+                t_last = time.perf_counter()   # the evaluation is no step's time
             if stepped and i + 1 < n_batches:
-                reason = t.stop_agreed(stop_requested())
-                if reason:
-                    raise StopTraining(state, reason)
+                _check_stops(t, state, stop_requested, end_requested)
         if not yielded and not skip and n_batches:
             raise ClipftError(nothing_trained(epoch + 1, t.failures))
         if pending:  # the last batches were dropped as undecodable: apply what we have
@@ -329,9 +396,30 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                               "epoch_seconds": seconds, "eval": metrics})
         state.epoch = epoch + 1
         state.batch, state.epoch_loss, state.epoch_seen, state.epoch_seconds = 0, 0.0, 0, 0.0
-        events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss))
+        state.last_eval_step = state.step
+        events.fire("on_eval", EvalView(epoch + 1, metrics, train_loss, step=state.step))
+        schedule.done()
         events.fire("on_epoch_end", EpochView(epoch + 1, total_epochs, train_loss, seconds, metrics, state.step))
-        reason = t.stop_agreed(stop_requested())
-        if reason and epoch + 1 < total_epochs:
-            raise StopTraining(state, reason)
+        if epoch + 1 < total_epochs:
+            _check_stops(t, state, stop_requested, end_requested)
     return state
+
+
+def _check_stops(t: Trainer, state: LoopState, stop_requested, end_requested) -> None:
+    """Interrupt (a signal: :class:`StopTraining`) or end normally (a callback's
+    request: :class:`EndTraining`), every rank alike; a signal wins."""
+    signal, end = t.stops_agreed(stop_requested(), end_requested())
+    if signal:
+        raise StopTraining(state, signal)
+    if end:
+        raise EndTraining(state, end)
+
+
+def _evaluate_within(t: Trainer, state: LoopState, evaluate, events, epoch: int, batch: int) -> None:
+    """An ``--eval-every`` evaluation after optimizer step ``state.step``, part-way into ``epoch``."""
+    metrics = evaluate()
+    t.set_train_mode()
+    state.history.append({"epoch": epoch + 1, "batch": batch, "step": state.step, "eval": metrics})
+    state.last_eval_step = state.step
+    events.fire("on_eval", EvalView(epoch + 1, metrics, step=state.step, batch=batch))
+    state.eval_due = False

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from clipft import atomic
-from clipft.engine.checkpoint import CURRENT, STEP_PREFIX, TMP_PREFIX, candidates, newest_complete
+from clipft.engine.checkpoint import BEST, CURRENT, STEP_PREFIX, TMP_PREFIX, candidates, newest_complete
 from clipft.errors import ClipftUsageError
 
 MARKER = ".clipft-run"
@@ -38,7 +38,7 @@ MARKER_FORMAT = "clipft-run"
 #: the file whose fcntl lock says a process is using the run (see RunLock)
 LOCK = ".clipft-lock"
 #: ``data_split.json``: the training files of a sampled (few-shot) split
-RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", CURRENT, MARKER, LOCK)
+RUN_FILES = ("config.toml", "data_split.json", "metrics.jsonl", "summary.json", CURRENT, BEST, MARKER, LOCK)
 
 
 class RunLock:

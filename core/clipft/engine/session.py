@@ -19,14 +19,15 @@ import attrs
 import torch
 
 from clipft import __version__
-from clipft.callbacks import Callback, CheckpointView, RunView
-from clipft.config import RunConfig, dumps_toml, parse_every
+from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
+from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
 from clipft.engine import distributed, rundir, signals
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
-from clipft.engine.checkpoint import CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
-from clipft.engine.loop import LoopState, StopTraining, train
+from clipft.early_stop import HEADLINE_METRICS, EarlyStopping, headline_metric, improved, metric_value
+from clipft.engine.checkpoint import BEST, CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
+from clipft.engine.loop import EndTraining, EvalSchedule, LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.engine.resume import resume_config
 from clipft.errors import ClipftUsageError, RunInterrupted
@@ -68,6 +69,8 @@ class MetricsLog(Callback):
 
     def on_eval(self, ev) -> None:
         row = {"type": "eval", "epoch": ev.epoch}
+        if ev.batch:   # a mid-epoch evaluation (--eval-every)
+            row.update(step=ev.step, batch=ev.batch)
         if ev.train_loss is not None:
             row["train_loss"] = ev.train_loss
         self._append({**row, **ev.metrics})
@@ -76,15 +79,19 @@ class MetricsLog(Callback):
 class Checkpoints(Callback):
     """Checkpoints at every epoch end and on the ``--checkpoint-every``
     schedule (optimizer steps or minutes of training), each announced with
-    ``on_checkpoint``. The first one commits an ``--overwrite`` (the replaced
-    run is removed only then)."""
+    ``on_checkpoint``, each with the plugins' callback states. The first one
+    commits an ``--overwrite`` (the replaced run is removed only then).
+    With ``--keep-best METRIC``, an evaluation that improves on the best value
+    so far writes ``checkpoint-best/`` too (``best`` records which)."""
 
     def __init__(self, checkpointer: Checkpointer, state: LoopState, host: CallbackHost,
-                 metrics: MetricsLog, every: str = "epoch", directory=None):
+                 metrics: MetricsLog, every: str = "epoch", directory=None, keep_best: Optional[str] = None):
         self.checkpointer, self.state, self.host, self.metrics = checkpointer, state, host, metrics
         self.every = parse_every(every)
         self.directory = directory
         self._t_last = time.monotonic()
+        self.keep_best = keep_best
+        self._deferred = False   # a checkpoint due at a step whose evaluation follows
 
     def _due(self) -> bool:
         kind, n = self.every
@@ -96,16 +103,36 @@ class Checkpoints(Callback):
 
     def on_step_end(self, s) -> None:
         if s.stepped and s.batch < s.n_batches and self._due():
+            if self.state.eval_due:   # saved after the evaluation, so a resume does not skip it
+                self._deferred = True
+            else:
+                self.save()
+
+    def on_eval(self, ev) -> None:
+        if self.keep_best:
+            value = metric_value(ev.metrics, self.keep_best, "--keep-best")
+            best = self.state.best
+            if improved(value, best["value"] if best else None, metric_mode(self.keep_best)):
+                # in the loop state: every checkpoint saves it, a resume restores it
+                self.state.best = {"metric": self.keep_best, "value": value, "step": ev.step,
+                                   "epoch": ev.epoch, "batch": ev.batch,
+                                   "path": BEST}   # in the run directory
+                self.checkpointer.save_best(self.state.counters(), self.state.history, self._extra())
+        if self._deferred:
+            self._deferred = False
             self.save()
 
     def on_epoch_end(self, epoch) -> None:
         self.save()
 
+    def _extra(self) -> dict:
+        return {"metrics_rows": self.metrics.rows, "callbacks": self.host.states()}
+
     def save(self) -> None:
         st = self.state
         if self.checkpointer.last_saved == (st.step, st.epoch, st.batch):
             return
-        folder = self.checkpointer.save(st.counters(), st.history, {"metrics_rows": self.metrics.rows})
+        folder = self.checkpointer.save(st.counters(), st.history, self._extra())
         self._t_last = time.monotonic()
         if self.directory is not None:
             self.directory.committed()
@@ -127,7 +154,7 @@ class StopSignals(signals.Handlers):
         return signals.describe(self.received)[0] if self.received else None
 
 
-def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> RunView:
+def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0, resumed_from_step: int = 0) -> RunView:
     total, trainable = run.param_counts
     res = run.resolved
     return RunView(
@@ -141,7 +168,8 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0) -> Ru
         # a stage's schedule covers its own epochs; the run's steps cover them all
         total_steps=(run.total_steps // max(1, run.stage_spec.epochs) * run.config.epochs
                      if run.stage_spec is not None else run.total_steps),
-        resumed_from_epoch=resumed_from_epoch, warnings=tuple(run.warnings),
+        resumed_from_epoch=resumed_from_epoch, resumed_from_step=resumed_from_step,
+        warnings=tuple(run.warnings),
         skipped=tuple(str(p) for p, _ in run.bundle.skipped))
 
 
@@ -222,9 +250,15 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         "eval": {
             "before": history[0]["eval"] if history else {},
             "after": history[-1]["eval"] if history else {},
+            # "after" is always of the final weights (checkpoint/), never of checkpoint-best/
+            "after_weights": {"weights": "final", "step": state.step, "epoch": state.epoch} if history else None,
             "history": history,
         },
     }
+    if state.stopped_early is not None:
+        summary["stopped_early"] = state.stopped_early
+    if state.best is not None:
+        summary["best"] = state.best
     split = run.bundle.split
     if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
         summary["data"]["shots"] = split["shots"]
@@ -263,7 +297,26 @@ def resolved_config(run: PreparedRun) -> RunConfig:
     return attrs.evolve(
         run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup,
         data=ref(res.data), loss=ref(res.loss), head=ref(res.head) if res.head else None,
-        strategies=[ref(s) for s in res.strategies])
+        strategies=[ref(s) for s in res.strategies], callbacks=typed_callbacks(run))
+
+
+def typed_callbacks(run: PreparedRun) -> list:
+    """The selected callbacks with the options given, as their options class
+    typed them (``patience = 4``, not the command line's ``"4"``)."""
+    built = {spec.name: (opts, required) for spec, opts, required in run.resolved.callbacks}
+    out = []
+    for r in run.config.callbacks:
+        if r.name not in built:   # "none"
+            out.append(r)
+            continue
+        opts, required = built[r.name]
+        typed = options_to_dict(opts)
+        values = {k: (list(typed[k]) if isinstance(typed[k], tuple) else typed[k])
+                  for k in r.options if k in typed and typed[k] is not None}
+        if "required" in r.options:
+            values["required"] = required
+        out.append(ComponentRef(r.name, values))
+    return out
 
 
 def write_split(run: PreparedRun, out_dir: Path) -> None:
@@ -302,26 +355,31 @@ def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=No
     for name, cb, required in callbacks:
         host.add(name, cb, required)
     saver = Checkpoints(checkpoints or checkpointer_for(run, out_dir), state, host, metrics,
-                        run.config.checkpoint_every, directory)
+                        run.config.checkpoint_every, directory, run.config.keep_best)
     host.add("checkpoint", saver, builtin=True)
     return host, saver
 
 
 def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[LoopState] = None,
               checkpoints: Optional[Checkpointer] = None, host: Optional[CallbackHost] = None,
-              stop=lambda: None) -> LoopState:
-    """Train a prepared run into ``out_dir``, firing the callbacks' events."""
+              stop=lambda: None, end=lambda: None) -> LoopState:
+    """Train a prepared run into ``out_dir``, firing the callbacks' events;
+    ``end()`` is a callback's request to end the run normally (or None)."""
     state = state or LoopState()
     host = host or callback_host(run, out_dir, state, progress, checkpoints)[0]
     return train(run.trainer, run.epochs_end, state, run.evaluate, host, stop,
-                 total_epochs=run.config.epochs)
+                 total_epochs=run.config.epochs, end_requested=end,
+                 schedule=EvalSchedule(parse_every(run.config.eval_every, "eval_every")))
 
 
 def build_callbacks(run: PreparedRun, progress) -> list:
-    """``[(name, Callback, required)]`` of the run's callback plugins. One the
+    """``[(name, Callback, required)]`` of the run's callback plugins, and
+    ``early_stop`` (``--early-stop``, a callback like theirs). One the
     user selected must build; a default one that cannot (a missing optional
     dependency, say) is reported and left out."""
     out = []
+    if run.config.early_stop:
+        out.append(("early_stop", EarlyStopping(run.config.early_stop), True))
     for spec, options, required in run.resolved.callbacks:
         try:
             cb = spec.build(options)
@@ -339,6 +397,27 @@ def build_callbacks(run: PreparedRun, progress) -> list:
             continue
         out.append((spec.name, cb, required))
     return out
+
+
+def check_metrics(run: PreparedRun) -> None:
+    """``--keep-best`` and ``--early-stop`` name metrics the run's evaluation
+    reports: a usage error before the run directory is touched, not after an
+    epoch."""
+    names = getattr(run.evaluate, "metric_names", None)
+    if names is None:
+        return
+    names = names()
+    wanted = [("--keep-best", run.config.keep_best)]
+    if run.config.early_stop:
+        metric = parse_early_stop(run.config.early_stop)["metric"]
+        if metric is None and headline_metric(dict.fromkeys(names)) is None:
+            raise ClipftUsageError(f"--early-stop: the run's evaluation has no headline metric "
+                                   f"({', '.join(HEADLINE_METRICS)}); give one with :metric=NAME")
+        wanted.append(("--early-stop", metric))
+    for flag, metric in wanted:
+        if metric and metric not in names:
+            raise ClipftUsageError(f"{flag}: the run's evaluation has no metric '{metric}'; it reports: "
+                                   f"{', '.join(names) or 'nothing'}")
 
 
 def _resume_folder(out_dir: Path, progress) -> tuple:
@@ -392,7 +471,8 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
         loop = {"epoch": saved["epoch"], "step": saved["global_step"],
                 "samples": old.get("train", {}).get("samples", 0),
                 "seconds": old.get("train", {}).get("seconds", 0.0)}
-    state = LoopState(**loop, history=saved["history"], restore_rng=saved["restore_rng"])
+    state = LoopState(**loop, history=saved["history"], restore_rng=saved["restore_rng"],
+                      callback_states=dict(saved.get("callbacks") or {}))
     world = dist.world if dist is not None else 1
     if state.world_size != world:
         raise ClipftUsageError(
@@ -400,6 +480,11 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
             f"{world}; resume with the same number (torchrun --nproc-per-node {state.world_size}, "
             "or clipft run --nproc): the data order and the global batch depend on it")
     state.stage = run.stage
+    if state.stopped_early:
+        st = state.stopped_early
+        raise ClipftUsageError(
+            f"the run in {out_dir} stopped early after step {st['step']} ({st['reason']}) and is complete; "
+            "to train on, start a new run from its weights (clipft export, then --pretrained)")
     if state.epoch >= run.config.epochs:
         raise ClipftUsageError(
             f"the run in {out_dir} already finished {state.epoch} epoch(s); "
@@ -470,6 +555,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
         folder, saved_state = _resume_folder(out_dir, progress)
         stage, at_boundary = resume_stage(res, saved_state)
     run = prepare(config, registry, stage=stage, resolved=res, fit=resume is None)
+    check_metrics(run)
     warn = getattr(progress, "warn", lambda m: None)
     failed = [r for r in getattr(registry, "records", ()) if r.status == "failed"]
     if failed:   # once per run, whether or not the run uses them
@@ -495,16 +581,21 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                                         warn=getattr(progress, "warn", None), directory=directory)
         else:
             host, saver = CallbackHost(), None
-        view = run_view(run, out_dir, state.epoch)
+        view = run_view(run, out_dir, state.epoch, state.step)
         if directory is not None:   # what callbacks create through view.path is the run's own
             directory.created = view.created
+        host.load_states(state.callback_states)
         host.fire("on_run_start", view)
+
+        def end():
+            return view.stop_requested["reason"] if view.stop_requested else None
+
         with StopSignals() as stop:
             try:
                 while True:
                     if run.resolved.stages:
                         _start_stage(run, state)
-                    state = train_run(run, out_dir, state=state, host=host, stop=stop)
+                    state = train_run(run, out_dir, state=state, host=host, stop=stop, end=end)
                     if run.resolved.stages:   # the stage's cache counters, now that it trained
                         state.stages[run.stage]["cache"] = run.features.stats or None
                     if not run.resolved.stages or run.stage + 1 >= len(run.resolved.stages):
@@ -512,6 +603,8 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                     run = _next_stage(run, config, registry, out_dir, saver)
             except StopTraining as stopped:
                 _stop(saver, stopped, out_dir, signals.describe(stop.received) if stop.received else None)
+            except EndTraining:
+                _end(run, state, host, saver, dict(view.stop_requested or {}))
         if run.config.epochs == 0 and saver is not None:
             # no epoch ends, so no checkpoint was written: save the model as
             # evaluated, so that export, eval and predict work on the run
@@ -521,6 +614,9 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
             directory.abandon()   # a no-op once the new run has a checkpoint
         raise
     summary = build_summary(run, state, out_dir)
+    sections = host.sections()
+    if sections:
+        summary["callbacks"] = sections
     if host.failures:
         summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
     if main:
@@ -554,6 +650,28 @@ def _next_stage(run: PreparedRun, config, registry, out_dir: Path, saver: Checkp
     checkpointer.restore_weights(Path(out_dir) / CURRENT)
     saver.next_stage(checkpointer)
     return nxt
+
+
+def _end(run: PreparedRun, state: LoopState, host: CallbackHost, saver: Optional[Checkpoints],
+         request: dict) -> None:
+    """A callback ended the run (``RunView.request_stop``): evaluate the final
+    weights unless the last evaluation did, checkpoint, record why."""
+    if state.last_eval_step != state.step:
+        metrics = run.evaluate()
+        entry = {"epoch": state.epoch + 1 if state.batch else state.epoch, "step": state.step, "eval": metrics}
+        if state.batch:
+            entry["batch"] = state.batch
+        state.history.append(entry)
+        state.last_eval_step = state.step
+        host.fire("on_eval", EvalView(entry["epoch"], metrics, step=state.step, batch=state.batch))
+    reason = request.pop("reason", "stop requested by a callback")
+    state.stopped_early = {"reason": reason, "step": state.step,
+                           "epoch": state.epoch + 1 if state.batch else state.epoch,
+                           "batch": state.batch, **request}
+    if saver is not None:
+        # written again when the point was saved already: the checkpoint says the run ended
+        saver.checkpointer.last_saved = None
+        saver.save()
 
 
 def _stop(saver: Optional[Checkpoints], stopped: StopTraining, out_dir: Path, received) -> None:
