@@ -75,14 +75,16 @@ class RichReporter(Silent):
     def on_epoch_start(self, epoch, epochs, n_batches):
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("mean loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(),
             console=self.console, transient=False)
         self._progress.start()
         self._task = self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
 
     def on_step_end(self, s):
-        self._progress.update(self._task, advance=1, loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}",
+        # the epoch's running mean: the step's own loss jumps with its batch
+        shown = s.epoch_loss if s.epoch_loss is not None else s.loss
+        self._progress.update(self._task, advance=1, loss=f"{shown:.4f}", lr=f"{s.lr:.2e}",
                               sps=f"{s.samples_per_s:.0f}")
         if s.batch == s.n_batches:
             self._progress.stop()

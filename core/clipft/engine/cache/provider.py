@@ -359,10 +359,13 @@ class CachedFeatures:
     def _fill_while_training(self, split: SplitCache, epoch: int):
         """The live loader's batches, each with its frozen-part values computed
         (on the batch exactly as a live run computes them) and stored."""
+        trained = self.live.loaders.n_train_batches()
         with self._filling(split) as put:
-            for b in self.live.loaders.train(epoch):
+            # every sample is stored, those --drop-last leaves out of the epoch too
+            for b in self.live.loaders.train(epoch, whole=True):
                 values = put(b)
-                yield _batch(b) if values is None else _batch(b, values, "cache")
+                if b["position"] < trained:
+                    yield _batch(b) if values is None else _batch(b, values, "cache")
 
     # -- replaying -----------------------------------------------------------------
     def _replay(self, split: SplitCache, store: IndexStore, train: bool, epoch: int = 0, skip_batches: int = 0):
