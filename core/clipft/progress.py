@@ -38,6 +38,11 @@ class Silent(Callback):
     def warn(self, message: str) -> None: ...
 
 
+def is_count(metric: str) -> bool:
+    """A metric that counts (``i2t_queries``) rather than scores: shown, not compared."""
+    return metric.endswith("_queries")
+
+
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -95,7 +100,8 @@ class RichReporter(Silent):
             return
         if self._progress is not None:
             self._progress.stop()
-        shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if "@" not in k or k.startswith("recall"))
+        shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()
+                           if ("@" not in k or k.startswith("recall")) and not is_count(k))
         self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
 
     def on_run_end(self, summary):
@@ -118,7 +124,7 @@ class RichReporter(Silent):
         for k in after:
             b, a = before.get(k), after[k]
             t.add_row(k, _fmt(b) if b is not None else "-", _fmt(a),
-                      f"{a - b:+.4f}" if b is not None else "-")
+                      f"{a - b:+.4f}" if b is not None and not is_count(k) else "-")
         self.result.print(t)
         tr = summary["train"]
         extra = ""

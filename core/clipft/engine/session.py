@@ -276,8 +276,10 @@ def resolved_config(run: PreparedRun) -> RunConfig:
     # a multi-stage run resolves lr and warmup per stage: keep what was given
     lr = run.config.lr if res.stages else run.lr
     warmup = run.config.warmup_steps if res.stages else run.warmup_steps
+    # drop_last made explicit: it sets the batches per epoch, so a repeat or a
+    # resume must not depend on a loss's default changing
     return attrs.evolve(
-        run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup,
+        run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup, drop_last=run.loaders.drop_last,
         data=ref(res.data), loss=ref(res.loss), head=ref(res.head) if res.head else None,
         strategies=[ref(s) for s in res.strategies])
 

@@ -68,7 +68,8 @@ class Plots(Callback):
 
     def _eval(self, epoch, metrics):
         for name, value in metrics.items():
-            self.evals.setdefault(name, {})[epoch] = value
+            if not name.endswith("_queries"):   # counts of retrieval queries: the same every epoch
+                self.evals.setdefault(name, {})[epoch] = value
 
     def on_step_end(self, s):
         if s.stepped:
