@@ -65,6 +65,14 @@ def test_cross_entropy_keeps_the_last_batch_unless_asked(invoke, tmp_path):
     assert s["train"]["steps"] == 4 and s["train"]["samples"] == 64 and s["train"]["dropped_per_epoch"] == 3
 
 
+def test_a_split_smaller_than_a_batch_still_trains(invoke, tmp_path):
+    r = invoke("run", *COMMON, "--data", "shapes:n=10,val_n=8", "--epochs", "1", "--out", tmp_path / "s")
+    assert r.exit_code == 0, r.stderr
+    s = read_summary(tmp_path / "s")
+    assert s["train"]["steps"] == 1 and s["train"]["samples"] == 10 and s["train"]["drop_last"] is False
+    assert "smaller than one batch" in " ".join(r.stderr.split())
+
+
 def test_the_loss_declares_whether_it_is_batch_coupled(registry):
     reg = registry
     assert reg.get("loss", "contrastive").batch_coupled and reg.get("loss", "siglip").batch_coupled

@@ -78,6 +78,24 @@ class Loaders:
                  drop_last: bool = False):
         self.bundle = bundle
         self.dist = dist or SINGLE
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        #: distinct samples dropped as undecodable, across all passes
+        self.failures = failures if failures is not None else DecodeFailures()
+        self._loaders: dict = {}
+        #: drop-last asked for on a train split smaller than one (global) batch:
+        #: it would leave nothing to train on, so the one short batch trains
+        self.drop_last_waived = False
+        self._split_train(drop_last)
+        if drop_last and self.n_train_batches() == 0 and self.dropped_per_epoch:
+            self.drop_last_waived = True
+            self._split_train(False)
+
+    def _split_train(self, drop_last: bool) -> None:
+        bundle, batch_size = self.bundle, self.batch_size
         #: each epoch's last incomplete (global) batch is left out of training
         self.drop_last = drop_last
         #: this rank's positions in each epoch's permutation (None: all of them)
@@ -91,14 +109,6 @@ class Loaders:
         elif self.dist.enabled or drop_last:
             self.share, self.dropped_per_epoch = rank_share(len(bundle.train), batch_size,
                                                             self.dist.world, self.dist.rank, drop_last)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.device = device
-        self.num_workers = num_workers
-        self.persistent_workers = persistent_workers
-        #: distinct samples dropped as undecodable, across all passes
-        self.failures = failures if failures is not None else DecodeFailures()
-        self._loaders: dict = {}
 
     def sampler_seed(self, epoch: int) -> int:
         """Seed of the train order in ``epoch`` (a cached epoch replays the same order)."""
