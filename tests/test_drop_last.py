@@ -158,3 +158,13 @@ def test_a_folder_named_without_a_slash_gets_the_spelling(invoke, tmp_path, monk
     (tmp_path / "digits").mkdir()
     r = invoke("plan", "--model", "tiny-vit", "--pretrained", "none", "--data", "digits")
     assert r.exit_code == 2 and "write --data ./digits" in r.stderr and "pip install" not in r.stderr
+
+
+def test_curves_mark_each_epochs_mean_loss(tmp_path):
+    from clipft.callbacks import EpochView, StepView
+    from clipft_plots import Plots, PlotsOptions
+    p = Plots(PlotsOptions())
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 0.5)):
+        p.on_step_end(StepView(epoch=1, batch=step, n_batches=3, step=step, stepped=True, loss=loss, terms={}))
+    p.on_epoch_end(EpochView(1, 1, 3.5 / 3, 0.1, {}, step=3))
+    assert p.epoch_means == {1: (3, pytest.approx(3.5 / 3))}
