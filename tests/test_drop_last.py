@@ -168,3 +168,13 @@ def test_curves_mark_each_epochs_mean_loss(tmp_path):
         p.on_step_end(StepView(epoch=1, batch=step, n_batches=3, step=step, stepped=True, loss=loss, terms={}))
     p.on_epoch_end(EpochView(1, 1, 3.5 / 3, 0.1, {}, step=3))
     assert p.epoch_means == {1: (3, pytest.approx(3.5 / 3))}
+
+
+def test_ranks_leave_the_incomplete_global_batch_out_whole():
+    from clipft.engine.distributed import rank_share
+    # 35 samples, 2 ranks x 8: two full global batches, then 3 left
+    kept = [rank_share(35, 8, 2, r) for r in range(2)]
+    assert [len(s) for s, _ in kept] == [17, 17] and kept[0][1] == 1      # split evenly, one left out
+    dropped = [rank_share(35, 8, 2, r, drop_last=True) for r in range(2)]
+    assert [len(s) for s, _ in dropped] == [16, 16] and dropped[0][1] == 3
+    assert sorted(dropped[0][0] + dropped[1][0]) == list(range(32))
