@@ -27,9 +27,12 @@ class PlotsOptions:
 
 def panel_groups(metrics: list) -> list:
     """Eval metrics grouped into panels: ``i2t_recall@5``, ``t2i_recall@5`` and
-    ``recall@5`` share one; every other metric gets its own."""
+    ``recall@5`` share one; every other metric gets its own. Counts of
+    retrieval queries (``i2t_queries``) are the same every epoch: they get none."""
     groups: dict = {}
     for m in metrics:
+        if m.endswith("_queries"):
+            continue
         key = m.split("_", 1)[1] if m.startswith(("i2t_", "t2i_")) else m
         groups.setdefault(key, []).append(m)
     return list(groups.items())
@@ -73,8 +76,7 @@ class Plots(Callback):
 
     def _eval(self, epoch, metrics):
         for name, value in metrics.items():
-            if not name.endswith("_queries"):   # counts of retrieval queries: the same every epoch
-                self.evals.setdefault(name, {})[epoch] = value
+            self.evals.setdefault(name, {})[epoch] = value
 
     def on_step_end(self, s):
         if s.stepped:
