@@ -84,8 +84,8 @@ def test_events_in_order_with_views(registry, tmp_path):
     mine = [e[1:] for e in EVENTS if e[0] == "mine"]
     assert mine == [
         ("run_start", "tiny-vit", ("full",), 1),
-        ("eval", 0, ["i2t_recall@1", "i2t_recall@5", "recall@1", "recall@5", "t2i_recall@1",
-                     "t2i_recall@5", "top1"]),
+        ("eval", 0, ["i2t_queries", "i2t_recall@1", "i2t_recall@5", "recall@1", "recall@5", "t2i_queries",
+                     "t2i_recall@1", "t2i_recall@5", "top1"]),
         ("epoch_start", 1, 2),
         ("step", 1, True, True, True), ("step", 2, True, True, True),
         ("eval", 1, mine[1][2]),

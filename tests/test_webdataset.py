@@ -253,6 +253,19 @@ def test_a_real_dataloader_with_two_workers_and_a_resume_part_way(invoke, pairs,
                                                                  zip((9, 10, 11), ("red", "green", "blue"))]
 
 
+def test_a_stream_leaves_its_short_last_batch_out_with_drop_last(invoke, pairs, tmp_path):
+    from clipft.engine.loaders import Loaders
+    out = tmp_path / "shards"
+    shards(invoke, pairs, out, "--shard-size", "3", "--label-column", "kind")   # 9 train samples
+    b = bundle_of({"urls": str(out), "shuffle_buffer": "0"})
+    loaders = Loaders(b, batch_size=4, seed=0, device="cpu", drop_last=True)
+    assert loaders.n_train_batches() == 2 and loaders.dropped_per_epoch == 1
+    batches = list(loaders.train(epoch=1))
+    assert [len(x["index"]) for x in batches] == [4, 4] and [x["position"] for x in batches] == [0, 1]
+    again = list(loaders.train(epoch=1, skip_batches=1))   # a resume after batch 1
+    assert [x["captions"] for x in again] == [batches[1]["captions"]]
+
+
 def test_resampled_gives_samples_per_epoch(invoke, pairs, tmp_path):
     from clipft.engine.loaders import Loaders
     out = tmp_path / "shards"
@@ -291,7 +304,7 @@ def test_train_and_evaluate_on_image_folder_shards_with_a_corrupt_sample(invoke,
     _append_corrupt(out / "shard-000001.tar", "999999")
     run = tmp_path / "run"
     r = invoke(*RUN, "--strategy", "full", "--lr", "1e-3", "--data", f"webdataset:urls={out}",
-               "--epochs", "2", "--out", run, "--json")
+               "--epochs", "2", "--out", run, "--json", "--no-drop-last")
     assert r.exit_code == 0, r.stderr
     s = json.loads(r.stdout)
     assert s == read_summary(run)
@@ -340,7 +353,7 @@ def test_a_run_killed_part_way_into_an_epoch_resumes_bit_identical(invoke, folde
     out = tmp_path / "shards"
     shards(invoke, folder, out, "--shard-size", "6", "--shuffle-seed", "0")   # 30 train samples: 4 batches
     args = [*RUN, "--strategy", "full", "--lr", "1e-3", "--data", f"webdataset:urls={out},shuffle_buffer=8",
-            "--epochs", "2", "--checkpoint-every", "2"]
+            "--epochs", "2", "--checkpoint-every", "2", "--no-drop-last"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     r = invoke(*args, "--out", straight)
     assert r.exit_code == 0, r.stderr

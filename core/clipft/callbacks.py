@@ -163,6 +163,9 @@ class StepView:
     samples: int = 0      # in this micro-batch
     seconds: float = 0.0  # wall time of the micro-batch, data loading included
     grad_norm: Optional[float] = None  # the pre-clip norm, when clipping applied
+    #: the mean loss of the epoch's micro-batches so far, this one included
+    #: (what a progress display shows: one batch's loss is noisy)
+    epoch_loss: Optional[float] = None
 
     @property
     def samples_per_s(self) -> float:

@@ -187,7 +187,7 @@ def _field_option(f):
     (clipft.config.option): flag, type, choices and help have one source."""
     from clipft.config import flag_name
     meta, flag, tp = f.metadata, flag_name(f.name), str(f.type)
-    if tp == "bool":   # --cache/--no-cache; None: not given, the config's value stands
+    if tp in ("bool", "Optional[bool]"):   # --cache/--no-cache; None: not given, the config's value stands
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=meta["help"])
     if meta["choices"]:
         kind = click.Choice(meta["choices"])
@@ -367,10 +367,10 @@ def _templates(value):
 
 
 def _data_ref(value, flag="--data"):
-    from clipft.options import parse_ref
+    from clipft.options import parse_data_ref
     if not value:
         raise ClipftUsageError(f"{flag} is required, e.g. {flag} imagefolder:root=./pets")
-    return parse_ref(value)
+    return parse_data_ref(value)
 
 
 @cli.command("eval")

@@ -15,7 +15,7 @@ import attrs
 
 from clipft import kinds
 from clipft.errors import ClipftUsageError
-from clipft.options import ComponentRef, parse_ref, ref_from_table
+from clipft.options import ComponentRef, data_ref, parse_ref, ref_from_table
 
 
 def _one_of(*choices):
@@ -162,6 +162,10 @@ def _ref(value):
     return parse_ref(value)
 
 
+def _data(value):
+    return data_ref(_ref(value))
+
+
 def _refs(values):
     return [_ref(v) for v in values]
 
@@ -223,7 +227,7 @@ class RunConfig:
     pretrained: str = option(
         "Pretrained tag, local checkpoint file, 'none' (random init) or 'auto' (none for the "
         "embedded tiny configs, open_clip's first tag otherwise).", "auto")
-    data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_ref)
+    data: ComponentRef = attrs.field(factory=lambda: ComponentRef("shapes"), converter=_data)
     strategies: list = attrs.field(factory=list, converter=_refs)
     #: callbacks selected on top of the default ones ("none" turns the defaults off)
     callbacks: list = attrs.field(factory=list, converter=_refs)
@@ -281,6 +285,10 @@ class RunConfig:
         validator=lambda i, a, v: parse_every(v), resumable=True)
     keep_checkpoints: int = option("Checkpoints to keep: the newest in checkpoint/, older ones beside it "
                                    "(default 1).", 1, validator=_positive, resumable=True)
+    drop_last: Optional[bool] = option(
+        "Leave each epoch's last incomplete batch out of training (default: on for losses over the "
+        "batch's pairs, such as contrastive and siglip, whose value on a few samples is not comparable; "
+        "off for per-sample losses such as cross-entropy).", None)
     collective_timeout: Optional[float] = option(
         "Minutes a distributed collective may wait for a rank before the job fails (exit 1) instead of "
         "hanging on a stalled or dead rank (default: 10 on GPUs, 20 on CPUs, where rank 0's "
@@ -304,6 +312,10 @@ class RunConfig:
 
     def resolved_lr(self, default: float) -> float:
         return self.lr if self.lr is not None else default
+
+    def resolved_drop_last(self, loss_spec) -> bool:
+        """``drop_last`` as given, else whether the loss couples a batch's samples."""
+        return self.drop_last if self.drop_last is not None else bool(getattr(loss_spec, "batch_coupled", False))
 
     # -- TOML --------------------------------------------------------------
     def to_toml_dict(self) -> dict:
@@ -368,7 +380,7 @@ def _check_type(key, value, tp, where):
     tp = {"int": int, "float": float, "str": str, "bool": bool}.get(tp, tp) if isinstance(tp, str) else tp
     text = str(tp)
     ok = True
-    if tp is bool or text == "bool":
+    if tp is bool or text in ("bool", "Optional[bool]"):
         ok = isinstance(value, bool)
     elif tp is int or text == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)

@@ -453,9 +453,11 @@ class Batches:
     first: a stream cannot seek, so a resume part-way into an epoch reads the
     epoch again up to where the checkpoint was taken."""
 
-    def __init__(self, loader, failures: DecodeFailures, key, skip: int = 0):
+    def __init__(self, loader, failures: DecodeFailures, key, skip: int = 0, limit: int | None = None):
         self.loader, self.failures, self.key = loader, failures, key
-        self.skip = skip
+        #: a stream's batches from position ``limit`` on are read (failures
+        #: recorded) but not yielded: its short last batch under drop-last
+        self.skip, self.limit = skip, limit
 
     def __len__(self):
         return len(self.loader)
@@ -473,6 +475,8 @@ class Batches:
             if batch["failed"] or batch.get("notes"):
                 self.failures.add(self.key, batch["failed"], batch.get("notes", ()))
             if position < drop:   # read again on a resume, trained on already
+                continue
+            if self.limit is not None and position >= self.limit:
                 continue
             if batch["images"] is not None:
                 batch["position"] = position

@@ -111,7 +111,13 @@ def retrieval_metrics(img: torch.Tensor, txt_unique: torch.Tensor, captions: lis
     """Recall@k over a set of image-caption pairs. Identical captions are
     encoded once (``txt_unique`` follows their first appearance), so an image
     counts as retrieved when its own caption string is in the top k
-    (image→text); text→image counts any image whose caption is that string."""
+    (image→text); text→image counts any image whose caption is that string.
+
+    The directions have different query sets: one per image for image→text,
+    one per *distinct* caption for text→image (``i2t_queries``,
+    ``t2i_queries`` say how many). ``recall@k`` is the plain mean of the two
+    directions' recalls, so with repeated captions it weighs each text query
+    more than each image query; read the directions when that matters."""
     uniq = list(dict.fromkeys(captions))
     pos = {c: i for i, c in enumerate(uniq)}
     target = torch.tensor([pos[c] for c in captions], device=img.device)
@@ -127,4 +133,5 @@ def retrieval_metrics(img: torch.Tensor, txt_unique: torch.Tensor, captions: lis
         out[f"i2t_recall@{k}"] = float(i2t)
         out[f"t2i_recall@{k}"] = float(t2i)
         out[f"recall@{k}"] = float((i2t + t2i) / 2)
+    out["i2t_queries"], out["t2i_queries"] = len(captions), len(uniq)
     return out

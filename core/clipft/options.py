@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import typing
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -54,6 +55,51 @@ def parse_ref(text: str) -> ComponentRef:
             raise ClipftUsageError(
                 f"option '{item}' in '{text}' has no value; write it as key=value")
     return ComponentRef(name, options)
+
+
+#: table files the ``captions`` source reads (clipft.datafiles.TABLE_SUFFIXES)
+CAPTION_TABLES = (".csv", ".tsv", ".jsonl")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A data "name" that can only be a path: it has a separator, starts like
+    one (``.``, ``~``) or ends in a file extension; registered names never do."""
+    return ("/" in name or "\\" in name or name.startswith(("~", ".")) or
+            Path(name).suffix.lower() in CAPTION_TABLES + (".parquet",))
+
+
+def data_ref(ref: ComponentRef) -> ComponentRef:
+    """``--data PATH``: a bare directory means ``imagefolder:root=PATH``, a
+    CSV/TSV/JSONL file ``captions:file=PATH``. The one place where a data
+    reference given as a path is resolved (run, plan, sweep and eval all pass
+    here); any other path-looking name is an error giving the spelling to use."""
+    name = ref.name
+    if ref.options or not _looks_like_path(name):
+        return ref
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        raise ClipftUsageError(
+            f"--data {name}: Parquet is not read; the captions source reads "
+            f"{', '.join(s[1:].upper() for s in CAPTION_TABLES)} files (--data captions:file=PATH.csv)")
+    if path.is_dir():
+        return ComponentRef("imagefolder", {"root": name})
+    if suffix in CAPTION_TABLES:
+        if not path.is_file():
+            raise ClipftUsageError(f"--data {name}: no such file")
+        return ComponentRef("captions", {"file": name})
+    if path.exists():
+        raise ClipftUsageError(
+            f"--data {name}: a file, but not a {'/'.join(CAPTION_TABLES)} table; give a folder of class "
+            "sub-folders (imagefolder:root=PATH) or an image-caption table (captions:file=PATH.csv)")
+    raise ClipftUsageError(
+        f"--data {name}: no such directory or file; for a folder of class sub-folders write "
+        f"--data imagefolder:root={name}, for an image-caption table --data captions:file={name}")
+
+
+def parse_data_ref(text: str) -> ComponentRef:
+    """:func:`parse_ref` for ``--data``: a bare path resolves (:func:`data_ref`)."""
+    return data_ref(parse_ref(text))
 
 
 def ref_from_table(table: Any, where: str) -> ComponentRef:

@@ -609,6 +609,10 @@ class Registry:
                 f"{r.distribution} is installed and provides " + (", ".join(
                     f"{k} '{n}'" for k, v in r.provides.items() for n in v) or "nothing")
                 for r in active) + "."
+        elif kind == "data" and Path(name).expanduser().exists():
+            # a folder or file in the working directory, named without ./
+            msg += (f" '{name}' is a {'folder' if Path(name).expanduser().is_dir() else 'file'} here: "
+                    f"write --data ./{name} to read it.")
         else:
             msg += (f" Install a plugin that provides it (e.g. `pip install clipft-{name}`) "
                     "and check `clipft plugins`.")

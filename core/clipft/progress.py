@@ -38,6 +38,11 @@ class Silent(Callback):
     def warn(self, message: str) -> None: ...
 
 
+def is_count(metric: str) -> bool:
+    """A metric that counts (``i2t_queries``) rather than scores: shown, not compared."""
+    return metric.endswith("_queries")
+
+
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -75,14 +80,16 @@ class RichReporter(Silent):
     def on_epoch_start(self, epoch, epochs, n_batches):
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("mean loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[sps]} samples/s"), TimeElapsedColumn(),
             console=self.console, transient=False)
         self._progress.start()
         self._task = self._progress.add_task("train", total=n_batches, loss="-", lr="-", sps="-")
 
     def on_step_end(self, s):
-        self._progress.update(self._task, advance=1, loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}",
+        # the epoch's running mean: the step's own loss jumps with its batch
+        shown = s.epoch_loss if s.epoch_loss is not None else s.loss
+        self._progress.update(self._task, advance=1, loss=f"{shown:.4f}", lr=f"{s.lr:.2e}",
                               sps=f"{s.samples_per_s:.0f}")
         if s.batch == s.n_batches:
             self._progress.stop()
@@ -93,7 +100,8 @@ class RichReporter(Silent):
             return
         if self._progress is not None:
             self._progress.stop()
-        shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if "@" not in k or k.startswith("recall"))
+        shown = " · ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()
+                           if ("@" not in k or k.startswith("recall")) and not is_count(k))
         self.console.print(f"  epoch {epoch}: train loss {train_loss:.4f} · {shown}")
 
     def on_run_end(self, summary):
@@ -116,7 +124,7 @@ class RichReporter(Silent):
         for k in after:
             b, a = before.get(k), after[k]
             t.add_row(k, _fmt(b) if b is not None else "-", _fmt(a),
-                      f"{a - b:+.4f}" if b is not None else "-")
+                      f"{a - b:+.4f}" if b is not None and not is_count(k) else "-")
         self.result.print(t)
         tr = summary["train"]
         extra = ""

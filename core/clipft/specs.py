@@ -42,6 +42,11 @@ class LossSpec:
     build: Callable[[Any], Any]
     options: type = NoOptions
     needs: frozenset = attrs.field(default=frozenset(), converter=frozenset)
+    #: True when a sample's loss depends on the other samples of its batch
+    #: (contrastive, SigLIP): a short last batch gives a value not comparable
+    #: with a full one, so such runs drop it by default (``--drop-last``).
+    #: False: a per-sample loss averaged over the batch (cross-entropy).
+    batch_coupled: bool = False
 
 
 @attrs.frozen

@@ -108,6 +108,9 @@ def _plan_one(config, run) -> dict:
                    "by_part": anatomy["parts"]},
         "towers": anatomy["towers"],
         "groups": groups,
+        "batches": {"batch_size": config.batch_size, "per_epoch": run.loaders.n_train_batches(),
+                    "drop_last": run.loaders.drop_last, "dropped_per_epoch": run.loaders.dropped_per_epoch,
+                    "batch_coupled_loss": bool(run.resolved.loss[0].batch_coupled)},
         "memory": {
             "optimizer": config.optimizer,
             "optimizer_state_bytes": state_bytes,
@@ -153,6 +156,17 @@ def render_plan(p: dict, console) -> None:
               for side, d in p["towers"].items()]
     if towers:
         console.print("towers: " + " · ".join(towers))
+    b = p["batches"]
+    line = f"batches per epoch: {b['per_epoch']:,} of {b['batch_size']}"
+    why = " (the loss depends on the whole batch)" if b["batch_coupled_loss"] else ""
+    if b["drop_last"] and b["dropped_per_epoch"]:
+        line += (f"; the last {b['dropped_per_epoch']:,} sample(s) of each epoch are dropped: --drop-last{why}, "
+                 "--no-drop-last keeps them")
+    elif b["drop_last"]:
+        line += f"; --drop-last{why}, but every batch is complete"
+    elif b["dropped_per_epoch"]:
+        line += f"; {b['dropped_per_epoch']:,} sample(s) per epoch do not divide among the ranks and are left out"
+    console.print(line)
     m = p["memory"]
     console.print(
         f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "

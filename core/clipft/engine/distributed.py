@@ -234,11 +234,12 @@ def device_for(dist: Dist, choice: str) -> Optional[torch.device]:
     return None
 
 
-def rank_share(n: int, batch: int, world: int, rank: int) -> tuple[list, int]:
+def rank_share(n: int, batch: int, world: int, rank: int, drop_last: bool = False) -> tuple[list, int]:
     """Positions (into the epoch's permutation of ``n``) that ``rank`` trains on,
     in order, and the number dropped: global batch ``k`` is
     ``[k·B, (k+1)·B)`` with ``B = world·batch``, and rank ``r`` takes its
-    ``r``-th contiguous share; the last global batch is split evenly."""
+    ``r``-th contiguous share; the last global batch is split evenly, or, with
+    ``drop_last``, left out whole when it is incomplete."""
     out = []
     global_b = world * batch
     full = n // global_b
@@ -246,7 +247,7 @@ def rank_share(n: int, batch: int, world: int, rank: int) -> tuple[list, int]:
         start = k * global_b + rank * batch
         out.extend(range(start, start + batch))
     rest = n - full * global_b
-    share = rest // world
+    share = 0 if drop_last else rest // world
     start = full * global_b + rank * share
     out.extend(range(start, start + share))
     return out, rest - share * world

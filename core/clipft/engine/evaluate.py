@@ -159,4 +159,4 @@ class Evaluator:
                                        self.features.caption_features if self.has_captions else None,
                                        ks=RUN_RECALL_KS, details=False)
         kept = {c.prefix + m for c in classifiers for m in RUN_CLASSIFICATION_METRICS}
-        return {k: v for k, v in metrics.items() if k in kept or "recall@" in k}
+        return {k: v for k, v in metrics.items() if k in kept or "recall@" in k or k.endswith("_queries")}

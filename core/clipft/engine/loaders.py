@@ -46,17 +46,19 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, share: list | None = None):
         self.n, self.seed, self.skip = n, 0, 0
         self.share = share
+        self.whole = False
 
-    def set_epoch(self, seed: int, skip: int = 0) -> None:
-        self.seed, self.skip = seed, skip
+    def set_epoch(self, seed: int, skip: int = 0, whole: bool = False) -> None:
+        """``whole``: the full permutation, past the share (the tail drop-last leaves out)."""
+        self.seed, self.skip, self.whole = seed, skip, whole
 
     def __len__(self):
-        return max(0, (self.n if self.share is None else len(self.share)) - self.skip)
+        return max(0, (self.n if self.share is None or self.whole else len(self.share)) - self.skip)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(self.n, generator=g).tolist()
-        if self.share is not None:
+        if self.share is not None and not self.whole:
             perm = [perm[i] for i in self.share]
         yield from perm[self.skip:]
 
@@ -72,15 +74,10 @@ def stream_rank_share(n: int) -> int:
 
 class Loaders:
     def __init__(self, bundle, *, batch_size: int, seed: int, device, num_workers: int = 0,
-                 persistent_workers: bool = True, failures: DecodeFailures | None = None, dist=None):
+                 persistent_workers: bool = True, failures: DecodeFailures | None = None, dist=None,
+                 drop_last: bool = False):
         self.bundle = bundle
         self.dist = dist or SINGLE
-        #: this rank's positions in each epoch's permutation (None: all of them)
-        self.share = None
-        self.dropped_per_epoch = 0
-        if self.dist.enabled and not is_iterable(bundle.train):   # a stream shards itself by rank
-            self.share, self.dropped_per_epoch = rank_share(len(bundle.train), batch_size,
-                                                            self.dist.world, self.dist.rank)
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
@@ -89,6 +86,29 @@ class Loaders:
         #: distinct samples dropped as undecodable, across all passes
         self.failures = failures if failures is not None else DecodeFailures()
         self._loaders: dict = {}
+        #: drop-last asked for on a train split smaller than one (global) batch:
+        #: it would leave nothing to train on, so the one short batch trains
+        self.drop_last_waived = False
+        self._split_train(drop_last)
+        if drop_last and self.n_train_batches() == 0 and self.dropped_per_epoch:
+            self.drop_last_waived = True
+            self._split_train(False)
+
+    def _split_train(self, drop_last: bool) -> None:
+        bundle, batch_size = self.bundle, self.batch_size
+        #: each epoch's last incomplete (global) batch is left out of training
+        self.drop_last = drop_last
+        #: this rank's positions in each epoch's permutation (None: all of them)
+        self.share = None
+        #: train samples left out of every epoch, all ranks together
+        self.dropped_per_epoch = 0
+        if is_iterable(bundle.train):   # a stream shards itself by rank, and drops in Batches
+            if drop_last:
+                size, world = bundle.size("train") or 0, self.dist.world
+                self.dropped_per_epoch = size - world * batch_size * (size // world // batch_size)
+        elif self.dist.enabled or drop_last:
+            self.share, self.dropped_per_epoch = rank_share(len(bundle.train), batch_size,
+                                                            self.dist.world, self.dist.rank, drop_last)
 
     def sampler_seed(self, epoch: int) -> int:
         """Seed of the train order in ``epoch`` (a cached epoch replays the same order)."""
@@ -108,9 +128,11 @@ class Loaders:
 
     def n_train_batches(self) -> int:
         """Batches of the train split per epoch on this rank."""
-        if self.share is None:
-            return self.n_batches(self.bundle.train)
-        return -(-len(self.share) // self.batch_size)
+        if self.share is not None:
+            return -(-len(self.share) // self.batch_size)
+        if self.drop_last:   # a stream: its short last batch is dropped
+            return self.length(self.bundle.train) // self.batch_size
+        return self.n_batches(self.bundle.train)
 
     def _loader(self, dataset, train: bool, reuse: bool):
         key = (id(dataset), train)
@@ -128,16 +150,21 @@ class Loaders:
                 self._loaders[key] = loader
         return loader
 
-    def train(self, epoch: int, skip_batches: int = 0) -> Batches:
+    def train(self, epoch: int, skip_batches: int = 0, whole: bool = False) -> Batches:
         """Decoded batches of the train split in ``epoch``'s order, from batch
-        ``skip_batches`` on."""
+        ``skip_batches`` on. ``whole`` (one process): with the samples
+        drop-last leaves out at the end, as batches from position
+        :meth:`n_train_batches` on, for a pass that must see every sample
+        (filling a cache) while training on the epoch's batches."""
         loader = self._loader(self.bundle.train, True, reuse=True)
         if is_iterable(self.bundle.train):
             set_epoch = getattr(self.bundle.train, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(self.sampler_seed(epoch))
-            return Batches(loader, self.failures, id(self.bundle.train), skip=skip_batches)
-        loader.sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
+            return Batches(loader, self.failures, id(self.bundle.train), skip=skip_batches,
+                           limit=self.n_train_batches() if self.drop_last else None)
+        loader.sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size,
+                                 whole=whole and not self.dist.enabled)
         return Batches(loader, self.failures, id(self.bundle.train))
 
     def train_in_order(self) -> Batches:
@@ -154,7 +181,7 @@ class Loaders:
         iterating it makes the same global RNG draw a DataLoader pass makes."""
         sampler = None
         if train:
-            sampler = EpochSampler(n)
+            sampler = EpochSampler(n, self.share)
             sampler.set_epoch(self.sampler_seed(epoch), skip_batches * self.batch_size)
         return torch.utils.data.DataLoader(_Indices(n), batch_size=self.batch_size, sampler=sampler,
                                            shuffle=False, num_workers=0, collate_fn=list)

@@ -374,7 +374,8 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             events.fire("on_step_end", StepView(
                 epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
                 loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
-                samples=seen, seconds=dt, grad_norm=norm))
+                samples=seen, seconds=dt, grad_norm=norm,
+                epoch_loss=state.epoch_loss / state.epoch_seen))
             if state.eval_due:
                 _evaluate_within(t, state, evaluate, events, epoch, i + 1)
                 schedule.done()

@@ -279,11 +279,15 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
 
     autocast = autocast_for(device, precision)
     loaders = Loaders(bundle, batch_size=config.batch_size, seed=config.seed, device=device,
-                      num_workers=config.num_workers, persistent_workers=config.persistent_workers, dist=dist)
+                      num_workers=config.num_workers, persistent_workers=config.persistent_workers, dist=dist,
+                      drop_last=config.resolved_drop_last(loss_spec))
     if dist.enabled and config.cache:
         warnings.append(f"frozen-tower caching is off with {dist.world} processes (each rank would "
                         "replay another order); frozen towers run live")
-    if dist.enabled and loaders.dropped_per_epoch:
+    if loaders.drop_last_waived and training:
+        warnings.append(f"the training split is smaller than one batch ({config.batch_size * dist.world}), so "
+                        "its last incomplete batch is kept (--drop-last would leave nothing to train on)")
+    if dist.enabled and loaders.dropped_per_epoch and not loaders.drop_last:
         warnings.append(f"{loaders.dropped_per_epoch} training sample(s) per epoch do not divide among "
                         f"{dist.world} ranks and are left out of each epoch")
     features = build_features(config, res, assembly, loaded.tokenizer, device, bundle, loaders, autocast,

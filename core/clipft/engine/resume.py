@@ -65,6 +65,10 @@ def resume_config(run_dir: Path, config: Optional[RunConfig], registry, given: O
         raise ClipftUsageError(
             f"only {', '.join(names[:-1])} and {names[-1]} can change when resuming (the run continues "
             f"in its own directory); got {flag(changed[0])}")
+    if config.drop_last is None and "drop_last" not in load_toml(path):
+        # a run from before --drop-last kept every epoch's short last batch: its
+        # checkpoint's position counts those batches, so the resume must too
+        config = attrs.evolve(config, drop_last=False)
     return config
 
 

@@ -207,6 +207,19 @@ def skipped_record(indexed: list, failures) -> dict:
     return out
 
 
+def final_loss(state: LoopState):
+    """The last epoch's mean loss over its micro-batches (the one in progress
+    when a run stopped part-way); None when nothing trained (``--epochs 0``).
+    Not the last micro-batch's loss: under a batch-coupled loss a short last
+    batch gives a value not comparable with the rest."""
+    if not state.samples:
+        return None
+    if state.epoch_seen:
+        return state.epoch_loss / state.epoch_seen
+    losses = [h["train_loss"] for h in state.history if h.get("train_loss") is not None]
+    return losses[-1] if losses else state.last_loss
+
+
 def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     total, trainable = run.param_counts
     history = state.history
@@ -243,7 +256,10 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "seconds": seconds,
             "samples_per_s": samples / seconds if seconds > 0 else 0.0,
             "peak_rss_mb": peak_rss_mb(),
-            "final_loss": state.last_loss if state.samples else None,   # None: nothing trained (--epochs 0)
+            "final_loss": final_loss(state),
+            # each epoch's last incomplete batch left out (--drop-last), and how many samples that is
+            "drop_last": run.loaders.drop_last,
+            "dropped_per_epoch": run.loaders.dropped_per_epoch,
             "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
         },
@@ -294,8 +310,10 @@ def resolved_config(run: PreparedRun) -> RunConfig:
     # a multi-stage run resolves lr and warmup per stage: keep what was given
     lr = run.config.lr if res.stages else run.lr
     warmup = run.config.warmup_steps if res.stages else run.warmup_steps
+    # drop_last made explicit: it sets the batches per epoch, so a repeat or a
+    # resume must not depend on a loss's default changing
     return attrs.evolve(
-        run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup,
+        run.config, pretrained=run.pretrained, lr=lr, warmup_steps=warmup, drop_last=run.loaders.drop_last,
         data=ref(res.data), loss=ref(res.loss), head=ref(res.head) if res.head else None,
         strategies=[ref(s) for s in res.strategies], callbacks=typed_callbacks(run))
 

@@ -172,12 +172,12 @@ def clipft_register_losses(register):
     register(LossSpec(
         name="contrastive",
         summary="CLIP's symmetric image-text InfoNCE with the model's logit scale.",
-        options=ContrastiveOptions, build=Contrastive, needs={NEED_TEXT}))
+        options=ContrastiveOptions, build=Contrastive, needs={NEED_TEXT}, batch_coupled=True))
     register(LossSpec(
         name="siglip",
         summary="SigLIP's pairwise sigmoid loss with the model's logit scale and bias "
                 "(a trainable bias at -10 where the model has none).",
-        options=SigLipOptions, build=_build_siglip, needs={NEED_TEXT}))
+        options=SigLipOptions, build=_build_siglip, needs={NEED_TEXT}, batch_coupled=True))
     register(LossSpec(
         name="cross-entropy",
         summary="Cross-entropy of a classification head's logits against class labels.",

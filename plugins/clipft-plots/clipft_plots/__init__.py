@@ -1,5 +1,6 @@
 """Callback ``plots`` (on by default while installed): at the end of a run,
-``RUN/curves.png``, a grid of panels: train loss against optimizer steps, the
+``RUN/curves.png``, a grid of panels: train loss against optimizer steps (each
+step's loss, and each epoch's mean loss at the epoch's last step), the
 learning rate against steps, then one panel per eval metric against epochs
 (epoch 0 is the evaluation before training; ``recall@k`` metrics of one k share
 a panel). The figure is 4 inches per panel column at 100 dpi, three columns.
@@ -26,9 +27,12 @@ class PlotsOptions:
 
 def panel_groups(metrics: list) -> list:
     """Eval metrics grouped into panels: ``i2t_recall@5``, ``t2i_recall@5`` and
-    ``recall@5`` share one; every other metric gets its own."""
+    ``recall@5`` share one; every other metric gets its own. Counts of
+    retrieval queries (``i2t_queries``) are the same every epoch: they get none."""
     groups: dict = {}
     for m in metrics:
+        if m.endswith("_queries"):
+            continue
         key = m.split("_", 1)[1] if m.startswith(("i2t_", "t2i_")) else m
         groups.setdefault(key, []).append(m)
     return list(groups.items())
@@ -44,6 +48,8 @@ class Plots(Callback):
         import matplotlib  # noqa: F401  (a missing dependency shows at build time)
         self.opts = opts
         self.steps, self.loss, self.lr = [], [], []
+        #: epoch -> (its last optimizer step, its mean train loss)
+        self.epoch_means: dict = {}
         self.evals: dict = {}
         self.file = None
 
@@ -60,6 +66,8 @@ class Plots(Callback):
                 elif row.get("type") == "eval":
                     self._eval(row["epoch"], {k: v for k, v in row.items()
                                               if k not in ("type", "epoch", "train_loss")})
+                    if row.get("train_loss") is not None and self.steps:
+                        self.epoch_means[row["epoch"]] = (self.steps[-1], row["train_loss"])
 
     def _step(self, step, loss, lr):
         self.steps.append(step)
@@ -77,6 +85,9 @@ class Plots(Callback):
     def on_eval(self, ev):
         self._eval(ev.epoch, ev.metrics)
 
+    def on_epoch_end(self, ev):
+        self.epoch_means[ev.epoch] = (ev.step, ev.train_loss)
+
     def on_run_end(self, summary):
         import matplotlib
         matplotlib.use("Agg")
@@ -92,6 +103,10 @@ class Plots(Callback):
             ax.plot(self.steps, ys)
             ax.set_title(title)
             ax.set_xlabel(xlabel)
+        if self.epoch_means:
+            points = sorted(self.epoch_means.values())
+            flat[0].plot([s for s, _ in points], [v for _, v in points], marker="o", label="epoch mean")
+            flat[0].legend(fontsize="small")
         for ax, (title, names) in zip(flat[2:], groups):
             for name in names:
                 points = sorted(self.evals[name].items())

@@ -302,9 +302,15 @@ class CachedFeatures:
         self.cache_stats.note(f"{split.name}_image", f"live ({why})")
 
     # -- filling -----------------------------------------------------------------
-    def _prefix(self, batch: dict) -> torch.Tensor:
+    def _prefix(self, batch: dict, pad_to: int = 0) -> torch.Tensor:
+        images = batch["images"]
+        k = len(images)
+        if k < pad_to:
+            # computed at the full batch's shape, as the batches that will replay
+            # these samples would compute them live (kernels round by shape)
+            images = torch.cat([images, images[:1].expand(pad_to - k, *images.shape[1:])])
         with self.cache_stats.building(), torch.no_grad(), self.live.autocast():
-            values = self.cut.prefix(self.enc.model, batch["images"].to(self.enc.device, non_blocking=True))
+            values = self.cut.prefix(self.enc.model, images.to(self.enc.device, non_blocking=True))[:k]
         self.cache_stats.count("image", misses=len(batch["index"]))
         return values
 
@@ -319,10 +325,10 @@ class CachedFeatures:
         store = self._open(split)
         over = []
 
-        def put(batch: dict):
+        def put(batch: dict, pad_to: int = 0):
             if over:
                 return None
-            values = self._prefix(batch)
+            values = self._prefix(batch, pad_to)
             try:
                 store.put(batch["index"], values, batch["captions"], batch["labels"])
             except StoreTooLarge as exc:
@@ -359,10 +365,14 @@ class CachedFeatures:
     def _fill_while_training(self, split: SplitCache, epoch: int):
         """The live loader's batches, each with its frozen-part values computed
         (on the batch exactly as a live run computes them) and stored."""
+        trained = self.live.loaders.n_train_batches()
         with self._filling(split) as put:
-            for b in self.live.loaders.train(epoch):
-                values = put(b)
-                yield _batch(b) if values is None else _batch(b, values, "cache")
+            # every sample is stored, those --drop-last leaves out of the epoch too
+            for b in self.live.loaders.train(epoch, whole=True):
+                dropped = b["position"] >= trained
+                values = put(b, self.live.loaders.batch_size if dropped else 0)
+                if not dropped:
+                    yield _batch(b) if values is None else _batch(b, values, "cache")
 
     # -- replaying -----------------------------------------------------------------
     def _replay(self, split: SplitCache, store: IndexStore, train: bool, epoch: int = 0, skip_batches: int = 0):

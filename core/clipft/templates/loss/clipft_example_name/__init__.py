@@ -60,4 +60,6 @@ def clipft_register_losses(register):
         options=ExampleNameOptions,
         build=ExampleName,
         needs={NEED_TEXT},
+        # each pair's loss depends on the batch's other pairs: runs drop a short last batch
+        batch_coupled=True,
     ))
