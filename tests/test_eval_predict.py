@@ -52,6 +52,18 @@ def test_eval_batched_as_the_run_reports_the_runs_evaluation_exactly(invoke, run
     assert {k: doc["metrics"][k] for k in after} == after
 
 
+def test_eval_of_a_run_without_data_uses_the_runs_own_data_and_says_so(invoke, runs, tmp_path):
+    res = invoke("eval", runs["head"], "--batch-size", "16", "--json")
+    assert res.exit_code == 0, res.output
+    assert "no --data: evaluating on the run's own data" in res.stderr
+    doc = json.loads(res.stdout)
+    after = runs["head_summary"]["eval"]["after"]
+    assert {k: doc["metrics"][k] for k in after} == after        # the same split, the same numbers
+    # an export or a plain model has no data of its own
+    r = invoke("eval", "--model", "tiny-vit")
+    assert r.exit_code == 2 and "--data is required" in r.stderr
+
+
 def test_eval_metrics_equal_an_independent_computation(invoke, runs):
     """Features through open_clip's own encode_image/encode_text on the same
     images, metrics by plain loops."""
@@ -135,7 +147,7 @@ def test_did_it_forget_eval_on_a_control_set(invoke, runs):
 
 
 def test_eval_errors(invoke, runs, tmp_path, monkeypatch):
-    res = invoke("eval", runs["full"])
+    res = invoke("eval", runs["base"]["export"])             # an export has no data of its own
     assert res.exit_code == 2 and "--data is required" in res.stderr
     res = invoke("eval", tmp_path / "nope", "--data", SMALL_NOVEL)
     assert res.exit_code == 2 and "does not exist" in res.stderr

@@ -373,10 +373,27 @@ def _data_ref(value, flag="--data"):
     return parse_data_ref(value)
 
 
+def _run_data(source, model_name):
+    """Without --data, a run directory is evaluated on its own data (its split,
+    as it trained): the reference its config.toml records, said on stderr."""
+    from clipft.commands.source import KIND_RUN, source_kind
+    from clipft.config import RunConfig, load_toml
+    if not source or model_name or source_kind(Path(source)) != KIND_RUN:
+        raise ClipftUsageError("--data is required (a run directory as SOURCE evaluates on its own data "
+                               "without it), e.g. --data imagefolder:root=./pets")
+    path = Path(source) / "config.toml"
+    ref = RunConfig.from_toml_dict(load_toml(path), where=str(path)).data
+    shown = ",".join(f"{k}={v}" for k, v in ref.options.items())
+    click.echo(f"note: no --data: evaluating on the run's own data ({ref.name}{':' + shown if shown else ''})",
+               err=True)
+    return ref
+
+
 @cli.command("eval")
 @click.argument("source", required=False)
 @source_options
-@click.option("--data", help="Data source to evaluate on, e.g. imagefolder:root=PATH.")
+@click.option("--data", help="Data source to evaluate on, e.g. imagefolder:root=PATH (default for a run "
+                             "directory: the run's own data).")
 @click.option("--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
               help="Which split of --data (a run's own data splits as the run split it).")
 @click.option("--control-data", help="A second data source, to see what was forgotten.")
@@ -395,7 +412,7 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
     from clipft.commands import inference
     from clipft.commands.source import KIND_RUN, load_source
     reg = _registry(ctx)
-    task_ref = _data_ref(data)
+    task_ref = _data_ref(data) if data else _run_data(source, model_name)
     control_ref = _data_ref(control_data, "--control-data") if control_data else None
     tmpl = _templates(templates)
     if wise_ft_plot and not wise_ft_sweep:
