@@ -228,10 +228,6 @@ def default_run_dir(model: str, strategies) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}-{tag}"
 
 
-#: kept for callers of the earlier name; the writer is :func:`clipft.atomic.write_text`
-write_atomic = atomic.write_text
-
-
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

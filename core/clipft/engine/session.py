@@ -18,7 +18,7 @@ from typing import Optional
 import attrs
 import torch
 
-from clipft import __version__
+from clipft import __version__, atomic
 from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
 from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
@@ -342,7 +342,7 @@ def write_split(run: PreparedRun, out_dir: Path) -> None:
     (``DataBundle.split``): the files it chose, so the split can be audited;
     ``config.toml`` has what chooses them again."""
     if run.bundle.split is not None:
-        rundir.write_atomic(out_dir / "data_split.json", json.dumps(run.bundle.split, indent=2) + "\n")
+        atomic.write_text(out_dir / "data_split.json", json.dumps(run.bundle.split, indent=2) + "\n")
 
 
 def config_for_dir(config: RunConfig, out_dir: Path) -> str:
@@ -593,7 +593,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
     dist.barrier()     # the run directory exists before any rank trains
     try:
         if main:
-            rundir.write_atomic(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
+            atomic.write_text(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
             write_split(run, out_dir)
             host, saver = callback_host(run, out_dir, state, progress, checkpoints, callbacks,
                                         warn=getattr(progress, "warn", None), directory=directory)
@@ -638,7 +638,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
     if host.failures:
         summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
     if main:
-        rundir.write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     host.fire("on_run_end", summary)
     if directory is not None:
         directory.record()   # last: callbacks write their files (curves.png) at the end
