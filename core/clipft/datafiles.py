@@ -59,6 +59,22 @@ def scan_class_folders(root: Path, what: str = "imagefolder") -> tuple[list, dic
     return classes, files
 
 
+#: folder names a split layout uses for its validation images, in order of preference
+VAL_FOLDERS = ("val", "valid", "validation")
+
+
+def split_folders(root: Path) -> tuple[Optional[Path], Optional[Path]]:
+    """``(train, val)`` folders of a split layout (``root/train`` beside
+    ``root/val``, ``valid`` or ``validation``), ``(train, None)`` for a train/
+    alone, ``(None, None)`` for plain class folders. A class may not be called
+    "train": a lone train/ among class folders is read as the split it names."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        return None, None
+    val = next((Path(root) / v for v in VAL_FOLDERS if (Path(root) / v).is_dir()), None)
+    return train, val
+
+
 # -- tables of pairs -----------------------------------------------------------------
 def _read_jsonl(path: Path, text: str, what: str) -> tuple[list, list[str]]:
     rows = []

@@ -7,7 +7,7 @@ from typing import Optional
 import attrs
 
 from clipft.data import DataBundle, check_image, resolve_templates
-from clipft.datafiles import scan_class_folders
+from clipft.datafiles import VAL_FOLDERS, scan_class_folders, split_folders
 from clipft.errors import ClipftUsageError
 
 from clipft_data.common import (
@@ -54,27 +54,11 @@ def _items(classes, files, skipped, label_of):
     return items
 
 
-#: folder names a split layout uses for its validation images, in order of preference
-VAL_FOLDERS = ("val", "valid", "validation")
-
-
-def _split_folders(root: Path) -> tuple[Optional[Path], Optional[Path]]:
-    """``(train, val)`` folders of a split layout (``root/train`` beside
-    ``root/val``, ``valid`` or ``validation``), ``(train, None)`` for a train/
-    alone, ``(None, None)`` for plain class folders. A class may not be called
-    "train": a lone train/ among class folders is read as the split it names."""
-    train = root / "train"
-    if not train.is_dir():
-        return None, None
-    val = next((root / v for v in VAL_FOLDERS if (root / v).is_dir()), None)
-    return train, val
-
-
 def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
     root = Path(opts.root).expanduser()
     skipped: list = []
     warnings: list = []
-    train_dir, val_dir = _split_folders(root) if root.is_dir() else (None, None)
+    train_dir, val_dir = split_folders(root) if root.is_dir() else (None, None)
     if val_dir is not None:
         classes, train_files = _scan(train_dir)
         val_classes, val_files = _scan(val_dir)
