@@ -647,26 +647,39 @@ def runs_cmd(ctx, directory, compare, show_all, as_json):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
 @click.option("--shuffle-seed", type=int, help="Shuffle the samples with this seed (default: sorted order).")
-@click.option("--templates", help="Caption templates for an image folder's class prompts (as in --data).")
+@click.option("--templates", help="Caption templates for an image folder's class prompts (as in --data); "
+                                  "with --clip-benchmark also its zero-shot templates.")
 @click.option("--image-column", default="image", show_default=True, help="A table's image column.")
 @click.option("--caption-column", default="caption", show_default=True, help="A table's caption column.")
 @click.option("--label-column", help="A table's class-name column (written as `cls`).")
 @click.option("--overwrite", is_flag=True, help="Replace the shards in a non-empty OUT.")
+@click.option("--clip-benchmark", "clip_benchmark", is_flag=True,
+              help="Write clip_benchmark's wds/ layout: OUT/test/ (the val split; a plain folder or table) "
+                   "and OUT/train/ (FOLDER/train), each 0.tar, ... with nshards.txt, and "
+                   "OUT/classnames.txt with OUT/zeroshot_classification_templates.txt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest on stdout.")
 @guarded
 def shards_cmd(source, out, shard_size, shuffle_seed, templates, image_column, caption_column,
-               label_column, overwrite, as_json):
+               label_column, overwrite, clip_benchmark, as_json):
     """Write WebDataset shards OUT/shard-000000.tar, ... from an image folder (one
     sub-folder per class: image, class-prompt `txt`, class index `cls`) or a
     CSV/TSV/JSONL file of image-caption pairs, with OUT/shards.json (sample
-    counts) and OUT/classnames.txt. Train on them with --data webdataset:urls=OUT."""
+    counts) and OUT/classnames.txt. Train on them with --data webdataset:urls=OUT.
+
+    With --clip-benchmark, OUT is a clip_benchmark dataset root: clipft's val
+    split is its `test` (FOLDER/val, or the whole FOLDER or table) and
+    FOLDER/train its `train`; evaluate an export with `clip_benchmark eval
+    --dataset wds/NAME --dataset_root OUT --model local-dir:EXPORT --output R.json`."""
     from clipft.data import DEFAULT_TEMPLATES
     from clipft.commands.shards import write_shards
     m = write_shards(source, out, shard_size=shard_size, shuffle_seed=shuffle_seed, overwrite=overwrite,
                      templates=_templates(templates) or DEFAULT_TEMPLATES, image_column=image_column,
-                     caption_column=caption_column, label_column=label_column)
+                     caption_column=caption_column, label_column=label_column, clip_benchmark=clip_benchmark)
     if as_json:
         click.echo(json.dumps(m, indent=2))
+        return
+    if clip_benchmark:
+        _report_clip_benchmark(m, shuffle_seed)
         return
     classes = f", {m['classes']} classes" if m["classes"] is not None else ""
     click.echo(f"wrote {len(m['shards'])} shard(s), {m['samples']} samples{classes}, to {m['out']}")
@@ -679,6 +692,20 @@ def shards_cmd(source, out, shard_size, shuffle_seed, templates, image_column, c
         click.echo("note: samples are in class order; shuffle them with --shuffle-seed so that every "
                    "shard (the val one too) holds every class", err=True)
     click.echo(f"train on them: clipft run --data webdataset:urls={m['out']} ...", err=True)   # a hint
+
+
+def _report_clip_benchmark(m, shuffle_seed):
+    from clipft.commands.shards import clip_benchmark_command
+    classes = f", {m['classes']} classes" if m["classes"] is not None else " (retrieval: captions, no labels)"
+    click.echo(f"wrote clip_benchmark's wds layout{classes} to {m['out']}")
+    for split, sm in m["splits"].items():
+        click.echo(f"  {split}/  {len(sm['shards'])} shard(s), {sm['samples']} samples  (from {sm['source']})")
+    if m["skipped"]:
+        click.echo(f"warning: skipped {len(m['skipped'])} unreadable image(s), e.g. "
+                   f"{m['skipped'][0]['path']} ({m['skipped'][0]['reason']})", err=True)
+    if "train" in m["splits"] and shuffle_seed is None and m["captions"] == "class-prompts":
+        click.echo("note: samples are in class order; --shuffle-seed shuffles them", err=True)
+    click.echo(f"evaluate an export: {clip_benchmark_command(m)}", err=True)   # a hint
 
 
 def main():
