@@ -49,6 +49,10 @@ class Recorder(clipft.Callback):
     def on_run_end(self, summary):
         EVENTS.append((self.tag, "run_end", summary["train"]["steps"]))
 
+    def on_run_abort(self, error):
+        EVENTS.append((self.tag, "run_abort", type(error).__name__))
+        raise RuntimeError("reported, never hiding the run's own error")
+
 
 class Boom(clipft.Callback):
     def __init__(self, opts):
@@ -93,8 +97,11 @@ def test_events_in_order_with_views(registry, tmp_path):
         ("checkpoint", 1, "checkpoint", True),
         ("run_end", 2),
     ]
-    # the default-on callback ran too, after the selected one
+    # the default-on callback ran too, before the selected one (which so sees
+    # what the defaults did: mlflow logs the curves.png that plots writes)
     assert [e[1] for e in EVENTS if e[0] == "default"][0] == "run_start"
+    assert [e[:2] for e in EVENTS if e[1] in ("run_start", "run_end")] == [
+        ("default", "run_start"), ("mine", "run_start"), ("default", "run_end"), ("mine", "run_end")]
 
 
 def test_none_turns_the_defaults_off_and_toml_selects(registry, tmp_path):
@@ -123,7 +130,10 @@ def test_a_raising_callback_is_reported_once_and_disabled(registry, tmp_path, ca
 
 def test_a_required_callback_stops_the_run(registry, tmp_path):
     with pytest.raises(ClipftError, match="callback 'boom' failed in on_step_end: ValueError: boom"):
-        go(registry, tmp_path / "r", callbacks=["boom:required=true"])
+        go(registry, tmp_path / "r", callbacks=["boom:required=true", "recorder:tag=mine"])
+    # the others hear why the run ended, instead of on_run_end
+    assert [e[1:] for e in EVENTS if e[0] == "mine" and e[1].startswith("run_")] == [
+        ("run_start", "tiny-vit", ("full",), 1), ("run_abort", "ClipftError")]
     assert json.loads((tmp_path / "r" / ".clipft-run").read_text())["format"] == "clipft-run"
 
 
@@ -136,3 +146,14 @@ def test_callback_options_are_checked(registry, tmp_path, invoke):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     r = invoke("run", "--model", "tiny-vit", "--data", DATA, "--callback", "nope", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "unknown callback 'nope'" in r.stderr
+
+
+def test_an_interrupt_reaches_on_run_abort(registry, tmp_path, monkeypatch):
+    from clipft.engine.loop import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        go(registry, tmp_path / "r", callbacks=["none", "recorder:tag=mine"])
+    assert [e[1:] for e in EVENTS if e[1] in ("run_end", "run_abort")] == [("run_abort", "KeyboardInterrupt")]

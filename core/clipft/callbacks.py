@@ -15,7 +15,12 @@ Events, in order:
 - ``on_eval(EvalView)``: after each evaluation, epoch 0 being the one before training;
 - ``on_epoch_end(EpochView)``;
 - ``on_checkpoint(CheckpointView)``: after a checkpoint was written;
-- ``on_run_end(summary)``: with the dict written to ``summary.json``.
+- ``on_run_end(summary)``: with the dict written to ``summary.json``;
+- ``on_run_abort(error)``: instead of ``on_run_end``, when the run ends with an
+  error or an interrupt after ``on_run_start`` was fired (``error``: the
+  exception it ends with; a :class:`clipft.errors.Interrupted` or a
+  ``KeyboardInterrupt`` for a signal). A failure here is reported, never
+  raised: the run's own error is the one that counts.
 
 A callback can also end the run, add to the summary and keep state across
 ``--resume``:
@@ -223,7 +228,8 @@ class Callback:
     def on_epoch_end(self, epoch: EpochView) -> None: ...
     def on_checkpoint(self, checkpoint: CheckpointView) -> None: ...
     def on_run_end(self, summary: Mapping) -> None: ...
+    def on_run_abort(self, error: BaseException) -> None: ...
 
 
 EVENTS = ("on_run_start", "on_epoch_start", "on_step_end", "on_eval", "on_epoch_end",
-          "on_checkpoint", "on_run_end")
+          "on_checkpoint", "on_run_end", "on_run_abort")

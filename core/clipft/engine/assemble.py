@@ -175,9 +175,12 @@ _TRUE, _FALSE = (True, "true", "1", "yes", "on"), (False, "false", "0", "no", "o
 
 
 def resolve_callbacks(refs, registry) -> list:
-    """The explicitly selected callbacks, then the installed ones that are on
-    by default (unless ``none`` is selected). Every callback takes the option
-    ``required``, which the engine handles; the rest go to its options class."""
+    """The installed callbacks that are on by default (unless ``none`` is
+    selected), then the explicitly selected ones in their order, so that a
+    selected callback sees what the defaults did (``mlflow`` logs the
+    ``curves.png`` that ``plots`` writes at the run's end). Every callback
+    takes the option ``required``, which the engine handles; the rest go to its
+    options class."""
     explicit = [r for r in refs if r.name != "none"]
     if any(r.name == "none" and r.options for r in refs):
         raise ClipftUsageError("callback 'none' takes no options")
@@ -185,6 +188,11 @@ def resolve_callbacks(refs, registry) -> list:
     if len(set(names)) != len(names):
         raise ClipftUsageError(f"callback '{max(names, key=names.count)}' is given twice; give it once")
     out = []
+    if not any(r.name == "none" for r in refs):
+        for name in registry.names("callback"):
+            spec = registry.get("callback", name)
+            if spec.default and name not in names:
+                out.append((spec, build_options("callback", spec, {}), False))
     for ref in explicit:
         options = dict(ref.options)
         raw = options.pop("required", False)
@@ -193,11 +201,6 @@ def resolve_callbacks(refs, registry) -> list:
             raise ClipftUsageError(f"callback '{ref.name}': required must be true or false, got {raw!r}")
         spec = registry.get("callback", ref.name)
         out.append((spec, build_options("callback", spec, options), raw in _TRUE))
-    if not any(r.name == "none" for r in refs):
-        for name in registry.names("callback"):
-            spec = registry.get("callback", name)
-            if spec.default and name not in names:
-                out.append((spec, build_options("callback", spec, {}), False))
     return out
 
 

@@ -58,6 +58,19 @@ class CallbackHost:
                 raise
             return self._failed(e, method, exc)
 
+    def abort(self, error: BaseException) -> None:
+        """``on_run_abort(error)`` to each callback still enabled: the run ends
+        with ``error``. A callback failing here is reported and nothing more,
+        so that ``error`` stays the one the run ends with."""
+        for e in self.entries:
+            fn = None if e.disabled else getattr(e.callback, "on_run_abort", None)
+            if fn is None:
+                continue
+            try:
+                fn(error)
+            except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+                self.warn(f"callback '{e.name}' failed in on_run_abort ({type(exc).__name__}: {exc})")
+
     def _failed(self, e: Entry, method: str, exc: Exception) -> None:
         if e.required:
             raise ClipftError(f"callback '{e.name}' failed in {method}: "

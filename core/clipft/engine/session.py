@@ -591,6 +591,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
             held.append(directory)
             directory.start(overwrite)
     dist.barrier()     # the run directory exists before any rank trains
+    started = None     # the callbacks once on_run_start was fired: they hear of a failure
     try:
         if main:
             atomic.write_text(out_dir / "config.toml", config_for_dir(resolved_config(run), out_dir))
@@ -603,6 +604,7 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
         if directory is not None:   # what callbacks create through view.path is the run's own
             directory.created = view.created
         host.load_states(state.callback_states)
+        started = host
         host.fire("on_run_start", view)
 
         def end():
@@ -627,19 +629,25 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
             # no epoch ends, so no checkpoint was written: save the model as
             # evaluated, so that export, eval and predict work on the run
             saver.save()
-    except BaseException:
+    except BaseException as exc:
         if directory is not None:
             directory.abandon()   # a no-op once the new run has a checkpoint
+        if started is not None:
+            started.abort(exc)
         raise
-    summary = build_summary(run, state, out_dir)
-    sections = host.sections()
-    if sections:
-        summary["callbacks"] = sections
-    if host.failures:
-        summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
-    if main:
-        atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    host.fire("on_run_end", summary)
+    try:
+        summary = build_summary(run, state, out_dir)
+        sections = host.sections()
+        if sections:
+            summary["callbacks"] = sections
+        if host.failures:
+            summary["callbacks_failed"] = [{"name": n, "event": e, "error": err} for n, e, err in host.failures]
+        if main:
+            atomic.write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        host.fire("on_run_end", summary)
+    except BaseException as exc:
+        host.abort(exc)
+        raise
     if directory is not None:
         directory.record()   # last: callbacks write their files (curves.png) at the end
     dist.barrier()     # no rank leaves before rank 0 has written everything
