@@ -188,6 +188,22 @@ def test_tiny_base_checkpoint_is_better_than_chance_and_loads_as_pretrained(tmp_
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)
 
 
+def test_resume_run_changes_what_the_command_line_may_and_refuses_the_rest(tmp_path, invoke):
+    summary = testing.run_plugin(None, steps=2, tmp_path=tmp_path)     # logit-scale: installed plugins
+    with pytest.raises(clipft.ClipftUsageError, match=r"can change when resuming .*; got --lr$") as refused:
+        testing.resume_run(summary, lr=0.5)
+    r = invoke("run", "--resume", summary["run_dir"], "--lr", "0.5")
+    assert r.exit_code == 2 and str(refused.value) in r.stderr          # the command line's words
+    with pytest.raises(TypeError, match="'lrr'"):
+        testing.resume_run(summary, lrr=0.5)
+    # epochs may change: the run goes on in its own directory, from its checkpoint
+    more = testing.resume_run(summary["run_dir"], epochs=2)
+    assert more["run_dir"] == summary["run_dir"] and more["train"]["epochs"] == 2
+    assert more["train"]["steps"] == 4 and [h["epoch"] for h in more["eval"]["history"]] == [0, 1, 2]
+    trained = testing.load_trained(summary["run_dir"]).model
+    assert testing.assert_only_selected_changed(testing.initial_state(summary), trained, ["logit_scale"])
+
+
 # -- clipft new -------------------------------------------------------------------------
 @pytest.mark.parametrize("args,needle", [
     (["bogus", "x"], "unknown kind 'bogus'; use one of strategy, loss, head, data, callback"),
@@ -258,6 +274,22 @@ def test_new_writes_a_distribution_whose_hook_registers_the_spec(kind, tmp_path,
         spec.options()  # every option has a default
     finally:
         sys.modules.pop(pkg, None)
+
+
+#: what a template may hold that writing it must replace: the placeholder's
+#: spellings, the common files' @field@s and string.Template/format-style names
+LEFTOVER = re.compile(r"example[-_]name|ExampleName|@\w+@|\$\{?\w+|\{\{|\{(name|kind|summary|usage)\}")
+
+
+@pytest.mark.parametrize("kind", kinds.kind_names())
+def test_new_leaves_no_placeholder_in_any_file(kind):
+    files = files_for(kind, "zz-top")
+    assert files
+    for path, text in files.items():
+        assert not LEFTOVER.search(path), path
+        hit = LEFTOVER.search(text)
+        assert hit is None, f"{kind} {path}: {text[max(0, hit.start() - 40):hit.end() + 20]!r}"
+        assert "zz-top" in text or "zz_top" in text or "ZzTop" in text, path
 
 
 def test_files_for_every_kind_differ_only_where_the_kind_does():

@@ -4,10 +4,11 @@ Every registration hook (``clipft.hookspecs``), every field of each kind's spec
 class (``clipft.kinds.KINDS``), every public member of the protocols
 (``Strategy``, ``StrategyModifier``, ``InsertedModule``, ``ClassTextEncoder``,
 ``Callback``), every field of the callback views, ``BuildContext``,
-``DataContext``, ``DataBundle`` and ``ForwardRecord``, and every CLI command must
-appear in code (backticks or a fenced block) in ``README.md`` or ``docs/*.md``.
-A class member counts as documented where a section (the text under one heading)
-names both the class and the member, or where ``Class.member`` is written out.
+``DataContext``, ``DataBundle`` and ``ForwardRecord``, every CLI command and
+every name in ``clipft.testing.__all__`` must appear in code (backticks or a
+fenced block) in ``README.md`` or ``docs/*.md``. A class member counts as
+documented where a section (the text under one heading) names both the class
+and the member, or where ``Class.member`` is written out.
 
 Run ``python tests/test_docs.py`` to print the number of items checked.
 Also here: relative links resolve, and the worked example in docs/plugins.md runs.
@@ -129,7 +130,7 @@ def command_items(group) -> list[Item]:
 
 def all_items() -> list[Item]:
     import clipft
-    from clipft import callbacks, cli, context, data, hookspecs, kinds, protocols, record
+    from clipft import callbacks, cli, context, data, hookspecs, kinds, protocols, record, testing
 
     items = hook_items(hookspecs)
     items += spec_items(kinds.KINDS)
@@ -143,6 +144,7 @@ def all_items() -> list[Item]:
     items += [Item("enters value", None, v) for v in protocols.ENTERS]
     items += [Item("slot", None, v) for v in protocols.SLOTS.values()]
     items += [Item("public name", None, n) for n in clipft.__all__]
+    items += [Item("testing helper", None, n) for n in testing.__all__]
     return items
 
 
@@ -183,6 +185,7 @@ def test_each_category_is_collected():
             ("StrategyModifier", "role"), ("ClassTextEncoder", "enters")} <= {
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("StepView", "samples_per_s") in {(i.owner, i.name) for i in all_items()}
+    assert {"checkpoint_tensors", "resume_run"} <= {i.name for i in all_items() if i.category == "testing helper"}
 
 
 def test_made_up_names_are_reported_missing():

@@ -23,6 +23,8 @@ Names:
   well above chance), exported; pass its ``weights`` as ``pretrained=``;
 - :func:`plugin_registry`: the installed plugins plus yours, registered in-process;
 - :func:`run_plugin`: a short in-process run with your plugin; the summary;
+- :func:`resume_run`: resume a run, changing some settings, as ``clipft run
+  --resume`` does (the same settings may change; the others are refused alike);
 - :func:`initial_state`, :func:`load_trained`, :func:`checkpoint_tensors`: the
   model a run started from, the model it trained (rebuilt from its directory),
   and the tensors its checkpoint holds;
@@ -45,6 +47,7 @@ __all__ = [
     "tiny_base_checkpoint",
     "plugin_registry",
     "run_plugin",
+    "resume_run",
     "initial_state",
     "load_trained",
     "checkpoint_tensors",
@@ -193,6 +196,30 @@ def run_plugin(plugin, *, strategy=None, loss=None, head=None, data=None, callba
         raise AssertionError(f"the run took {summary['train']['steps']} optimizer steps, not "
                              f"{steps} per epoch x {epochs} epochs (size your data to match)")
     return summary
+
+
+def resume_run(run, plugin=None, *, registry=None, **changed) -> dict:
+    """Resume a run in its own directory, as ``clipft run --resume RUN_DIR`` with
+    ``changed`` as its flags, and return the summary. ``run`` is a run directory
+    or :func:`run_plugin`'s summary; ``plugin`` and ``registry`` as for
+    :func:`run_plugin`; ``changed``: :class:`clipft.config.RunConfig` fields,
+    e.g. ``epochs=2`` to train on. What may change is the command line's rule
+    (``clipft.engine.resume.RESUMABLE``): anything else raises the same
+    :class:`clipft.ClipftUsageError`."""
+    from clipft.config import RunConfig
+    from clipft.engine.session import execute
+    from clipft.progress import Silent
+
+    run_dir = _run_dir(run)
+    # as the command line: the saved config with the flags on top (none saved:
+    # the resume itself says the directory is no run)
+    cfg = _run_config(run_dir) if (run_dir / "config.toml").is_file() else RunConfig()
+    for name, value in changed.items():
+        if not hasattr(cfg, name):
+            raise TypeError(f"resume_run() got {name!r}, which is no clipft.config.RunConfig field")
+        setattr(cfg, name, value)   # runs the field's converter and validator
+    reg = registry if registry is not None else plugin_registry(plugin)
+    return execute(cfg, reg, Silent(), resume=run_dir, given=list(changed))
 
 
 def _run_dir(run) -> Path:

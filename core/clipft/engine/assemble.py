@@ -272,9 +272,31 @@ def assemble(model, *, model_name: str, tokenizer, device, strategies, head=None
         head_spec, head_opts = head
         head_module = head_spec.build(head_opts, ctx)
         head_module.to(device)
+        if classnames:
+            check_head_width(head_module, head_spec.name, len(classnames))
     return Assembly(model=model, ctx=ctx, strategies=built, selections=selections,
                     head=head_module, base_shapes=base_shapes, earlier_keys=frozenset(earlier_keys),
                     earlier=earlier)
+
+
+def check_head_width(head: torch.nn.Module, name: str, n_classes: int) -> None:
+    """A head's logits have one column per class: checked on its first forward
+    (training, evaluation or fitting, whichever comes first), so a head of the
+    wrong width fails by name rather than deep in the loss or the metrics. The
+    check is a forward hook that removes itself once it has passed."""
+
+    def check(module, args, out):
+        width = out.shape[-1] if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+        if width != n_classes:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            rows = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else "N"
+            raise ClipftError(
+                f"head '{name}' returned logits of shape {got} for {rows} image features; expected "
+                f"({rows}, {n_classes}): one column for each of the {n_classes} classes in the ctx.classnames "
+                "its build received")
+        handle.remove()
+
+    handle = head.register_forward_hook(check)
 
 
 def live_towers(assembly: Assembly) -> set:

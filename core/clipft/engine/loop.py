@@ -5,8 +5,10 @@ checkpoints, plugins) turn into output."""
 from __future__ import annotations
 
 import contextlib
+import linecache
 import math
 import time
+import traceback
 from typing import Callable, Optional
 
 import attrs
@@ -16,6 +18,7 @@ from clipft.callbacks import EpochView, EvalView, StepView
 from clipft.engine.compose import freeze_frozen_norm_stats
 from clipft.errors import ClipftError
 from clipft.record import ForwardRecord, caption_ids
+from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay below 100
 
@@ -125,12 +128,49 @@ def clip_gradients(params: list, max_norm: float) -> Optional[float]:
     return None
 
 
-def loss_total(out):
+#: the ForwardRecord fields that are None unless the loss declares the need
+#: (``LossSpec.needs``) that fills them
+FIELD_NEEDS = {"text_features": NEED_TEXT, "labels": NEED_LABELS, "logits": NEED_HEAD}
+
+
+def loss_total(out, name: str = "?"):
+    """``(total, terms)`` of what loss ``name`` returned: a tensor, or a dict
+    with the tensor under ``total`` and other terms to log."""
     if isinstance(out, dict):
         if "total" not in out:
-            raise ClipftError("a loss returned a dict without a 'total' entry")
+            raise ClipftError(
+                f"loss '{name}' returned a dict without a 'total' entry (its keys: "
+                f"{', '.join(repr(k) for k in out) or 'none'}); put the value to minimise under 'total'")
         return out["total"], {k: float(v.detach() if hasattr(v, "detach") else v) for k, v in out.items() if k != "total"}
     return out, {}
+
+
+def call_loss(loss, record: ForwardRecord, name: str = "?", needs=frozenset()) -> tuple:
+    """``(total, terms)`` of ``loss(record)``. A loss that reads a record field
+    it did not declare in ``LossSpec.needs`` finds None there and fails deep in
+    its own code; that failure is reported naming the loss, the field and the need."""
+    try:
+        out = loss(record)
+    except (AttributeError, TypeError) as exc:
+        unset = [(f, n) for f, n in FIELD_NEEDS.items() if n not in needs and getattr(record, f) is None]
+        if not unset or "NoneType" not in str(exc):
+            raise
+        read = _named_in_traceback(exc, unset)
+        fields = " or ".join(f"ForwardRecord.{f}" for f, _ in read or unset)
+        declare = " / ".join(repr(n) for _, n in read or unset)
+        raise ClipftError(
+            f"loss '{name}' failed ({type(exc).__name__}: {exc}): "
+            + (f"it reads {fields}, which is None unless the loss declares it; add {declare} to its "
+               if read else f"if it reads {fields} (None unless the loss declares it), add {declare} to its ")
+            + "LossSpec(needs=...)") from exc
+    return loss_total(out, name)
+
+
+def _named_in_traceback(exc: BaseException, fields: list) -> list:
+    """The ``(field, need)`` of ``fields`` named on the source lines of ``exc``'s traceback."""
+    lines = " ".join(linecache.getline(frame.f_code.co_filename, line)
+                     for frame, line in traceback.walk_tb(exc.__traceback__))
+    return [f for f in fields if f[0] in lines]
 
 
 def train_forward(features, head, batch, needs_text: bool) -> tuple:
@@ -180,6 +220,13 @@ class Trainer:
     inserted: list = attrs.field(factory=list)
     #: the loaders' DecodeFailures: what an epoch that trained on nothing reports
     failures: object = None
+    #: the loss's registered name and its ``LossSpec.needs``, for its errors
+    loss_name: str = "?"
+    loss_needs: frozenset = frozenset()
+
+    def loss_of(self, record: ForwardRecord) -> tuple:
+        """``(total, terms)`` of the loss on ``record``."""
+        return call_loss(self.loss, record, self.loss_name, self.loss_needs)
 
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
@@ -331,7 +378,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             will_step = pending + 1 == t.grad_accum or i + 1 == n_batches
             with t.sync(will_step):
                 with t.autocast():
-                    total, terms = loss_total(t.loss(t.record(batch)))
+                    total, terms = t.loss_of(t.record(batch))
                 # the logged loss is every rank's mean, and every rank agrees on finiteness
                 value, seen = t.reduce_step(float(total.detach()), len(batch))
                 if math.isfinite(value):

@@ -34,7 +34,6 @@ from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_prec
                                 grad_scaler, set_tf32)
 from clipft.engine import distributed
 from clipft.engine.features import _batch
-from clipft.engine.loop import loss_total
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
@@ -332,7 +331,8 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         params=[p for g in groups for _, p in g.params], autocast=autocast, device=device,
         needs_text=needs_text, grad_accum=config.grad_accum,
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
-        inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures)
+        inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
+        loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)
@@ -359,7 +359,7 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module,
             batch = _batch(first)
             with trainer.autocast():
                 img, txt, logits = fwd(batch)
-                loss = loss_total(trainer.loss(trainer.record_from(batch, img, txt, logits, gather=False)))[0]
+                loss = trainer.loss_of(trainer.record_from(batch, img, txt, logits, gather=False))[0]
             unused = distributed.unused_trained_params(loss, trainer.params)
             del loss, img, txt, logits
     dev = trainer.device
