@@ -120,7 +120,7 @@ def test_lp_ft_reports_it_for_the_fine_tune_stage_only(invoke):
     probe, tune = p["stages"]
     assert probe["params"]["unused_trainable"] is None
     assert tune["params"]["unused_trainable"]["params"] == _text_count()[0]
-    assert tune["notes"] and "text tower" in tune["notes"][0]
+    assert tune["notes"] and "have the stage train freeze-text in place of full" in tune["notes"][0]
 
 
 def test_a_checkpoint_whose_optimizer_trained_other_tensors_does_not_resume(invoke, tmp_path):

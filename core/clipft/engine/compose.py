@@ -225,7 +225,8 @@ def text_side(model: torch.nn.Module) -> tuple:
     return tuple(n for n, _ in model.named_parameters() if n in tower or n.startswith(slots))
 
 
-def unused_trained(model: torch.nn.Module, loss_spec, head_spec=None, strategies=()) -> Optional[UnusedTrained]:
+def unused_trained(model: torch.nn.Module, loss_spec, head_spec=None, strategies=(),
+                   staged: bool = False) -> Optional[UnusedTrained]:
     """The trained text side when the training forward never encodes text: the
     loss needs no paired text (:data:`~clipft.specs.NEED_TEXT`, which is also
     what sends labelled batches through a class-prompt encoder), and no head
@@ -234,7 +235,8 @@ def unused_trained(model: torch.nn.Module, loss_spec, head_spec=None, strategies
     anything runs, so ``clipft plan`` and ``clipft run`` agree; it names the
     tensors DDP's first-batch probe would find unused on the text side.
     Evaluation encodes text too, but without gradients: that is not training.
-    The image tower runs in every training forward, so it is never unused."""
+    The image tower runs in every training forward, so it is never unused.
+    ``strategies`` (names) and ``staged`` (a stage of a multi-stage run) shape the fix."""
     needs = loss_spec.needs
     if NEED_TEXT in needs:
         return None
@@ -249,7 +251,7 @@ def unused_trained(model: torch.nn.Module, loss_spec, head_spec=None, strategies
             else f"loss '{loss_spec.name}' does not use head '{head_spec.name}'" if head_spec is not None
             else "there is no head")
     if "full" in strategies:
-        fix = "To say so, use --strategy freeze-text in place of full"
+        fix = f"To say so, {'have the stage train' if staged else 'use --strategy'} freeze-text in place of full"
     else:
         fix = "To say so, leave it out of the strategies (tower=vision where a strategy takes it)"
     fix += "; to train it, use a loss that needs text (--loss contrastive) or --head text"

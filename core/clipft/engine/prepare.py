@@ -265,7 +265,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         head_trains = False
     # one decision, from the specs, for plan and run alike (stage by stage)
     unused = unused_trained(assembly.model, loss_spec, res.head[0] if res.head else None,
-                            [s.name for s, _ in strategies])
+                            [s.name for s, _ in strategies], staged=st is not None)
     selections = drop_unused(assembly.model, assembly.selections, unused)
     lr = _default_lr(res, config, strategies, st)
     groups = build_groups(selections, lr, config.weight_decay, head if head_trains else None, loss)
