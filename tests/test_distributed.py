@@ -176,16 +176,19 @@ def test_a_rank_that_fails_takes_the_job_down_with_its_error(tmp_path):
 
 
 def test_a_trained_tower_the_loss_never_reaches_does_not_stall_ddp(tmp_path):
-    """``full`` under cross-entropy through a head: the text tower trains but the
-    loss never encodes text, the case that raises DDP's "Expected to have
+    """``full`` under cross-entropy through a head: ``logit_scale`` trains but the
+    loss never reaches it, the case that raises DDP's "Expected to have
     finished reduction" unless unused parameters are looked for. The probe finds
-    them, and 3 odd samples (35 over 2 ranks x 8) are dropped evenly."""
+    it (the text tower, which nothing uses either, is left frozen before DDP
+    wraps anything), and 3 odd samples (35 over 2 ranks x 8) are dropped evenly."""
     r = torchrun("run", *COMMON, "--data", "shapes:n=35,val_n=8", "--epochs", "1", "--strategy", "full",
                  "--head", "linear", "--loss", "cross-entropy", "--batch-size", "8", "--out", tmp_path / "run",
                  "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    d = json.loads(r.stdout)["distributed"]
-    assert d["unused_trained_tensors"] > 0 and d["dropped_per_epoch"] == 1
+    s = json.loads(r.stdout)
+    d = s["distributed"]
+    assert d["unused_trained_tensors"] == 1 and d["dropped_per_epoch"] == 1
+    assert s["params"]["unused_trainable"]["tower"] == "text"
     assert "left out of each epoch" in r.stderr
 
 

@@ -36,7 +36,11 @@ def test_stage_one_trains_only_the_head_and_stage_two_what_then_says(invoke, the
     assert {g["name"] for g in probe["groups"]} == {"head", "head/no_decay"}
     alone = plan(invoke, "--strategy", then)           # what `then` trains on its own
     assert (tune["name"], tune["first_epoch"], tune["last_epoch"]) == ("fine-tune", 2, 3)
-    assert tune["params"]["trainable"] == alone["params"]["trainable"] + head
+    # under cross-entropy through a linear head nothing uses the text side `then`
+    # selects: it is left frozen, and said so (issue 22)
+    text = alone["params"]["by_part"]["text"]["trainable"]
+    assert text > 0 and tune["params"]["unused_trainable"]["params"] == text
+    assert tune["params"]["trainable"] == alone["params"]["trainable"] - text + head
     assert tune["strategies"] == [then.split(":")[0]] and tune["lr"] == alone["lr"]
     assert p["params"]["trainable"] == head            # the plan's top level is the first stage
 

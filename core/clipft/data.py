@@ -49,8 +49,10 @@ class DataBundle:
     skipped: list = attrs.field(factory=list)
     description: str = ""
     #: how the training split was chosen, when it is a sample (few-shot):
-    #: ``{"shots": K, "shots_seed": s, "train": [paths...]}``; the engine writes
-    #: it to ``RUN/data_split.json`` so the split can be audited
+    #: ``{"shots": K, "shots_seed": s, "train": [paths...]}``, and how the val
+    #: split was, when the data named it (``{"val_split": {"by": "val_file", ...}}``);
+    #: the engine writes it to ``RUN/data_split.json`` so the split can be audited,
+    #: and ``shots`` and ``val_split`` to ``summary.json``'s ``data``
     split: Optional[dict] = None
     #: messages for the user, shown when the run starts (a class taken whole
     #: because it has fewer images than ``shots``)

@@ -184,6 +184,18 @@ def read_pairs(path, image_column: str = "image", caption_column: str = "caption
     return pairs
 
 
+def read_column(path, column: str, what: str = "captions") -> list[tuple[int, str]]:
+    """``(line, value)`` of ``column`` for every row of a CSV, TSV or JSONL
+    file, in the order :func:`read_pairs` gives its rows; a missing column or
+    value is a usage error naming it (and the line)."""
+    path = Path(path).expanduser()
+    rows, cols = read_rows(path, what)
+    if column not in cols:
+        raise ClipftUsageError(f"{what}: {path} has no column '{column}'. Columns: {', '.join(cols) or '(none)'}.")
+    jsonl = path.suffix.lower() == ".jsonl"
+    return [(line, _value(path, line, r, column, jsonl, False, what)) for line, r in rows]
+
+
 def _lines(lines: list) -> str:
     shown = ", ".join(str(n) for n in lines[:5])
     return f"line {shown}" if len(lines) == 1 else f"lines {shown}" + (", ..." if len(lines) > 5 else "")

@@ -62,6 +62,12 @@ class HeadSpec:
     #: its zero-shot endpoint: WiSE-FT can interpolate it. A randomly
     #: initialised head (``linear``) cannot be interpolated.
     zero_shot_init: bool = False
+    #: whether the head's forward encodes text through the live model (the
+    #: ``text`` head: gradients reach the text side). False: it never touches
+    #: the text tower after it is built (``linear``; ``zero-shot`` encodes its
+    #: class prompts once, at build time). None (unknown) is taken as "may",
+    #: so the engine never calls a run's trained text side unused because of it.
+    encodes_text: Optional[bool] = None
 
 
 @attrs.frozen

@@ -73,7 +73,9 @@ def make_plan(config, registry) -> dict:
                 config, prepare(config, registry, build_optimizer=False, stage=k, resolved=res))
             plan["stages"].append({"name": st.name, "first_epoch": st.start + 1, "last_epoch": st.end,
                                    "strategies": [s.name for s, _ in st.strategies], "lr": one["lr"],
-                                   "params": {"trainable": one["params"]["trainable"]},
+                                   "params": {"trainable": one["params"]["trainable"],
+                                              "unused_trainable": one["params"]["unused_trainable"]},
+                                   "notes": one["notes"],
                                    "groups": one["groups"]})
     return plan
 
@@ -105,7 +107,9 @@ def _plan_one(config, run) -> dict:
         "params": {"total": total, "trainable": trainable,
                    "trainable_percent": 100.0 * trainable / total if total else 0.0,
                    "trainable_tensors": len(trainable_params),
-                   "by_part": anatomy["parts"]},
+                   "by_part": anatomy["parts"],
+                   "unused_trainable": run.unused.record() if run.unused is not None else None},
+        "notes": [run.unused.message()] if run.unused is not None else [],
         "towers": anatomy["towers"],
         "groups": groups,
         "batches": {"batch_size": config.batch_size, "per_epoch": run.loaders.n_train_batches(),
@@ -172,8 +176,13 @@ def render_plan(p: dict, console) -> None:
         f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "
         f"{_mib(m['optimizer_state_bytes'])} + gradients {_mib(m['gradient_bytes'])} "
         f"(weights {_mib(m['weight_bytes'])}; activations not included)")
-    for i, st in enumerate(p.get("stages") or ()):
+    stages = p.get("stages") or ()
+    for note in p["notes"] if not stages else ():
+        console.print(f"note: {note}", markup=False)
+    for i, st in enumerate(stages):
         groups = ", ".join(f"{g['name']} {g['params']:,}" for g in st["groups"])
         console.print(f"stage {i + 1} '{st['name']}' (epochs {st['first_epoch']}-{st['last_epoch']}, "
                       f"lr {st['lr']:.2e}, {' + '.join(st['strategies']) or 'head only'}): "
                       f"trains {st['params']['trainable']:,} ({groups})")
+        for note in st["notes"]:
+            console.print(f"  note: {note}", markup=False)

@@ -218,6 +218,20 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"scalars": meta, "param_groups": groups}
 
 
+def _check_groups(optimizer, saved_groups: list, folder: Path) -> None:
+    """The checkpoint's optimizer groups hold as many tensors as this run's, or
+    a usage error that shows both (torch's own error names neither)."""
+    saved = [len(g["params"]) for g in saved_groups]
+    if saved == [len(g["params"]) for g in optimizer.param_groups]:
+        return
+    def show(groups):
+        return ", ".join(f"{g.get('name', i)} {len(g['params'])}" for i, g in enumerate(groups))
+    raise ClipftUsageError(
+        f"{folder}'s optimizer trained other tensors than this run would (groups: {show(saved_groups)}; "
+        f"this run: {show(optimizer.param_groups)}), so it cannot resume (a run started with a clipft "
+        "that still trained text towers nothing used, say); evaluate or export it as it is, or start it again")
+
+
 def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
     for key, v in tensors.items():
@@ -394,6 +408,7 @@ class Checkpointer:
         state = self.restore_weights(folder)
         rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
+        _check_groups(self.optimizer, state["optimizer"]["param_groups"], folder)
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])

@@ -14,15 +14,20 @@ Rules (also in docs/strategies.md):
   what another one keeps frozen (:meth:`clipft.Strategy.keeps_frozen`), and a
   strategy that replaces parameters an earlier one already selected (list the
   replacing strategy, e.g. ``reproject``, first).
+- A selected text side that nothing in the training forward uses
+  (:func:`unused_trained`) is left frozen and reported, not trained in vain.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import attrs
 import torch
 
+from clipft.anatomy import describe
 from clipft.errors import ClipftError, ClipftUsageError
-from clipft.protocols import MODIFIER, SELECTOR, Strategy
-from clipft.specs import Selection
+from clipft.protocols import ENTERS_CLASS_TEXT, ENTERS_TEXT_EMBEDDING, MODIFIER, SELECTOR, SLOTS, Strategy
+from clipft.specs import NEED_HEAD, NEED_TEXT, Selection
 
 NO_DECAY_MARKERS = ("bias", "logit_scale", "logit_bias", "ln_", ".ln", "bn", "norm",
                     "class_embedding", "positional_embedding")
@@ -183,3 +188,89 @@ def freeze_frozen_norm_stats(model: torch.nn.Module) -> None:
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             if not any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.eval()
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 100_000 else f"{n:,}"
+
+
+@attrs.frozen
+class UnusedTrained:
+    """Selected parameters that nothing in the training forward uses."""
+
+    tower: str
+    #: their qualified names, in model order
+    names: tuple
+    params: int
+    #: why nothing uses them, and what to do about it (for messages)
+    why: str
+    fix: str
+
+    def message(self) -> str:
+        return (f"the {self.tower} tower ({_count(self.params)} parameters) is selected to train, but nothing "
+                f"in training uses it ({self.why}); it is left frozen and out of the trainable count. {self.fix}")
+
+    def record(self) -> dict:
+        """What ``summary.json`` and ``clipft plan`` keep of it."""
+        return {"tower": self.tower, "params": self.params, "tensors": len(self.names), "why": self.why}
+
+
+def text_side(model: torch.nn.Module) -> tuple:
+    """Names of the parameters that only ever act on text: the text tower
+    (with what strategies inserted inside it) and the modules in the class-text
+    and text-embedding slots."""
+    anatomy = describe(model)
+    slots = tuple(f"{SLOTS[s]}." for s in (ENTERS_CLASS_TEXT, ENTERS_TEXT_EMBEDDING))
+    tower = set(anatomy.text.names if anatomy.text is not None else ())
+    return tuple(n for n, _ in model.named_parameters() if n in tower or n.startswith(slots))
+
+
+def unused_trained(model: torch.nn.Module, loss_spec, head_spec=None, strategies=(),
+                   staged: bool = False) -> Optional[UnusedTrained]:
+    """The trained text side when the training forward never encodes text: the
+    loss needs no paired text (:data:`~clipft.specs.NEED_TEXT`, which is also
+    what sends labelled batches through a class-prompt encoder), and no head
+    that encodes text (:attr:`~clipft.specs.HeadSpec.encodes_text`, unknown
+    counting as yes) reaches the loss. Decided from the specs alone, before
+    anything runs, so ``clipft plan`` and ``clipft run`` agree; it names the
+    tensors DDP's first-batch probe would find unused on the text side.
+    Evaluation encodes text too, but without gradients: that is not training.
+    The image tower runs in every training forward, so it is never unused.
+    ``strategies`` (names) and ``staged`` (a stage of a multi-stage run) shape the fix."""
+    needs = loss_spec.needs
+    if NEED_TEXT in needs:
+        return None
+    head_encodes = head_spec is not None and head_spec.encodes_text is not False
+    if head_encodes and NEED_HEAD in needs:
+        return None
+    params = dict(model.named_parameters())
+    names = tuple(n for n in text_side(model) if params[n].requires_grad)
+    if not names:
+        return None
+    head = (f"head '{head_spec.name}' does not encode text" if head_spec is not None and not head_encodes
+            else f"loss '{loss_spec.name}' does not use head '{head_spec.name}'" if head_spec is not None
+            else "there is no head")
+    if "full" in strategies:
+        fix = f"To say so, {'have the stage train' if staged else 'use --strategy'} freeze-text in place of full"
+    else:
+        fix = "To say so, leave it out of the strategies (tower=vision where a strategy takes it)"
+    fix += "; to train it, use a loss that needs text (--loss contrastive) or --head text"
+    return UnusedTrained(tower="text", names=names, params=sum(params[n].numel() for n in names),
+                         why=f"loss '{loss_spec.name}' needs no text and {head}", fix=fix)
+
+
+def drop_unused(model: torch.nn.Module, selections: list, unused: Optional[UnusedTrained]) -> list:
+    """``selections`` without the ``unused`` parameters, which are frozen: no
+    gradient, no optimizer state, no weight decay, not in the trainable count."""
+    if unused is None:
+        return selections
+    params = dict(model.named_parameters())
+    drop = {id(params[n]) for n in unused.names}
+    for n in unused.names:
+        params[n].requires_grad_(False)
+    out = []
+    for sel in selections:
+        keep = [(n, p) for n, p in sel.params if id(p) not in drop]
+        if keep:
+            out.append(attrs.evolve(sel, params=keep))
+    return out

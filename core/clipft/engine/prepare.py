@@ -23,7 +23,7 @@ from clipft.engine.assemble import Assembly, Resolved, assemble, live_towers, pi
 from clipft.engine.cache.plan import plan_cache
 from clipft.engine.cache.provider import Where, cached_features
 from clipft.engine.cache.store import memory_budget_bytes
-from clipft.engine.compose import build_groups
+from clipft.engine.compose import build_groups, drop_unused, unused_trained
 from clipft.engine.evaluate import Evaluator
 from clipft.engine.features import Encoders, LiveFeatures
 from clipft.engine.fit import fit_to_train_split, fitters
@@ -98,6 +98,9 @@ class PreparedRun:
     #: a multi-stage run: the index of the stage this run was prepared for
     #: (``resolved.stages[stage]``); 0 for an ordinary run
     stage: int = 0
+    #: the selected parameters nothing in training uses, left frozen
+    #: (:class:`~clipft.engine.compose.UnusedTrained`), or None
+    unused: object = None
 
     @property
     def stage_spec(self):
@@ -259,8 +262,16 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         warnings.append(msg + " (it is only evaluated)")
         head.requires_grad_(False)
         head_trains = False
+    # one decision, from the specs, for plan and run alike (stage by stage)
+    unused = unused_trained(assembly.model, loss_spec, res.head[0] if res.head else None,
+                            [s.name for s, _ in strategies], staged=st is not None)
+    selections = drop_unused(assembly.model, assembly.selections, unused)
     lr = _default_lr(res, config, strategies, st)
-    groups = build_groups(assembly.selections, lr, config.weight_decay, head if head_trains else None, loss)
+    groups = build_groups(selections, lr, config.weight_decay, head if head_trains else None, loss)
+    if unused is not None and training:
+        if not groups:
+            raise ClipftUsageError(f"{where}nothing would train: {unused.message()}")
+        warnings.append(where + unused.message())
     if training and groups and all(g.lr == 0 for g in groups):
         warnings.append(f"{where}the learning rate is 0: training runs, but no weight will change")
     if not groups and training:
@@ -313,7 +324,8 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
                        tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
                        loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
                        evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
-                       precision=precision, dist=dist, stage=stage, fit=fitted, training=training)
+                       precision=precision, dist=dist, stage=stage, fit=fitted, training=training,
+                       unused=unused)
 
 
 def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,

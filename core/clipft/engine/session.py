@@ -186,8 +186,14 @@ def stage_record(run: PreparedRun) -> dict:
     return {"name": st.name, "epochs": st.epochs, "first_epoch": st.start + 1, "last_epoch": st.end,
             "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in st.strategies],
             "head_trains": head, "lr": run.lr, "steps": run.total_steps,
-            "params": {"total": total, "trainable": trainable, "groups": group_rows(run)},
+            "params": {"total": total, "trainable": trainable, "groups": group_rows(run),
+                       "unused_trainable": unused_record(run)},
             "cache": run.features.stats or None}
+
+
+def unused_record(run: PreparedRun):
+    """What the strategies selected but nothing in training uses (left frozen), or None."""
+    return run.unused.record() if run.unused is not None else None
 
 
 def skipped_record(indexed: list, failures) -> dict:
@@ -248,6 +254,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "trainable": trainable,
             "trainable_fraction": trainable / total if total else 0.0,
             "groups": group_rows(run),
+            "unused_trainable": unused_record(run),
         },
         "train": {
             "epochs": run.config.epochs,
@@ -278,6 +285,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     split = run.bundle.split
     if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
         summary["data"]["shots"] = split["shots"]
+    if isinstance(split, dict) and "val_split" in split:   # a val split the data chose, not a random share
+        summary["data"]["val_split"] = split["val_split"]
     if state.fit:   # components fitted to the training split (Tip-Adapter): what they chose
         summary["fit"] = state.fit
     if run.features.stats:

@@ -57,15 +57,15 @@ def clipft_register_heads(register):
     register(HeadSpec(
         name="linear",
         summary="Randomly initialised linear classifier on normalised image embeddings.",
-        options=LinearOptions, build=build_linear, needs_classes=True))
+        options=LinearOptions, build=build_linear, needs_classes=True, encodes_text=False))
     register(HeadSpec(
         name="zero-shot",
         summary="Classifier initialised from class-prompt text embeddings (WiSE-FT/FLYP); "
                 "starts at zero-shot accuracy.",
         options=ZeroShotOptions, build=build_zero_shot, needs_classes=True,
-        zero_shot_init=True))
+        zero_shot_init=True, encodes_text=False))
     register(HeadSpec(
         name="text",
         summary="Classifies against the live text encoder over class prompts (no weights of its "
                 "own); what prompt tuning and text-side adapters train through.",
-        options=TextOptions, build=build_text, needs_classes=True))
+        options=TextOptions, build=build_text, needs_classes=True, encodes_text=True))

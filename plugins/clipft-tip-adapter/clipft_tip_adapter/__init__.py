@@ -88,4 +88,6 @@ def clipft_register_heads(register):
         options=TipAdapterOptions,
         build=build_tip_adapter,
         needs_classes=True,
+        # its zero-shot weights are encoded once, at build time
+        encodes_text=False,
     ))

@@ -44,4 +44,6 @@ def clipft_register_heads(register):
         options=ExampleNameOptions,
         build=build,
         needs_classes=True,
+        # its forward never runs the text tower (True for a head that encodes class prompts live)
+        encodes_text=False,
     ))
