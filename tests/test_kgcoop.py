@@ -9,6 +9,7 @@ bit-exact."""
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import attrs
 import pytest
@@ -28,6 +29,7 @@ DATA = "shapes:n=64,val_n=32"
 class KgCoOpOptions:
     weight: float = attrs.field(default=8.0, metadata={"help": "weight of the distance to CLIP's prompts"})
     init: str = attrs.field(default="none", metadata={"help": "context init text; none: random"})
+    n_ctx: Optional[int] = attrs.field(default=None, metadata={"help": "context tokens"})
 
 
 class KgCoOp(clipft.Strategy):
@@ -46,7 +48,7 @@ class KgCoOp(clipft.Strategy):
             self.w_clip = ctx.class_text_features(model).float()
         model.train(was)
         init = None if self.opts.init == "none" else self.opts.init
-        _, selections = install_prompt_learner(model, ctx, "kgcoop", init=init,
+        _, selections = install_prompt_learner(model, ctx, "kgcoop", init=init, n_ctx=self.opts.n_ctx,
                                                options=options_to_dict(self.opts))
         return selections
 
@@ -245,3 +247,12 @@ def test_a_loss_that_needs_the_class_text_gets_it(more, tmp_path):
                        registry=more, callbacks=["none"])
     (cls,) = SEEN               # the text head's own class prompts, with their gradient
     assert cls.shape == (9, 64) and cls.requires_grad
+
+
+def test_the_prompt_kit_errors_name_the_calling_strategy(registry, tmp_path):
+    with pytest.raises(clipft.ClipftUsageError, match="strategy 'kgcoop' trains through the class prompts"):
+        testing.run_plugin(None, strategy="kgcoop", head="linear", loss="cross-entropy", tmp_path=tmp_path,
+                           registry=registry)
+    with pytest.raises(clipft.ClipftUsageError, match="strategy 'kgcoop': n_ctx=8, but init 'a photo of a' is 4 tokens"):
+        testing.run_plugin(None, strategy="kgcoop:init=a photo of a,n_ctx=8", head="text", loss="cross-entropy",
+                           tmp_path=tmp_path, registry=registry, data=DATA)
