@@ -130,7 +130,7 @@ def command_items(group) -> list[Item]:
 
 def all_items() -> list[Item]:
     import clipft
-    from clipft import callbacks, cli, context, data, hookspecs, kinds, protocols, record, testing
+    from clipft import callbacks, cli, context, data, hookspecs, kinds, prompt_kit, protocols, record, specs, testing
 
     items = hook_items(hookspecs)
     items += spec_items(kinds.KINDS)
@@ -145,6 +145,9 @@ def all_items() -> list[Item]:
     items += [Item("slot", None, v) for v in protocols.SLOTS.values()]
     items += [Item("public name", None, n) for n in clipft.__all__]
     items += [Item("testing helper", None, n) for n in testing.__all__]
+    items += [Item("loss need", None, getattr(specs, n)) for n in dir(specs) if n.startswith("NEED_")]
+    items += [Item("loss need", None, n) for n in dir(specs) if n.startswith("NEED_")]
+    items += [Item("prompt kit", None, n) for n in prompt_kit.__all__]
     return items
 
 
@@ -186,6 +189,11 @@ def test_each_category_is_collected():
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("StepView", "samples_per_s") in {(i.owner, i.name) for i in all_items()}
     assert {"checkpoint_tensors", "resume_run"} <= {i.name for i in all_items() if i.category == "testing helper"}
+    assert {("Strategy", "loss_terms"), ("InsertedModule", "loss_terms")} <= {
+        (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
+    assert ("ForwardRecord", "class_text_features") in {(i.owner, i.name) for i in all_items()}
+    assert {"class-text", "NEED_CLASS_TEXT", "install_prompt_learner", "ContextLearner"} <= {
+        i.name for i in all_items()}
 
 
 def test_made_up_names_are_reported_missing():

@@ -96,7 +96,7 @@ def test_encoding_matches_open_clip_pipeline(tiny, position, class_specific):
     with torch.no_grad():
         learner.ctx.copy_(torch.randn(learner.ctx.shape, generator=g) * 0.1)
         got = learner(m, tok, CLASSES)
-        rows, index = learner._rows_for(tok, tuple(CLASSES), torch.device("cpu"))
+        rows, index = learner.rows_for(tok, tuple(CLASSES), torch.device("cpu"))
         want = manual_encode(m, rows, index, learner.ctx)
     # an independent re-implementation (per-row splicing, open_clip's
     # Transformer called directly): the same maths, possibly other kernel calls

@@ -33,7 +33,7 @@ def prompted():
 
 
 def counting(monkeypatch):
-    from clipft_prompt.learner import PromptLearner
+    from clipft.prompt_kit import PromptLearner
     calls = []
     real = PromptLearner.forward
 

@@ -30,6 +30,8 @@ TEXT_CHUNK = 256
 
 # set by shared_class_text(): class-prompt embeddings already computed in the block
 _SHARED_CLASS_TEXT: contextvars.ContextVar = contextvars.ContextVar("clipft_shared_class_text", default=None)
+# set by captured_class_text(): where the first class-prompt embeddings of the block go
+_CAPTURED_CLASS_TEXT: contextvars.ContextVar = contextvars.ContextVar("clipft_captured_class_text", default=None)
 
 
 @contextlib.contextmanager
@@ -47,6 +49,31 @@ def shared_class_text():
         yield
     finally:
         _SHARED_CLASS_TEXT.reset(token)
+
+
+@contextlib.contextmanager
+def captured_class_text():
+    """Yields a list that receives the first class-prompt embeddings ``[C, D]``
+    (normalised, unconditioned) computed within the block, by
+    :func:`class_text_features` or :func:`note_class_text`: how the engine
+    hands the class text a training forward computed (a ``text`` head, the
+    paired text of labelled images) to ``ForwardRecord.class_text_features``
+    without encoding the prompts again."""
+    box: list = []
+    token = _CAPTURED_CLASS_TEXT.set(box)
+    try:
+        yield box
+    finally:
+        _CAPTURED_CLASS_TEXT.reset(token)
+
+
+def note_class_text(features: torch.Tensor) -> torch.Tensor:
+    """Offer ``features`` (``[C, D]`` class-prompt embeddings) to the enclosing
+    :func:`captured_class_text`, if any; returns them."""
+    box = _CAPTURED_CLASS_TEXT.get()
+    if box is not None and not box and features.ndim == 2:
+        box.append(features)
+    return features
 
 
 def _autocast_state() -> tuple:
@@ -124,13 +151,16 @@ def class_text_features(model, tokenizer, classnames, templates, device, batch: 
     encoder = class_text_encoder(model)
     shared = _SHARED_CLASS_TEXT.get()
     per_image = image_features is not None and encoder is not None and encoder.conditional
-    if shared is None or per_image or torch.is_grad_enabled():
+    if per_image:
         return _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch,
                                     image_features)
+    if shared is None or torch.is_grad_enabled():
+        return note_class_text(_class_text_features(model, encoder, tokenizer, classnames, templates, device,
+                                                    batch, None))
     key = (id(model), id(tokenizer), tuple(classnames), tuple(templates), str(device), _autocast_state())
     if key not in shared:
         shared[key] = _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch, None)
-    return shared[key]
+    return note_class_text(shared[key])
 
 
 def _class_text_features(model, encoder, tokenizer, classnames, templates, device, batch, image_features):

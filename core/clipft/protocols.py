@@ -70,6 +70,24 @@ class Strategy:
         (a tower whose output depends on something outside the model, say)."""
         return ()
 
+    def loss_terms(self, record) -> dict:
+        """Regularisation terms this strategy (of the stage being trained)
+        adds to the loss of every training step: ``{name: weighted scalar
+        tensor}``, default ``{}``. The engine calls it after the loss, under
+        the same autocast, adds
+        every term to the loss's total (so gradient accumulation, gradient
+        scaling and the non-finite check see them) and logs each term's value
+        as ``reg.<name>`` beside the loss's own terms (``StepView.terms``,
+        ``metrics.jsonl``); same-named terms of several sources add up. Weight
+        them yourself (an option of yours). ``record`` is the step's
+        :class:`clipft.record.ForwardRecord`: its ``class_text_features`` are the
+        class prompts the forward encoded, so a term on them costs no second
+        encoding. In a run on several processes, build terms from the record's
+        tensors or from parameters the forward uses: DDP sees those (it may
+        reject a parameter that only a term reaches).
+        Evaluation never calls it."""
+        return {}
+
     def stages(self) -> Optional[list]:
         """A *staged* strategy returns the stages of the run
         (``[clipft.specs.Stage, ...]``, e.g. ``lp-ft``: a linear probe, then
@@ -131,6 +149,8 @@ class InsertedModule:
       model (``ema``: the averages); the engine evaluates between it and the
       function it returns, and ``load_run`` (eval, predict, export) calls it
       and keeps them.
+    - :meth:`loss_terms`: regularisation terms added to every training step's
+      loss (as :meth:`Strategy.loss_terms`).
     """
 
     enters: ClassVar[str] = ENTERS_HOOK
@@ -157,6 +177,13 @@ class InsertedModule:
         number of optimizer steps so far (1 after the first). Runs before the
         step's callbacks, so a checkpoint written for that step includes what it
         did. Default: nothing."""
+
+    def loss_terms(self, record) -> dict:
+        """Regularisation terms this module adds to the loss of every training
+        step, ``{name: weighted scalar tensor}`` (default ``{}``), exactly as
+        :meth:`Strategy.loss_terms`; every inserted module of the model is
+        asked, whichever stage inserted it."""
+        return {}
 
     def use_eval_weights(self) -> Optional[Callable[[], None]]:
         """Swap the weights evaluation should use into the model and return a

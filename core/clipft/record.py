@@ -16,7 +16,16 @@ class ForwardRecord:
     - ``text_features`` (need ``text``): paired text of each image, its caption
       or, with labels and a class-prompt encoder, its class prompt;
     - ``labels`` (need ``labels``): class indices, None for unlabelled data;
-    - ``logits`` (need ``head``): the head's class logits.
+    - ``logits`` (need ``head``): the head's class logits;
+    - ``class_text_features`` (need ``class-text``): the class-prompt
+      embeddings ``[C, D]`` of the run's classes (normalised, in class-index
+      order) as this step's forward computed them, with their gradient: filled
+      when the forward encodes the class prompts (the ``text`` head; the paired
+      text of labelled images under a class-prompt encoder) or the loss needs
+      ``class-text`` (then the engine encodes them once per step if the forward
+      did not). None otherwise, and without class names. With a conditional
+      class-prompt encoder (CoCoOp) the forward's prompts are per image, so the
+      field holds its unconditioned prompts, and only under the need.
 
     A new field for a new loss is one attribute here plus where the engine's
     loop fills it (``core/clipft/engine/loop.py``, ``Trainer.record``).
@@ -42,6 +51,8 @@ class ForwardRecord:
     #: shard (open_clip's ``gather_with_grad``); without it only this rank's
     #: rows carry gradient. In a one-process run it returns ``(tensor, 0)``.
     gather: Optional[Callable] = None
+    #: see the class docstring (last, so positional construction keeps its order)
+    class_text_features: Optional[Any] = None
 
     def gathered(self, tensor, with_grad: bool = True):
         """``gather`` when there is one, else ``(tensor, 0)``."""

@@ -18,6 +18,7 @@ import attrs
 NEED_TEXT = "text"      # paired text for every image (captions or class prompts)
 NEED_LABELS = "labels"  # integer class labels
 NEED_HEAD = "head"      # a classification head producing logits
+NEED_CLASS_TEXT = "class-text"  # the step's class-prompt embeddings (ForwardRecord.class_text_features)
 
 
 @attrs.frozen

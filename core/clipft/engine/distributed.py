@@ -255,21 +255,22 @@ def rank_share(n: int, batch: int, world: int, rank: int, drop_last: bool = Fals
 
 class TrainForward(torch.nn.Module):
     """The training forward as one module, so DDP sees it: ``forward(batch)``
-    returns ``(image_features, text_features, logits)`` from the trainer's
-    features provider and head (None entries for what is not computed).
+    returns ``(image_features, text_features, logits, class_text_features)``
+    from the trainer's features provider and head (None entries for what is
+    not computed).
 
     Only the trained parameters are registered (``trained``): DDP reduces,
     and at start broadcasts, exactly those; the frozen model and head are
     referenced, not owned, so a frozen tower costs nothing, not even at start."""
 
-    def __init__(self, model, head, features, needs_text: bool, params: list):
+    def __init__(self, model, head, features, needs_text: bool, params: list, needs_class_text: bool = False):
         super().__init__()
         self.trained = torch.nn.ParameterList(params)
-        object.__setattr__(self, "_refs", (model, head, features, needs_text))
+        object.__setattr__(self, "_refs", (model, head, features, needs_text, needs_class_text))
 
     def forward(self, batch):
-        _, head, features, needs_text = self._refs
-        return train_forward(features, head, batch, needs_text)
+        _, head, features, needs_text, needs_class_text = self._refs
+        return train_forward(features, head, batch, needs_text, needs_class_text)
 
 
 class rng_kept:

@@ -15,10 +15,11 @@ import attrs
 import torch
 
 from clipft.callbacks import EpochView, EvalView, StepView
+from clipft.encode import captured_class_text
 from clipft.engine.compose import freeze_frozen_norm_stats
 from clipft.errors import ClipftError
 from clipft.record import ForwardRecord, caption_ids
-from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
+from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay below 100
 
@@ -130,7 +131,8 @@ def clip_gradients(params: list, max_norm: float) -> Optional[float]:
 
 #: the ForwardRecord fields that are None unless the loss declares the need
 #: (``LossSpec.needs``) that fills them
-FIELD_NEEDS = {"text_features": NEED_TEXT, "labels": NEED_LABELS, "logits": NEED_HEAD}
+FIELD_NEEDS = {"text_features": NEED_TEXT, "labels": NEED_LABELS, "logits": NEED_HEAD,
+               "class_text_features": NEED_CLASS_TEXT}
 
 
 def loss_total(out, name: str = "?"):
@@ -173,13 +175,20 @@ def _named_in_traceback(exc: BaseException, fields: list) -> list:
     return [f for f in fields if f[0] in lines]
 
 
-def train_forward(features, head, batch, needs_text: bool) -> tuple:
+def train_forward(features, head, batch, needs_text: bool, needs_class_text: bool = False) -> tuple:
     """The forward of one training batch: ``(image_features, text_features,
-    logits)`` from the features provider and the head (None for what is not
-    computed). One process calls it directly; with several, DDP calls it
-    through :class:`~clipft.engine.distributed.TrainForward`."""
-    img, txt = features.train_features(batch, needs_text)
-    return img, txt, (head(img) if head is not None else None)
+    logits, class_text_features)`` from the features provider and the head
+    (None for what is not computed; the class text is what the forward encoded
+    anyway, or, when ``needs_class_text``, encoded here). One process calls it
+    directly; with several, DDP calls it through
+    :class:`~clipft.engine.distributed.TrainForward`, so the class text is one
+    of the outputs DDP sees."""
+    with captured_class_text() as cls:
+        img, txt = features.train_features(batch, needs_text)
+        logits = head(img) if head is not None else None
+        if needs_class_text and not cls:
+            features.train_class_features()
+    return img, txt, logits, (cls[0] if cls else None)
 
 
 @attrs.define
@@ -228,6 +237,12 @@ class Trainer:
         """``(total, terms)`` of the loss on ``record``."""
         return call_loss(self.loss, record, self.loss_name, self.loss_needs)
 
+    #: ``[(who, source)]``: the strategies and inserted modules whose
+    #: ``loss_terms(record)`` add to every step's loss
+    regularisers: list = attrs.field(factory=list)
+    #: the loss needs ``class-text``: the forward encodes the class prompts if nothing else does
+    needs_class_text: bool = False
+
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
         for module in self.inserted:
@@ -243,12 +258,33 @@ class Trainer:
 
     def record(self, batch) -> ForwardRecord:
         if self.forward is not None:
-            img, txt, logits = self.forward(batch)
+            img, txt, logits, cls = self.forward(batch)
         else:
-            img, txt, logits = train_forward(self.features, self.head, batch, self.needs_text)
-        return self.record_from(batch, img, txt, logits)
+            img, txt, logits, cls = train_forward(self.features, self.head, batch, self.needs_text,
+                                                  self.needs_class_text)
+        return self.record_from(batch, img, txt, logits, cls)
 
-    def record_from(self, batch, img, txt, logits, gather: bool = True) -> ForwardRecord:
+    def regularised(self, record: ForwardRecord, total, terms: dict) -> tuple:
+        """``(total, terms)`` with the regularisers' ``loss_terms(record)``
+        added: each term to the total, and its value to the logged terms as
+        ``reg.<name>`` (same-named terms of several sources, the inserted
+        layers of one adapter say, add up)."""
+        reg: dict = {}
+        for who, source in self.regularisers:
+            for name, value in (source.loss_terms(record) or {}).items():
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ClipftError(f"{who}: loss_terms() returned {name!r} as {got}; "
+                                      "each term must be a scalar tensor")
+                key = f"reg.{name}"
+                reg[key] = reg[key] + value.reshape(()) if key in reg else value.reshape(())
+        if not reg:
+            return total, terms
+        for value in reg.values():
+            total = total + value
+        return total, {**terms, **{k: float(v.detach()) for k, v in reg.items()}}
+
+    def record_from(self, batch, img, txt, logits, cls=None, gather: bool = True) -> ForwardRecord:
         labels = batch.labels.to(self.device)
         ls = getattr(self.model, "logit_scale", None)
         dist = self.dist
@@ -261,6 +297,7 @@ class Trainer:
             caption_ids=caption_ids(batch.captions).to(self.device),
             rank=dist.rank if dist else 0, world_size=dist.world if dist else 1,
             gather=dist.gather if gather and dist is not None and dist.enabled else None,
+            class_text_features=cls,
         )
 
     def reduce_unsynced_grads(self) -> None:
@@ -378,7 +415,8 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             will_step = pending + 1 == t.grad_accum or i + 1 == n_batches
             with t.sync(will_step):
                 with t.autocast():
-                    total, terms = t.loss_of(t.record(batch))
+                    record = t.record(batch)
+                    total, terms = t.regularised(record, *t.loss_of(record))
                 # the logged loss is every rank's mean, and every rank agrees on finiteness
                 value, seen = t.reduce_step(float(total.detach()), len(batch))
                 if math.isfinite(value):

@@ -37,9 +37,8 @@ from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model
 from clipft.options import options_to_dict
-from clipft.protocols import inserted_modules
-from clipft.protocols import Loss
-from clipft.specs import NEED_HEAD, NEED_LABELS, NEED_TEXT
+from clipft.protocols import InsertedModule, Loss, Strategy, inserted_modules
+from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
 
@@ -169,6 +168,10 @@ def _check_data(bundle, res: Resolved) -> None:
     if res.head is not None and not bundle.has_labels:
         raise ClipftUsageError(
             f"head '{res.head[0].name}' needs class labels, but data source '{data_name}' has none")
+    if NEED_CLASS_TEXT in loss_spec.needs and not bundle.classnames:
+        raise ClipftUsageError(
+            f"loss '{loss_spec.name}' needs the class prompts' embeddings, but data source '{data_name}' "
+            "has no class names")
 
 
 def _default_lr(res: Resolved, config, strategies=None, stage=None) -> float:
@@ -317,7 +320,8 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     training = None
     if build_optimizer:
         training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
-                             device, precision, dist, NEED_TEXT in loss_spec.needs)
+                             device, precision, dist, NEED_TEXT in loss_spec.needs,
+                             NEED_CLASS_TEXT in loss_spec.needs and bool(bundle.classnames))
         if dist.enabled:
             evaluator = distributed.on_main(evaluator, dist)
     return PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
@@ -329,7 +333,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
 
 
 def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,
-                   precision, dist, needs_text: bool) -> Training:
+                   precision, dist, needs_text: bool, needs_class_text: bool = False) -> Training:
     """The optimizer, schedule and trainer of a run (over stage ``st``'s epochs,
     or the run's), its training forward wrapped in DDP under torchrun."""
     steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
@@ -344,12 +348,25 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         needs_text=needs_text, grad_accum=config.grad_accum,
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
-        loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs)
+        loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
+        regularisers=regularisers(assembly), needs_class_text=needs_class_text)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)
         trainer = attrs.evolve(trainer, forward=forward)
     return Training(trainer, total_steps, warmup_steps, impl, unused)
+
+
+def regularisers(assembly: Assembly) -> list:
+    """``[(who, source)]`` whose ``loss_terms`` add to the loss, among those
+    that override the default: the strategies of the stage being trained (an
+    earlier stage's penalty was about what that stage trained), then every
+    inserted module of the model."""
+    out = [(f"strategy '{name}'", s) for name, s in assembly.strategies
+           if type(s).loss_terms is not Strategy.loss_terms]
+    out += [(f"inserted module '{name}' ({type(m).__name__})", m) for name, m in inserted_modules(assembly.model)
+            if type(m).loss_terms is not InsertedModule.loss_terms]
+    return out
 
 
 def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module, int]:
@@ -360,7 +377,8 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module,
     ``unused`` trained parameters out (a text tower that trains under a loss
     that never encodes text, say). The probe runs in eval mode with the RNG
     kept, so training draws exactly what it would have."""
-    fwd = distributed.TrainForward(trainer.model, head, trainer.features, trainer.needs_text, trainer.params)
+    fwd = distributed.TrainForward(trainer.model, head, trainer.features, trainer.needs_text, trainer.params,
+                                   trainer.needs_class_text)
     unused = []
     with distributed.rng_kept():
         first = next(iter(loaders.train(0)), None)
@@ -370,10 +388,12 @@ def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module,
                 m.eval()
             batch = _batch(first)
             with trainer.autocast():
-                img, txt, logits = fwd(batch)
-                loss = trainer.loss_of(trainer.record_from(batch, img, txt, logits, gather=False))[0]
+                img, txt, logits, cls = fwd(batch)
+                record = trainer.record_from(batch, img, txt, logits, cls, gather=False)
+                # the regularisers' terms count: a parameter only they reach is used
+                loss = trainer.regularised(record, *trainer.loss_of(record))[0]
             unused = distributed.unused_trained_params(loss, trainer.params)
-            del loss, img, txt, logits
+            del loss, img, txt, logits, cls, record
     dev = trainer.device
     with distributed.quiet_deprecations():
         ddp = torch.nn.parallel.DistributedDataParallel(

@@ -56,13 +56,13 @@ class CoCoOp(Strategy):
     def apply(self, model, ctx):
         from clipft import install
         from clipft.options import options_to_dict
+        from clipft.prompt_kit import Tokens, build_rows, check_prompt_context, initial_context
 
         from clipft_cocoop.learner import ConditionalPromptLearner
-        from clipft_prompt.learner import Tokens, build_rows, check_prompt_context, initial_context
 
         opts = self.opts
         check_prompt_context(ctx, "cocoop")
-        tokens = Tokens(ctx.tokenizer)
+        tokens = Tokens(ctx.tokenizer, "cocoop")
         # the same random stream use as `prompt` (init=none draws from it), so the
         # two start from the same context
         vectors, placeholder = initial_context(model, tokens, opts.init, opts.n_ctx, "cocoop")

@@ -23,12 +23,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from clipft import ClassTextEncoder
 from clipft.encode import causal_text_length, encode_token_embeddings
+from clipft.prompt_kit import ContextLearner, token_embedding_of
 
-from clipft_prompt.learner import Tokens, build_rows, token_embedding_of
-
-PROMPT_FILE = "cocoop_prompts.safetensors"
 #: False forces the hooked path (the timing script compares both)
 DIRECT = True
 
@@ -39,21 +36,19 @@ def _direct_ok(model) -> bool:
             and isinstance(getattr(model, "token_embedding", None), nn.Embedding))
 
 
-class ConditionalPromptLearner(ClassTextEncoder, nn.Module):
+class ConditionalPromptLearner(ContextLearner):
     """CoCoOp's prompt learner: ``ctx`` ``[n_ctx, W]`` and ``meta_net``
     (``Linear(D, D // reduction)``-ReLU-``Linear(D // reduction, W)``).
     Called with ``image_features`` ``[B, D]`` it returns ``[B, C, D]``; without,
     the unshifted context's prompts ``[C, D]`` (as CoOp's)."""
 
     conditional = True
+    export_file = "cocoop_prompts.safetensors"
 
     def __init__(self, ctx: torch.Tensor, placeholder: list[int], position: str, classnames: list[str],
                  options: dict, embed_dim: int, reduction: int, seed: int):
-        super().__init__()
-        self.ctx = nn.Parameter(ctx)
-        self.n_ctx, width = int(ctx.shape[0]), int(ctx.shape[1])
-        self.placeholder, self.position = list(placeholder), position
-        self.classnames, self.options = list(classnames), dict(options)
+        super().__init__(ctx, placeholder, position, classnames, options, strategy="cocoop")
+        width = int(ctx.shape[1])
         hidden = max(1, embed_dim // reduction)
         # nn.Linear's own initialisation, drawn from a generator of its own: the
         # run's global random stream is left as a CoOp run leaves it
@@ -70,28 +65,13 @@ class ConditionalPromptLearner(ClassTextEncoder, nn.Module):
                 b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=gen)
                 layer.weight.copy_(w)
                 layer.bias.copy_(b)
-        self._rows: dict = {}
-
-    def extra_repr(self) -> str:
-        return f"n_ctx={self.n_ctx}, position={self.position}, classes={len(self.classnames)}"
-
-    def _rows_for(self, tokenizer, classnames: tuple, device):
-        key = (classnames, str(device))
-        hit = self._rows.get(key)
-        if hit is None:
-            rows, index = build_rows(Tokens(tokenizer), classnames, self.n_ctx, self.position, self.placeholder)
-            hit = (rows.to(device), index.to(device))
-            if len(self._rows) >= 4:
-                self._rows.clear()
-            self._rows[key] = hit
-        return hit
 
     def shifts(self, image_features: torch.Tensor) -> torch.Tensor:
         """``pi = meta_net(f)`` ``[B, W]``, for normalised image features ``f``."""
         return self.meta_net(image_features.to(self.ctx.dtype))
 
     def forward(self, model, tokenizer, classnames, templates=None, image_features=None) -> torch.Tensor:
-        rows, index = self._rows_for(tokenizer, tuple(classnames), self.ctx.device)
+        rows, index = self.rows_for(tokenizer, tuple(classnames), self.ctx.device)
         if image_features is None:
             return self._encode(model, rows, index, self.ctx.unsqueeze(0))[0]
         contexts = self.ctx.unsqueeze(0) + self.shifts(image_features).unsqueeze(1)   # [B, n_ctx, W]
@@ -110,7 +90,7 @@ class ConditionalPromptLearner(ClassTextEncoder, nn.Module):
             x = torch.where(is_ctx, spliced.to(base.dtype), base.unsqueeze(0))
             out = encode_token_embeddings(model, x.reshape(n_images * n_classes, length, -1), tokens)
         else:
-            emb_module = token_embedding_of(model)
+            emb_module = token_embedding_of(model, self.strategy)
             spliced = contexts[:, safe].reshape(n_images * n_classes, rows.shape[1], -1)
             is_ctx = (index >= 0).repeat(n_images, 1).unsqueeze(-1)
 
@@ -124,8 +104,5 @@ class ConditionalPromptLearner(ClassTextEncoder, nn.Module):
                 handle.remove()
         return out.reshape(n_images, n_classes, -1)
 
-    # -- clipft.InsertedModule ----------------------------------------------------
     def export_info(self) -> dict:
-        return {"file": PROMPT_FILE, "kind": "class-prompts", "strategy": "cocoop", "options": self.options,
-                "classnames": self.classnames, "n_ctx": self.n_ctx, "position": self.position,
-                "conditional": True}
+        return {**super().export_info(), "conditional": True}

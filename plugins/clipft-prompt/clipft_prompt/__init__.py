@@ -2,7 +2,8 @@
 
 The whole CLIP model stays frozen; only the context vectors of the class
 prompts train. The learner is installed on the model as its class-prompt
-encoder (``clipft.install``, a :class:`clipft.ClassTextEncoder`), so zero-shot
+encoder (``clipft.install``, a :class:`clipft.ClassTextEncoder`; the learner
+and its helpers are :mod:`clipft.prompt_kit`'s), so zero-shot
 evaluation, the ``text`` and ``zero-shot`` heads and the paired text of
 labelled images all use the learned prompts.
 
@@ -14,7 +15,7 @@ from typing import Literal, Optional
 
 import attrs
 
-from clipft import Selection, Strategy, StrategySpec, hookimpl
+from clipft import Strategy, StrategySpec, hookimpl
 
 RANDOM_N_CTX = 16
 RANDOM_STD = 0.02
@@ -51,25 +52,15 @@ class PromptTuning(Strategy):
         self.opts = opts
 
     def apply(self, model, ctx):
-        from clipft import install
         from clipft.options import options_to_dict
-
-        from clipft_prompt.learner import PromptLearner, Tokens, build_rows, check_prompt_context, initial_context
+        from clipft.prompt_kit import install_prompt_learner
 
         opts = self.opts
-        check_prompt_context(ctx, "prompt")
-        tokens = Tokens(ctx.tokenizer)
-        vectors, placeholder = initial_context(model, tokens, opts.init, opts.n_ctx, "prompt",
-                                               RANDOM_N_CTX, RANDOM_STD)
-        n_ctx = len(placeholder)
-        build_rows(tokens, ctx.classnames, n_ctx, opts.position, placeholder)  # fits? clear error now
-        if opts.class_specific:
-            vectors = vectors.unsqueeze(0).repeat(len(ctx.classnames), 1, 1)
-        options = {k: v for k, v in options_to_dict(opts).items()}
-        options["n_ctx"] = n_ctx
-        learner = PromptLearner(vectors, placeholder, opts.position, list(ctx.classnames), options)
-        slot = install(model, learner)
-        return [Selection("prompt", [(f"{slot}.ctx", learner.ctx)])]
+        _, selections = install_prompt_learner(
+            model, ctx, "prompt", init=opts.init, n_ctx=opts.n_ctx, position=opts.position,
+            class_specific=opts.class_specific, options=options_to_dict(opts),
+            n_random=RANDOM_N_CTX, std=RANDOM_STD)
+        return selections
 
 
 @hookimpl

@@ -50,7 +50,7 @@ import attrs
 import torch
 
 from clipft.data import is_iterable
-from clipft.encode import embed_batches
+from clipft.encode import embed_batches, note_class_text
 from clipft.engine.cache.plan import CachePlan, stochastic_module, text_modules
 from clipft.engine.cache.stats import CacheStats
 from clipft.engine.cache.store import (
@@ -183,7 +183,7 @@ class CachedText:
             with self._stats.building(), torch.no_grad():
                 self._classes[mode] = self._enc.class_features()
             self._stats.count("text", misses=len(self._classes[mode]))
-        return self._classes[mode]
+        return note_class_text(self._classes[mode])
 
 
 class CachedFeatures:
@@ -255,6 +255,9 @@ class CachedFeatures:
         if store is None:
             return self.live.val_image_features()
         return self._replayed_features(split, store)
+
+    def train_class_features(self):
+        return self.live.train_class_features()
 
     def class_features(self):
         return self.live.class_features()

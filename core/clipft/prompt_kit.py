@@ -1,0 +1,272 @@
+"""The pieces a prompt-learning strategy needs (CoOp and its descendants): the
+class-prompt token rows, the learned context's initialisation, the usage
+checks, and the learner that splices the context into open_clip's own text
+encoder. ``prompt`` (CoOp) and ``cocoop`` are built from them; a new method
+(KgCoOp, ProGrad, ...) starts from :func:`install_prompt_learner` or
+:class:`ContextLearner` instead of copying them.
+
+It imports torch: import it inside ``Strategy.apply`` (as the built-in
+strategies do), so listing plugins stays cheap. Every error names the calling
+strategy (the ``strategy`` argument).
+
+A class prompt is the token sequence ``[SOT] ctx_1 .. ctx_n name . [EOT]``
+(``position=end``; ``front`` puts the name first, ``middle`` splits the context
+around it). The context positions hold placeholder tokens; while the prompts
+are encoded, a forward hook on the text tower's ``token_embedding`` overwrites
+the embeddings at exactly those positions with the learned vectors. Everything
+after the embedding (positional embedding, causal transformer, ``ln_final``,
+EOT pooling by argmax, ``text_projection``) is open_clip's unmodified
+``encode_text``, run on the positions up to the last end-of-text token of the
+prompts (:func:`clipft.encode.encode_text_trimmed`; the causal tower never lets
+the padding reach the pooled token). The hook exists only for the duration of
+one call; plain captions encode as before.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipft.encode import encode_text_trimmed
+from clipft.errors import ClipftError, ClipftUsageError
+from clipft.protocols import ClassTextEncoder, install
+from clipft.specs import Selection
+
+__all__ = ["POSITIONS", "RANDOM_N_CTX", "RANDOM_STD", "Tokens", "build_rows", "check_prompt_context",
+           "initial_context", "token_embedding_of", "ContextLearner", "PromptLearner", "install_prompt_learner"]
+
+POSITIONS = ("end", "middle", "front")
+#: CoOp's context without an init text: this many vectors from N(0, RANDOM_STD^2)
+RANDOM_N_CTX = 16
+RANDOM_STD = 0.02
+#: class prompts are encoded in chunks of this many classes
+CHUNK = 256
+
+
+def token_embedding_of(model: nn.Module, strategy: str = "prompt") -> nn.Embedding:
+    """The token embedding of open_clip's own text transformer (``CLIP`` keeps
+    it on the model, ``CustomTextCLIP``/``CoCa`` on ``model.text``)."""
+    for owner in (model, getattr(model, "text", None)):
+        emb = getattr(owner, "token_embedding", None) if owner is not None else None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    text = getattr(model, "text", None)
+    kind = type(text).__name__ if text is not None else type(model).__name__
+    raise ClipftUsageError(
+        f"strategy '{strategy}' needs open_clip's own text transformer (a token_embedding to splice "
+        f"the learned context into); this model's text tower is {kind}")
+
+
+class Tokens:
+    """Token-id pieces from an open_clip tokenizer: ``[SOT] ids [EOT] 0 ...``."""
+
+    def __init__(self, tokenizer, strategy: str = "prompt"):
+        self.tokenizer, self.strategy = tokenizer, strategy
+        empty = tokenizer([""])[0]
+        if empty.ndim != 1 or int((empty != 0).sum()) != 2:
+            raise ClipftUsageError(
+                f"strategy '{strategy}' needs a CLIP-style tokenizer that frames text as [SOT] ... [EOT] "
+                f"with 0 padding; {type(tokenizer).__name__} does not")
+        self.sot, self.eot = int(empty[0]), int(empty[1])
+        self.length = int(empty.shape[0])
+
+    def ids(self, text: str) -> list[int]:
+        row = self.tokenizer([text])[0]
+        n = int((row != 0).sum())
+        return [int(t) for t in row[1:n - 1]]
+
+
+def check_prompt_context(ctx, strategy: str) -> None:
+    """Usage errors for a class-prompt learner: it needs class names, and a
+    loss that reaches the prompts, through paired text (contrastive) or a head
+    that encodes them live (``text``). A loss that only reads a weight head's
+    logits never trains them."""
+    if not ctx.classnames:
+        raise ClipftUsageError(
+            f"strategy '{strategy}' learns class prompts, so it needs a data source with classes "
+            "(imagefolder, shapes, or captions with labels); this one has none")
+    if ctx.loss is not None and "text" not in ctx.loss_needs and ctx.head in (None, "linear", "zero-shot"):
+        raise ClipftUsageError(
+            f"strategy '{strategy}' trains through the class prompts, but --loss {ctx.loss} "
+            f"only sees the {ctx.head or 'missing'} head's own weights, so the prompts would never "
+            "train; use --head text (or the contrastive loss)")
+
+
+def initial_context(model, tokens: Tokens, init, n_ctx, strategy: str = "prompt",
+                    n_random: int = RANDOM_N_CTX, std: float = RANDOM_STD):
+    """``(vectors [n, W], placeholder token ids)``: the token embeddings of
+    ``init`` (n its token count; ``n_ctx``, when given, must match), or
+    ``n_ctx`` (default ``n_random``) vectors drawn from N(0, std^2) (the global
+    random stream) when ``init`` is None."""
+    weight = token_embedding_of(model, strategy).weight.detach()
+    if init is not None:
+        placeholder = tokens.ids(init)
+        if not placeholder:
+            raise ClipftUsageError(f"strategy '{strategy}': init {init!r} tokenizes to nothing")
+        if n_ctx is not None and n_ctx != len(placeholder):
+            raise ClipftUsageError(
+                f"strategy '{strategy}': n_ctx={n_ctx}, but init {init!r} is {len(placeholder)} "
+                f"tokens; give one of them (or init=none for {n_ctx} random vectors)")
+        return weight[torch.tensor(placeholder, device=weight.device)].clone().float(), placeholder
+    n = n_ctx or n_random
+    vectors = torch.empty(n, weight.shape[1]).normal_(0.0, std).to(weight.device)
+    return vectors, tokens.ids("X") * n
+
+
+def build_rows(tokens: Tokens, classnames, n_ctx: int, position: str, placeholder: list[int]):
+    """Token rows ``[C, L]`` and the context index ``[C, L]`` (-1 where a
+    position is not context, else which context vector goes there)."""
+    if position not in POSITIONS:
+        raise ClipftUsageError(f"strategy '{tokens.strategy}': position must be one of "
+                               f"{', '.join(POSITIONS)}, got {position!r}")
+    period = tokens.ids(".")
+    rows, index = [], []
+    for name in classnames:
+        name_ids = tokens.ids(name)
+        if not name_ids:
+            raise ClipftUsageError(f"strategy '{tokens.strategy}': class name {name!r} tokenizes to nothing")
+        half = n_ctx // 2 if position == "middle" else (n_ctx if position == "end" else 0)
+        parts = [
+            (placeholder[:half], list(range(half))),
+            (name_ids, [-1] * len(name_ids)),
+            (placeholder[half:], list(range(half, n_ctx))),
+            (period, [-1] * len(period)),
+        ]
+        if position == "front":
+            parts = [parts[1], parts[2], parts[0], parts[3]]
+        ids = [tokens.sot] + [t for p, _ in parts for t in p] + [tokens.eot]
+        idx = [-1] + [i for _, ix in parts for i in ix] + [-1]
+        if len(ids) > tokens.length:
+            raise ClipftUsageError(
+                f"strategy '{tokens.strategy}': the prompt for class {name!r} needs {len(ids)} tokens with "
+                f"{n_ctx} context tokens, but the text encoder takes {tokens.length}; lower n_ctx or "
+                "shorten the name")
+        pad = tokens.length - len(ids)
+        rows.append(ids + [0] * pad)
+        index.append(idx + [-1] * pad)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(index, dtype=torch.long)
+
+
+class ContextLearner(ClassTextEncoder, nn.Module):
+    """Base of a class-prompt learner: the learned context ``ctx`` (a
+    parameter, ``[n_ctx, W]``, or ``[C, n_ctx, W]`` with one context per
+    class), where the class name goes, and the token rows of the class prompts
+    (built once per class list and device). ``strategy`` is the strategy that
+    installed it: its errors name it, and ``clipft export`` rebuilds it from
+    ``export_info``. Subclasses implement ``forward``."""
+
+    #: the file ``clipft export`` writes the learned context to
+    export_file = "prompts.safetensors"
+
+    def __init__(self, ctx: torch.Tensor, placeholder: list[int], position: str, classnames: list[str],
+                 options: dict, strategy: str = "prompt"):
+        super().__init__()
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = int(ctx.shape[-2])
+        self.placeholder, self.position = list(placeholder), position
+        self.classnames, self.options = list(classnames), dict(options)
+        self.strategy = strategy
+        self._rows: dict = {}
+
+    def extra_repr(self) -> str:
+        return f"n_ctx={self.n_ctx}, position={self.position}, classes={len(self.classnames)}"
+
+    def rows_for(self, tokenizer, classnames: tuple, device):
+        """``(rows, index)`` of :func:`build_rows` for ``classnames``, on ``device``."""
+        key = (tuple(classnames), str(device))
+        hit = self._rows.get(key)
+        if hit is None:
+            rows, index = build_rows(Tokens(tokenizer, self.strategy), tuple(classnames), self.n_ctx,
+                                     self.position, self.placeholder)
+            hit = (rows.to(device), index.to(device))
+            if len(self._rows) >= 4:
+                self._rows.clear()
+            self._rows[key] = hit
+        return hit
+
+    # -- clipft.InsertedModule ----------------------------------------------------
+    def export_info(self) -> dict:
+        """How ``clipft export`` writes this module: its own file, with what is
+        needed to re-install it (by rebuilding ``strategy``) on a plain open_clip model."""
+        return {"file": self.export_file, "kind": "class-prompts", "strategy": self.strategy,
+                "options": self.options, "classnames": self.classnames, "n_ctx": self.n_ctx,
+                "position": self.position}
+
+
+class PromptLearner(ContextLearner):
+    """Learned context for class prompts (CoOp). Installed on the model as its
+    class-prompt encoder (``clipft.install``); called as
+    ``learner(model, tokenizer, classnames, templates)`` it returns the
+    unnormalised text embeddings ``[C, D]`` of the learned class prompts (the
+    templates are replaced by the learned context)."""
+
+    def __init__(self, ctx: torch.Tensor, placeholder: list[int], position: str,
+                 classnames: list[str], options: dict, strategy: str = "prompt"):
+        super().__init__(ctx, placeholder, position, classnames, options, strategy)
+        self.class_specific = ctx.ndim == 3
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, class_specific={self.class_specific}"
+
+    def forward(self, model, tokenizer, classnames, templates=None) -> torch.Tensor:
+        classnames = tuple(classnames)
+        if self.class_specific and list(classnames) != self.classnames:
+            raise ClipftError(
+                f"these class-specific prompts (strategy '{self.strategy}') were learned for "
+                f"{len(self.classnames)} classes "
+                f"({', '.join(self.classnames[:5])}{', ...' if len(self.classnames) > 5 else ''}); "
+                "they cannot encode other class names (train with class_specific=false for that)")
+        device = self.ctx.device
+        rows, index = self.rows_for(tokenizer, classnames, device)
+        emb_module = token_embedding_of(model, self.strategy)
+        out = []
+        for start in range(0, len(classnames), CHUNK):
+            sl = slice(start, start + CHUNK)
+            ctx = self.ctx[sl] if self.class_specific else self.ctx
+            out.append(self._encode(model, emb_module, rows[sl], index[sl], ctx))
+        return torch.cat(out)
+
+    @staticmethod
+    def _encode(model, emb_module, rows, index, ctx):
+        is_ctx = (index >= 0).unsqueeze(-1)
+        safe = index.clamp(min=0)
+        if ctx.ndim == 3:  # one context per class
+            spliced = ctx[torch.arange(ctx.shape[0], device=ctx.device)[:, None], safe]
+        else:
+            spliced = ctx[safe]
+
+        def splice(module, args, output):
+            return torch.where(is_ctx, spliced.to(output.dtype), output)
+
+        handle = emb_module.register_forward_hook(splice)
+        try:
+            # the causal tower only as far as the longest prompt reaches: a class
+            # prompt is ~10 of 77 positions, and every step runs all of them
+            # forward and backward (same result up to rounding, tests/test_trim.py)
+            return encode_text_trimmed(model, rows)
+        finally:
+            handle.remove()
+
+    def export_info(self) -> dict:
+        return {**super().export_info(), "class_specific": self.class_specific}
+
+
+def install_prompt_learner(model, ctx, strategy: str, *, init="a photo of a", n_ctx=None,
+                           position: str = "end", class_specific: bool = False, options=None,
+                           n_random: int = RANDOM_N_CTX, std: float = RANDOM_STD):
+    """CoOp's ``apply``, for a strategy built on it: checks the run
+    (:func:`check_prompt_context`), initialises the context (from ``init``, or
+    ``n_ctx``/``n_random`` random vectors), installs a :class:`PromptLearner`
+    as the model's class-prompt encoder, and returns ``(learner, selections)``:
+    the context, in the optimizer group named ``strategy``. ``options`` (a dict)
+    is what ``export_info`` records to rebuild the strategy; its ``n_ctx`` is
+    set to the context's length."""
+    check_prompt_context(ctx, strategy)
+    tokens = Tokens(ctx.tokenizer, strategy)
+    vectors, placeholder = initial_context(model, tokens, init, n_ctx, strategy, n_random, std)
+    build_rows(tokens, ctx.classnames, len(placeholder), position, placeholder)  # fits? clear error now
+    if class_specific:
+        vectors = vectors.unsqueeze(0).repeat(len(ctx.classnames), 1, 1)
+    options = {**(options or {}), "n_ctx": len(placeholder)}
+    learner = PromptLearner(vectors, placeholder, position, list(ctx.classnames), options, strategy)
+    slot = install(model, learner)
+    return learner, [Selection(strategy, [(f"{slot}.ctx", learner.ctx)])]
