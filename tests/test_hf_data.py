@@ -219,23 +219,36 @@ def test_streaming_parquet_trains_a_whole_epoch(invoke, data, tmp_path):
 def test_stream_readers_read_every_row_once_and_ranks_equally(data, tmp_path, monkeypatch):
     import clipft_hf.stream as stream
     folder = tmp_path / "shards"
-    for k, n in enumerate((5, 7, 4, 8)):   # four files of unequal size: four shards, 24 rows
-        part = D.Dataset.from_dict(rows(n, start=100 * k), features=features())
+    sizes = (5, 7, 4, 8)   # four files of unequal size: four shards, 24 rows; row 2 of shard 1 is no image
+    for k, n in enumerate(sizes):
+        part = D.Dataset.from_dict(rows(n, start=100 * k, bad={102}), features=features())
         part.to_parquet(str(folder / f"train-{k:05d}.parquet"))
     D.Dataset.from_dict(rows(3), features=features()).to_parquet(str(folder / "validation.parquet"))
     built = bundle({"path": str(folder), "val_split": "validation", "streaming": True, "shuffle_buffer": 4,
                     "cache_dir": str(tmp_path / "cache")})
     assert built.train_length == 24 and built.val_length == 3
+    failed = []
 
     def read(rank, world, worker, workers):
         monkeypatch.setattr(stream, "reader_info", lambda: (rank, world, worker, workers))
-        return [caption for _, _, caption, _ in built.train]
+        out = []
+        for item in built.train:
+            if isinstance(item, tuple):
+                out.append(item[2])
+            else:   # a failed_sample marker, named by shard and row, the same every epoch
+                failed.append((item.index, item.name, item.reason))
+                out.append(None)
+        return out
 
     # one process, two workers: the shards split between them, every row once
     one = read(0, 1, 0, 2) + read(0, 1, 1, 2)
-    assert sorted(one) == sorted(c for k, n in enumerate((5, 7, 4, 8)) for c in rows(n, 100 * k)["caption"])
+    good = [c for k, n in enumerate(sizes) for c in rows(n, 100 * k)["caption"] if not c.endswith(" 102")]
+    assert sorted(c for c in one if c) == sorted(good) and one.count(None) == 1
     built.train.set_epoch(1)
-    assert read(0, 1, 0, 1) != one and sorted(read(0, 1, 0, 1)) == sorted(one)   # a new order each epoch
+    again = read(0, 1, 0, 1)
+    assert again != one and sorted(c for c in again if c) == sorted(good)   # a new order each epoch
+    assert len({f[0] for f in failed}) == 1 and failed[0][1] == "train shard 1 row 2"
+    assert "UnidentifiedImageError" in failed[0][2]
     # two ranks: exactly 24 // 2 rows each, whatever their shards hold
     assert len(read(0, 2, 0, 1)) == 12 and len(read(1, 2, 0, 1)) == 12
     # val: every rank reads all of it

@@ -79,6 +79,8 @@ def hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if not url.hostname:   # not a URL this check understands: datasets will say
+        return None
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
@@ -95,9 +97,11 @@ def _looks_local(value: str) -> bool:
 
 
 def _folder_builder(path: Path) -> Optional[str]:
+    """``parquet`` or ``arrow`` for a folder of those files, ``imagefolder`` for
+    one of images (whose ``metadata.parquet`` is the image folder's own table)."""
     from clipft.data import IMAGE_EXTENSIONS
 
-    suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+    suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.stem != "metadata"}
     for suffix, builder in BUILDERS.items():
         if suffix in suffixes:
             return builder
@@ -197,7 +201,8 @@ def pick(found: Found, name: str, option: str):
     if found.single:
         raise ClipftUsageError(
             f"hf: {option}={name}: {found.where} holds a single Dataset, not a DatasetDict, so it has no "
-            "splits to choose; drop val_split (val_fraction holds a share out)")
+            "splits to choose; drop val_split (val_fraction then holds a share out; streaming=true needs a "
+            "DatasetDict with a validation split)")
     raise ClipftUsageError(f"hf: {option}={name}: {found.where} has no split '{name}'. "
                            f"Splits: {', '.join(found.splits) or '(none)'}")
 
@@ -298,6 +303,16 @@ def labels_of(opts, feature, column: str, D, values=()) -> Labels:
             f"hf: label column '{column}' holds integers ({feature}) without class names (it is not a "
             "ClassLabel); pass classes=a,b,c (or classes=@FILE, one name a line) in label order")
     return Labels(given, column)
+
+
+def same_classes(train_ds, val_ds, column: Optional[str], opts, D) -> None:
+    """A usage error when the two splits' ClassLabels name different classes."""
+    if column is None:
+        return
+    a, b = train_ds.features[column], val_ds.features[column]
+    if isinstance(a, D.ClassLabel) and isinstance(b, D.ClassLabel) and a.names != b.names:
+        raise ClipftUsageError(f"hf: the label '{column}' of split '{opts.split}' has the classes "
+                               f"{a.names[:10]}, of split '{opts.val_split}' {b.names[:10]}; they must agree")
 
 
 def display_names(opts, names: list) -> list:
@@ -402,6 +417,7 @@ def build_hf(opts, ctx) -> DataBundle:
     if val_ds is not None:   # the same columns, by the names the train split resolved to
         columns(attrs.evolve(opts, image=cols.image, label=cols.label, caption=cols.caption),
                 val_ds.features, opts.val_split, D)
+        same_classes(train_ds, val_ds, cols.label, opts, D)
     warnings: list = []
     if val_ds is None and not opts.val_split:
         held = [s for s in found.splits if s in ("validation", "valid", "val") and s != opts.split]

@@ -21,11 +21,15 @@ process every row is read exactly once an epoch.
 
 **Order.** The train stream is shuffled each epoch: shard order and a buffer of
 ``shuffle_buffer`` rows in each reader, seeded by the epoch's seed
-(``set_epoch``; this source's own buffer, not ``IterableDataset.shuffle``,
-which waits seconds at the end of every pass over parquet files). Rows yield
-``(index, image, caption, label)`` with ``index`` a running number, and an
-image that fails to decode a :func:`clipft.data.failed_sample` named
-``SPLIT stream row N`` of its reader.
+(``set_epoch``). This source shuffles itself: ``IterableDataset.shuffle`` in
+datasets 5 waits seconds at the end of every pass over parquet files, and
+reports fewer shards than the files (datasets #8669), which would leave
+readers without data. (``IterableDataset.shard``, used here, needs datasets
+3.1.) Rows yield
+``(index, image, caption, label)`` with ``index`` a running number; a row whose
+image fails to decode, or whose label is no class, a
+:func:`clipft.data.failed_sample` named ``SPLIT shard S row R``, the same every
+epoch (counted once).
 """
 from __future__ import annotations
 
@@ -111,14 +115,18 @@ class HfStream(torch.utils.data.IterableDataset):
         return order[slot::readers]
 
     def _read(self, shards: list):
+        """``(name, row)`` of the rows of ``shards``; the name (shard and row in
+        it) is the same every epoch, so a bad row is counted once."""
         # ds.iter() rather than iter(ds): inside a DataLoader worker iter(ds)
         # would split the shard over the workers again
         n = self.source.num_shards
         for i in shards:
+            k = 0
             for batch in self.source.shard(num_shards=n, index=i).iter(batch_size=64):
                 cols = list(batch)
                 for j in range(len(batch[cols[0]])):
-                    yield {c: batch[c][j] for c in cols}
+                    yield f"{self.split} shard {i} row {k}", {c: batch[c][j] for c in cols}
+                    k += 1
 
     def __iter__(self):
         rank, world, worker, workers = reader_info()
@@ -135,8 +143,8 @@ class HfStream(torch.utils.data.IterableDataset):
             rows = self._read(shards)
         if self.train and self.shuffle_buffer > 1:
             rows = _shuffled(rows, self.shuffle_buffer, random.Random(_seed("rows", self.seed, slot)))
-        for n, row in enumerate(rows):
-            yield self.decode(row, n * readers + slot, f"{self.split} stream row {n} of reader {slot}")
+        for n, (name, row) in enumerate(rows):
+            yield self.decode(row, n * readers + slot, name)
 
     def decode(self, row: dict, index: int, name: str):
         label = -1
