@@ -37,12 +37,13 @@ import hashlib
 import random
 from typing import Optional
 
+import attrs
 import torch
 
 from clipft.data import DataBundle, failed_sample, reason_of, resolve_templates
 from clipft.errors import ClipftUsageError
 
-from clipft_hf.source import columns, display_names, labels_of, open_value, pick
+from clipft_hf.source import columns, display_names, labels_of, open_value, pick, same_classes
 
 
 def reader_info() -> tuple[int, int, int, int]:
@@ -220,6 +221,9 @@ def build_stream(opts, ctx, found, D) -> DataBundle:
     readers = world * max(1, ctx.num_workers)
     train_ds, val_ds = pick(found, opts.split, "split"), pick(found, opts.val_split, "val_split")
     cols = columns(opts, train_ds.features, opts.split, D)
+    columns(attrs.evolve(opts, image=cols.image, label=cols.label, caption=cols.caption),
+            val_ds.features, opts.val_split, D)
+    same_classes(train_ds, val_ds, cols.label, opts, D)
     labels = None
     if cols.label is not None:
         feature = train_ds.features[cols.label]
