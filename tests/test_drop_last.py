@@ -128,7 +128,7 @@ def test_bare_paths_resolve_to_their_source(tmp_path):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("x.parquet", "the captions source reads CSV, TSV, JSONL files"),
+    ("x.parquet", "x.parquet; the captions source reads CSV, TSV, JSONL files"),
     ("missing", "no such directory or file; for a folder of class sub-folders write --data imagefolder:root="),
     ("missing.csv", "no such file"),
     ("notes.txt", "not a .csv/.tsv/.jsonl table"),

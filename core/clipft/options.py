@@ -80,8 +80,9 @@ def data_ref(ref: ComponentRef) -> ComponentRef:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         raise ClipftUsageError(
-            f"--data {name}: Parquet is not read; the captions source reads "
-            f"{', '.join(s[1:].upper() for s in CAPTION_TABLES)} files (--data captions:file=PATH.csv)")
+            f"--data {name}: a Parquet file is read by the hf source (Hugging Face datasets): --data "
+            f"hf:path={name}; the captions source reads {', '.join(s[1:].upper() for s in CAPTION_TABLES)} "
+            "files (--data captions:file=PATH.csv)")
     if path.is_dir():
         return ComponentRef("imagefolder", {"root": name})
     if suffix in CAPTION_TABLES:

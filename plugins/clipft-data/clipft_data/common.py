@@ -39,6 +39,27 @@ def _templates_option(value) -> tuple:
         raise ValueError(str(exc)) from None
 
 
+def classnames_option(value):
+    """Converter of a class-names option: a list of names, or ``@FILE`` (one
+    name a non-empty line), kept expanded in config.toml so a run repeats
+    without the file (``webdataset``'s ``classnames``, ``hf``'s ``classes``)."""
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str) else tuple(value)
+    if len(items) == 1 and str(items[0]).strip().startswith("@"):
+        from clipft.data import read_text_utf8
+        path = Path(str(items[0]).strip()[1:]).expanduser()
+        try:
+            text = read_text_utf8(path, "classnames file")
+        except ClipftUsageError as exc:
+            raise ValueError(str(exc)) from None
+        items = tuple(line.strip() for line in text.splitlines() if line.strip())
+    names = tuple(str(x).strip() for x in items)
+    if not names or any(not n for n in names):
+        raise ValueError("give at least one class name and no empty ones")
+    return names
+
+
 # -- few-shot ------------------------------------------------------------------------
 
 def _shots(inst, attribute, value):

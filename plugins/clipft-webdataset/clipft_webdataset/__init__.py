@@ -11,7 +11,7 @@ from typing import Optional
 import attrs
 
 from clipft import DataSourceSpec, hookimpl
-from clipft_data.common import templates_field
+from clipft_data.common import classnames_option, templates_field
 
 IMAGE_KEYS = "jpg;png;jpeg;webp"   # open_clip's keys
 
@@ -21,29 +21,6 @@ def _at_least(low: int):
         if value is not None and value < low:
             raise ValueError(f"{attribute.name} must be >= {low}, got {value}")
     return check
-
-
-def _classnames(value):
-    """A list of names, or ``@FILE`` (one name a non-empty line), kept expanded
-    in config.toml so a run repeats without the file."""
-    if value is None:
-        return None
-    items = (value,) if isinstance(value, str) else tuple(value)
-    if len(items) == 1 and str(items[0]).strip().startswith("@"):
-        from pathlib import Path
-
-        from clipft.data import read_text_utf8
-        from clipft.errors import ClipftUsageError
-        path = Path(str(items[0]).strip()[1:]).expanduser()
-        try:
-            text = read_text_utf8(path, "classnames file")
-        except ClipftUsageError as exc:
-            raise ValueError(str(exc)) from None
-        items = tuple(line.strip() for line in text.splitlines() if line.strip())
-    names = tuple(str(x).strip() for x in items)
-    if not names or any(not n for n in names):
-        raise ValueError("classnames needs at least one name and no empty ones")
-    return names
 
 
 @attrs.frozen
@@ -61,7 +38,7 @@ class WebDatasetOptions:
         "help": "sample key of the caption (none: captions are class prompts)"})
     label_key: str = attrs.field(default="auto", metadata={
         "help": "sample key of the class index (cls); auto: the one shards.json names, else none"})
-    classnames: Optional[tuple] = attrs.field(default=None, converter=_classnames, metadata={
+    classnames: Optional[tuple] = attrs.field(default=None, converter=classnames_option, metadata={
         "help": "class names in label order, or @FILE; default: classnames.txt beside the shards"})
     resampled: bool = attrs.field(default=False, metadata={
         "help": "draw train shards with replacement (endless; an epoch is samples_per_epoch)"})
