@@ -539,11 +539,6 @@ class Registry:
         self._load_pending()
         return {key: list(owners) for key, owners in self._conflicts.items()}
 
-    def _check_unambiguous(self, kind: str, name: str) -> None:
-        owners = self._conflicts.get((kind, name))
-        if owners:
-            raise PluginConflictError(conflict_message(kind, name, owners))
-
     def _ensure(self, kind: str, name: str) -> None:
         """Every distribution that provides ``kind`` ``name`` is loaded (all of
         them when the name is unknown to what is loaded and cached)."""
@@ -558,11 +553,18 @@ class Registry:
                 rec.status, rec.error = "active", None
             self._import(retry)
 
-    def get(self, kind: str, name: str):
+    def _resolve(self, kind: str, name: str) -> str:
+        """The kind's own name, with every provider of ``name`` loaded and no conflict on it."""
         self.load()
         kind = kinds.lookup(kind).name
         self._ensure(kind, name)
-        self._check_unambiguous(kind, name)
+        owners = self._conflicts.get((kind, name))
+        if owners:
+            raise PluginConflictError(conflict_message(kind, name, owners))
+        return kind
+
+    def get(self, kind: str, name: str):
+        kind = self._resolve(kind, name)
         hit = self.components[kind].get(name)
         if hit is None:
             raise ClipftUsageError(self._unknown_message(kind, name))
@@ -608,8 +610,4 @@ class Registry:
         return msg
 
     def distribution_of(self, kind: str, name: str) -> str:
-        self.load()
-        kind = kinds.lookup(kind).name
-        self._ensure(kind, name)
-        self._check_unambiguous(kind, name)
-        return self.components[kind][name][1].distribution
+        return self.components[self._resolve(kind, name)][name][1].distribution
