@@ -11,19 +11,11 @@ Layout of a checkpoint folder:
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
   continues exactly, also from the middle of an epoch.
 
-``RUN_DIR/checkpoint-best/`` (``--keep-best``) is written the same way; it is
-no candidate for ``--resume``, which continues from the newest one.
-
-``RUN_DIR/checkpoint/`` is always the newest complete checkpoint; the older ones
-``--keep-checkpoints`` keeps live beside it as ``checkpoint-step00000120/``. A
-new checkpoint is written to a new temporary folder ``.checkpoint.tmp-PID-...``
-(:mod:`clipft.atomic`), every file fsynced,
-``state.json`` last (it lists the other files and their sizes, which is what
-makes a folder "complete"); then ``checkpoint`` is renamed to its step name and
-the new one renamed into place, and the directory is fsynced. A crash at any
-point leaves at least one complete checkpoint, and :func:`newest_complete`
-finds it. A failed write (a full disk) removes the partial folder and leaves the
-previous checkpoint as it was.
+``checkpoint/`` is the newest complete checkpoint, older ones sit beside it as
+``checkpoint-step00000120/`` and ``--keep-best``'s as ``checkpoint-best/`` (never a
+``--resume`` candidate). How a write stays crash-safe is in docs/usage.md: a
+temporary folder, every file fsynced, ``state.json`` last (it lists the other files
+and their sizes, which is what makes a folder "complete"), then renames.
 """
 from __future__ import annotations
 
