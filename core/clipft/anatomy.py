@@ -1,58 +1,19 @@
 """Model anatomy: where the towers, blocks, final norms and projections of an
-open_clip model live.
+open_clip model live, drawn once for every tower type open_clip builds so that no
+plugin has to special-case class names (the table is in docs/strategies.md).
 
-Strategies (freeze a tower, train the last n blocks, replace the projections,
-put LoRA into the blocks, cache a frozen tower, ...) all need the same map of the
-model. This module draws it once, for every tower type open_clip builds, so that
-no plugin has to special-case class names itself.
+The map is in qualified parameter names, as ``model.named_parameters()`` yields
+them. Each tower is cut, input to output, into ``stem`` (below the first block),
+``blocks`` (the depth units: ViT/text resblocks, ModifiedResNet stages, timm's
+parameter groups without the stem, else the longest ``nn.ModuleList`` of one type),
+``final`` (between the last block and the projection) and ``projection``.
+``CLIP`` keeps its text tower on itself, ``CustomTextCLIP`` and ``CoCa`` at
+``model.text``: both give the same :class:`Tower`. ``logit`` (``logit_scale``,
+``logit_bias``) and ``other`` (e.g. CoCa's ``text_decoder``) are outside both.
 
-The map is expressed in *qualified parameter names*, exactly as
-``model.named_parameters()`` yields them, so a selection can be built with
-:func:`named_params` and checked by name. Each tower is cut into four parts,
-from input to output:
-
-``stem``
-    everything below the first block: patch/token embeddings, class and
-    positional embeddings, ``ln_pre``, a ResNet's convolutional stem;
-``blocks``
-    the depth units, in order from input to output. What a unit is depends on
-    the tower (:attr:`Tower.unit`):
-
-    - ``VisionTransformer`` and open_clip's ``TextTransformer``: one
-      ``ResidualAttentionBlock`` of ``transformer.resblocks``;
-    - ``ModifiedResNet``: one stage (``layer1`` .. ``layer4``);
-    - ``TimmModel``: one of timm's parameter groups (``trunk.group_matcher()``,
-      the same groups ``lock(unlocked_groups=n)`` counts); timm's first group
-      (the stem) is not a unit;
-    - any other tower (Hugging Face text towers, unknown classes): the items of
-      the longest ``nn.ModuleList`` of same-type modules inside the tower;
-``final``
-    what sits between the last block and the projection: ``ln_post``,
-    ``ln_final``, attention poolers, a ResNet's ``attnpool`` (except
-    ``c_proj``), the parameters timm's matcher leaves to the head/neck;
-``projection``
-    the map into the shared embedding space:
-
-    - ``VisionTransformer``: ``visual.proj`` (an ``nn.Parameter``);
-    - ``ModifiedResNet``: ``visual.attnpool.c_proj`` (an ``nn.Linear``);
-    - ``TimmModel``: ``visual.head`` (``proj`` or ``mlp``) when it has
-      parameters, else the trunk's own classifier (``timm_proj`` null);
-    - text: ``text_projection`` (``nn.Parameter`` or ``nn.Linear``), or a
-      Hugging Face tower's ``proj``.
-
-``CLIP`` keeps the parts of its text tower on itself (``transformer``,
-``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection``)
-and has no ``.text``; ``CustomTextCLIP`` and ``CoCa`` keep the text tower at
-``model.text``. Both layouts give the same :class:`Tower` description.
-
-Parameters that belong to neither tower are reported separately: ``logit``
-(``logit_scale`` and, on SigLIP models, ``logit_bias``) and ``other`` (for
-example CoCa's ``text_decoder``).
-
-Parameters another plugin inserts inside a tower (LoRA factors, prompt vectors)
-are picked up by position: inside a block they belong to that block, elsewhere
-in the tower to the stem. Describe the model again after changing it; a
-description is a snapshot of the names present at the time.
+Parameters a plugin inserts (LoRA factors, prompts) belong to the block they sit
+in, else to the stem. A description is a snapshot: describe the model again after
+changing it.
 """
 from __future__ import annotations
 
@@ -228,9 +189,7 @@ def _longest_modulelist(module: nn.Module) -> Optional[str]:
 
 
 def _rest(all_names: tuple, *taken: Iterable[str]) -> tuple:
-    used = set()
-    for t in taken:
-        used.update(t)
+    used = set().union(*taken)
     return tuple(n for n in all_names if n not in used)
 
 
@@ -434,11 +393,7 @@ def layer_positions(tower: Tower) -> dict:
 
 # -- replacing projections ------------------------------------------------------------
 def _last_linear(module: nn.Module) -> Optional[str]:
-    last = None
-    for name, m in module.named_modules():
-        if isinstance(m, nn.Linear):
-            last = name
-    return last
+    return next((n for n, m in reversed(list(module.named_modules())) if isinstance(m, nn.Linear)), None)
 
 
 def replace_projection(model: nn.Module, tower: Tower, dim: int, std: Optional[float] = None,

@@ -75,10 +75,8 @@ def _create_temp_file(target: Path) -> tuple[int, Path]:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         path.unlink()
-    except OSError:
-        pass
 
 
 def _commit_file(tmp: Path, target: Path) -> None:
@@ -192,16 +190,14 @@ def building_dir(target) -> Iterator[Path]:
 # -- leftovers ----------------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this machine runs (True where that cannot be told)."""
-    if pid == os.getpid():
-        return True
-    if pid <= 0 or os.name == "nt":   # Windows' os.kill(pid, 0) would end the process
+    if pid == os.getpid() or pid <= 0 or os.name == "nt":   # Windows' os.kill(pid, 0) would end the process
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:   # EPERM: it runs, as another user
-        return True
+        pass
     return True
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 
 import attrs
 
+from clipft.errors import ClipftUsageError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -86,8 +88,6 @@ def is_iterable(dataset) -> bool:
 def read_text_utf8(path, what: str = "file") -> str:
     """The text of ``path`` (UTF-8, a BOM dropped), or a usage error naming the
     file: unreadable, or not UTF-8 (with the line of the first bad byte)."""
-    from clipft.errors import ClipftUsageError
-
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -105,7 +105,6 @@ def check_templates(templates: Sequence[str]) -> None:
     """A ValueError unless every template has exactly one ``{}`` for the class
     name (``{{`` and ``}}`` are literal braces)."""
     import string
-
     if not templates:
         raise ValueError("give at least one template with one '{}' for the class name")
     for t in templates:
@@ -147,7 +146,6 @@ def _template_set(name: str) -> tuple:
     try:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
     except ImportError as exc:
-        from clipft.errors import ClipftUsageError
         raise ClipftUsageError(f"templates={name}: this open_clip has no zero_shot_metadata "
                                f"({exc}); list the templates instead") from None
     # stored as lambdas (f-strings); formatting one with "{}" gives the template
@@ -156,8 +154,6 @@ def _template_set(name: str) -> tuple:
 
 def _template_file(ref: str) -> tuple:
     """``@FILE``: one template a non-empty line; a bad line is named."""
-    from clipft.errors import ClipftUsageError
-
     if not ref[1:].strip():
         raise ClipftUsageError("templates=@FILE needs a file name after '@'")
     path = Path(ref[1:].strip()).expanduser()
@@ -188,8 +184,6 @@ def resolve_templates(value, keep_names: bool = False) -> tuple:
     form a run's ``config.toml`` keeps, short and still exact, while a file's
     content is recorded because the file may change or move. A bad template, an
     unknown word or an unreadable file is a :class:`ClipftUsageError`."""
-    from clipft.errors import ClipftUsageError
-
     items = (value,) if isinstance(value, str) else tuple(value)
     out: list = []
     for item in items:
@@ -241,7 +235,7 @@ def check_image(path) -> Optional[str]:
             im.verify()
         return None
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return reason_of(exc)
 
 
 def reason_of(exc: BaseException) -> str:
@@ -371,7 +365,6 @@ class DecodeFailures:
 
 def collate(items):
     import torch
-
     marks = [x for x in items if isinstance(x, _Failed)]
     failed = [x.index for x in marks if not x.part]
     notes = [x for x in marks if x.part or x.name is not None]
@@ -396,7 +389,6 @@ def _slots(batch: dict) -> int:
 
 def _joined(parts: list) -> dict:
     import torch
-
     good = [p for p in parts if p["images"] is not None]
     out = {"failed": [i for p in parts for i in p["failed"]], "images": None,
            "notes": [n for p in parts for n in p.get("notes", ())]}

@@ -71,6 +71,18 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
+def quiet_logging(level: int = logging.ERROR):
+    """The root logger at ``level`` for the block: open_clip logs freely while it loads."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+@contextlib.contextmanager
 def _offline_if_unreachable(enabled: bool):
     """Without network, huggingface_hub retries for about a minute before it
     falls back to its cache. Probe once; if the hub is unreachable, switch the
@@ -153,18 +165,12 @@ STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def _skip_random_init():
-    """A torch function mode under which random fills do nothing: ``uniform_``,
-    ``normal_`` and the other in-place draws (``torch.nn.init``'s among them)
-    leave their tensor as it was allocated, and ``torch.randn``/``torch.rand``
-    (and their ``_like`` forms) return ``torch.empty``. Deterministic
-    initialisation (zeros, ones, constants, masks) runs as usual.
-
-    For building a model whose weights a checkpoint then overwrites: the
-    numbers would be thrown away (ViT-B-32 draws 151M of them, about a second
-    on one core). No random number is drawn either, so the global RNG is left
-    where it was. ``mode.skipped`` keeps the tensors left unfilled (alive, so
-    that no later tensor can reuse their memory) for :func:`_unfilled_buffers`.
-    """
+    """A torch function mode under which random fills do nothing (in-place draws
+    leave their tensor as allocated, ``randn``/``rand`` return ``empty``), for a
+    model whose weights a checkpoint then overwrites: ViT-B-32 would draw 151M
+    numbers (about a second on one core) to throw away, and the global RNG is left
+    where it was. ``mode.skipped`` keeps the unfilled tensors alive (so no later
+    tensor reuses their memory) for :func:`_unfilled_buffers`."""
     import torch
     from torch.overrides import TorchFunctionMode
 
@@ -207,17 +213,12 @@ def _unfilled_buffers(model, skipped: list) -> list:
 
 
 def _build_over_checkpoint(create, model_name: str, pretrained: str, device: str):
-    """``create(model_name, pretrained=pretrained, device=device)`` (open_clip's
-    factory, which builds the model and then loads ``pretrained``, a state-dict
-    file, strictly), with the random initialisation left out
-    (:func:`_skip_random_init`): each parameter and persistent buffer is then
-    the file's tensor, bit for bit, as after a normal build. A model whose
-    non-persistent buffers would hold unfilled memory is built again the
-    normal way.
-
-    The check is made on the CPU, before the model moves to ``device``: moving
-    gives every buffer new memory, which the check could no longer trace to
-    the unfilled tensors."""
+    """open_clip's ``create`` (which loads the state-dict file ``pretrained``
+    strictly) without the random initialisation (:func:`_skip_random_init`): every
+    parameter and persistent buffer is the file's tensor, as after a normal build.
+    A model whose non-persistent buffers would hold unfilled memory is built again
+    the normal way. Checked on the CPU: moving to ``device`` gives every buffer new
+    memory, which could no longer be traced to the unfilled tensors."""
     mode = _skip_random_init()
     with mode:
         built = create(model_name, pretrained=pretrained, device="cpu")
@@ -327,24 +328,15 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
     try:
         # open_clip logs a warning for every random init (for "none" that is the
         # request) and an error before raising on failed downloads (we report it)
-        quiet = logging.getLogger()
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)
-        try:
-            with _offline_if_unreachable(pretrained not in ("none", "") and not is_file):
-                if (is_file and Path(pretrained).suffix.lower() in STATE_DICT_SUFFIXES
-                        and not model_name.startswith(("local-dir:", "hf-hub:"))):
-                    # every weight comes from the file: no random init to overwrite
-                    model, pre_train, pre_val = _build_over_checkpoint(
-                        open_clip.create_model_and_transforms, model_name, pretrained, device)
-                else:
-                    model, pre_train, pre_val = open_clip.create_model_and_transforms(
-                        model_name,
-                        pretrained=None if pretrained in ("none", "") else pretrained,
-                        device=device,
-                    )
-        finally:
-            quiet.setLevel(level)
+        with quiet_logging(logging.CRITICAL), _offline_if_unreachable(pretrained not in ("none", "") and not is_file):
+            if (is_file and Path(pretrained).suffix.lower() in STATE_DICT_SUFFIXES
+                    and not model_name.startswith(("local-dir:", "hf-hub:"))):
+                # every weight comes from the file: no random init to overwrite
+                model, pre_train, pre_val = _build_over_checkpoint(
+                    open_clip.create_model_and_transforms, model_name, pretrained, device)
+            else:
+                model, pre_train, pre_val = open_clip.create_model_and_transforms(
+                    model_name, pretrained=None if pretrained in ("none", "") else pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as exc:  # noqa: BLE001 - sorted below; anything else is re-raised
         text = f"{type(exc).__name__} {exc}".lower()
@@ -368,11 +360,8 @@ def load_model(model_name: str, pretrained: str, device: str = "cpu") -> LoadedM
                 "pickle of more than tensors, and clipft loads torch files with weights_only=True; "
                 f"{CHECKPOINT_EXPECTED}") from None
         if is_file:
-            why = (f"{type(exc).__name__}: {_first_line(exc)}" if "weights only load failed" not in text
-                   else "it is a pickle of more than tensors, and clipft loads torch files with "
-                        "weights_only=True")
             raise ClipftUsageError(
                 f"--pretrained {pretrained}: open_clip could not read it as '{model_name}' weights "
-                f"({why}); {CHECKPOINT_EXPECTED}") from None
+                f"({type(exc).__name__}: {_first_line(exc)}); {CHECKPOINT_EXPECTED}") from None
         raise
     return LoadedModel(model, pre_train, pre_val, tokenizer, model_name, pretrained)

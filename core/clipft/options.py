@@ -238,5 +238,22 @@ def describe_options(spec) -> list[dict]:
     return rows
 
 
+# -- attrs validators the plugins' option classes share ---------------------------
+def at_least_one(inst, attribute, value):
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+
+
+def positive(inst, attribute, value):
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def unit_fraction(inst, attribute, value):
+    """In [0, 1): a dropout probability, a decay."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
+
+
 def options_to_dict(opts: Any) -> dict:
     return attrs.asdict(opts, recurse=False) if attrs.has(type(opts)) else {}

@@ -86,15 +86,10 @@ def _installed_at(dist) -> Optional[float]:
 def _newest_last(owners: list["PluginRecord"], order: dict) -> list["PluginRecord"]:
     """Owners of one name, the one installed first first.
 
-    Which side of a conflict is the newcomer? Sorting by entry-point name (the
-    load order) says nothing about it: ``clipft_myfull`` sorts before ``full``,
-    so "disable the second" would disable the built-in. The core has no list of
-    built-ins either (they are ordinary distributions). What does tell is install
-    time: a plugin that clashes was almost always installed after the working
-    set, built-ins included. So the newest install is the one to disable; ties and
-    unknown times (in-process plugins, which the embedding code adds on top of
-    the installed ones) fall back to load order. Both remedies are shown anyway.
-    """
+    Load order (entry-point name) says nothing of which side is the newcomer
+    (``clipft_myfull`` sorts before ``full``); install time does: a plugin that
+    clashes was almost always installed after the working set, built-ins included.
+    Ties and unknown times (in-process plugins) fall back to load order."""
     inf = float("inf")
     return sorted(owners, key=lambda r: (r.installed_at if r.installed_at is not None else inf,
                                          order[id(r)]))
@@ -226,11 +221,10 @@ def _write_cache(records: list, eps: list, components: dict) -> None:
 
 class _ImportJournal:
     """``importing-PID``: the fingerprint of the entry point this process is
-    importing, written just before the import and removed when it is over,
-    however it ended. A plugin that ends the process at import (``os._exit``,
-    a segfault) leaves the file behind with a dead pid, and the next command
-    skips that plugin as failed (:func:`_killed_importers`) instead of dying the
-    same way. One file per process: parallel commands never share one."""
+    importing, removed when the import is over however it ended. A plugin that
+    ends the process at import (``os._exit``, a segfault) leaves it behind with a
+    dead pid, and the next command skips that plugin as failed
+    (:func:`_killed_importers`) instead of dying the same way."""
 
     def __init__(self):
         self.path = cache_path().parent / f"importing-{os.getpid()}"
@@ -289,14 +283,10 @@ def _short_error(exc: BaseException) -> str:
 class _InterruptWatch:
     """Tells a real Ctrl-C apart from a KeyboardInterrupt that plugin code raises.
 
-    Plugin code (its import, its hooks) is contained: any exception it raises,
-    ``SystemExit`` and ``KeyboardInterrupt`` included, fails that plugin only. The
-    one exception is a SIGINT really delivered to this process while the plugins
-    load: the user wants the command to stop, so it propagates. While active this
-    wraps the SIGINT handler to note delivery. Signals reach only the main thread,
-    so elsewhere (or when SIGINT is ignored or default) any KeyboardInterrupt is the
-    plugin's own.
-    """
+    Whatever plugin code raises fails that plugin only, except a SIGINT really
+    delivered while the plugins load: the user wants the command to stop. This
+    wraps the SIGINT handler to note delivery; signals reach only the main thread,
+    so elsewhere (or when SIGINT is ignored or default) it is the plugin's own."""
 
     def __init__(self):
         self.delivered = False
@@ -336,12 +326,9 @@ def _where(fn) -> str:
 
 
 def _unknown_hooks(pm: pluggy.PluginManager, obj: object) -> list[str]:
-    """One message per ``@hookimpl`` of ``obj`` that matches no hookspec.
-
-    pluggy's ``check_pending()`` finds these for the whole manager at once; asking
-    per plugin lets one bad plugin fail alone. ``@hookimpl(optionalhook=True)``
-    opts out, as it does for ``check_pending()``.
-    """
+    """One message per ``@hookimpl`` of ``obj`` that matches no hookspec (per
+    plugin, unlike pluggy's ``check_pending()``, so one bad plugin fails alone;
+    ``optionalhook=True`` opts out)."""
     known = sorted(name for name in vars(pm.hook) if not name.startswith("_")
                    and getattr(pm.hook, name).has_spec())
     problems = []
@@ -399,13 +386,11 @@ class Registry:
 
     # -- loading -----------------------------------------------------------
     def load(self, only: Optional[Iterable[tuple]] = None) -> "Registry":
-        """Load the plugins. ``only``: the ``(kind, name)`` pairs the command
-        will look up. Then, when the provides cache (:func:`cache_path`) knows
-        every installed entry point as it is now, only the distributions that
-        provide those names (or a default callback) are imported; the others
-        load when a lookup needs them (:meth:`get`, :meth:`names`), so a plugin
-        that is slow, prints or exits at import costs nothing to runs that do
-        not use it. Anything unknown to the cache, or no ``only``: load all."""
+        """Load the plugins. With ``only`` (the ``(kind, name)`` pairs the command
+        will look up) and a provides cache that knows every installed entry point
+        as it is now, only the distributions providing those names (or a default
+        callback) are imported; the others load when a lookup needs them. Else
+        all load."""
         if self._loaded:
             return self
         self._loaded = True
@@ -554,11 +539,6 @@ class Registry:
         self._load_pending()
         return {key: list(owners) for key, owners in self._conflicts.items()}
 
-    def _check_unambiguous(self, kind: str, name: str) -> None:
-        owners = self._conflicts.get((kind, name))
-        if owners:
-            raise PluginConflictError(conflict_message(kind, name, owners))
-
     def _ensure(self, kind: str, name: str) -> None:
         """Every distribution that provides ``kind`` ``name`` is loaded (all of
         them when the name is unknown to what is loaded and cached)."""
@@ -573,11 +553,18 @@ class Registry:
                 rec.status, rec.error = "active", None
             self._import(retry)
 
-    def get(self, kind: str, name: str):
+    def _resolve(self, kind: str, name: str) -> str:
+        """The kind's own name, with every provider of ``name`` loaded and no conflict on it."""
         self.load()
         kind = kinds.lookup(kind).name
         self._ensure(kind, name)
-        self._check_unambiguous(kind, name)
+        owners = self._conflicts.get((kind, name))
+        if owners:
+            raise PluginConflictError(conflict_message(kind, name, owners))
+        return kind
+
+    def get(self, kind: str, name: str):
+        kind = self._resolve(kind, name)
         hit = self.components[kind].get(name)
         if hit is None:
             raise ClipftUsageError(self._unknown_message(kind, name))
@@ -623,8 +610,4 @@ class Registry:
         return msg
 
     def distribution_of(self, kind: str, name: str) -> str:
-        self.load()
-        kind = kinds.lookup(kind).name
-        self._ensure(kind, name)
-        self._check_unambiguous(kind, name)
-        return self.components[kind][name][1].distribution
+        return self.components[self._resolve(kind, name)][name][1].distribution

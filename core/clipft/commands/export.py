@@ -1,24 +1,8 @@
-"""``clipft export RUN_DIR OUT``: a trained run as a plain open_clip model.
-
-``OUT`` holds:
-
-- ``open_clip_model.safetensors``: a standard open_clip state dict. Adapters
-  (LoRA) are merged into the base weights; trained, unfrozen and reprojected
-  weights are included. It has open_clip's keys and nothing else.
-- ``open_clip_config.json``: ``{"model_cfg": ..., "preprocess_cfg": ...}``, so
-  ``open_clip.create_model_and_transforms("local-dir:OUT")`` loads the model
-  with no clipft installed (``create_model(name, pretrained="OUT/open_clip_model.safetensors")``
-  works too while the architecture is unchanged).
-- one file per module a strategy inserted that has no place in an open_clip
-  state dict: ``prompts.safetensors`` (learned text context) and
-  ``vision_prompts.safetensors`` (VPT tokens). Tensors are stored under their
-  names in the clipft model (``clipft_class_text.ctx``); the safetensors
-  metadata key ``clipft`` holds JSON with the strategy, its options and the
-  class names, which is what :func:`load_export` needs to put them back.
-- ``head.safetensors`` when the run's head has weights (metadata as above).
-- ``clipft_export.json``: a manifest (source run, class names, templates, the
-  files above, the number of merged adapter layers, and the largest difference
-  between the run's model and the reloaded export on a probe input).
+"""``clipft export RUN_DIR OUT``: a trained run as a plain open_clip model (the
+files of OUT are listed in docs/export.md). Extras files store their tensors
+under their names in the clipft model, and their safetensors metadata key
+``clipft`` holds JSON with the strategy, its options and the class names: what
+:func:`load_export` needs to put them back.
 
 What plain open_clip keeps: inserted modules (:class:`clipft.InsertedModule`)
 that fold into the base weights (``folds_into_base``) are merged; those that
@@ -40,6 +24,7 @@ import torch
 
 from clipft import atomic
 from clipft import __version__
+from clipft.anatomy import get_path
 from clipft.commands import wiseft
 from clipft.commands.export_check import blame, check_config, read_manifest
 from clipft.commands.wiseft import fold_adapters
@@ -49,7 +34,7 @@ from clipft.engine.loadrun import load_run
 from clipft.engine.rundir import RunLock
 from clipft.engine.signals import Raising
 from clipft.errors import ClipftError, ClipftUsageError
-from clipft.models import register_tiny_configs
+from clipft.models import quiet_logging, register_tiny_configs
 from clipft.options import build_options, options_to_dict
 from clipft.plugins import Registry
 from clipft.protocols import inserted_modules
@@ -62,13 +47,6 @@ FORMAT = 1
 #: largest allowed |run model - reloaded export| on the probe, relative to the
 #: features' magnitude
 VERIFY_RTOL = 1e-4
-
-
-def _get(model, path: str):
-    obj = model
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _model_cfg(model, model_name: str) -> dict:
@@ -202,7 +180,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
         for qname, module, _, _ in extras:
             module.uninstall()
             parent, _, attr = qname.rpartition(".")
-            delattr(_get(model, parent), attr)
+            delattr(get_path(model, parent), attr)
 
         # 2. fold adapters into the base weights
         folded += fold_adapters(model)
@@ -262,7 +240,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
 
         # 4. verify: load_export gives back the run's model; plain open_clip
         #    gives it back too unless a module it drops changes the features
-        with _quiet():
+        with quiet_logging():
             plain = open_clip.create_model(f"local-dir:{tmp}", device=device).eval()
         plain_diff = _max_diff(_features(plain, probe), reference)
         full_diff = _max_diff(_run_features(load_export(tmp, registry, device)["model"], probe), reference)
@@ -280,20 +258,6 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
         if out.exists():   # checked above: an export with nothing its manifest does not list
             shutil.rmtree(out)
     return manifest
-
-
-class _quiet:
-    """open_clip logs at INFO/WARNING while loading local dirs; keep stderr clean."""
-
-    def __enter__(self):
-        import logging
-        self.logger = logging.getLogger()
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-        return False
 
 
 def read_extra(path) -> tuple[dict, dict]:
@@ -321,7 +285,7 @@ def load_export(out, registry=None, device: str = "cpu") -> dict:
     manifest = read_manifest(out / MANIFEST)
     check_config(out / CONFIG)
     dev = torch.device(device)
-    with _quiet(), blame(out / WEIGHTS, "cannot be loaded as the model open_clip_config.json describes"):
+    with quiet_logging(), blame(out / WEIGHTS, "cannot be loaded as the model open_clip_config.json describes"):
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}", device=device)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     if registry is None and (manifest["extras"] or manifest.get("head")):

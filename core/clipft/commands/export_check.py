@@ -25,6 +25,10 @@ def _strings(path: Path, key: str, value, allow_empty: bool = False) -> None:
                    else f"'{key}' is an empty list")
 
 
+def _outside(name: str) -> bool:
+    return Path(name).is_absolute() or ".." in Path(name).parts
+
+
 def read_manifest(path: Path) -> dict:
     """The manifest at ``path`` (clipft_export.json), or a usage error saying
     which field is malformed."""
@@ -41,15 +45,14 @@ def read_manifest(path: Path) -> dict:
             isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] for e in extras):
         raise _bad(path, "'extras' must be a list of objects, each with a 'file'")
     for e in extras:
-        if Path(e["file"]).is_absolute() or ".." in Path(e["file"]).parts:
+        if _outside(e["file"]):
             raise _bad(path, f"extras file {e['file']!r} is not a file name inside the export")
     head = doc.get("head")
     if head is not None and not (isinstance(head, dict) and isinstance(head.get("name"), str)
                                  and isinstance(head.get("options", {}), dict)
                                  and isinstance(head.get("file", ""), (str, type(None)))):
         raise _bad(path, "'head' must be an object with a 'name' (and 'options', 'file')")
-    if head is not None and head.get("file") and (Path(head["file"]).is_absolute()
-                                                  or ".." in Path(head["file"]).parts):
+    if head is not None and head.get("file") and _outside(head["file"]):
         raise _bad(path, f"head file {head['file']!r} is not a file name inside the export")
     _strings(path, "classnames", doc.get("classnames"))
     _strings(path, "templates", doc.get("templates"), allow_empty=True)
@@ -90,9 +93,7 @@ def blame(path: Path, what: str = "is damaged or not what this export needs"):
     another shape, a config open_clip cannot build)."""
     try:
         yield
-    except ClipftError:
-        raise
-    except (MemoryError, KeyboardInterrupt):
+    except (ClipftError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:   # safetensors, open_clip and torch raise many types here
         raise _bad(path, f"{what} ({_reason(exc)})") from None

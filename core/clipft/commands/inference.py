@@ -343,13 +343,8 @@ def render_eval(doc: dict, console, notes=None) -> None:
 
 def _curve_columns(curve: list) -> list:
     """(part, metric) pairs shown for a WiSE-FT curve: top-1s and recall@1."""
-    cols = []
-    for part in ("data", "control"):
-        if part in curve[0]:
-            for m in ("top1", "head_top1", "recall@1"):
-                if m in curve[0][part]:
-                    cols.append((part, m))
-    return cols
+    return [(part, m) for part in ("data", "control") if part in curve[0]
+            for m in ("top1", "head_top1", "recall@1") if m in curve[0][part]]
 
 
 def render_wise_ft(doc: dict, console) -> None:

@@ -11,17 +11,12 @@ from clipft.errors import ClipftUsageError
 
 
 def without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
+    out, rest = [], iter(argv)
+    for a in rest:
         if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        out.append(a)
+            next(rest, None)   # its value
+        elif not a.startswith("--nproc="):
+            out.append(a)
     return out
 
 

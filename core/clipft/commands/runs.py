@@ -4,15 +4,6 @@ Reads only the run directory contract (``config.toml``, ``summary.json``, the
 ``.clipft-run`` marker; see :mod:`clipft.engine.rundir`), never a checkpoint, so
 it imports neither torch nor the engine and stays fast on a folder of many runs.
 
-- :func:`find_runs` finds the runs under a folder (the folder itself, a sweep's
-  members a few levels down).
-- :func:`run_row` is one run's row: its components, parameter counts, metrics
-  before and after, train time and peak RSS (numbers, for ``--json``).
-- :func:`list_runs` is every row under a folder, oldest first.
-- :func:`compare` puts two runs side by side: the config keys that differ (and
-  those that are equal) and each metric before/after for both.
-- :func:`render_runs` and :func:`render_compare` print those on a rich console.
-
 Options are shown compactly: only those that differ from the component's
 defaults (``last-n:n=2``). The defaults come from a registry when one is given,
 else from the plugins' provides cache (:func:`clipft.plugins.cached_defaults`),
@@ -210,21 +201,16 @@ def run_row(path, root=None, registry=None) -> dict:
     when the run finished and from config.toml otherwise; ``data`` always from
     config.toml (summary.json records the sizes, not the options)."""
     path = Path(path)
+    run = str(path)
     if root is not None:
         rel = path.relative_to(root).as_posix()
         run = str(root) if rel == "." else rel
-    else:
-        run = str(path)
     summary, summary_error = _read_json(path / SUMMARY)
     config, config_error = _read_toml(path / CONFIG)
-    if summary_error:
-        status = UNREADABLE
-    elif summary is not None:
-        status = COMPLETE
-    elif config_error:
+    if summary_error or (summary is None and config_error):
         status = UNREADABLE
     else:
-        status = INCOMPLETE
+        status = COMPLETE if summary is not None else INCOMPLETE
     errors = [e for e in (summary_error, config_error) if e]
     src = summary if summary is not None else {}
     cfg = config or {}
@@ -375,7 +361,6 @@ def render_runs(doc: dict, console) -> None:
     """The table of :func:`list_runs` (oldest first), on a rich console."""
     from rich.markup import escape
     from rich.table import Table
-
     rows = doc["runs"]
     if not rows:
         console.print(f"no clipft runs under {escape(doc['dir'])}")
@@ -409,9 +394,7 @@ def render_runs(doc: dict, console) -> None:
 
 
 def _value(v) -> str:
-    if v is None:
-        return "-"
-    return format_value(v) if not isinstance(v, str) else v
+    return "-" if v is None else v if isinstance(v, str) else format_value(v)
 
 
 def render_compare(doc: dict, console, show_all: bool = False) -> None:
@@ -419,7 +402,6 @@ def render_compare(doc: dict, console, show_all: bool = False) -> None:
     ones, dimmed, with ``show_all``), the metrics, then time and memory."""
     from rich.markup import escape
     from rich.table import Table
-
     a, b = doc["a"], doc["b"]
     console.print(f"[bold]A[/] {escape(a['path'])} ({a['status']})   "
                   f"[bold]B[/] {escape(b['path'])} ({b['status']})", soft_wrap=True)

@@ -1,17 +1,6 @@
-"""``clipft new KIND NAME [--dir D]``: write a complete plugin distribution.
-
-D (default ``./clipft-NAME``) gets:
-
-- ``pyproject.toml``: distribution ``clipft-NAME``, ``dependencies = ["clipft"]``,
-  the ``clipft`` entry point ``NAME = "clipft_NAME"``, pytest as the ``test`` extra;
-- ``clipft_NAME/__init__.py``: the registration hook, the spec, an attrs options
-  class and a small component of KIND that works as written (a strategy training
-  LayerNorms, a multi-positive contrastive loss, a cosine-classifier head, a
-  synthetic colour-swatch data source, a callback logging each optimizer step);
-- ``README.md``: install, use, test;
-- ``tests/test_NAME.py``: tests written against :mod:`clipft.testing`.
-
-Right after scaffolding, ``pip install -e D && pytest D`` passes.
+"""``clipft new KIND NAME [--dir D]``: write a complete plugin distribution
+(pyproject, package, README, tests) into D, default ``./clipft-NAME``; right
+after scaffolding, ``pip install -e D && pytest D`` passes.
 
 The files come from package data, ``clipft/templates``: ``common/`` (pyproject,
 README) and ``KIND/`` (the package and its tests). They are a real plugin named

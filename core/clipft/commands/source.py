@@ -56,7 +56,6 @@ def source_kind(path: Path) -> str:
 def load_source(source: Optional[str], model_name: Optional[str] = None, pretrained: Optional[str] = None,
                 registry=None, device: str = "cpu", best: bool = False) -> Source:
     """``best``: a run's ``checkpoint-best/`` instead of its final weights."""
-
     if source and model_name:
         raise ClipftUsageError(f"give either SOURCE ({source}) or --model, not both")
     if best and model_name:
@@ -79,8 +78,8 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         raise ClipftUsageError(f"--best picks a run's best checkpoint; {path} is an export, not a run directory")
     if kind == KIND_RUN:
         run = load_run(path, registry, device=str(dev), best=best)
-        return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer, run.preprocess, run.head,
-                      run.classnames, tuple(run.templates), dev, seed=run.config.seed,
+        return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer,
+                      run.preprocess, run.head, run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],

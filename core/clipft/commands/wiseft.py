@@ -80,7 +80,6 @@ def fold_adapters(model) -> int:
 def endpoints(run) -> Endpoints:
     """The two endpoints of a loaded run (:func:`clipft.engine.loadrun.load_run`).
     Folds the run's adapters into ``run.model`` in place."""
-
     reason = refusal(run)
     if reason:
         raise ClipftUsageError(f"WiSE-FT: {reason}")

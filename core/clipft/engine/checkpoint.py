@@ -11,19 +11,11 @@ Layout of a checkpoint folder:
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
   continues exactly, also from the middle of an epoch.
 
-``RUN_DIR/checkpoint-best/`` (``--keep-best``) is written the same way; it is
-no candidate for ``--resume``, which continues from the newest one.
-
-``RUN_DIR/checkpoint/`` is always the newest complete checkpoint; the older ones
-``--keep-checkpoints`` keeps live beside it as ``checkpoint-step00000120/``. A
-new checkpoint is written to a new temporary folder ``.checkpoint.tmp-PID-...``
-(:mod:`clipft.atomic`), every file fsynced,
-``state.json`` last (it lists the other files and their sizes, which is what
-makes a folder "complete"); then ``checkpoint`` is renamed to its step name and
-the new one renamed into place, and the directory is fsynced. A crash at any
-point leaves at least one complete checkpoint, and :func:`newest_complete`
-finds it. A failed write (a full disk) removes the partial folder and leaves the
-previous checkpoint as it was.
+``checkpoint/`` is the newest complete checkpoint, older ones sit beside it as
+``checkpoint-step00000120/`` and ``--keep-best``'s as ``checkpoint-best/`` (never a
+``--resume`` candidate). How a write stays crash-safe is in docs/usage.md: a
+temporary folder, every file fsynced, ``state.json`` last (it lists the other files
+and their sizes, which is what makes a folder "complete"), then renames.
 """
 from __future__ import annotations
 
@@ -31,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +119,8 @@ def newest_intact(run_dir: Path) -> tuple:
     match their checksums, or ``(None, None, damaged)``; ``damaged`` lists the
     newer ``(folder, why)`` passed over, for the caller to warn about (or to
     name, when nothing is intact)."""
-    complete = [(f, s) for f in candidates(run_dir) if (s := read_state(f)) is not None]
-    complete.sort(key=lambda fs: _order(fs[1]), reverse=True)
     damaged = []
-    for folder, state in complete:
+    for folder, state in sorted(_complete(run_dir), key=lambda fs: _order(fs[1]), reverse=True):
         why = verify_checkpoint(folder, state)
         if why is None:
             return folder, state, damaged
@@ -152,7 +143,6 @@ def checkpoint_to_load(run_dir: Path, what: str, warn=None) -> tuple:
         if warn is not None:
             warn(message)
         else:
-            import sys
             print(f"warning: {message}", file=sys.stderr)
     return folder, state
 
@@ -171,15 +161,14 @@ def candidates(run_dir: Path) -> list:
         reverse=True)
 
 
+def _complete(run_dir: Path) -> list:
+    return [(f, s) for f in candidates(run_dir) if (s := read_state(f)) is not None]
+
+
 def newest_complete(run_dir: Path):
     """``(folder, state)`` of the newest complete checkpoint in ``run_dir``
     (by step), or ``(None, None)``."""
-    best = (None, None)
-    for folder in candidates(run_dir):
-        state = read_state(folder)
-        if state is not None and (best[1] is None or _order(state) > _order(best[1])):
-            best = (folder, state)
-    return best
+    return max(_complete(run_dir), key=lambda fs: _order(fs[1]), default=(None, None))
 
 
 def changed_keys(model: torch.nn.Module, base_shapes: dict) -> set:
@@ -202,7 +191,11 @@ def changed_state(model: torch.nn.Module, base_shapes: dict, also=()) -> dict:
     stages of a multi-stage run trained)."""
     sd = model.state_dict()
     keep = changed_keys(model, base_shapes) | {k for k in also if k in sd}
-    return {k: sd[k].detach().contiguous().cpu() for k in sorted(keep)}
+    return _cpu({k: sd[k] for k in sorted(keep)})
+
+
+def _cpu(tensors: dict) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -214,8 +207,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
                 tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
             else:
                 meta[f"{pid}.{k}"] = v
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"scalars": meta, "param_groups": groups}
+    return tensors, {"scalars": meta, "param_groups": [dict(g) for g in sd["param_groups"]]}
 
 
 def _check_groups(optimizer, saved_groups: list, folder: Path) -> None:
@@ -234,10 +226,7 @@ def _check_groups(optimizer, saved_groups: list, folder: Path) -> None:
 
 def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for key, v in meta["scalars"].items():
+    for key, v in {**tensors, **meta["scalars"]}.items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": kept_impl(optimizer, meta["param_groups"])})
@@ -274,11 +263,9 @@ class Checkpointer:
     def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
         save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
         if self.head is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                      str(folder / "head.safetensors"))
+            save_file(_cpu(self.head.state_dict()), str(folder / "head.safetensors"))
         if self.loss is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.loss.state_dict().items()},
-                      str(folder / LOSS_FILE))
+            save_file(_cpu(self.loss.state_dict()), str(folder / LOSS_FILE))
         opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -304,7 +291,7 @@ class Checkpointer:
             "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "python_random": _jsonable(random.getstate()),
+            "python_random": random.getstate(),   # json writes its tuples as lists
             "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "history": history,
             "trainable": sorted(n for n, p in self.model.named_parameters() if p.requires_grad),
@@ -314,8 +301,7 @@ class Checkpointer:
             "templates": list(self.templates),
             **extra,
         }
-        path = folder / "state.json"
-        with open(path, "w") as f:
+        with open(folder / "state.json", "w") as f:
             f.write(json.dumps(state, default=_json_default))
             f.flush()
             os.fsync(f.fileno())
@@ -440,19 +426,11 @@ class Checkpointer:
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
-    if isinstance(o, tuple):
-        return list(o)
     raise TypeError(type(o).__name__)
-
-
-def _jsonable(state):
-    if isinstance(state, tuple):
-        return [_jsonable(x) for x in state]
-    return state
 
 
 def _tuplify(x):
@@ -470,7 +448,6 @@ def _older_checkpoints_hint(ck: Path) -> str:
 def _read_tensors(path: Path, device) -> dict:
     """A checkpoint's safetensors file, or a usage error saying it is corrupt."""
     from safetensors import SafetensorError
-
     try:
         return load_file(str(path), device=str(device))
     except FileNotFoundError:

@@ -1,21 +1,8 @@
-"""Composing strategies into the trainable set and optimizer parameter groups.
-
-Rules (also in docs/strategies.md):
-- The model starts fully frozen.
-- Selector strategies (``role == "selector"``, :meth:`clipft.Strategy.apply`)
-  run in command-line order; the trainable set is the union of their
-  selections. A parameter claimed twice stays in the group of the first
-  strategy that claimed it.
-- Modifier strategies (``role == "modifier"``, :meth:`clipft.Strategy.modify`)
-  run afterwards, in order, and may only rescale or regroup what is already
-  selected.
-- Contradictions are errors: the same strategy twice, a modifier with nothing
-  selected, a modifier that tries to add parameters, a strategy that selects
-  what another one keeps frozen (:meth:`clipft.Strategy.keeps_frozen`), and a
-  strategy that replaces parameters an earlier one already selected (list the
-  replacing strategy, e.g. ``reproject``, first).
-- A selected text side that nothing in the training forward uses
-  (:func:`unused_trained`) is left frozen and reported, not trained in vain.
+"""Composing strategies into the trainable set and optimizer parameter groups,
+by the rules in docs/strategies.md: selectors in order (first claim wins), then
+modifiers, which may only rescale or regroup; contradictions are errors; a
+selected text side that nothing in the training forward uses is left frozen
+and reported (:func:`unused_trained`).
 """
 from __future__ import annotations
 

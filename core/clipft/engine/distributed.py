@@ -3,25 +3,8 @@
 ``torchrun --nproc-per-node N -m clipft run ...`` (or ``clipft run --nproc N``)
 starts N processes with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
 rendezvous address in the environment; :func:`from_env` joins the process
-group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU).
-
-How a run divides (see docs/scaling.md):
-
-- ``--batch-size`` is per rank; the global batch is ``world × batch``. Global
-  batch ``k`` of an epoch is the slice ``[k·B, (k+1)·B)`` of the epoch's seeded
-  permutation, rank ``r`` takes its ``r``-th contiguous share. So a run on N
-  ranks sees exactly the batches of a one-process run with ``--batch-size N·b``.
-  The last, incomplete global batch is split evenly; the at most ``world - 1``
-  samples left over are dropped for that epoch (every rank must run the same
-  number of steps, and equal shares keep the mean of per-rank means equal to
-  the global mean).
-- Gradients are averaged by :class:`~torch.nn.parallel.DistributedDataParallel`
-  wrapping one module that runs the training forward; DDP only reduces
-  parameters that require grad, so frozen towers cost nothing in all-reduce.
-  ``find_unused_parameters`` is set only when a probe of the first batch's
-  autograd graph finds trained parameters the loss does not reach.
-- Rank 0 alone evaluates, shows progress, fires the callbacks and writes the
-  run directory; the others wait at a barrier and receive the metrics.
+group (NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``; gloo on CPU). How a run
+divides among the ranks (batches, gradients, rank 0's part) is in docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -36,8 +19,6 @@ import torch
 from clipft.engine.loop import train_forward
 from clipft.errors import ClipftError, ClipftUsageError
 
-#: how long a collective may wait before the job fails instead of hanging
-#: (rank 0 evaluating or saving a checkpoint is the longest legitimate wait)
 #: minutes a collective may wait when ``--collective-timeout`` is not given: rank 0
 #: evaluating (or checkpointing) while the others wait is the longest legitimate
 #: wait, and it is slower on CPUs
@@ -273,19 +254,17 @@ class TrainForward(torch.nn.Module):
         return train_forward(features, head, batch, needs_text, needs_class_text)
 
 
-class rng_kept:
+@contextlib.contextmanager
+def rng_kept():
     """Restores the CPU (and CUDA) RNG on exit, so a probe changes no draw."""
-
-    def __enter__(self):
-        self.cpu = torch.random.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return self
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        return False
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def unused_trained_params(loss, params: list) -> list:

@@ -8,15 +8,9 @@ still yield exactly the rest of that order. :meth:`Loaders.order` yields the
 same order as index lists, which is how a cached epoch replays a live one
 without touching the images.
 
-A split that is a stream (``torch.utils.data.IterableDataset``, such as
-WebDataset shards) has no sampler: it orders itself, and before each train
-pass gets the epoch's seed through its ``set_epoch(seed)`` when it has one.
-Its workers are started afresh for every pass (not persistent), so a worker
-sees the seed set just before. Its epoch length is the bundle's
-``train_length``; the batches of its workers are re-cut to the batch size
-(``clipft.data.rebatch``), so an epoch has ``ceil(samples / batch_size)`` of
-them, and a resume part-way into an epoch reads the epoch up to the checkpoint
-again and drops those batches (a stream cannot seek).
+A split that is a stream has no sampler: it orders itself, gets each train
+pass's seed through its ``set_epoch(seed)``, and its workers start afresh for
+every pass so that they see it (the contract is in docs/plugins.md).
 """
 from __future__ import annotations
 

@@ -76,7 +76,6 @@ def load_run(run_dir, registry=None, device: str = "cpu", best: bool = False) ->
     """The model of a finished (or checkpointed) run, ready for inference: its
     final weights (the newest checkpoint), or with ``best`` the ones
     ``--keep-best`` kept in ``checkpoint-best/``."""
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():

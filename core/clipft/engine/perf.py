@@ -70,9 +70,7 @@ def check_precision(device: torch.device, precision: str) -> None:
 
 def grad_scaler(device: torch.device, precision: str):
     """fp16 needs loss scaling (its gradients underflow); bf16 and fp32 do not."""
-    if precision != "fp16":
-        return None
-    return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def enable_grad_checkpointing(model) -> bool:
@@ -92,15 +90,14 @@ def compile_blocks(model) -> int:
     transformer blocks (ModifiedResNet, timm) is compiled as a whole. Returns the
     number of modules compiled (compilation itself happens on first use)."""
     from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
-
+    blocks = (ResidualAttentionBlock, CustomResidualAttentionBlock)
     count = 0
     for m in model.modules():
-        if isinstance(m, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+        if isinstance(m, blocks):
             m.compile()
             count += 1
     visual = getattr(model, "visual", None)
-    if visual is not None and not any(isinstance(m, (ResidualAttentionBlock, CustomResidualAttentionBlock))
-                                       for m in visual.modules()):
+    if visual is not None and not any(isinstance(m, blocks) for m in visual.modules()):
         visual.compile()
         count += 1
     return count

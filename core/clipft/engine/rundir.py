@@ -2,21 +2,10 @@
 checkpoint/ (and older checkpoints beside it), data_split.json for a few-shot
 split, plus the ``.clipft-run`` marker.
 
-No command deletes what is not clipft's. A directory counts as a clipft run
-when it holds the marker (written when a run starts, listing every entry the
-run created) or a clipft checkpoint. ``--overwrite`` replaces only such a run,
-and only when every entry in it is one the run created; anything else is
-refused with a list of what is there.
-
-``--overwrite`` keeps the old run until the new one has a checkpoint: the old
-run is moved to a hidden sibling (``.NAME.clipft-previous``), the new run starts
-in its place, and the sibling is removed when the new run writes its first
-checkpoint. If the new run fails before that, the old run is moved back. (Why
-not build the new run beside the old one and swap at the first checkpoint:
-callbacks hold paths into the run directory from the start, and a swap would
-move their files from under them.) After a ``kill -9`` before the first
-checkpoint, the old run is still in the sibling, and the next command on that
-directory says how to get it back.
+No command deletes what is not clipft's: a directory counts as a clipft run when
+it holds the marker (listing every entry the run created) or a clipft checkpoint,
+and ``--overwrite`` replaces only such a run, keeping the old one in a hidden
+sibling until the new one has a checkpoint (docs/usage.md says why).
 """
 from __future__ import annotations
 

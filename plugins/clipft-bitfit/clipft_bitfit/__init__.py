@@ -1,26 +1,12 @@
 """Strategy ``bitfit``: BitFit (Ben Zaken, Ravfogel and Goldberg, ACL 2022).
 
-Every weight matrix stays frozen and only the *bias terms* of the network train.
-The paper fine-tunes all of BERT's additive bias vectors: those of the query,
-key and value projections, of the attention output, of both MLP layers and of
-the LayerNorms (the additive ``beta``; the multiplicative gains stay frozen). In
-open_clip's towers that is, per block:
-
-- ``attn.in_proj_bias``: nn.MultiheadAttention packs the q, k and v biases into
-  one ``[3d]`` tensor; all of it trains (it *is* the three bias vectors of the
-  paper, side by side);
-- ``attn.out_proj.bias``, ``mlp.c_fc.bias``, ``mlp.c_proj.bias``;
-- ``ln_1.bias``, ``ln_2.bias``, and the towers' other norms (``ln_pre``,
-  ``ln_post``, ``ln_final``; BatchNorm's ``bias`` in a ResNet tower), unless
-  ``norms=false``.
-
-A bias is a parameter whose own name is ``bias`` or ends in ``_bias``, found
-in the chosen tower(s) through :mod:`clipft.anatomy` (so it works for every
-tower layout open_clip builds). ``logit_bias`` (SigLIP models) belongs to
-neither tower: it is the loss's offset, not a bias term of the network; train it
-with ``--strategy logit-scale``. Weight decay is off for every bias. Biases live
-in the model's own state dict, so ``clipft export`` writes a plain open_clip
-model with nothing to merge.
+Every weight matrix stays frozen and only the additive bias terms train, as the
+paper does for BERT: the packed q/k/v ``attn.in_proj_bias`` (all of it: it *is*
+the paper's three bias vectors side by side), ``out_proj``, the MLP's, and unless
+``norms=false`` the norms' ``beta`` (their gains stay frozen). A bias is a
+parameter whose own name is ``bias`` or ends in ``_bias``, in the chosen tower(s);
+``logit_bias`` (SigLIP) is the loss's offset, in neither tower (``--strategy
+logit-scale`` trains it). Weight decay is off for every bias.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from typing import Optional
 import attrs
 
 from clipft import Selection, Strategy, StrategySpec, hookimpl
+from clipft.options import at_least_one
 
 #: export files, one per adapter
 IMAGE_FILE = "clip_adapter_image.safetensors"
@@ -29,11 +30,6 @@ TEXT_FILE = "clip_adapter_text.safetensors"
 def _ratio(inst, attribute, value):
     if value is not None and not 0.0 < value <= 1.0:
         raise ValueError(f"{attribute.name} must be in (0, 1], got {value}")
-
-
-def _reduction(inst, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
 
 
 def _sides(inst, attribute, value):
@@ -46,7 +42,7 @@ class ClipAdapterOptions:
     ratio: float = attrs.field(default=0.2, validator=_ratio, metadata={"help": (
         "residual ratio a of the image adapter: x' = a*A(x) + (1-a)*x (the paper: 0.2 for "
         "generic images, 0.6 for fine-grained or far-from-CLIP data)")})
-    reduction: int = attrs.field(default=4, validator=_reduction, metadata={"help": (
+    reduction: int = attrs.field(default=4, validator=at_least_one, metadata={"help": (
         "bottleneck width is the embedding width divided by this (the paper's best: 4)")})
     image: bool = attrs.field(default=True, metadata={"help": "adapt the image embedding"})
     text: bool = attrs.field(default=False, validator=_sides, metadata={"help": (

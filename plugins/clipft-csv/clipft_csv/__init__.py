@@ -10,11 +10,12 @@ from (they are written again), like ``metrics.jsonl``.
 """
 from __future__ import annotations
 
+import csv
+import json
+
 import attrs
 
 from clipft import Callback, CallbackSpec, hookimpl, run_file_option
-
-STEP_COLUMNS = ("epoch", "step", "loss", "lr", "samples_per_s", "grad_norm")
 
 
 @attrs.frozen
@@ -31,7 +32,6 @@ class _Table:
 
     def open(self, keep_until=None):
         """Append to an existing file, keeping the rows whose key is <= ``keep_until``."""
-        import csv
         rows = []
         if keep_until is not None and self.path.is_file():
             with open(self.path, newline="") as f:
@@ -46,7 +46,6 @@ class _Table:
             self.file.flush()
 
     def write(self, row: dict):
-        import csv
         if self.writer is None:
             self.columns = list(row)
             self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
@@ -75,7 +74,6 @@ class CsvLog(Callback):
 
     @staticmethod
     def _resumed_step(run):
-        import json
         try:
             state = json.loads((run.out_dir / "checkpoint" / "state.json").read_text())
             return state["global_step"]

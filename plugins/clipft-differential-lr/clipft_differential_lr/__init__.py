@@ -3,22 +3,10 @@ parts of what other strategies selected. It is a *modifier*: it changes rates
 only and never chooses what trains, so it needs a selecting strategy next to it
 (``--strategy last-n --strategy differential-lr:visual=0.1,proj=10``).
 
-Multipliers, applied in this order (a later rule overrides an earlier one for
-the parameters both match):
-
-1. named towers: ``visual`` (the image tower), ``text`` (the text tower);
-2. named parts: ``proj`` (both projections), ``logit`` (logit scale / bias);
-3. ``rates``: ``PATTERN:MULT`` items, a regular expression searched in the
-   qualified parameter name (``rates=resblocks\\.3:0.5,ln_final:2``); later
-   items win.
-
-``layer_decay=d`` multiplies, per tower, depth unit ``i`` of ``L`` (counted
-from 1 at the input) by ``d ** (L + 1 - i)`` and the stem by ``d ** (L + 1)``:
-the top block gets ``d``, the final norm and the projection keep 1. It
-composes with the multipliers above.
-
-Every named tower, part and pattern given must match at least one selected
-parameter; one that matches nothing is a usage error (usually a typo).
+The rules apply in order, a later one winning where two match: towers, parts,
+then the ``rates`` patterns; ``layer_decay`` then composes with them
+(docs/strategies.md). A rule that matches no selected parameter is a usage
+error (usually a typo), not a silent no-op.
 """
 from __future__ import annotations
 

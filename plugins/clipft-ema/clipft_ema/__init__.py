@@ -11,33 +11,23 @@ epoch's) are computed on the averages, and ``load_run`` (``clipft eval``,
 ``predict``, ``export``) rebuilds the model with them, so ``clipft export``
 writes the averaged weights as a plain open_clip model.
 
-Why a strategy modifier and not a callback: a callback observes a run through
-read-only views and has no state in the checkpoint, by design. The averages are
-state that must be saved for ``--resume`` to be exact and that evaluation and
-export must be able to use. As a modifier, ``ema`` sees what the other
-strategies selected (it averages exactly the trained parameters of the model),
-and its averages live in the model as buffers of an inserted module
-(``clipft_ema``), so every checkpoint stores them (they are keys the base model
-lacks), ``load_run`` rebuilds the module and loads them, and the engine's
-:class:`clipft.InsertedModule` hooks do the rest: ``after_optimizer_step``
-updates the averages, ``use_eval_weights`` swaps them in for evaluation, and
-``fold_into_base`` (export) leaves the averaged weights in the model and
-removes the module. The head, when there is one, is not averaged (it is built
-after the strategies).
+Why a strategy modifier and not a callback: a callback has no state in the
+checkpoint, by design, and the averages must be saved for ``--resume`` to be
+exact and be usable by evaluation and export. As a modifier, ``ema`` sees what
+the other strategies selected, and the averages are buffers of an inserted
+module (``clipft_ema``): checkpoints store them, ``load_run`` rebuilds them, and
+the :class:`clipft.InsertedModule` hooks update, swap in and fold them. The head
+is not averaged (it is built after the strategies).
 """
 from __future__ import annotations
 
 import attrs
 
 from clipft import StrategyModifier, StrategySpec, hookimpl
+from clipft.options import unit_fraction
 
 #: the model attribute the averages live under
 ATTR = "clipft_ema"
-
-
-def _decay(inst, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {value}")
 
 
 def _start(inst, attribute, value):
@@ -47,7 +37,7 @@ def _start(inst, attribute, value):
 
 @attrs.frozen
 class EmaOptions:
-    decay: float = attrs.field(default=0.999, validator=_decay, metadata={"help": (
+    decay: float = attrs.field(default=0.999, validator=unit_fraction, metadata={"help": (
         "weight of the old average at each optimizer step (0.999 averages over about "
         "1000 steps; a short run wants 0.9-0.99)")})
     start_step: int = attrs.field(default=0, validator=_start, metadata={"help": (

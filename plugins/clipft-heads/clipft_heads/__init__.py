@@ -46,9 +46,7 @@ def build_zero_shot(opts: ZeroShotOptions, ctx):
     with torch.no_grad():
         weight = ctx.class_text_features().float()
     ctx.model.train(was)
-    scale = opts.scale
-    if scale is None:
-        scale = min(100.0, float(ctx.model.logit_scale.detach().exp()))
+    scale = opts.scale if opts.scale is not None else min(100.0, float(ctx.model.logit_scale.detach().exp()))
     return ScaledLinear(weight, opts.bias, scale)
 
 

@@ -1,18 +1,7 @@
 """Strategy ``last-n`` (seed Strategy 5): the last ``n`` depth units of a tower
 train, together with what follows them (the final norm, poolers) and, by
-default, the tower's projection.
-
-What a depth unit is depends on the tower (see :mod:`clipft.anatomy`):
-
-- ViT and text transformers: a residual attention block (``resblocks``), and
-  the final part is ``ln_post`` / ``ln_final``;
-- ModifiedResNet: a stage (``layer4``, ``layer3``, ...), and the final part is
-  the attention pool (``attnpool``; its ``c_proj`` is the projection);
-- timm towers: one of timm's parameter groups, the same groups
-  ``lock(unlocked_groups=n)`` counts; the final part is what timm leaves to the
-  head (e.g. ``head.norm``).
-
-``n`` larger than a tower's depth is a usage error that gives the depth.
+default, the tower's projection. What a depth unit is depends on the tower
+(:mod:`clipft.anatomy`: a block, a ResNet stage, a timm parameter group).
 """
 from typing import Literal
 
@@ -43,9 +32,7 @@ class LastN(Strategy):
 
     def apply(self, model, ctx):
         from clipft.anatomy import describe, named_params
-
-        a = describe(model)
-        towers = a.towers(self.opts.tower)
+        towers = describe(model).towers(self.opts.tower)
         picked = [(t, t.last_blocks(self.opts.n)) for t in towers]  # all depth checks first
         sels = []
         for tower, blocks in picked:

@@ -11,12 +11,8 @@ packed projection is adapted, and :func:`clipft_lora.layers.merge`,
 ``unmerge`` and ``fold`` for merging.
 
 Defaults follow CLIP-LoRA (Zanella & Ben Ayed, 2024): q, k, v in every block
-of both towers, r=2, alpha=1, dropout 0.25, AdamW at lr 2e-4.
-
-``dora=true`` turns every adapter into DoRA (Liu et al., 2024): the adapted
-weight is ``m * (W + s·BA) / ||W + s·BA||``, with the norm of each output row and a
-learned magnitude ``m`` per output feature (initialised to ``||W||``, so step 0 is
-the base model exactly); see :mod:`clipft_lora.layers`.
+of both towers, r=2, alpha=1, dropout 0.25, AdamW at lr 2e-4. ``dora=true``: DoRA
+(Liu et al., 2024), see :mod:`clipft_lora.layers`.
 """
 from __future__ import annotations
 
@@ -25,6 +21,7 @@ from typing import Literal
 import attrs
 
 from clipft import Selection, Strategy, StrategySpec, hookimpl
+from clipft.options import at_least_one, unit_fraction
 
 TARGETS = ("q", "k", "v", "out", "mlp")
 
@@ -45,20 +42,10 @@ def _layers(value):
     try:
         n = int(text)
     except ValueError:
-        raise ValueError(f"layers must be 'all' or a positive number of last blocks, got {value!r}") from None
+        n = 0
     if n < 1:
         raise ValueError(f"layers must be 'all' or a positive number of last blocks, got {value!r}")
     return str(n)
-
-
-def _positive_int(inst, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
-def _dropout(inst, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {value}")
 
 
 def _alpha(inst, attribute, value):
@@ -68,10 +55,10 @@ def _alpha(inst, attribute, value):
 
 @attrs.frozen
 class LoraOptions:
-    r: int = attrs.field(default=2, validator=_positive_int, metadata={"help": "rank of each adapter"})
+    r: int = attrs.field(default=2, validator=at_least_one, metadata={"help": "rank of each adapter"})
     alpha: float = attrs.field(default=1.0, validator=_alpha, metadata={"help": (
         "scaling numerator: the adapter is scaled by alpha / r")})
-    dropout: float = attrs.field(default=0.25, validator=_dropout, metadata={"help": (
+    dropout: float = attrs.field(default=0.25, validator=unit_fraction, metadata={"help": (
         "dropout on the input of each adapter (training only)")})
     targets: tuple = attrs.field(default=("q", "k", "v"), converter=_targets, metadata={"help": (
         "any of q, k, v (rows of the packed in_proj_weight), out (out_proj), mlp (c_fc, c_proj); "

@@ -1,71 +1,18 @@
 """LoRA layers for open_clip's blocks: ``nn.MultiheadAttention`` (q, k, v on the
-packed ``in_proj_weight``, and ``out_proj``) and ``nn.Linear`` (the MLP).
+packed ``in_proj_weight``, and ``out_proj``) and ``nn.Linear`` (the MLP), and DoRA.
+docs/prompt-and-lora.md explains the design; in short:
 
-How the adapters attach
------------------------
-An adapted layer keeps its identity: the existing module instance is given a
-subclass of its own class (:class:`LoRAMultiheadAttention`,
-:class:`LoRALinear`) and a child ``lora`` holding the low-rank factors. So
-
-- the base weights keep their names (``...attn.in_proj_weight``), and a
-  checkpoint that stores only new and trainable tensors stores only the
-  adapters;
-- ``isinstance(layer, nn.MultiheadAttention)`` still holds;
-- :meth:`fold_into_base` (``clipft.InsertedModule``) merges the adapters and
-  gives the instance its plain class back, leaving a plain open_clip state dict.
-
-Why not a Linear wrapper or ``torch.nn.utils.parametrize``
-----------------------------------------------------------
-``nn.MultiheadAttention`` never calls a Linear for q, k or v: it hands the packed
-``in_proj_weight`` (``[3d, d]``, rows q|k|v) to a fused kernel, and in eval under
-no-grad it may take PyTorch's fast path (``torch._native_multi_head_attention``),
-which reads ``in_proj_weight`` and ``out_proj.weight`` as attributes. So the
-adapters must act on those attributes, per row block. A parametrization of
-``in_proj_weight`` would do that, but it renames the base weight
-(``parametrizations.in_proj_weight.original``), which would put the frozen
-weight into every adapter checkpoint and out of open_clip's key layout, and a
-weight-space parametrization cannot apply LoRA dropout, which acts on the
-*input* of the low-rank path (CLIP-LoRA uses 0.25). Instead:
-
-- when dropout is inactive (eval, or ``dropout=0``), LoRA is exactly a weight
-  delta: ``W' = W + s·[B_q A_q; B_k A_k; B_v A_v]`` (zero blocks for untargeted
-  projections). The layer runs PyTorch's own ``MultiheadAttention.forward`` with
-  ``in_proj_weight`` (and ``out_proj.weight``) substituted by ``W'`` for the
-  duration of the call, so the fused kernels and the fast path run on the
-  adapted weights and gradients reach A and B through ``W'``;
-- when dropout is active (training), each projection is computed explicitly,
-  ``x W_q^T + b_q + s·B_q A_q drop(x)``, and attention runs through
-  ``scaled_dot_product_attention``.
-
-Both paths are tested against each other and against the merged weights.
-
-DoRA (``dora=True``; Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation")
--------------------------------------------------------------------------------
-Each adapted weight (a q, k or v row block of ``in_proj_weight``,
-``out_proj.weight``, an MLP linear's ``weight``; a torch weight is ``[out, in]``)
-is decomposed into a magnitude and a direction, and LoRA adapts the direction:
-
-    W' = m * (W + s·B A) / ||W + s·B A||
-
-where ``||.||`` is the L2 norm of each *row* of the ``[out, in]`` matrix, taken
-over the input dimension, so ``m`` (a learned vector, key ``lora.<t>.m``) holds
-one magnitude per output feature. (The paper writes ``W ∈ R^{d×k}``,
-``m ∈ R^{1×k}`` and a norm "across each column"; per output unit is the reading
-its reference code and common implementations use, and the one implemented
-here.) ``m`` starts at ``||W||``, so with ``B = 0`` the adapted weight is
-``W · (||W|| / ||W||) = W`` bit for bit: the same norm kernel on the same values
-gives the same float, ``x / x`` is exactly 1 and ``W · 1`` is ``W``. As in the
-paper (section 4.3) the norm is treated as a constant in backpropagation
-(detached), which saves the memory of its graph.
-
-With dropout inactive the layer runs on ``W'`` exactly as LoRA runs on
-``W + s·BA`` (PyTorch's own MHA forward, the fast path included). With LoRA
-dropout active, each adapted projection computes
-``(m / ||W + s·BA||) ⊙ (x W^T + s·B A drop(x)) + b``: dropout acts on the input
-of the low-rank path only, and with dropout off this is ``x W'^T + b``. Merging
-writes ``W'`` into the base weight (``fold_into_base``: a plain open_clip
-layer); ``unmerge`` restores the weight saved at merge time, since ``W`` cannot
-be recovered from ``W'`` (the norm of ``W + s·BA`` is lost).
+- an adapted layer keeps its identity: the instance is given a subclass of its own
+  class and a child ``lora`` holding the factors, so the base weights keep their
+  names and :meth:`fold_into_base` gives back a plain open_clip layer;
+- with dropout inactive, LoRA is a weight delta and the layer runs PyTorch's own
+  forward (fused kernels, the fast path) on ``W + s·BA`` (DoRA: ``W'``), substituted
+  for the call; with dropout active each projection is computed explicitly, since
+  LoRA dropout acts on the low-rank path's input and has no weight-space form;
+- DoRA's ``W' = m * (W + s·BA) / ||W + s·BA||`` takes the norm of each row of the
+  ``[out, in]`` weight (one magnitude per output feature), detached; ``m`` starts
+  at ``||W||``, so with ``B = 0`` it is ``W`` bit for bit. ``unmerge`` restores the
+  weight saved at merge time (``W`` cannot be recovered from ``W'``).
 """
 from __future__ import annotations
 
@@ -162,17 +109,12 @@ class _LowRankDropoutLinear(torch.autograd.Function):
     ``[o_t, o_t + d_t)``, ``s · B_t A_t drop_t(x)``: LoRA's training path with
     dropout, written out so that backward keeps only what it needs.
 
-    Autograd through the plain expression keeps, per adapter, the float
-    dropout mask and the dropped copy of ``x`` (two ``[N, d_in]`` float tensors
-    each, three adapters per attention layer by default), and runs q, k and v as
-    three products. Here one product computes all output rows, and backward
-    keeps ``x`` once (shared by every adapter of the layer) and the rank-r
-    activations ``h_t = drop_t(x) A_t^T``. The masks are not kept: each is drawn
-    from its own generator, seeded from the global RNG in forward, and drawn
-    again in backward, where the dropped input is recomputed from ``x`` for the
-    gradient of ``A_t``. Same maths, same masks: the gradients are the plain
-    expression's up to rounding (tests/test_lora.py). (Gradient checkpointing
-    replays the forward with the global RNG restored, so it draws the same seeds.)
+    Autograd through the plain expression would keep, per adapter, the float
+    mask and the dropped copy of ``x``. Here one product computes all output rows,
+    and backward keeps ``x`` once and the rank-r activations ``h_t``; each mask is
+    drawn from a generator seeded from the global RNG in forward and drawn again
+    in backward (gradient checkpointing replays forward with the global RNG
+    restored, so it draws the same seeds).
 
     Under autocast, everything runs in the autocast dtype (what the plain
     expression's linear layers would do), and the gradients come back in the
@@ -270,15 +212,8 @@ class _LoRAMixin(InsertedModule):
         #: DoRA: the base weights as they were before a merge (W is not recoverable from W')
         self._dora_saved: dict = {}
 
-    @property
-    def lora_targets(self) -> tuple:
-        return tuple(self.lora.keys())
-
     def _dropout_active(self) -> bool:
         return self.training and isinstance(self.lora_dropout, nn.Dropout)
-
-    def _drop(self, x):
-        return self.lora_dropout(x)
 
 
 # -- nn.MultiheadAttention -----------------------------------------------------------
@@ -369,7 +304,7 @@ class LoRAMultiheadAttention(_LoRAMixin, nn.MultiheadAttention):
             return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
         if not self.lora_dora:
             return lowrank_dropout_linear(x, w, b, self.lora_scale, self.lora_dropout.p, [(0, self.lora[name])])
-        low = self.lora_scale * self.lora[name](self._drop(x))
+        low = self.lora_scale * self.lora[name](self.lora_dropout(x))
         scale = dora_scale(w, self._target_delta(name, w), self.lora[name].m.to(w.dtype)).to(x.dtype)
         y = scale * (F.linear(x, w.to(x.dtype)) + low)
         return y + b.to(x.dtype) if b is not None else y
@@ -511,7 +446,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
                 return F.linear(x, self._dora_effective().to(x.dtype), b)
             w = self.weight
             scale = dora_scale(w, self._delta(), self.lora["w"].m.to(w.dtype)).to(x.dtype)
-            y = scale * (F.linear(x, w.to(x.dtype)) + self.lora_scale * self.lora["w"](self._drop(x)))
+            y = scale * (F.linear(x, w.to(x.dtype)) + self.lora_scale * self.lora["w"](self.lora_dropout(x)))
             return y + self.bias.to(x.dtype) if self.bias is not None else y
         if self._dropout_active():
             return lowrank_dropout_linear(x, self.weight, self.bias, self.lora_scale, self.lora_dropout.p,
@@ -595,27 +530,25 @@ def adapted_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoRAMixin)]
 
 
+def _each_layer(model: nn.Module, method: str) -> int:
+    layers = adapted_layers(model)
+    for _, m in layers:
+        getattr(m, method)()
+    return len(layers)
+
+
 def merge(model: nn.Module) -> int:
     """Fold every adapter into its base weight (outputs unchanged, adapters
     bypassed); returns how many layers were merged."""
-    layers = adapted_layers(model)
-    for _, m in layers:
-        m.lora_merge()
-    return len(layers)
+    return _each_layer(model, "lora_merge")
 
 
 def unmerge(model: nn.Module) -> int:
     """Undo :func:`merge` (subtracts the same deltas; exact up to float rounding)."""
-    layers = adapted_layers(model)
-    for _, m in layers:
-        m.lora_unmerge()
-    return len(layers)
+    return _each_layer(model, "lora_unmerge")
 
 
 def fold(model: nn.Module) -> int:
     """Merge and remove every adapter: ``model`` becomes a plain open_clip model
     whose state dict has open_clip's keys only."""
-    layers = adapted_layers(model)
-    for _, m in layers:
-        m.fold_into_base()
-    return len(layers)
+    return _each_layer(model, "fold_into_base")

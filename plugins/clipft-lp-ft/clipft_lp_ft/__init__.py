@@ -13,27 +13,20 @@ Here that is two stages of one run (the engine's stages, ``clipft.specs.Stage``)
    (``full``, ``last-n:n=2``, ``lora``, ...) trains, and the head keeps training
    from where the probe left it, at ``--lr`` (or ``then``'s default rate).
 
-The run needs a head (``--head linear``, or ``zero-shot``) and a loss that trains
-it (``cross-entropy``, the default with a head). ``--epochs`` counts both stages:
-``lp-ft:probe_epochs=2 --epochs 5`` probes for 2 epochs and fine-tunes for 3.
-``then`` takes one strategy with its options (``then=last-n:n=2``); for options
-with commas write the config file's table (``then = "lora:r=4,targets=q,v"``),
-or write the stages out as ``[[stages]]`` tables.
+The run needs a head and a loss that trains it (``cross-entropy``, the default
+with a head). ``--epochs`` counts both stages. ``then`` takes one strategy with its
+options; for options with commas use the config file (``then = "lora:r=4,targets=q,v"``)
+or ``[[stages]]`` tables.
 """
 from __future__ import annotations
 
 import attrs
 
 from clipft import Strategy, StrategySpec, hookimpl
-
-
-def _positive(inst, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+from clipft.options import at_least_one, parse_ref, positive
 
 
 def _then(inst, attribute, value):
-    from clipft.options import parse_ref
     try:
         ref = parse_ref(value)
     except Exception as exc:  # noqa: BLE001 - reported as the option's error
@@ -42,18 +35,13 @@ def _then(inst, attribute, value):
         raise ValueError(f"then must name the strategy that fine-tunes (full, last-n:n=2, ...), got {value!r}")
 
 
-def _lr(inst, attribute, value):
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
-
-
 @attrs.frozen
 class LpFtOptions:
-    probe_epochs: int = attrs.field(default=1, validator=_positive, metadata={"help": (
+    probe_epochs: int = attrs.field(default=1, validator=at_least_one, metadata={"help": (
         "epochs of the linear probe (head only, frozen and cached towers); --epochs counts them")})
     then: str = attrs.field(default="full", validator=_then, metadata={"help": (
         "the strategy that fine-tunes after the probe, with its options: full, last-n:n=2, lora, ...")})
-    probe_lr: float = attrs.field(default=1e-3, validator=_lr, metadata={"help": (
+    probe_lr: float = attrs.field(default=1e-3, validator=positive, metadata={"help": (
         "learning rate of the probe (the fine-tuning stage uses --lr, or then's default)")})
 
 

@@ -1,11 +1,6 @@
 """Strategy ``projections`` (seed Strategy 4): only the projections into the
-shared embedding space train, plus the logit scale (an option, on by default).
-
-Where the projections live depends on the tower (see :mod:`clipft.anatomy`):
-``visual.proj`` on ViTs, ``visual.attnpool.c_proj`` on ModifiedResNet,
-``visual.head`` (or the trunk's classifier) on timm towers, and
-``text_projection`` (a Parameter or an nn.Linear) on the text side. A model
-without a projection on a requested tower is a usage error.
+shared embedding space train (where they live: :mod:`clipft.anatomy`), plus the
+logit scale (an option, on by default).
 """
 from typing import Literal
 
@@ -28,7 +23,6 @@ class Projections(Strategy):
 
     def apply(self, model, ctx):
         from clipft.anatomy import describe, named_params
-
         a = describe(model)
         sels = []
         for tower in a.towers(self.opts.tower):

@@ -1,17 +1,8 @@
 """Strategy ``reproject`` (seed Step 6): replace the image and text projections
 by freshly initialised ones with a new output dimension ``dim``; the new
-projections train.
-
-- A Parameter projection (``visual.proj``, ``text_projection``) of shape
-  ``[width, old]`` becomes ``[width, dim]``; note that it is applied as
-  ``x @ proj``, so the new one is ``[width, dim]``, not ``[dim, width]``.
-- An ``nn.Linear`` projection (ModifiedResNet's ``attnpool.c_proj``, a timm
-  ``head.proj``, a SigLIP-style ``text_projection``) becomes
-  ``nn.Linear(in, dim)``; in an MLP projection the last Linear is replaced.
-
-The new weights are drawn from N(0, std²) (std defaults to ``width ** -0.5``,
-open_clip's own initialisation) with a generator seeded from the run seed, so
-a resumed run rebuilds the same shapes before its checkpoint is loaded.
+projections train (how each kind of projection is replaced:
+:func:`clipft.anatomy.replace_projection`). The generator is seeded from the run
+seed, so a resumed run rebuilds the same shapes before its checkpoint is loaded.
 
 ``reproject`` changes the model, so list it *before* strategies that select
 projections (``--strategy reproject:dim=256 --strategy last-n``); the other
@@ -54,17 +45,14 @@ class Reproject(Strategy):
         import torch
 
         from clipft.anatomy import describe, named_params, replace_projection
-
-        a = describe(model)
-        towers = a.towers("both")
+        towers = describe(model).towers("both")
         for t in towers:  # check both before changing either
             t.require_projection(ctx.model_name)
         gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 17)
         for t in towers:
             replace_projection(model, t, self.opts.dim, std=self.opts.std, generator=gen)
-        a = describe(model)
         return [Selection(f"{t.side}.proj", named_params(model, t.projection))
-                for t in a.towers("both")]
+                for t in describe(model).towers("both")]
 
 
 @hookimpl

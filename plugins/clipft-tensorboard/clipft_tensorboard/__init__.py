@@ -13,16 +13,12 @@ from __future__ import annotations
 import attrs
 
 from clipft import Callback, CallbackSpec, hookimpl, run_file_option
-
-
-def _positive(inst, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+from clipft.options import at_least_one
 
 
 @attrs.frozen
 class TensorBoardOptions:
-    every: int = attrs.field(default=1, validator=_positive, metadata={
+    every: int = attrs.field(default=1, validator=at_least_one, metadata={
         "help": "log the train scalars every N optimizer steps"})
     dir: str = attrs.field(default="tensorboard", validator=run_file_option,
                            metadata={"help": "folder in the run directory"})

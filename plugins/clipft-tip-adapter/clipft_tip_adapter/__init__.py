@@ -20,16 +20,14 @@ the head) while the values and ``W`` stay fixed. ``tune=true`` searches alpha
 and beta on the val split, as the paper does, and the summary says so.
 
 Why a head and not a strategy: Tip-Adapter changes no embedding; it is a
-classifier from image embeddings to class logits, which is what a clipft head
-is (evaluated as ``head_top1`` next to plain zero-shot ``top1``, trained by the
-``cross-entropy`` loss, saved in ``head.safetensors``, used by ``clipft eval``
-and ``clipft predict``). See README.md.
+classifier from image embeddings to class logits, which is what a clipft head is.
 """
 from __future__ import annotations
 
 import attrs
 
 from clipft import HeadSpec, hookimpl
+from clipft.options import positive
 
 #: the val-split search of ``tune=true``: beta (sharpness) and alpha (residual ratio)
 BETA_GRID = tuple(round(0.5 * i, 2) for i in range(1, 25))                      # 0.5 .. 12
@@ -39,11 +37,6 @@ ALPHA_GRID = (0.0,) + tuple(round(0.05 * 10 ** (i / 8), 4) for i in range(25))  
 def _non_negative(inst, attribute, value):
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
-def _positive(inst, attribute, value):
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
 @attrs.frozen
@@ -59,7 +52,7 @@ class TipAdapterOptions:
     tune: bool = attrs.field(default=False, metadata={"help": (
         "search alpha and beta on the val split before training, as the paper does (this makes the "
         "run's own val metrics optimistic; summary.json's fit.head says so)")})
-    scale: float = attrs.field(default=100.0, validator=_positive, metadata={"help": (
+    scale: float = attrs.field(default=100.0, validator=positive, metadata={"help": (
         "scale of the zero-shot logits (CLIP's 100, which alpha and beta are calibrated against)")})
 
 

@@ -12,27 +12,18 @@ from __future__ import annotations
 import attrs
 
 from clipft import Selection, Strategy, StrategySpec, hookimpl
+from clipft.options import at_least_one, unit_fraction
 
 #: attribute of ``model.visual`` that holds the prompts
 ATTR = "clipft_vision_prompts"
 PROMPT_FILE = "vision_prompts.safetensors"
 
 
-def _positive(inst, attribute, value):
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
-def _dropout(inst, attribute, value):
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {value}")
-
-
 @attrs.frozen
 class VisionPromptOptions:
-    n_tokens: int = attrs.field(default=8, validator=_positive, metadata={"help": (
+    n_tokens: int = attrs.field(default=8, validator=at_least_one, metadata={"help": (
         "number of prompt tokens inserted after the class token")})
-    dropout: float = attrs.field(default=0.0, validator=_dropout, metadata={"help": (
+    dropout: float = attrs.field(default=0.0, validator=unit_fraction, metadata={"help": (
         "dropout on the prompt tokens (training only)")})
 
 

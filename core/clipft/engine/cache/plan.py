@@ -16,10 +16,7 @@ knowledge of any particular strategy:
   class-prompt encoder or the text-embedding adapter trains.
 
 Anything that could make a cached value differ from a live one keeps the tower
-live: a replaced ``encode_image``/``encode_text`` or ``forward``, forward hooks
-on a cached module, and, for the train split (computed in train mode), active
-dropout, patch dropout, drop-path or BatchNorm in training mode. A strategy can
-also keep a tower live through :meth:`clipft.Strategy.live_towers`.
+live (the list is in docs/performance.md).
 """
 from __future__ import annotations
 
@@ -28,7 +25,7 @@ from typing import Optional
 import attrs
 import torch
 
-from clipft.engine.cache.replay import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut
+from clipft.engine.cache.replay import ImageCut, ResNetProjCut, VitBlocksCut, VitProjCut, vit_stem
 from clipft.protocols import (
     ENTERS_CLASS_TEXT,
     ENTERS_IMAGE_EMBEDDING,
@@ -88,48 +85,41 @@ def trainable(obj) -> bool:
     return False
 
 
+def _submodules(modules):
+    """Every module inside ``modules`` (parameters among them are skipped)."""
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            yield from m.modules()
+
+
 def _hooked(modules) -> Optional[str]:
     """Name of the first module with forward hooks, or None."""
-    for m in modules:
-        if not isinstance(m, torch.nn.Module):
-            continue
-        for sub in m.modules():
-            if sub._forward_hooks or sub._forward_pre_hooks:
-                return type(sub).__name__
-    return None
+    return next((type(sub).__name__ for sub in _submodules(modules)
+                 if sub._forward_hooks or sub._forward_pre_hooks), None)
 
 
 def _overridden(modules, attrs_=("forward",)) -> Optional[str]:
     """Name of the first module whose forward was replaced on the instance."""
-    for m in modules:
-        if not isinstance(m, torch.nn.Module):
-            continue
-        for sub in m.modules():
-            for a in attrs_:
-                if a in sub.__dict__:
-                    return f"{type(sub).__name__}.{a}"
-    return None
+    return next((f"{type(sub).__name__}.{a}" for sub in _submodules(modules)
+                 for a in attrs_ if a in sub.__dict__), None)
 
 
 def stochastic_module(modules) -> Optional[str]:
     """Name of the first module whose output is random or batch-dependent in its
     current mode (dropout, patch dropout, drop-path, BatchNorm in training mode)."""
-    for m in modules:
-        if not isinstance(m, torch.nn.Module):
+    for sub in _submodules(modules):
+        if not sub.training:
             continue
-        for sub in m.modules():
-            if not sub.training:
-                continue
-            if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+            return type(sub).__name__
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return type(sub).__name__
+        if isinstance(sub, torch.nn.MultiheadAttention) and sub.dropout > 0:
+            return "MultiheadAttention(dropout)"
+        for attr in ("prob", "drop_prob", "drop_path_prob"):
+            v = getattr(sub, attr, None)
+            if isinstance(v, float) and v > 0:
                 return type(sub).__name__
-            if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.p > 0:
-                return type(sub).__name__
-            if isinstance(sub, torch.nn.MultiheadAttention) and sub.dropout > 0:
-                return "MultiheadAttention(dropout)"
-            for attr in ("prob", "drop_prob", "drop_path_prob"):
-                v = getattr(sub, attr, None)
-                if isinstance(v, float) and v > 0:
-                    return type(sub).__name__
     return None
 
 
@@ -155,8 +145,7 @@ def _vit_cut(visual) -> tuple[Optional[ImageCut], str]:
                      for m in ("forward", "forward_intermediates")))
     if not stock or visual.attn_pool is not None or visual.output_tokens:
         return None, "image tower trains and is not a stock open_clip ViT"
-    if any(trainable(m) for m in (visual.conv1, visual.class_embedding, visual.positional_embedding,
-                                  visual.patch_dropout, visual.ln_pre)):
+    if any(trainable(m) for m in vit_stem(visual)):
         return None, "image tower trains from its embeddings on"
     blocks = visual.transformer.resblocks
     first = next((i for i, b in enumerate(blocks) if trainable(b)), None)

@@ -1,16 +1,6 @@
 """The cached features provider: the frozen part of each tower served from a
-cache, around a live provider that knows nothing about caching.
-
-What is cached is decided once, when the run is built (:func:`cached_features`):
-which splits' images (:class:`SplitCache`, one per cached split; a split that
-is not cached has none, and the reason is in the cache stats) and, for text,
-in which of the model's modes (one caption table per mode, class prompts too
-when they are fixed). At run time the image side replays the stores, and the
-text side is a wrapper of the run's encoders (:class:`CachedText`) that the
-live provider calls as it would the plain ones. Every fill of a store goes
-through one context manager (:meth:`CachedFeatures._filling`): it commits a
-store that completes, turns a store that outgrows its memory budget into a
-live split, and discards a store whose fill is cut short.
+cache, around a live provider that knows nothing about caching. What is cached is
+decided once, when the run is built (:func:`cached_features`).
 
 **The rule: a cached run equals a live run bit for bit.** Same parameters
 after training, same losses, same metrics; caching is a speed-up and never an
@@ -71,8 +61,7 @@ from clipft.protocols import ENTERS_TEXT_EMBEDDING, installed
 @attrs.frozen
 class Where:
     """Where stores live, and what an on-disk one is keyed by besides the
-    split's own data and the frozen weights (another key is another store,
-    never a stale one)."""
+    split's data and the frozen weights (another key is another store)."""
 
     directory: Optional[Path]     # None: in memory
     memory_budget: int            # the most bytes an in-memory store may take

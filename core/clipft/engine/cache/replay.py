@@ -55,9 +55,7 @@ class VitProjCut(ImageCut):
         return [model.visual, model.visual.transformer]
 
     def prefix_modules(self, model):
-        v = model.visual
-        return [v.conv1, v.class_embedding, v.positional_embedding, v.patch_dropout, v.ln_pre,
-                v.transformer, v.ln_post]
+        return [*vit_stem(model.visual), model.visual.transformer, model.visual.ln_post]
 
     def prefix(self, model, images):
         v = model.visual
@@ -68,7 +66,7 @@ class VitProjCut(ImageCut):
         return _apply_proj(model.visual.proj, cached)
 
 
-class VitBlocksCut(ImageCut):
+class VitBlocksCut(VitProjCut):
     kind = "blocks"
 
     def __init__(self, start: int):
@@ -77,13 +75,8 @@ class VitBlocksCut(ImageCut):
     def describe(self):
         return f"blocks:{self.start}"
 
-    def bypassed_modules(self, model):
-        return [model.visual, model.visual.transformer]
-
     def prefix_modules(self, model):
-        v = model.visual
-        return [v.conv1, v.class_embedding, v.positional_embedding, v.patch_dropout, v.ln_pre,
-                *v.transformer.resblocks[:self.start]]
+        return [*vit_stem(model.visual), *model.visual.transformer.resblocks[:self.start]]
 
     def prefix(self, model, images):
         # the token sequence after block start-1, class token included
@@ -118,6 +111,11 @@ class ResNetProjCut(ImageCut):
     def suffix(self, model, cached):
         c = model.visual.attnpool.c_proj
         return F.linear(cached, c.weight, c.bias)
+
+
+def vit_stem(v) -> list:
+    """A ViT's parts below its first block."""
+    return [v.conv1, v.class_embedding, v.positional_embedding, v.patch_dropout, v.ln_pre]
 
 
 def _apply_proj(proj, pooled):

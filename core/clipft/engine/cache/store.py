@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from clipft import atomic
+from clipft.models import physical_memory_bytes
 
 FORMAT = 2
 STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
@@ -111,10 +112,7 @@ def cache_key(parts: dict) -> str:
 # -- stores --------------------------------------------------------------------
 def memory_budget_bytes(fraction: float = 0.25) -> int:
     """Default cap on an in-memory store: a quarter of physical memory."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    return int(physical_memory_bytes() * fraction) or 4 << 30
 
 
 class StoreTooLarge(Exception):
@@ -185,12 +183,8 @@ class DiskRows:
 
 class IndexStore:
     """Per-sample values of one split, by dataset index, with each sample's
-    caption and label (so a cached epoch never touches the images).
-
-    In memory by default. With ``directory``, values live in a file (DiskRows)
-    written under a temporary name and renamed into place when complete, so a
-    crash never leaves a half-built cache that looks valid.
-    """
+    caption and label (so a cached epoch never touches the images); in memory,
+    or with ``directory`` in a file (:class:`DiskRows`)."""
 
     def __init__(self, n: int, directory: Optional[Path] = None, budget: Optional[int] = None,
                  key_parts: Optional[dict] = None):
