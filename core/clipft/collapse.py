@@ -1,7 +1,7 @@
 """Collapse detection: a built-in callback (the public callback contract, as
 :mod:`clipft.early_stop`) that warns when a run has stopped learning, which
-a mean over seeds hides (docs/training.md has the measurements behind the
-thresholds):
+a mean over seeds hides (docs/usage.md#learning-rate-warmup-and-collapse has the
+measurements behind the thresholds):
 
 - ``loss_flat``: once ``CHECK_SHARE`` of the run's optimizer steps are done,
   the mean loss of the last ``WINDOW`` micro-batches has not fallen by
@@ -31,7 +31,7 @@ FIRST = 5
 #: micro-batches averaged for the current loss
 WINDOW = 10
 #: the relative fall below the starting loss under which the loss counts as flat
-MIN_DROP = 0.03
+MIN_DROP = 0.02
 #: a share of val predictions in one class that counts as a constant prediction ...
 CONSTANT_SHARE = 0.95
 #: ... unless the val labels themselves are this concentrated in one class
