@@ -109,6 +109,9 @@ class RunView:
     params_total: int = 0
     params_trainable: int = 0
     lr: float = 0.0
+    #: where ``lr`` came from: "given (--lr)", "default of strategy 'full'",
+    #: "default for random init (--pretrained none); ..."
+    lr_reason: str = ""
     epochs: int = 0
     #: optimizer steps the whole run will take
     total_steps: int = 0

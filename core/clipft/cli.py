@@ -157,7 +157,7 @@ def describe_cmd(ctx, kind, name, as_json):
     rows = describe_options(spec)
     doc = {"kind": k, "name": name, "summary": spec.summary,
            "distribution": reg.distribution_of(k, name), "options": rows}
-    for extra in ("needs", "default_lr"):
+    for extra in ("needs", "default_lr", "default_lr_scratch"):
         if hasattr(spec, extra):
             v = getattr(spec, extra)
             doc[extra] = sorted(v) if isinstance(v, frozenset) else v

@@ -242,7 +242,9 @@ class RunConfig:
                          "methods such as Tip-Adapter).", 1, validator=_zero_or_more, resumable=True)
     batch_size: int = option("Samples per micro-batch (per process with --nproc).", 32, validator=_positive)
     lr: Optional[float] = option("Base learning rate (default: the first strategy's recommendation, "
-                                 "1e-3 for a head-only probe).", None, validator=_non_negative)
+                                 "1e-3 for a head-only probe; from random weights, --pretrained none, at "
+                                 "least 5e-4: the recommendations are for pretrained weights).", None,
+                                 validator=_non_negative)
     weight_decay: float = option("AdamW/SGD weight decay (not on biases, norms and logit_scale).", 0.01,
                                  validator=_non_negative)
     optimizer: str = option("Optimizer.", "adamw", choices=("adamw", "sgd"))
@@ -251,7 +253,8 @@ class RunConfig:
         "fused, foreach, for-loop (torch's reference).", "auto", choices=("auto", "fused", "foreach", "for-loop"))
     momentum: float = option("SGD momentum, in [0, 1).", 0.9, validator=_momentum)
     schedule: str = option("Learning-rate schedule after the warmup.", "cosine", choices=("cosine", "constant"))
-    warmup_steps: Optional[int] = option("Linear warmup steps (default: 5% of the optimizer steps).", None,
+    warmup_steps: Optional[int] = option("Linear warmup steps (default: 10% of the optimizer steps; 5% let "
+                                         "high-lr runs from random weights collapse).", None,
                                          validator=_non_negative)
     grad_clip: float = option("Max grad norm; 0 disables.", 1.0, validator=_non_negative)
     grad_accum: int = option("Micro-batches per optimizer step.", 1, validator=_positive)

@@ -98,7 +98,8 @@ def classification_metrics(scores: torch.Tensor, probs: Optional[torch.Tensor], 
     if n_classes > 5:
         head[f"{prefix}top5"] = topk_accuracy(scores, labels, 5)
     head[f"{prefix}balanced_accuracy"] = balanced_accuracy(pc)
-    details = {"per_class": pc}
+    # how many predictions went to each class: a run collapsed onto one class shows here
+    details = {"per_class": pc, "predicted": torch.bincount(pred, minlength=n_classes).tolist()}
     if probs is not None:
         head[f"{prefix}ece"], details["reliability"] = calibration(probs, labels)
     if confusion:

@@ -48,6 +48,14 @@ def resolve_pretrained(model_name: str, pretrained: str) -> str:
     return tags[0] if tags else "none"
 
 
+def random_init(model_name: str, pretrained: str) -> bool:
+    """Whether the model starts from random weights: ``--pretrained none`` (or
+    ``auto`` on a tiny config), except for local-dir:/hf-hub: models, which
+    bring their own weights whatever ``--pretrained`` says."""
+    return (resolve_pretrained(model_name, pretrained) in ("none", "")
+            and not model_name.startswith(("local-dir:", "hf-hub:")))
+
+
 def _offline_message(model_name: str, pretrained: str, exc: BaseException) -> str:
     return (
         f"could not fetch pretrained weights '{pretrained}' for model '{model_name}' "

@@ -34,6 +34,10 @@ class StrategySpec:
     options: type = NoOptions
     #: Learning rate used when the user gives none (first strategy wins).
     default_lr: Optional[float] = None
+    #: The same for a randomly initialised model (``--pretrained none``); None:
+    #: the engine's random-init default, or ``default_lr`` when that is higher
+    #: (``default_lr`` is meant for pretrained weights, which need small steps).
+    default_lr_scratch: Optional[float] = None
 
 
 @attrs.frozen

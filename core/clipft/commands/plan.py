@@ -104,6 +104,7 @@ def _plan_one(config, run) -> dict:
         "strategies": [s.name for s, _ in run.resolved.strategies],
         "head": run.resolved.head[0].name if run.resolved.head else None,
         "lr": run.lr,
+        "lr_reason": run.lr_reason,
         "params": {"total": total, "trainable": trainable,
                    "trainable_percent": 100.0 * trainable / total if total else 0.0,
                    "trainable_tensors": len(trainable_params),
@@ -156,6 +157,8 @@ def render_plan(p: dict, console) -> None:
         share = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
         parts.append(f"{key} {c['trainable']:,}/{c['total']:,} ({share:.1f}%)")
     console.print("trains per part: " + " · ".join(parts))
+    if p.get("lr_reason"):
+        console.print(f"lr {p['lr']:g}: {p['lr_reason']}")
     towers = [f"{side}: {d['class']}, {d['depth']} {d['unit']}{'s' if d['depth'] != 1 else ''}"
               for side, d in p["towers"].items()]
     if towers:

@@ -162,7 +162,9 @@ def _ok_row(row: dict, summary: dict, run_dir: Path) -> dict:
                head_top1_after=after.get("head_top1"), trainable=summary["params"]["trainable"],
                trainable_fraction=summary["params"]["trainable_fraction"],
                train_seconds=summary["train"]["seconds"], peak_rss_mb=summary["train"]["peak_rss_mb"],
-               checkpoint_mb=_dir_bytes(run_dir / "checkpoint") / 2**20)
+               checkpoint_mb=_dir_bytes(run_dir / "checkpoint") / 2**20,
+               # a seed that stopped learning: its numbers still count in the mean, so say it
+               collapse=((summary.get("callbacks") or {}).get("collapse") or {}).get("signals") or None)
     return row
 
 
@@ -213,6 +215,7 @@ def _member_entry(refs, name: str, runs: list) -> dict:
     stats = {k: _mean_std([r.get(k) for r in ok]) for k in NUMBERS}
     return {"name": name, "strategies": [{"name": r.name, **r.options} for r in refs],
             "runs": runs, "ok": len(ok), "failed": sum(r["status"] == "failed" for r in runs),
+            "collapsed": [r["seed"] for r in ok if r.get("collapse")],
             "mean": {k: v[0] for k, v in stats.items()}, "std": {k: v[1] for k, v in stats.items()}}
 
 
@@ -329,9 +332,16 @@ def render_sweep(doc: dict, console) -> None:
         row += ["-" if mean["trainable"] is None else f"{mean['trainable']:,.0f}",
                 _pm(mean["train_seconds"], None, "{:.1f}"), _pm(mean["peak_rss_mb"], None, "{:.0f}"),
                 _pm(mean["checkpoint_mb"], None, "{:.2f}"),
-                f"{m['ok']} ok" + (f", [red]{m['failed']} failed[/red]" if m["failed"] else "")]
+                f"{m['ok']} ok" + (f", [red]{m['failed']} failed[/red]" if m["failed"] else "")
+                + (f", [yellow]collapsed: seed {', '.join(map(str, m['collapsed']))}[/yellow]"
+                   if m.get("collapsed") else "")]
         t.add_row(*row)
     console.print(t)
+    for m in doc["members"]:
+        for r in m["runs"]:
+            if r.get("collapse"):
+                console.print(f"[yellow]collapsed[/yellow]: {escape(m['name'])} seed {r['seed']}: "
+                              f"{escape(r['collapse'][0]['reason'])} (in the mean ± std above; {r['run_dir']})")
     befores = [r["control_before"] for m in doc["members"] for r in m["runs"] if "control_before" in r]
     if befores:
         console.print(f"control top-1 of the model before fine-tuning: {befores[0]:.3f}; "

@@ -114,6 +114,9 @@ class Evaluator:
     def __init__(self, model, head, features, autocast, has_classes: bool, has_captions: bool):
         self.model, self.head, self.features, self.autocast = model, head, features, autocast
         self.has_classes, self.has_captions = has_classes, has_captions
+        #: {metric prefix: {"predicted": counts, "labels": counts}} of the latest
+        #: evaluation, per class (what clipft.collapse checks)
+        self.predictions: dict = {}
 
     @torch.no_grad()
     def __call__(self) -> dict:
@@ -155,8 +158,12 @@ class Evaluator:
         if len(labels) == 0:
             return {}
         classifiers = self.classifiers()
-        metrics, _ = evaluate_features(feats, labels, captions, classifiers,
-                                       self.features.caption_features if self.has_captions else None,
-                                       ks=RUN_RECALL_KS, details=False)
+        metrics, details = evaluate_features(feats, labels, captions, classifiers,
+                                             self.features.caption_features if self.has_captions else None,
+                                             ks=RUN_RECALL_KS, details=False)
+        self.predictions = {
+            c.prefix: {"predicted": details[c.name]["predicted"],
+                       "labels": torch.bincount(labels.cpu(), minlength=len(details[c.name]["predicted"])).tolist()}
+            for c in classifiers}
         kept = {c.prefix + m for c in classifiers for m in RUN_CLASSIFICATION_METRICS}
         return {k: v for k, v in metrics.items() if k in kept or "recall@" in k or k.endswith("_queries")}

@@ -35,12 +35,19 @@ from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_prec
 from clipft.engine import distributed
 from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
-from clipft.models import load_model
+from clipft.models import load_model, random_init
 from clipft.options import options_to_dict
 from clipft.protocols import InsertedModule, Loss, Strategy, inserted_modules
 from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
+#: the lr when the model starts from random weights and neither --lr nor the
+#: strategy says otherwise: the strategies' defaults are for pretrained weights
+#: (1e-5 for full) and leave a random model near chance; full fine-tuning of
+#: tiny-vit on digits did best at 5e-4 with the contrastive loss and within a
+#: few points of its best with cross-entropy, and collapsed at 2e-3
+#: (docs/usage.md#learning-rate-warmup-and-collapse)
+RANDOM_INIT_LR = 5e-4
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -94,6 +101,8 @@ class PreparedRun:
     speed: dict = attrs.field(factory=dict)
     #: what components fitted to the training split recorded (clipft.engine.fit)
     fit: dict = attrs.field(factory=dict)
+    #: where ``lr`` came from ("given (--lr)", "default of strategy 'full'", ...)
+    lr_reason: str = ""
     #: a multi-stage run: the index of the stage this run was prepared for
     #: (``resolved.stages[stage]``); 0 for an ordinary run
     stage: int = 0
@@ -174,14 +183,28 @@ def _check_data(bundle, res: Resolved) -> None:
             "has no class names")
 
 
-def _default_lr(res: Resolved, config, strategies=None, stage=None) -> float:
-    """A stage's own lr, else ``--lr``, else the first default_lr of the
-    strategies that train (1e-3 when only a head trains)."""
+def _default_lr(res: Resolved, config, strategies=None, stage=None, from_scratch: bool = False) -> tuple:
+    """``(lr, why)``: a stage's own lr, else ``--lr``, else the first default
+    of the strategies that train (1e-3 when only a head trains); from random
+    weights, the first ``default_lr_scratch``, else at least ``RANDOM_INIT_LR``."""
     if stage is not None and stage.lr is not None:
-        return float(stage.lr)
+        return float(stage.lr), f"stage '{stage.name}' lr"
+    if config.lr is not None:
+        return config.lr, "given (--lr)"
     strategies = res.strategies if strategies is None else strategies
-    lr = next((spec.default_lr for spec, _ in strategies if spec.default_lr is not None), HEAD_ONLY_LR)
-    return config.resolved_lr(lr)
+    first = next((spec for spec, _ in strategies if spec.default_lr is not None), None)
+    lr, why = ((first.default_lr, f"default of strategy '{first.name}'") if first
+               else (HEAD_ONLY_LR, "head-only default"))
+    if not from_scratch:
+        return lr, why
+    scratch = next((spec for spec, _ in strategies if getattr(spec, "default_lr_scratch", None) is not None), None)
+    if scratch is not None:
+        return (scratch.default_lr_scratch,
+                f"default of strategy '{scratch.name}' for random init (--pretrained none)")
+    if lr >= RANDOM_INIT_LR:
+        return lr, why
+    return RANDOM_INIT_LR, (f"default for random init (--pretrained none); {why} is {lr:g}, "
+                            "meant for pretrained weights")
 
 
 def build_features(config, res: Resolved, assembly: Assembly, tokenizer, device, bundle, loaders, autocast,
@@ -269,7 +292,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     unused = unused_trained(assembly.model, loss_spec, res.head[0] if res.head else None,
                             [s.name for s, _ in strategies], staged=st is not None)
     selections = drop_unused(assembly.model, assembly.selections, unused)
-    lr = _default_lr(res, config, strategies, st)
+    lr, lr_reason = _default_lr(res, config, strategies, st, random_init(config.model, loaded.pretrained))
     groups = build_groups(selections, lr, config.weight_decay, head if head_trains else None, loss)
     if unused is not None and training:
         if not groups:
@@ -326,7 +349,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
             evaluator = distributed.on_main(evaluator, dist)
     return PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
                        tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
-                       loss=loss, groups=groups, lr=lr, loaders=loaders, features=features,
+                       loss=loss, groups=groups, lr=lr, lr_reason=lr_reason, loaders=loaders, features=features,
                        evaluate=evaluator, autocast=autocast, warnings=warnings, speed=speed,
                        precision=precision, dist=dist, stage=stage, fit=fitted, training=training,
                        unused=unused)

@@ -25,6 +25,7 @@ from clipft.data import is_iterable
 from clipft.engine import distributed, rundir, signals
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
+from clipft.collapse import CollapseWatch
 from clipft.early_stop import HEADLINE_METRICS, EarlyStopping, headline_metric, improved, metric_value
 from clipft.engine.checkpoint import BEST, CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
 from clipft.engine.loop import EndTraining, EvalSchedule, LoopState, StopTraining, train
@@ -164,7 +165,7 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0, resum
         head=res.head[0].name if res.head else None, data=res.data[0].name,
         train_size=run.bundle.size("train") or 0, val_size=run.bundle.size("val") or 0,
         classnames=tuple(run.bundle.classnames or ()), params_total=total, params_trainable=trainable,
-        lr=run.lr, epochs=run.config.epochs,
+        lr=run.lr, lr_reason=run.lr_reason, epochs=run.config.epochs,
         # a stage's schedule covers its own epochs; the run's steps cover them all
         total_steps=(run.total_steps // max(1, run.stage_spec.epochs) * run.config.epochs
                      if run.stage_spec is not None else run.total_steps),
@@ -185,7 +186,7 @@ def stage_record(run: PreparedRun) -> dict:
     head = run.head is not None and any(p.requires_grad for p in run.head.parameters())
     return {"name": st.name, "epochs": st.epochs, "first_epoch": st.start + 1, "last_epoch": st.end,
             "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in st.strategies],
-            "head_trains": head, "lr": run.lr, "steps": run.total_steps,
+            "head_trains": head, "lr": run.lr, "lr_reason": run.lr_reason, "steps": run.total_steps,
             "params": {"total": total, "trainable": trainable, "groups": group_rows(run),
                        "unused_trainable": unused_record(run)},
             "cache": run.features.stats or None}
@@ -269,6 +270,7 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "dropped_per_epoch": run.loaders.dropped_per_epoch,
             "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
+            "lr_reason": run.lr_reason,
         },
         "eval": {
             "before": history[0]["eval"] if history else {},
@@ -400,11 +402,14 @@ def train_run(run: PreparedRun, out_dir: Path, progress=None, state: Optional[Lo
 
 
 def build_callbacks(run: PreparedRun, progress) -> list:
-    """``[(name, Callback, required)]`` of the run's callback plugins, and
-    ``early_stop`` (``--early-stop``, a callback like theirs). One the
+    """``[(name, Callback, required)]`` of the run's callback plugins,
+    ``collapse`` (:mod:`clipft.collapse`) and ``early_stop`` (``--early-stop``),
+    built-in callbacks like theirs. One the
     user selected must build; a default one that cannot (a missing optional
     dependency, say) is reported and left out."""
-    out = []
+    # collapse detection watches every run; it only warns, so its failure must not stop one
+    out = [("collapse", CollapseWatch(lambda: getattr(run.evaluate, "predictions", None),
+                                      getattr(progress, "warn", lambda m: None)), False)]
     if run.config.early_stop:
         out.append(("early_stop", EarlyStopping(run.config.early_stop), True))
     for spec, options, required in run.resolved.callbacks:
