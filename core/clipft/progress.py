@@ -71,6 +71,8 @@ class RichReporter(Silent):
             + f" · trainable {run.params_trainable:,} of {run.params_total:,} params "
             f"({100 * run.params_trainable / max(1, run.params_total):.2f}%) · "
             f"lr {run.lr:g} · out {run.out_dir}")
+        if run.accumulation:
+            self.console.print(run.accumulation, markup=False)
         for w in run.warnings:
             self.warn(w)
         if run.skipped:
