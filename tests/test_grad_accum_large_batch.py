@@ -37,14 +37,14 @@ SEED = 5
 
 
 def prepared(registry, strategies, *, batch_size=B, grad_accum=K, loss="contrastive", head=None, cache=False,
-             model="tiny-vit", data=DATA, attention_dropout=0.0):
+             model="tiny-vit", data=DATA, attention_dropout=0.0, precision="fp32"):
     from clipft.api import RunConfig
     from clipft.engine.prepare import prepare
 
     cfg = RunConfig(model=model, pretrained="none", data=data, strategies=strategies, loss=loss, head=head,
                     batch_size=batch_size, grad_accum=grad_accum, optimizer="sgd", lr=0.5, weight_decay=0.0,
                     warmup_steps=0, schedule="constant", grad_clip=0.0, seed=0, device="cpu", cache=cache,
-                    epochs=1)
+                    epochs=1, precision=precision)
     run = prepare(cfg, registry)
     if attention_dropout:
         # the text tower's attention dropout (open_clip reads the attribute in training)
@@ -141,6 +141,29 @@ def test_large_batch_gradient_equals_one_graph_over_all_pairs_with_dropout(regis
     import clipft.engine.accumulate as acc
     monkeypatch.setattr(acc, "set_rng_state", lambda state: None)
     assert worst(large_batch_grads(t, batches), reference) > 100 * float_tol(K)
+
+
+def test_fp16_loss_scaling(registry):
+    """fp16 autocast with a grad scaler: the scaled loss's gradient, as one
+    graph's scaled backward gives it (the second pass's output gradients are
+    already scaled, nothing is scaled twice)."""
+    run = prepared(registry, ["lora"], attention_dropout=DROPOUT, precision="fp16")
+    t = run.trainer
+    assert t.scaler is not None and t.scaler.get_scale() > 1
+    batches = list(t.features.train_epoch(0))
+    large = large_batch_grads(t, batches)
+    from clipft.engine.loop import train_forward
+    t.optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    with t.autocast():
+        outs = [train_forward(t.features, t.head, b, t.needs_text) for b in batches]
+        cat = [torch.cat([o[k] for o in outs]) if outs[0][k] is not None else None for k in range(3)]
+        total, _ = t.loss_of(t.record_from(merged(batches), *cat))
+    t.scaler.scale(total).backward()
+    reference = grads(t)
+    assert_grads_close(large, reference, reduction=K)
+    # scaled: far larger than an fp32 gradient of this loss could be
+    assert max(float(g.abs().max()) for g in reference.values()) > 100
 
 
 @pytest.mark.parametrize("case", ["full", "lora:dropout=0", "freeze-vision-cached"])
@@ -303,3 +326,34 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
     assert not all(torch.equal(a[k], r.first[k]) for k in a)   # it trained after the crash
     assert r.resumed["eval"]["after"] == r.whole["eval"]["after"]
     assert r.resumed["train"]["final_loss"] == r.whole["train"]["final_loss"]
+
+
+# -- two processes (gloo) --------------------------------------------------------------
+def test_two_ranks_accumulate_the_same_large_batch_as_one_process(invoke, tmp_path, loss="contrastive"):
+    """2 ranks × K micro-batches of B/2 against one process × K of B: the same
+    K·B samples per step (rank shares of consecutive global batches), the loss
+    on the gathered features, DDP reducing once per step; SGD, so the weights
+    differ by lr × the gradients' difference. The trained ``logit_scale`` is
+    read by the loss directly (its gradient comes from step 2, and the syncing
+    backward carries it to DDP). (``loss="contrastive:fixed_scale=100"``, where
+    DDP looks for unused parameters, passes too; left out for time.)"""
+    from safetensors.torch import load_file
+    from test_distributed import COMMON, torchrun
+
+    args = [*COMMON, "--data", f"shapes:n={2 * K * B},val_n=8", "--epochs", "1", "--strategy", "full",
+            "--loss", loss, "--grad-accum", K]
+    res = invoke("run", *args, "--batch-size", B, "--out", tmp_path / "one", "--json")
+    assert res.exit_code == 0, res.output
+    r = torchrun("run", *args, "--batch-size", B // 2, "--out", tmp_path / "two", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    one, two = json.loads(res.stdout), json.loads(r.stdout)
+    assert two["train"]["accumulation"] == {**one["train"]["accumulation"], "negatives": K * B - 1}
+    assert two["train"]["steps"] == one["train"]["steps"] == 2
+    assert two["distributed"]["unused_trained_tensors"] == (1 if "fixed" in loss else 0)
+    ta = load_file(str(tmp_path / "one" / "checkpoint" / "model.safetensors"))
+    tb = load_file(str(tmp_path / "two" / "checkpoint" / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert_close_rel(tb[k], ta[k], reduction=K * B * L, depth=TINY_DEPTH, what=k)
+    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-5)
