@@ -219,6 +219,28 @@ def test_the_frozen_tower_runs_once_per_micro_batch(registry):
         assert len(calls) - filled == (0 if cache else 2 * K)
 
 
+def test_batchnorm_running_stats_are_updated_once_per_micro_batch(registry):
+    """tiny-rn trained whole: its BatchNorm layers run in training mode, and the
+    second pass must not update their running statistics again."""
+    from clipft.engine.loop import train_forward
+    run = prepared(registry, ["full"], model="tiny-rn")
+    t = run.trainer
+    bns = [m for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.training]
+    assert bns
+    start = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k or "num_batches" in k}
+    batches = list(t.features.train_epoch(0))
+    large_batch_grads(t, batches)
+    after = {k: v.clone() for k, v in run.model.state_dict().items() if k in start}
+    run.model.load_state_dict(start, strict=False)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        for b in batches:
+            train_forward(t.features, t.head, b, t.needs_text)
+    once = {k: v for k, v in run.model.state_dict().items() if k in start}
+    assert all(torch.equal(after[k], once[k]) for k in start)
+    assert int(bns[0].num_batches_tracked) == K
+
+
 def test_cross_entropy_keeps_plain_accumulation_bit_for_bit(registry, tmp_path):
     """Per-sample loss: the loop's plain path, each micro-batch's loss / K
     backwarded in turn, exactly (the same operations in the same order)."""

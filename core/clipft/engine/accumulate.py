@@ -159,7 +159,8 @@ class LargeBatch:
         found = iter(grads[:len(wrt)])
         out_grads = [next(found) if x is not None else None for x in leaves]
         direct = [(p, g) for p, g in zip(t.params, grads[len(wrt):]) if g is not None]
-        self._second_pass(t, micro, out_grads, direct)
+        with running_stats_kept(t):
+            self._second_pass(t, micro, out_grads, direct)
         set_rng_state(after_first_pass)
         return Group(micro, value, terms, seen)
 
@@ -188,6 +189,26 @@ class LargeBatch:
                 if roots:
                     torch.autograd.backward(roots, grads)
             del outputs, roots, grads
+
+
+class running_stats_kept:
+    """BatchNorm layers in training mode update their running statistics in
+    every forward: the first pass made this step's updates, so the second
+    pass's are undone."""
+
+    def __init__(self, t: "Trainer"):
+        mods = [m for root in (t.model, t.head) if root is not None for m in root.modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        self.saved = [(b, b.clone()) for m in mods for b in m.buffers(recurse=False) if b is not None]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, v in self.saved:
+                b.copy_(v)
+        return False
 
 
 def _reduce(t: "Trainer", value: float, counts: list) -> tuple[float, list]:
