@@ -47,9 +47,10 @@ def prepared(registry, strategies, *, batch_size=B, grad_accum=K, loss="contrast
                     epochs=1, precision=precision)
     run = prepare(cfg, registry)
     if attention_dropout:
-        # the text tower's attention dropout (open_clip reads the attribute in training)
+        # attention dropout (open_clip reads the attribute in training), not in an
+        # image tower served from the cache (the plan would have kept it live)
         for name, m in run.model.named_modules():
-            if isinstance(m, torch.nn.MultiheadAttention) and not name.startswith("visual."):
+            if isinstance(m, torch.nn.MultiheadAttention) and not (cache and name.startswith("visual.")):
                 m.dropout = attention_dropout
     run.trainer.set_train_mode()
     return run
@@ -116,6 +117,8 @@ CASES = {
     "lora": (["lora"], False, frozenset()),               # LoRA's own dropout (0.25 by default) too
     "prompt": (["prompt"], True, frozenset({"image"})),   # class prompts, labelled data; image cached
     "freeze-vision-cached": (["freeze-vision"], True, frozenset({"image"})),
+    "vision-prompt": (["vision-prompt"], False, frozenset({"text"})),     # VPT: prompts in the image tower
+    "cocoop": (["cocoop"], False, frozenset({"image"})),                  # class prompts conditioned on the image
 }
 
 
