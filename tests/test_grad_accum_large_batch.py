@@ -146,6 +146,21 @@ def test_large_batch_gradient_equals_one_graph_over_all_pairs_with_dropout(regis
     assert worst(large_batch_grads(t, batches), reference) > 100 * float_tol(K)
 
 
+def test_siglip_and_its_own_parameters(registry):
+    """SigLIP on a model without a logit bias: the loss's own trainable bias
+    gets its gradient in step 2, directly."""
+    run = prepared(registry, ["lora"], loss="siglip", attention_dropout=DROPOUT)
+    t = run.trainer
+    own = [id(p) for p in run.loss.parameters()]
+    assert own and all(any(id(q) == i for q in t.params) for i in own)
+    batches = list(t.features.train_epoch(0))
+    large = large_batch_grads(t, batches)
+    reference = one_graph_grads(t, batches)
+    assert_grads_close(large, reference, reduction=K)
+    assert all(float(reference[i].abs().max()) > 0 for i in own)
+    assert worst(per_micro_batch_grads(t, batches), reference) > 100 * float_tol(K * B * L, TINY_DEPTH)
+
+
 def test_fp16_loss_scaling(registry):
     """fp16 autocast with a grad scaler: the scaled loss's gradient, as one
     graph's scaled backward gives it (the second pass's output gradients are

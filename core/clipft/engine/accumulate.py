@@ -152,13 +152,14 @@ class LargeBatch:
         if not math.isfinite(value):
             return Group(micro, value, terms, seen)
         wrt = [x for x in leaves if x is not None]
+        params = [p for p in t.params if p.requires_grad]
         scaled = t.scaler.scale(total) if t.scaler is not None else total
         # the large-batch loss is already the group's mean: no division by K
-        grads = torch.autograd.grad(scaled, wrt + list(t.params), allow_unused=True)
+        grads = torch.autograd.grad(scaled, wrt + params, allow_unused=True)
         del record, total, scaled
         found = iter(grads[:len(wrt)])
         out_grads = [next(found) if x is not None else None for x in leaves]
-        direct = [(p, g) for p, g in zip(t.params, grads[len(wrt):]) if g is not None]
+        direct = [(p, g) for p, g in zip(params, grads[len(wrt):]) if g is not None]
         with running_stats_kept(t):
             self._second_pass(t, micro, out_grads, direct)
         set_rng_state(after_first_pass)
