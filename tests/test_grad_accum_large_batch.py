@@ -326,11 +326,23 @@ class CoupledNan:
         return loss * float("nan") if self.n == self.at else loss
 
 
+SEEN: list = []
+
+
+class StepsSeen(clipft.Callback):
+    def on_step_end(self, s):
+        SEEN.append((s.batch, s.step, s.stepped, s.loss))
+
+
 class NanPlugin:
     @clipft.hookimpl
     def clipft_register_losses(self, register):
         register(clipft.LossSpec(name="coupled-nan", summary="test", options=NanOptions, build=CoupledNan,
                                  needs={"text"}, batch_coupled=True))
+
+    @clipft.hookimpl
+    def clipft_register_callbacks(self, register):
+        register(clipft.CallbackSpec(name="steps-seen", summary="test", build=lambda opts: StepsSeen()))
 
 
 PLUGINS = [NanPlugin()]
@@ -344,6 +356,19 @@ def test_a_non_finite_large_batch_loss_skips_the_whole_step(registry, tmp_path):
     # the loss runs once per group: the first group's step is skipped whole, the second one steps
     assert s["train"]["skipped_nonfinite_steps"] == 1
     assert s["train"]["steps"] == 1 and s["train"]["samples"] == K * B
+
+
+def test_the_last_group_of_an_epoch_uses_what_there_is(registry, tmp_path):
+    """3 micro-batches with K = 2: a group of 2, then a group of 1 (its own step)."""
+    from clipft.api import RunConfig, run
+    SEEN.clear()
+    s = run(RunConfig(model="tiny-vit", data=f"shapes:n={3 * B},val_n=8", strategies=["full"],
+                      loss="contrastive", batch_size=B, grad_accum=K, epochs=1, callbacks=["steps-seen"]),
+            registry=registry, out=tmp_path / "r")
+    assert s["train"]["steps"] == 2 and s["train"]["samples"] == 3 * B
+    # each micro-batch's event carries its group's loss; the step happens on the group's last
+    assert [(b, st, stepped) for b, st, stepped, _ in SEEN] == [(1, 0, False), (2, 1, True), (3, 2, True)]
+    assert SEEN[0][3] == SEEN[1][3] != SEEN[2][3]
 
 
 @pytest.mark.numerics
