@@ -123,6 +123,9 @@ class RunView:
     resumed_from_step: int = 0
     warnings: tuple = ()
     skipped: tuple = ()
+    #: how ``--grad-accum`` combines micro-batches (large-batch or plain) and the
+    #: negatives each sample meets; "" without accumulation
+    accumulation: str = ""
     #: the top-level names :meth:`path` handed out: the run records them as its
     #: own (``--overwrite`` may replace them; a file the user adds it keeps)
     created: set = attrs.field(factory=set, eq=False, repr=False)

@@ -73,6 +73,8 @@ class RichReporter(Silent):
             f"lr {run.lr:g} · out {run.out_dir}")
         if "random init" in run.lr_reason:   # not the strategy's own default: say why
             self.console.print(f"lr {run.lr:g}: {run.lr_reason}; --lr sets another")
+        if run.accumulation:
+            self.console.print(run.accumulation, markup=False)
         for w in run.warnings:
             self.warn(w)
         if run.skipped:

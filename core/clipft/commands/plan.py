@@ -21,6 +21,8 @@ document:
 """
 from __future__ import annotations
 
+from clipft.engine.accumulate import accumulation_record
+from clipft.engine.accumulate import describe as describe_accumulation
 from clipft.engine.prepare import prepare
 
 #: optimizer state tensors kept per trainable element
@@ -116,6 +118,9 @@ def _plan_one(config, run) -> dict:
         "batches": {"batch_size": config.batch_size, "per_epoch": run.loaders.n_train_batches(),
                     "drop_last": run.loaders.drop_last, "dropped_per_epoch": run.loaders.dropped_per_epoch,
                     "batch_coupled_loss": bool(run.resolved.loss[0].batch_coupled)},
+        # per optimizer step: micro-batches, the effective batch, negatives (large-batch or plain)
+        "accumulation": accumulation_record(bool(run.resolved.loss[0].batch_coupled), config.grad_accum,
+                                            config.batch_size, run.dist.world if run.dist is not None else 1),
         "memory": {
             "optimizer": config.optimizer,
             "optimizer_state_bytes": state_bytes,
@@ -174,6 +179,10 @@ def render_plan(p: dict, console) -> None:
     elif b["dropped_per_epoch"]:
         line += f"; {b['dropped_per_epoch']:,} sample(s) per epoch do not divide among the ranks and are left out"
     console.print(line)
+    acc = p.get("accumulation")
+    if acc:
+        console.print(describe_accumulation(acc)
+                      or f"effective batch: {acc['effective_batch']:,} per optimizer step", markup=False)
     m = p["memory"]
     console.print(
         f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "

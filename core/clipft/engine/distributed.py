@@ -249,9 +249,9 @@ class TrainForward(torch.nn.Module):
         self.trained = torch.nn.ParameterList(params)
         object.__setattr__(self, "_refs", (model, head, features, needs_text, needs_class_text))
 
-    def forward(self, batch):
+    def forward(self, batch, replay=None):
         _, head, features, needs_text, needs_class_text = self._refs
-        return train_forward(features, head, batch, needs_text, needs_class_text)
+        return train_forward(features, head, batch, needs_text, needs_class_text, replay)
 
 
 @contextlib.contextmanager

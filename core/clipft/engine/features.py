@@ -3,7 +3,9 @@
 The loop and the evaluator talk to a provider only:
 
 - ``train_epoch(epoch)``: the :class:`Batch` es of one epoch;
-- ``train_features(batch, need_text)``: image and (when needed) text features;
+- ``train_features(batch, need_text)``: image and (when needed) text features,
+  which are ``image_features(batch)`` and ``paired_text(batch, image)`` (large-batch
+  accumulation calls the two apart, to replay or skip each);
 - ``val_image_features()``, ``class_features()``, ``class_scores(image_features)``,
   ``caption_features(captions)``.
 

@@ -175,20 +175,34 @@ def _named_in_traceback(exc: BaseException, fields: list) -> list:
     return [f for f in fields if f[0] in lines]
 
 
-def train_forward(features, head, batch, needs_text: bool, needs_class_text: bool = False) -> tuple:
+def train_forward(features, head, batch, needs_text: bool, needs_class_text: bool = False, replay=None) -> tuple:
     """The forward of one training batch: ``(image_features, text_features,
     logits, class_text_features)`` from the features provider and the head
     (None for what is not computed; the class text is what the forward encoded
     anyway, or, when ``needs_class_text``, encoded here). One process calls it
     directly; with several, DDP calls it through
     :class:`~clipft.engine.distributed.TrainForward`, so the class text is one
-    of the outputs DDP sees."""
-    with captured_class_text() as cls:
-        img, txt = features.train_features(batch, needs_text)
-        logits = head(img) if head is not None else None
-        if needs_class_text and not cls:
-            features.train_class_features()
-    return img, txt, logits, (cls[0] if cls else None)
+    of the outputs DDP sees.
+
+    ``replay`` (large-batch accumulation, :mod:`clipft.engine.accumulate`) runs
+    each side through ``replay.side(name, compute)``, which records or replays
+    its RNG state, or gives its first-pass value; the class text is then None
+    (large-batch mode is not used when the loss needs it), and with
+    ``replay.carry`` the result has a fifth entry, views of those parameters
+    (so DDP sees them used)."""
+    if replay is None:
+        with captured_class_text() as cls:
+            img, txt = features.train_features(batch, needs_text)
+            logits = head(img) if head is not None else None
+            if needs_class_text and not cls:
+                features.train_class_features()
+        return img, txt, logits, (cls[0] if cls else None)
+    img = replay.side("image", lambda: features.image_features(batch))
+    txt = replay.side("text", lambda: features.paired_text(batch, img)) if needs_text else None
+    logits = replay.side("head", lambda: head(img)) if head is not None else None
+    if replay.carry:
+        return img, txt, logits, None, tuple(p.view_as(p) for p in replay.carry)
+    return img, txt, logits, None
 
 
 @attrs.define
@@ -214,6 +228,16 @@ class Trainer:
     #: the run has several processes; None: call the features provider directly
     forward: Optional[torch.nn.Module] = None
     dist: object = None       # distributed.Dist; None: one process
+    #: large-batch accumulation (``clipft.engine.accumulate.LargeBatch``): set
+    #: when ``grad_accum`` > 1 under a batch-coupled loss, which the loop then
+    #: computes over the whole group of micro-batches; None: plain accumulation
+    large: object = None
+
+    def outputs(self, batch, replay=None) -> tuple:
+        """The training forward with grad, through DDP when it wraps it."""
+        if self.forward is not None:
+            return self.forward(batch, replay)
+        return train_forward(self.features, self.head, batch, self.needs_text, self.needs_class_text, replay)
 
     @property
     def ddp(self) -> bool:
@@ -397,6 +421,67 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         events.fire("on_eval", EvalView(0, before, step=state.step))
         schedule.done()
     n_batches = t.features.n_train_batches()
+
+    def skip_nonfinite(value: float, epoch: int, i: int) -> None:
+        """Drop the optimizer step micro-batch ``i`` belongs to, or stop the run."""
+        if state.skipped_nonfinite >= t.skip_nonfinite:
+            skipped = (f" (after skipping {state.skipped_nonfinite} such steps)"
+                       if state.skipped_nonfinite else "")
+            raise ClipftError(
+                f"loss became {value} at epoch {epoch + 1}, batch {i + 1}{skipped}; "
+                "lower --lr, use --precision fp32, or --skip-nonfinite N to skip such steps "
+                "(the last checkpoint is intact)")
+        state.skipped_nonfinite += 1
+        state.batch = i + 1
+        t.optimizer.zero_grad(set_to_none=True)
+
+    def account(epoch: int, i: int, value: float, seen: int, terms: dict, stepped: bool, norm, dt: float) -> bool:
+        """Micro-batch ``i`` done: the counters, its event, and after a step an
+        evaluation when due and the stop checks. True when it evaluated."""
+        state.seconds += dt
+        state.epoch_seconds += dt
+        state.samples += seen
+        state.last_loss = value
+        state.epoch_loss += state.last_loss
+        state.epoch_seen += 1
+        state.batch = i + 1
+        state.eval_due = stepped and i + 1 < n_batches and schedule.due(state.step)
+        if stepped and i + 1 < n_batches and schedule.kind == "minutes":   # clocks differ between ranks
+            state.eval_due = bool(t.stop_agreed("evaluate" if state.eval_due else None))
+        events.fire("on_step_end", StepView(
+            epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
+            loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
+            samples=seen, seconds=dt, grad_norm=norm,
+            epoch_loss=state.epoch_loss / state.epoch_seen))
+        evaluated = state.eval_due
+        if evaluated:
+            _evaluate_within(t, state, evaluate, events, epoch, i + 1)
+            schedule.done()
+        if stepped and i + 1 < n_batches:
+            _check_stops(t, state, stop_requested, end_requested)
+        return evaluated
+
+    def large_step(epoch: int, times: list, t_last: float) -> float:
+        """The loss and backward of the group of micro-batches added to
+        ``t.large`` (``times``: their first passes, the last ending at
+        ``t_last``), the optimizer step, then each micro-batch's event, each
+        with the group's loss (and the step's time on the last). Returns the
+        clock the next micro-batch's time starts from."""
+        group = t.large.step(t)
+        last = group.micro[-1].batch.position
+        if not group.finite:
+            skip_nonfinite(group.value, epoch, last)
+            return time.perf_counter()
+        for m, seen, dt in zip(group.micro[:-1], group.seen, times):
+            account(epoch, m.batch.position, group.value, seen, group.terms, False, None, dt)
+        norm = t.optimizer_step()
+        state.step += 1
+        t.after_step(state.step)
+        now = time.perf_counter()
+        dt = (times[-1] if times else 0.0) + (now - t_last)
+        evaluated = account(epoch, last, group.value, group.seen[-1], group.terms, True, norm, dt)
+        return time.perf_counter() if evaluated else now
+
     for epoch in range(state.epoch, epochs):
         t.set_train_mode()
         skip = state.batch   # > 0 only when resuming inside this epoch
@@ -409,10 +494,22 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
         batches = t.features.train_epoch(epoch, skip)
         _restore_rng(state)
         yielded = 0
+        times = []   # large-batch accumulation: the first pass of each micro-batch of the group
         for batch in batches:
             yielded += 1
             i = batch.position
             will_step = pending + 1 == t.grad_accum or i + 1 == n_batches
+            if t.large is not None:
+                # the loss waits for the group's last micro-batch (clipft.engine.accumulate)
+                t.large.add(t, batch)
+                pending += 1
+                now = time.perf_counter()
+                times.append(now - t_last)
+                t_last = now
+                if will_step:
+                    t_last = large_step(epoch, times, t_last)
+                    pending, times = 0, []
+                continue
             with t.sync(will_step):
                 with t.autocast():
                     record = t.record(batch)
@@ -423,17 +520,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                     scaled = total / t.grad_accum
                     (t.scaler.scale(scaled) if t.scaler is not None else scaled).backward()
             if not math.isfinite(value):
-                if state.skipped_nonfinite >= t.skip_nonfinite:
-                    skipped = (f" (after skipping {state.skipped_nonfinite} such steps)"
-                               if state.skipped_nonfinite else "")
-                    raise ClipftError(
-                        f"loss became {value} at epoch {epoch + 1}, batch {i + 1}{skipped}; "
-                        "lower --lr, use --precision fp32, or --skip-nonfinite N to skip such steps "
-                        "(the last checkpoint is intact)")
-                # drop the whole optimizer step this micro-batch belongs to
-                state.skipped_nonfinite += 1
-                state.batch = i + 1
-                t.optimizer.zero_grad(set_to_none=True)
+                skip_nonfinite(value, epoch, i)
                 pending = 0
                 continue
             pending += 1
@@ -446,29 +533,13 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
                 t.after_step(state.step)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
-            state.seconds += dt
-            state.epoch_seconds += dt
-            state.samples += seen
-            state.last_loss = value
-            state.epoch_loss += state.last_loss
-            state.epoch_seen += 1
-            state.batch = i + 1
-            state.eval_due = stepped and i + 1 < n_batches and schedule.due(state.step)
-            if stepped and i + 1 < n_batches and schedule.kind == "minutes":   # clocks differ between ranks
-                state.eval_due = bool(t.stop_agreed("evaluate" if state.eval_due else None))
-            events.fire("on_step_end", StepView(
-                epoch=epoch + 1, batch=i + 1, n_batches=n_batches, step=state.step, stepped=stepped,
-                loss=state.last_loss, terms=terms, lr=t.optimizer.param_groups[0]["lr"],
-                samples=seen, seconds=dt, grad_norm=norm,
-                epoch_loss=state.epoch_loss / state.epoch_seen))
-            if state.eval_due:
-                _evaluate_within(t, state, evaluate, events, epoch, i + 1)
-                schedule.done()
+            if account(epoch, i, value, seen, terms, stepped, norm, dt):
                 t_last = time.perf_counter()   # the evaluation is no step's time
-            if stepped and i + 1 < n_batches:
-                _check_stops(t, state, stop_requested, end_requested)
         if not yielded and not skip and n_batches:
             raise ClipftError(nothing_trained(epoch + 1, t.failures))
+        if t.large is not None and len(t.large):   # the last batches were dropped as undecodable
+            large_step(epoch, times, t_last)
+            pending = 0
         if pending:  # the last batches were dropped as undecodable: apply what we have
             t.reduce_unsynced_grads()
             t.optimizer_step()

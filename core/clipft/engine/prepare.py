@@ -19,6 +19,7 @@ import attrs
 import torch
 
 from clipft.data import DataContext
+from clipft.engine.accumulate import LargeBatch
 from clipft.engine.assemble import Assembly, Resolved, assemble, live_towers, pick_device, resolve, seed_everything
 from clipft.engine.cache.plan import plan_cache
 from clipft.engine.cache.provider import Where, cached_features
@@ -344,7 +345,8 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
     if build_optimizer:
         training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
                              device, precision, dist, NEED_TEXT in loss_spec.needs,
-                             NEED_CLASS_TEXT in loss_spec.needs and bool(bundle.classnames))
+                             NEED_CLASS_TEXT in loss_spec.needs and bool(bundle.classnames),
+                             loss_spec.batch_coupled)
         if dist.enabled:
             evaluator = distributed.on_main(evaluator, dist)
     return PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
@@ -356,9 +358,11 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
 
 
 def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,
-                   precision, dist, needs_text: bool, needs_class_text: bool = False) -> Training:
+                   precision, dist, needs_text: bool, needs_class_text: bool = False,
+                   batch_coupled: bool = False) -> Training:
     """The optimizer, schedule and trainer of a run (over stage ``st``'s epochs,
-    or the run's), its training forward wrapped in DDP under torchrun."""
+    or the run's), its training forward wrapped in DDP under torchrun; with
+    ``--grad-accum`` > 1 under a batch-coupled loss, large-batch accumulation."""
     steps_per_epoch = math.ceil(loaders.n_train_batches() / config.grad_accum)
     total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
@@ -372,7 +376,10 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
         loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
-        regularisers=regularisers(assembly), needs_class_text=needs_class_text)
+        regularisers=regularisers(assembly), needs_class_text=needs_class_text,
+        # one loss over a step's micro-batches, unless the loss needs the class text
+        # (the second pass does not rebuild it)
+        large=LargeBatch() if batch_coupled and config.grad_accum > 1 and not needs_class_text else None)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)

@@ -23,6 +23,8 @@ from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
 from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
 from clipft.engine import distributed, rundir, signals
+from clipft.engine.accumulate import accumulation_record
+from clipft.engine.accumulate import describe as describe_accumulation
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
 from clipft.collapse import CollapseWatch
@@ -155,6 +157,12 @@ class StopSignals(signals.Handlers):
         return signals.describe(self.received)[0] if self.received else None
 
 
+def accumulation_of(run: PreparedRun) -> dict:
+    world = run.dist.world if run.dist is not None else 1
+    return accumulation_record(bool(run.resolved.loss[0].batch_coupled), run.config.grad_accum,
+                               run.config.batch_size, world)
+
+
 def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0, resumed_from_step: int = 0) -> RunView:
     total, trainable = run.param_counts
     res = run.resolved
@@ -170,7 +178,7 @@ def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0, resum
         total_steps=(run.total_steps // max(1, run.stage_spec.epochs) * run.config.epochs
                      if run.stage_spec is not None else run.total_steps),
         resumed_from_epoch=resumed_from_epoch, resumed_from_step=resumed_from_step,
-        warnings=tuple(run.warnings),
+        warnings=tuple(run.warnings), accumulation=describe_accumulation(accumulation_of(run)),
         skipped=tuple(str(p) for p, _ in run.bundle.skipped))
 
 
@@ -271,6 +279,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
             "skipped_nonfinite_steps": state.skipped_nonfinite,
             "lr": run.lr,
             "lr_reason": run.lr_reason,
+            # how --grad-accum combined micro-batches, and the negatives each sample met
+            "accumulation": accumulation_of(run),
         },
         "eval": {
             "before": history[0]["eval"] if history else {},

@@ -214,7 +214,10 @@ class CachedFeatures:
 
     def train_features(self, batch: Batch, need_text: bool):
         img = self.image_features(batch)
-        return img, (self.live.paired_text(batch, img) if need_text else None)
+        return img, (self.paired_text(batch, img) if need_text else None)
+
+    def paired_text(self, batch: Batch, image_features=None):
+        return self.live.paired_text(batch, image_features)
 
     @torch.no_grad()
     def train_split_features(self):
