@@ -5,7 +5,8 @@ class (``clipft.kinds.KINDS``), every public member of the protocols
 (``Strategy``, ``StrategyModifier``, ``InsertedModule``, ``ClassTextEncoder``,
 ``Callback``), every field of the callback views, ``BuildContext``,
 ``DataContext``, ``DataBundle`` and ``ForwardRecord``, every CLI command and
-every name in ``clipft.testing.__all__`` must appear in code (backticks or a
+every name in ``clipft.testing.__all__`` and ``clipft.api.__all__``, and every
+member of what ``clipft.load`` returns (``LoadedModel``), must appear in code (backticks or a
 fenced block) in ``README.md`` or ``docs/*.md``. A class member counts as
 documented where a section (the text under one heading) names both the class
 and the member, or where ``Class.member`` is written out.
@@ -124,13 +125,22 @@ def field_items(classes) -> list[Item]:
     return out
 
 
+def loaded_model_items(cls) -> list[Item]:
+    """What ``clipft.load`` returns: its annotated attributes and public methods."""
+    names = set(cls.__annotations__) | {n for n, v in vars(cls).items()
+                                       if not n.startswith("_") and inspect.isfunction(v)}
+    return [Item("loaded model member", cls.__name__, n) for n in sorted(names)]
+
+
 def command_items(group) -> list[Item]:
     return [Item("command", None, name) for name in sorted(group.commands)]
 
 
 def all_items() -> list[Item]:
     import clipft
-    from clipft import callbacks, cli, context, data, hookspecs, kinds, prompt_kit, protocols, record, specs, testing
+    from clipft import (api, callbacks, cli, context, data, hookspecs, kinds, prompt_kit, protocols,
+                        record, specs, testing)
+    from clipft.commands.loaded import LoadedModel
 
     items = hook_items(hookspecs)
     items += spec_items(kinds.KINDS)
@@ -148,6 +158,8 @@ def all_items() -> list[Item]:
     items += [Item("loss need", None, getattr(specs, n)) for n in dir(specs) if n.startswith("NEED_")]
     items += [Item("loss need", None, n) for n in dir(specs) if n.startswith("NEED_")]
     items += [Item("prompt kit", None, n) for n in prompt_kit.__all__]
+    items += [Item("api function", None, n) for n in api.__all__]
+    items += loaded_model_items(LoadedModel)
     return items
 
 
@@ -194,6 +206,10 @@ def test_each_category_is_collected():
     assert ("ForwardRecord", "class_text_features") in {(i.owner, i.name) for i in all_items()}
     assert {"class-text", "NEED_CLASS_TEXT", "install_prompt_learner", "ContextLearner"} <= {
         i.name for i in all_items()}
+    assert {"run", "evaluate", "predict", "export", "sweep", "load"} <= {
+        i.name for i in all_items() if i.category == "api function"}
+    assert {"encode_image", "encode_text", "classify", "classes", "preprocess", "tokenizer", "model"} <= {
+        i.name for i in all_items() if i.category == "loaded model member"}
 
 
 def test_made_up_names_are_reported_missing():
@@ -339,9 +355,9 @@ def adapter_plugin(tmp_path_factory):
 def test_the_worked_example_trains_on_cached_embeddings_and_round_trips(adapter_plugin, tmp_path):
     import torch
 
-    from clipft.api import RunConfig, make_registry, run
+    import clipft
+    from clipft.api import RunConfig, export, make_registry, run
     from clipft.encode import encode_images
-    from clipft.commands.export import export_run, load_export
     from clipft.errors import ClipftUsageError
     from clipft.options import build_options
 
@@ -355,10 +371,10 @@ def test_the_worked_example_trains_on_cached_embeddings_and_round_trips(adapter_
     assert "adapter runs live on the cached value" in summary["cache"]["image"]
     assert [g["name"] for g in summary["params"]["groups"]] == ["clip-adapter"]
 
-    manifest = export_run(tmp_path / "run", tmp_path / "export", registry)
+    manifest = export(tmp_path / "run", tmp_path / "export", registry=registry)
     assert [d["module"] for d in manifest["plain_open_clip_drops"]] == ["clipft_image_adapter"]
     assert manifest["load_export_max_abs_diff"] <= 1e-6
-    back = load_export(tmp_path / "export", registry)["model"]
+    back = clipft.load(tmp_path / "export", registry=registry, device="cpu").model
     adapter = back.clipft_image_adapter
     assert isinstance(adapter, adapter_plugin.clipft.InsertedModule)
     assert adapter.up.weight.abs().sum() > 0  # trained, and loaded back from its own file

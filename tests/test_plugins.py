@@ -242,17 +242,29 @@ def test_plugins_load_lazily_not_at_import():
     assert out.stdout.strip() == "False"
 
 
-def test_embedding_example_runs_with_in_process_plugin(tmp_path):
+def test_embedding_example_trains_evaluates_loads_and_classifies(tmp_path, capsys):
+    """examples/embed_clipft.py: an in-process plugin's run, evaluated, then
+    loaded with clipft.load (the plugin again) and classifying PIL images."""
+    import torch
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import embed_clipft
-        summary = embed_clipft.main(str(tmp_path / "emb"))
+        result = embed_clipft.main(str(tmp_path / "emb"))
+        embed_clipft.show(result, str(tmp_path / "emb"))
     finally:
         sys.path.remove(str(ROOT / "examples"))
+    summary, report, probs = result["summary"], result["report"], result["probs"]
+    assert report["source"] == f"run {tmp_path / 'emb'}" and report["samples"] == 64
+    assert report["classes"] == result["classes"] and len(result["classes"]) == 9
+    assert probs.shape == (3, 9) and torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-5)
+    feats = result["image_features"]
+    assert feats.shape[0] == 3 and torch.allclose(feats.norm(dim=1), torch.ones(3), atol=1e-5)
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[1].startswith("evaluated on 64 images") and len(shown) == 5
+    assert shown[2].startswith("a red circle: ")
     assert summary["strategies"] == [{"name": "norms", "tower": "vision"}]
     # only the vision LayerNorms train
     import open_clip
-    import torch
 
     from clipft.models import register_tiny_configs
     register_tiny_configs()

@@ -5,7 +5,8 @@ The public API a plugin (or an embedding codebase) uses lives outside
 (:mod:`clipft.protocols`), the build context (:mod:`clipft.context`), the
 loss record (:mod:`clipft.record`), encoding helpers (:mod:`clipft.encode`),
 data helpers (:mod:`clipft.data`), model anatomy (:mod:`clipft.anatomy`),
-errors (:mod:`clipft.errors`) and :mod:`clipft.api`.
+errors (:mod:`clipft.errors`) and :mod:`clipft.api`. :func:`load` gives a
+trained model (a run or an export) for inference.
 
 Importing this package is cheap: torch and the plugins load only when a command
 or an API call needs them.
@@ -34,7 +35,21 @@ from clipft.specs import (
     StrategySpec,
 )
 
-__version__ = "0.1.0"
+from clipft.version import __version__
+
+
+def load(path, **options):
+    """A trained model, ready for inference: ``clipft.load("runs/x")`` (a run
+    directory: its final weights, ``best=True`` for ``checkpoint-best/``) or
+    ``clipft.load("exported")`` (an export directory). Returns a
+    :class:`clipft.commands.loaded.LoadedModel` with ``encode_image``,
+    ``encode_text``, ``classify``, ``classes``, ``preprocess``, ``tokenizer`` and
+    ``model``. The options are :func:`clipft.api.load`'s (``best``, ``device``,
+    ``plugins`` ...)."""
+    # imported when called, not at import: `import clipft` stays free of torch
+    # and of the layers below the front (no module below imports this package)
+    from clipft.api import load as load_model
+    return load_model(path, **options)
 
 __all__ = [
     "hookimpl",
@@ -58,5 +73,6 @@ __all__ = [
     "ForwardRecord",
     "ClipftError",
     "ClipftUsageError",
+    "load",
     "__version__",
 ]

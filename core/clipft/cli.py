@@ -309,8 +309,8 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best):
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
     head weights go to separate files (see OUT/clipft_export.json)."""
-    from clipft.commands.export import export_run
-    manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device,
+    from clipft import api
+    manifest = api.export(run_dir, out, registry=_registry(ctx), overwrite=overwrite, device=device,
                           wise_ft=wise_ft, best=best)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
@@ -330,7 +330,7 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best):
                   f"{'' if drops else ' (verified)'}")
     for d in drops:
         console.print(f"  [yellow]plain open_clip drops[/yellow] {d['module']} ({d['kind']}, strategy "
-                      f"{d['strategy']}, in {d['file']}); clipft.commands.export.load_export keeps it")
+                      f"{d['strategy']}, in {d['file']}); clipft.load keeps it")
     if drops:
         console.print(f"  verified: load_export reproduces the run's model "
                       f"(max |diff| {manifest['load_export_max_abs_diff']:.2e})")
@@ -357,32 +357,15 @@ def source_options(fn):
 
 
 def _templates(value):
-    if not value:
-        return None
-    from clipft.data import resolve_templates
-    try:   # as in --data: a comma separates templates
-        return resolve_templates([t for t in value.split(",") if t.strip()])
-    except (ValueError, ClipftError) as exc:
-        raise ClipftUsageError(f"--templates {value}: {exc}") from None
-
-
-def _data_ref(value, flag="--data"):
-    from clipft.options import parse_data_ref
-    if not value:
-        raise ClipftUsageError(f"{flag} is required, e.g. {flag} imagefolder:root=./pets")
-    return parse_data_ref(value)
+    from clipft.api import _templates as parse   # one reading of --templates, here and in the API
+    return parse(value)
 
 
 def _run_data(source, model_name):
     """Without --data, a run directory is evaluated on its own data (its split,
     as it trained): the reference its config.toml records, said on stderr."""
-    from clipft.commands.source import KIND_RUN, source_kind
-    from clipft.config import RunConfig, load_toml
-    if not source or model_name or source_kind(Path(source)) != KIND_RUN:
-        raise ClipftUsageError("--data is required (a run directory as SOURCE evaluates on its own data "
-                               "without it), e.g. --data imagefolder:root=./pets")
-    path = Path(source) / "config.toml"
-    ref = RunConfig.from_toml_dict(load_toml(path), where=str(path)).data
+    from clipft.commands.source import run_data
+    ref = run_data(source, model_name)
     shown = ",".join(f"{k}={v}" for k, v in ref.options.items())
     click.echo(f"note: no --data: evaluating on the run's own data ({ref.name}{':' + shown if shown else ''})",
                err=True)
@@ -409,64 +392,20 @@ def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_wor
              data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot):
     """Evaluate a run, an export or a plain model on a data source: zero-shot and head
     top-1/top-5, per-class and balanced accuracy, calibration (ECE), caption recall@k."""
+    from clipft import api
     from clipft.commands import inference
-    from clipft.commands.source import KIND_RUN, load_source
-    reg = _registry(ctx)
-    task_ref = _data_ref(data) if data else _run_data(source, model_name)
-    control_ref = _data_ref(control_data, "--control-data") if control_data else None
-    tmpl = _templates(templates)
-    if wise_ft_plot and not wise_ft_sweep:
-        raise ClipftUsageError("--wise-ft-plot goes with --wise-ft-sweep")
-    alphas = None
-    if wise_ft_sweep:
-        from clipft.commands.wiseft import parse_alphas
-        alphas = parse_alphas(wise_ft_sweep)
-        if wise_ft_plot:
-            inference.require_matplotlib("--wise-ft-plot")
-    if confusion:
-        inference.require_matplotlib("--confusion")
-    src = load_source(source, model_name, pretrained, reg, device, best=best)
-    sets = [("data", task_ref, inference.build_data(task_ref, reg, src))]
-    if control_ref is not None:
-        sets.append(("control", control_ref, inference.build_data(control_ref, reg, src)))
-
-    def measure():
-        return {name: inference.evaluate_source(src, bundle, ref, split, tmpl, batch_size, num_workers)
-                for name, ref, bundle in sets}
-
     from clipft.progress import stderr_console, stdout_console
-    console = stdout_console()
-    if alphas is not None:
-        if src.kind != KIND_RUN:
-            raise ClipftUsageError("--wise-ft-sweep needs a run directory as SOURCE (it interpolates "
-                                   "the run's weights with the model it started from)")
-        from clipft.commands import wiseft
-        ends = wiseft.endpoints(src.run)
-        curve = []
-        for a in alphas:
-            wiseft.apply(src.run, ends, a)
-            curve.append({"alpha": a, **{k: r.doc["metrics"] for k, r in measure().items()}})
-        doc = {"source": src.description, "split": split, "wise_ft": curve}
-        if wise_ft_plot:
-            inference.write_wise_ft_png(curve, Path(wise_ft_plot))
-        if as_json:
-            click.echo(json.dumps(doc, indent=2))
-        else:
-            inference.render_wise_ft(doc, console)
-        return
-    results = measure()
-    main = results["data"]
-    if per_class:
-        inference.write_per_class_csv(main, Path(per_class))
-    if confusion:
-        inference.write_confusion_png(main, Path(confusion))
-    doc = dict(main.doc)
-    if "control" in results:
-        doc["control"] = results["control"].doc
+    doc = api.evaluate(source, data=data or _run_data(source, model_name), split=split, model=model_name,
+                       pretrained=pretrained, templates=templates, control_data=control_data,
+                       batch_size=batch_size, num_workers=num_workers, device=device, best=best,
+                       per_class=per_class, confusion=confusion, wise_ft_sweep=wise_ft_sweep,
+                       wise_ft_plot=wise_ft_plot, registry=_registry(ctx))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
+    elif "wise_ft" in doc:
+        inference.render_wise_ft(doc, stdout_console())
     else:
-        inference.render_eval(doc, console, notes=stderr_console())
+        inference.render_eval(doc, stdout_console(), notes=stderr_console())
 
 
 @cli.command("predict")
@@ -481,33 +420,15 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
                 top_k, labels, labels_file):
     """Top-k labels with probabilities for images: the run's classes (through its head
     when it has one), or ad-hoc --labels for zero-shot use. --json prints JSON Lines."""
-    from clipft.commands import inference
-    from clipft.commands.source import load_source
+    from clipft import api
     args = list(args)
     source = None if model_name else (args.pop(0) if args else None)
-    if not args:
-        raise ClipftUsageError("no images given: clipft predict SOURCE IMAGE|FOLDER...")
-    if top_k < 1:
-        raise ClipftUsageError(f"--top-k {top_k}: must be >= 1")
-    if labels and labels_file:
-        raise ClipftUsageError("give --labels or --labels-file, not both")
-    names = None
-    if labels is not None:
-        names = [x.strip() for x in labels.split(",")]
-        if names and not all(names):   # `--labels a,,b` or `--labels ''`: a class with no name
-            raise ClipftUsageError(f"--labels {labels!r}: a label is empty; give names separated by commas")
-    elif labels_file:
-        from clipft.data import read_text_utf8
-        names = [x.strip() for x in read_text_utf8(labels_file, "labels file").splitlines() if x.strip()]
-    if names is not None and not names:
-        raise ClipftUsageError("no labels given")
-    if names is not None and len(set(names)) != len(names):
-        raise ClipftUsageError("labels repeat: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
-    paths = inference.image_paths(args)
-    src = load_source(source, model_name, pretrained, _registry(ctx), device, best=best)
-    classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
-    failed = 0
-    for rec in inference.predict(src, paths, classifier, classes, top_k, batch_size):
+    records = api.iter_predict(source, args, model=model_name, pretrained=pretrained, labels=labels,
+                               labels_file=labels_file, templates=templates, top_k=top_k,
+                               batch_size=batch_size, device=device, best=best, registry=_registry(ctx))
+    failed = total = 0
+    for rec in records:
+        total += 1
         failed += "error" in rec
         if as_json:
             click.echo(json.dumps(rec))
@@ -516,8 +437,8 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
         else:
             click.echo(rec["image"] + "\t" + "  ".join(f"{t['label']} {t['prob']:.3f}" for t in rec["top"]))
     if failed:
-        click.echo(f"{failed} of {len(paths)} images could not be read", err=True)
-        if failed == len(paths):
+        click.echo(f"{failed} of {total} images could not be read", err=True)
+        if failed == total:
             sys.exit(1)
 
 
@@ -536,33 +457,17 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
 def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as_json, **kw):
     """Run several strategies on the same data, budget and seeds; one table of top-1
     before/after, forgetting, trainable params, time, memory and checkpoint size."""
-    import time as _time
+    from rich.markup import escape
 
+    from clipft import api
     from clipft.commands import sweep
+    from clipft.progress import stderr_console, stdout_console
     if kw.get("strategies"):
         raise ClipftUsageError("clipft sweep takes its strategies from --strategies, not --strategy")
-    if seeds < 1:
-        raise ClipftUsageError(f"--seeds {seeds}: must be >= 1")
-    refs = sweep.parse_members(members)
     cfg = build_config(config_file, kw)
+    refs = sweep.parse_members(members)
     reg = _registry(ctx, _components(cfg, [r for m in refs for r in m]))
-    from clipft.engine.assemble import resolve
-    import attrs
-    for m in refs:                      # every member resolves before the first one trains
-        resolve(attrs.evolve(cfg, strategies=m), reg)
-    control = _data_ref(control_data, "--control-data") if control_data else None
-    if control is not None:
-        reg.get("data", control.name)
-    out_dir = Path(out) if out else Path("runs") / f"sweep-{_time.strftime('%Y%m%d-%H%M%S')}"
-    if (out_dir / sweep.SWEEP_JSON).exists() and not overwrite and not sweep.is_unfinished(out_dir):
-        raise ClipftUsageError(f"{out_dir} holds a sweep already; pass --overwrite to replace it")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / sweep.SWEEP_JSON).exists() \
-            and not any(out_dir.glob("*/seed*.toml")):
-        raise ClipftUsageError(f"{out_dir} exists and is not a sweep directory; choose another --out")
-    from clipft.progress import stderr_console, stdout_console
     console = stderr_console()      # progress and failures; the table goes to stdout
-
-    from rich.markup import escape
 
     def progress(done, total, name, seed):
         console.print(f"[{done + 1}/{total}] {escape(name)} seed {seed}")
@@ -576,19 +481,15 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
             console.print(f"  [red]{escape(name)} seed {row['seed']} failed[/red]: {escape(row['error'])}",
                           soft_wrap=True)
 
-    spec = sweep.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
-                           disabled=tuple(sorted(ctx.find_root().obj["disabled"])), fresh=overwrite)
-    doc = sweep.run_sweep(spec, reg, on_member=progress, on_done=finished)
-    try:
-        sweep.write_sweep_png(doc, out_dir / sweep.SWEEP_PNG)
-    except ClipftUsageError as exc:     # no matplotlib: the table and sweep.json are what matter
-        console.print(f"[yellow]note[/yellow]: no {sweep.SWEEP_PNG}: {exc}")
+    doc = api.sweep(cfg, members, seeds=seeds, control_data=control_data, out=out, overwrite=overwrite,
+                    disabled=ctx.find_root().obj["disabled"], registry=reg, on_member=progress,
+                    on_done=finished, on_note=lambda note: console.print(f"[yellow]note[/yellow]: {escape(note)}"))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
         result = stdout_console()
         sweep.render_sweep(doc, result)
-        result.print(f"wrote {out_dir / sweep.SWEEP_JSON}")
+        result.print(f"wrote {Path(doc['out']) / sweep.SWEEP_JSON}")
     if all(m["ok"] == 0 for m in doc["members"]):
         sys.exit(1)
 

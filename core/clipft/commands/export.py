@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from clipft import atomic
-from clipft import __version__
+from clipft.version import __version__
 from clipft.anatomy import get_path
 from clipft.commands import wiseft
 from clipft.commands.export_check import blame, check_config, read_manifest
@@ -223,7 +223,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
             "model": run.config.model,
             "pretrained": run.pretrained,
             "load_with": f"open_clip.create_model_and_transforms('local-dir:{out}')",
-            "load_all_with": f"clipft.commands.export.load_export('{out}')",
+            "load_all_with": f"clipft.load('{out}')",
             "weights": WEIGHTS,
             "config": CONFIG,
             "strategies": [{"name": s.name, **options_to_dict(o)} for s, o in run.resolved.strategies],

@@ -85,3 +85,14 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,
                   dev, seed=int(exp["manifest"].get("seed", 0)))
+
+
+def run_data(source: Optional[str], model_name: Optional[str] = None):
+    """The data reference a run directory's ``config.toml`` records: what
+    ``clipft eval RUN`` evaluates on without ``--data`` (the run's own split)."""
+    from clipft.config import RunConfig, load_toml
+    if not source or model_name or source_kind(Path(source)) != KIND_RUN:
+        raise ClipftUsageError("--data is required (a run directory as SOURCE evaluates on its own data "
+                               "without it), e.g. --data imagefolder:root=./pets")
+    path = Path(source) / "config.toml"
+    return RunConfig.from_toml_dict(load_toml(path), where=str(path)).data

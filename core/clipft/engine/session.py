@@ -18,7 +18,8 @@ from typing import Optional
 import attrs
 import torch
 
-from clipft import __version__, atomic
+from clipft import atomic
+from clipft.version import __version__
 from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
 from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
