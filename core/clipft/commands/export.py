@@ -40,7 +40,7 @@ import torch
 
 from clipft import atomic
 from clipft import __version__
-from clipft.commands import wiseft
+from clipft.commands import model_card, wiseft
 from clipft.commands.export_check import blame, check_config, read_manifest
 from clipft.commands.wiseft import fold_adapters
 from clipft.encode import image_embedding, infer_embed_dim, text_embedding
@@ -149,11 +149,17 @@ def _within(diff: float, reference: torch.Tensor) -> bool:
 
 
 def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu",
-               wise_ft: Optional[float] = None, best: bool = False) -> dict:
+               wise_ft: Optional[float] = None, best: bool = False, format: str = "open_clip") -> dict:
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
     fine-tuned weights (:mod:`clipft.commands.wiseft`); ``best`` exports the
-    run's ``checkpoint-best/`` (``--keep-best``) instead of its final weights."""
+    run's ``checkpoint-best/`` (``--keep-best``) instead of its final weights;
+    ``format="onnx"`` writes ONNX graphs (:mod:`clipft.commands.onnx_export`)."""
+    if format not in ("open_clip", "onnx"):
+        raise ClipftUsageError(f"--format {format}: expected open_clip or onnx")
+    if format == "onnx":
+        from clipft.commands.onnx_export import require_onnx
+        require_onnx()   # before the run is locked and loaded
 
     # SIGTERM and SIGHUP would end the process where it is, leaving the
     # temporary folder behind: as exceptions, building_dir removes it
@@ -161,6 +167,9 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
                    late=f"stopped after the export to {out} was complete")
     with stop, RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
         # one process per run: a run training (or resumed) there now would change it under us
+        if format == "onnx":
+            from clipft.commands.onnx_export import export_onnx
+            return export_onnx(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop, best)
         return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop, best)
 
 
@@ -272,6 +281,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
                 f"{max(full_diff, plain_diff if not drops else 0.0):.3g}); this is a bug, please report it")
         manifest["verified_max_abs_diff"] = plain_diff
         manifest["load_export_max_abs_diff"] = full_diff
+        model_card.write(tmp, manifest, model_card.data_of(run), str(out))
         manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         # from the removal of the earlier export to the rename, a signal waits:
