@@ -35,6 +35,7 @@ ROWS = {
     "7": ("scale", "frozen-tower cache cost vs data size, memory vs --cache-dir"),
     "8": ("small_data", "small folder, whole process vs seed loop process"),
     "defaults": ("defaults", "precision and workers defaults"),
+    "onnx": ("onnx_cpu", "image encoding on CPU, onnxruntime vs torch eager"),
 }
 
 

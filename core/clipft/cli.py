@@ -313,8 +313,10 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best, fmt
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
     head weights go to separate files (see OUT/clipft_export.json)."""
     from clipft.commands.export import export_run
+    if fmt == "onnx":
+        from clipft.commands.onnx_export import export_run
     manifest = export_run(Path(run_dir), Path(out), _registry(ctx), overwrite=overwrite, device=device,
-                          wise_ft=wise_ft, best=best, format=fmt)
+                          wise_ft=wise_ft, best=best)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return

@@ -149,17 +149,11 @@ def _within(diff: float, reference: torch.Tensor) -> bool:
 
 
 def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu",
-               wise_ft: Optional[float] = None, best: bool = False, format: str = "open_clip") -> dict:
+               wise_ft: Optional[float] = None, best: bool = False) -> dict:
     """Export a run directory; returns the manifest. ``wise_ft=α`` writes the
     WiSE-FT interpolation ``(1-α)·zero-shot + α·fine-tuned`` instead of the
     fine-tuned weights (:mod:`clipft.commands.wiseft`); ``best`` exports the
-    run's ``checkpoint-best/`` (``--keep-best``) instead of its final weights;
-    ``format="onnx"`` writes ONNX graphs (:mod:`clipft.commands.onnx_export`)."""
-    if format not in ("open_clip", "onnx"):
-        raise ClipftUsageError(f"--format {format}: expected open_clip or onnx")
-    if format == "onnx":
-        from clipft.commands.onnx_export import require_onnx
-        require_onnx()   # before the run is locked and loaded
+    run's ``checkpoint-best/`` (``--keep-best``) instead of its final weights."""
 
     # SIGTERM and SIGHUP would end the process where it is, leaving the
     # temporary folder behind: as exceptions, building_dir removes it
@@ -167,9 +161,6 @@ def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str
                    late=f"stopped after the export to {out} was complete")
     with stop, RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
         # one process per run: a run training (or resumed) there now would change it under us
-        if format == "onnx":
-            from clipft.commands.onnx_export import export_onnx
-            return export_onnx(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop, best)
         return _export(Path(run_dir), Path(out), registry, overwrite, device, wise_ft, stop, best)
 
 

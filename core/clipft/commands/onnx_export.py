@@ -44,6 +44,8 @@ from clipft.commands import model_card, wiseft
 from clipft.commands.export import FORMAT, MANIFEST, _check_out
 from clipft.encode import encode_images, encode_texts, infer_embed_dim, shared_class_text
 from clipft.engine.loadrun import load_run
+from clipft.engine.rundir import RunLock
+from clipft.engine.signals import Raising
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.options import options_to_dict
 from clipft.protocols import conditional_class_text, inserted_modules
@@ -208,11 +210,20 @@ def _check(part: str, got, want: torch.Tensor, reduction: int, depth: int, scale
 
 
 # -- export --------------------------------------------------------------------------------
-def export_onnx(run_dir: Path, out: Path, registry=None, overwrite: bool = False, device: str = "cpu",
-                wise_ft: Optional[float] = None, stop=None, best: bool = False) -> dict:
-    """Called by :func:`clipft.commands.export.export_run` (which holds the run's
-    lock and turns signals into exceptions); returns the manifest."""
-    ort = require_onnx()
+def export_run(run_dir, out, registry=None, overwrite: bool = False, device: str = "cpu",
+               wise_ft: Optional[float] = None, best: bool = False) -> dict:
+    """:func:`clipft.commands.export.export_run` for ``--format onnx``: the same
+    options, the run locked and signals turned into exceptions the same way;
+    returns the manifest."""
+    ort = require_onnx()   # before anything is locked or loaded
+    stop = Raising(f"export stopped before it finished; {out} is left as it was",
+                   late=f"stopped after the export to {out} was complete")
+    with stop, RunLock(Path(run_dir)) if Path(run_dir).is_dir() else contextlib.nullcontext():
+        return _export(Path(run_dir), Path(out), ort, registry, overwrite, device, wise_ft, stop, best)
+
+
+def _export(run_dir: Path, out: Path, ort, registry, overwrite: bool, device: str, wise_ft: Optional[float],
+            stop, best: bool) -> dict:
     run = load_run(run_dir, registry, device=device, best=best)
     model = run.model
     reason = refusal(model)
@@ -239,8 +250,7 @@ def export_onnx(run_dir: Path, out: Path, registry=None, overwrite: bool = False
         model_card.write(tmp, manifest, model_card.data_of(run), str(out))
         manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if stop is not None:
-            commit.enter_context(stop.held())
+        commit.enter_context(stop.held())
         if out.exists():   # _check_out: an export with nothing its manifest does not list
             shutil.rmtree(out)
     return manifest

@@ -82,7 +82,18 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer, run.preprocess, run.head,
                       run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
+    if _is_onnx_export(path):
+        raise ClipftUsageError(f"{path} is an ONNX export (clipft export --format onnx): clipft eval and predict "
+                               "load open_clip exports; run its graphs with onnxruntime (its README.md shows how)")
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,
                   dev, seed=int(exp["manifest"].get("seed", 0)))
+
+
+def _is_onnx_export(path: Path) -> bool:
+    import json
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format_name") == "onnx"
+    except (OSError, ValueError, AttributeError):
+        return False   # load_export names what is wrong with it
