@@ -120,6 +120,18 @@ def test_classifier_probabilities_match_clipft_predict(lora_run, tmp_path, invok
         # probabilities: half the logits' bound, logits below ~10 on a tiny model
         assert max(abs(want[n] - float(row[j])) for j, n in enumerate(names)) < 1e-4
 
+    # clipft predict runs the ONNX export itself: the classifier graph, or the
+    # encoders for ad-hoc labels
+    for extra in ([], ["--labels", "red circle,blue square,a dog"]):
+        ours = invoke("predict", lora_run, *paths, "--json", "--top-k", "100", *extra)
+        theirs = invoke("predict", out, *paths, "--json", "--top-k", "100", *extra)
+        assert ours.exit_code == 0 and theirs.exit_code == 0, theirs.output
+        for a, b in zip(ours.stdout.splitlines(), theirs.stdout.splitlines()):
+            a, b = json.loads(a), json.loads(b)
+            assert a["image"] == b["image"] and a["used"] == b["used"]
+            pa, pb = ({t["label"]: t["prob"] for t in r["top"]} for r in (a, b))
+            assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) < 1e-4
+
 
 def test_zero_shot_classifier_of_a_run_without_head(full_run, tmp_path, invoke):
     manifest, _ = _export(invoke, full_run, tmp_path / "x")
@@ -127,8 +139,8 @@ def test_zero_shot_classifier_of_a_run_without_head(full_run, tmp_path, invoke):
     _, probs = _session(tmp_path / "x" / "classifier.onnx").run(
         None, {"pixel_values": np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)})
     assert probs.shape == (2, len(manifest["classnames"])) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    # the ONNX export is not something clipft predict loads as a model
-    res = invoke("predict", tmp_path / "x", tmp_path / "x" / "README.md")
+    # clipft eval takes runs and open_clip exports only, and says so
+    res = invoke("eval", tmp_path / "x", "--data", DATA)
     assert res.exit_code == 2 and "ONNX export" in res.stderr
 
 

@@ -512,10 +512,16 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
     if names is not None and len(set(names)) != len(names):
         raise ClipftUsageError("labels repeat: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
     paths = inference.image_paths(args)
-    src = load_source(source, model_name, pretrained, _registry(ctx), device, best=best)
-    classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
+    from clipft.commands.source import is_onnx_export
+    if source and is_onnx_export(Path(source)):     # onnxruntime runs its graphs, no torch model
+        from clipft.commands.onnx_export import predict as onnx_predict
+        records = onnx_predict(Path(source), paths, names, _templates(templates), top_k, batch_size, best)
+    else:
+        src = load_source(source, model_name, pretrained, _registry(ctx), device, best=best)
+        classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
+        records = inference.predict(src, paths, classifier, classes, top_k, batch_size)
     failed = 0
-    for rec in inference.predict(src, paths, classifier, classes, top_k, batch_size):
+    for rec in records:
         failed += "error" in rec
         if as_json:
             click.echo(json.dumps(rec))

@@ -16,6 +16,8 @@
   mean/std, resize mode; context length and tokenizer) and the class names.
 - ``clipft_export.json`` (``format_name: "onnx"``) and ``README.md`` (the card).
 
+``clipft predict OUT IMAGE...`` runs these graphs with onnxruntime (:func:`predict`).
+
 Every graph has a dynamic batch axis. The export checks itself: onnxruntime's
 outputs against the torch model's (the run's, adapters unmerged) on probe
 inputs of another batch size than the one traced, within :func:`tolerance`; a
@@ -43,12 +45,14 @@ from clipft import __version__, atomic
 from clipft.commands import model_card, wiseft
 from clipft.commands.export import FORMAT, MANIFEST, _check_out
 from clipft.encode import encode_images, encode_texts, infer_embed_dim, shared_class_text
+from clipft.engine.evaluate import logit_scale
 from clipft.engine.loadrun import load_run
 from clipft.engine.rundir import RunLock
 from clipft.engine.signals import Raising
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.options import options_to_dict
-from clipft.protocols import conditional_class_text, inserted_modules
+from clipft.protocols import (ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING, conditional_class_text,
+                              inserted_modules)
 
 IMAGE, TEXT, CLASSIFIER = "image_encoder.onnx", "text_encoder.onnx", "classifier.onnx"
 PREPROCESS = "preprocess.json"
@@ -284,9 +288,10 @@ def _build(run, tmp: Path, ort, folded: int) -> dict:
     ref_logits = scorer.logits(ref_img) if scorer is not None else None
 
     folded += wiseft.fold_adapters(model)
-    img_size = graph_size(model.visual, *(m for _, m in inserted_modules(model) if m.enters == "image-embedding"))
+    adapters = inserted_modules(model)
+    img_size = graph_size(model.visual, *(m for _, m in adapters if m.enters == ENTERS_IMAGE_EMBEDDING))
     txt_size = graph_size(getattr(model, "transformer", None), getattr(model, "ln_final", None),
-                          *(m for _, m in inserted_modules(model) if m.enters == "text-embedding"))
+                          *(m for _, m in adapters if m.enters == ENTERS_TEXT_EMBEDDING))
     files, checks = {}, {}
     _trace(_Images(model).eval(), (images[:TRACE_BATCH],), tmp / IMAGE, ["pixel_values"], ["image_embeds"],
            "image encoder")
@@ -346,7 +351,7 @@ def _build(run, tmp: Path, ort, folded: int) -> dict:
         "head": head_info,
         "seed": run.config.seed,
         "preprocess": PREPROCESS,
-        "onnx": {"opset": OPSET, "exporter": f"torch.onnx TorchScript exporter (torch {torch.__version__})",
+        "onnx": {"opset": OPSET, "logit_scale": float(logit_scale(model)), "exporter": f"torch.onnx TorchScript exporter (torch {torch.__version__})",
                  "onnxruntime": ort.__version__, "files": files, "classifier_uses": used,
                  "verification": checks,
                  "tolerance": "SAFETY*eps32*sqrt(reduction)*depth x max|reference| (norm-wise relative; "
@@ -389,3 +394,64 @@ def render(manifest: dict, out, console) -> None:
                       f"{len(manifest['classnames'])} classes")
     for part, c in manifest["onnx"]["verification"].items():
         console.print(f"  verified {part}: max |diff| {c['max_abs_diff']:.2e} (allowed {c['allowed']:.2e})")
+
+
+# -- predict -------------------------------------------------------------------------------
+def predict(out: Path, paths, labels=None, templates=None, top_k: int = 5, batch_size: int = 32,
+            best: bool = False):
+    """``clipft predict`` on an ONNX export, with onnxruntime (open_clip only for
+    the image transform and the tokenizer): the records of
+    :func:`clipft.commands.inference.predict`. The run's classes go through
+    ``classifier.onnx``; ``labels`` (or other ``templates``) are classified
+    zero-shot with ``text_encoder.onnx`` (learned class prompts do not apply to them)."""
+    import open_clip
+
+    from clipft.commands import inference
+    from clipft.commands.export_check import blame, read_manifest
+    from clipft.data import DEFAULT_TEMPLATES
+    from clipft.models import register_tiny_configs
+    if best:
+        raise ClipftUsageError(f"--best picks a run's best checkpoint; {out} is an export, not a run directory")
+    ort = require_onnx()
+    manifest = read_manifest(out / MANIFEST)
+    with blame(out / PREPROCESS, "is not the preprocess.json of an ONNX export"):
+        pre = json.loads((out / PREPROCESS).read_text(encoding="utf-8"))
+        img = pre["image"]
+        transform = open_clip.image_transform(tuple(img["size"]), is_train=False, mean=tuple(img["mean"]),
+                                              std=tuple(img["std"]), resize_mode=img["resize_mode"],
+                                              interpolation=img["interpolation"])
+    files = manifest.get("onnx", {}).get("files", {})
+
+    def session(part):
+        if part not in files:
+            raise ClipftUsageError(f"{out}: this ONNX export has no {part} graph")
+        with blame(out / files[part]["file"], "cannot be loaded by onnxruntime"):
+            return _session(ort, out / files[part]["file"])
+
+    if labels or templates:
+        names = list(labels or manifest.get("classnames") or [])
+        if not names:
+            raise ClipftUsageError(f"{out} has no class names: pass --labels a,b,c for zero-shot prediction")
+        tmpl = tuple(templates or manifest.get("templates") or DEFAULT_TEMPLATES)
+        register_tiny_configs()
+        tokenizer = open_clip.get_tokenizer(manifest["model"])
+        text = session("text_encoder")
+        tokens = tokenizer([t.format(c) for c in names for t in tmpl]).numpy().astype("int64")
+        feats = torch.as_tensor(text.run(None, {"input_ids": tokens})[0]).view(len(names), len(tmpl), -1)
+        weights = torch.nn.functional.normalize(feats.mean(dim=1), dim=-1)
+        image, scale = session("image_encoder"), float(manifest["onnx"]["logit_scale"])
+
+        def logits(x):
+            return scale * torch.as_tensor(image.run(None, {"pixel_values": x.numpy()})[0]) @ weights.t()
+        used = "zero-shot"
+    else:
+        names = manifest.get("classnames")
+        if not names:
+            raise ClipftUsageError(f"{out} has no class names: pass --labels a,b,c or --labels-file FILE "
+                                   "for zero-shot prediction")
+        clf = session("classifier")
+
+        def logits(x):
+            return clf.run(["logits"], {"pixel_values": x.numpy()})[0]
+        used = files["classifier"].get("uses", "classifier")
+    return inference.predict_with(paths, transform, logits, used, list(names), top_k, batch_size)
