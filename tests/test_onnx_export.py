@@ -90,7 +90,10 @@ def test_onnx_encoders_match_the_run_at_any_batch_size(which, request, tmp_path,
     assert pre["image"]["size"] == [32, 32] and len(pre["image"]["mean"]) == 3
     assert pre["text"]["context_length"] == tokens.shape[1] and pre["classnames"] == run.classnames
     text = (out / "README.md").read_text()
-    assert text.startswith("---\nlibrary_name:") and "onnxruntime" in text and "classifier.onnx" in text
+    assert "onnxruntime" in text and "classifier.onnx" in text and f"clipft predict {out} image.jpg" in text
+    yaml = pytest.importorskip("yaml")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "open_clip" and "clipft" in meta["tags"] and "model-index" in meta
 
 
 @pytest.mark.numerics

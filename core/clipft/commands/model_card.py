@@ -153,7 +153,7 @@ def render(manifest: dict, summary: dict, data: Optional[dict] = None, out_name:
             lines.append(f"- {key} `{_md(part['name'])}`" + (f": `{_md(rest)}`" if rest else ""))
     train, params = summary.get("train", {}) or {}, summary.get("params", {}) or {}
     if train:
-        lines.append(f"- {_fmt(train.get('epochs'))} epochs, {_fmt(train.get('steps'))} steps, "
+        lines.append(f"- epochs {_fmt(train.get('epochs'))}, steps {_fmt(train.get('steps'))}, "
                      f"lr {_fmt(train.get('lr'))}, seed {_fmt(manifest.get('seed'))}")
     if params:
         lines.append(f"- trainable parameters: {_fmt(params.get('trainable'))} of {_fmt(params.get('total'))}")
@@ -180,10 +180,15 @@ def render(manifest: dict, summary: dict, data: Optional[dict] = None, out_name:
         lines += ["With open_clip alone (no clipft needed):", "", "```python", "import open_clip",
                   f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out_name}")',
                   f'tokenizer = open_clip.get_tokenizer("local-dir:{out_name}")', "```", ""]
-    lines += ["With clipft (the learned prompts, adapters and head put back):", "", "```bash",
-              f"clipft predict {out_name} image.jpg", f"clipft eval {out_name} --data DATA", "```", ""]
-    if not onnx:
-        lines += ["```python", "from clipft.commands.export import load_export",
+    if onnx:
+        lines += ["With clipft (onnxruntime runs the graphs):", "", "```bash",
+                  f"clipft predict {out_name} image.jpg                 # the run's classes, classifier.onnx",
+                  f'clipft predict {out_name} image.jpg --labels "a dog,a cat"   # zero-shot, the encoders',
+                  "```", ""]
+    else:
+        lines += ["With clipft (the learned prompts, adapters and head put back):", "", "```bash",
+                  f"clipft predict {out_name} image.jpg", f"clipft eval {out_name} --data DATA", "```", "",
+                  "```python", "from clipft.commands.export import load_export",
                   f'loaded = load_export("{out_name}")   # model, preprocess, tokenizer, head, classnames',
                   "```", ""]
 
@@ -198,7 +203,7 @@ def _onnx_usage(manifest: dict) -> list:
            "resize mode, and the tokenizer settings):", "", "```python", "import numpy as np, onnxruntime as ort",
            'image = ort.InferenceSession("image_encoder.onnx")',
            '# pixel_values: float32 [batch, 3, H, W], preprocessed as preprocess.json says',
-           'embeds = image.run(None, {"pixel_values": pixel_values})[0]   # L2-normalised'] 
+           'embeds = image.run(None, {"pixel_values": pixel_values})[0]   # L2-normalised']
     if "classifier" in files:
         out += ['classifier = ort.InferenceSession("classifier.onnx")',
                 'logits, probs = classifier.run(None, {"pixel_values": pixel_values})   '
@@ -213,8 +218,8 @@ def _limitations(manifest: dict) -> list:
     if manifest.get("format_name") == "onnx":
         onnx = manifest.get("onnx", {})
         out.append("- The ONNX graphs hold everything the run learned (adapters merged, prompts and head "
-                   "baked into `classifier.onnx`); `text_encoder.onnx` encodes free text with the text "
-                   "tower only (learned class prompts live in the classifier, not in the text encoder).")
+                   "baked into `classifier.onnx`); `text_encoder.onnx` encodes free text (the text tower "
+                   "and any text-embedding adapter): learned class prompts live in the classifier only.")
         for part, v in (onnx.get("verification") or {}).items():
             out.append(f"- `{part}`: onnxruntime vs the torch model, max |diff| {v['max_abs_diff']:.2e} "
                        f"(allowed {v['allowed']:.2e}).")
