@@ -311,7 +311,8 @@ def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best, fmt
     """Write a run as a plain open_clip model: OUT/open_clip_model.safetensors
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
-    head weights go to separate files (see OUT/clipft_export.json)."""
+    head weights go to separate files (see OUT/clipft_export.json). --format onnx
+    writes ONNX graphs instead; either way OUT/README.md is a model card."""
     from clipft.commands.export import export_run
     if fmt == "onnx":
         from clipft.commands.onnx_export import export_run
