@@ -36,6 +36,7 @@ ROWS = {
     "8": ("small_data", "small folder, whole process vs seed loop process"),
     "9": ("large_batch", "--grad-accum K large-batch loss vs one batch of K·B: peak RSS, step time"),
     "defaults": ("defaults", "precision and workers defaults"),
+    "onnx": ("onnx_cpu", "image encoding on CPU, onnxruntime vs torch eager"),
 }
 
 

@@ -208,7 +208,7 @@ def iter_predict(source: Optional[PathLike] = None, images: Iterable[PathLike] =
     ``clipft predict --json`` streams). The arguments are checked and the
     model is loaded before this returns."""
     from clipft.commands import inference
-    from clipft.commands.source import load_source
+    from clipft.commands.source import is_onnx_export, load_source
 
     images = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     if not images:
@@ -218,6 +218,9 @@ def iter_predict(source: Optional[PathLike] = None, images: Iterable[PathLike] =
     _batch_size(batch_size)
     names = _labels(labels, labels_file)
     paths = inference.image_paths(str(p) for p in images)
+    if source and is_onnx_export(Path(source)):     # onnxruntime runs its graphs, no torch model
+        from clipft.commands.onnx_export import predict as onnx_predict
+        return onnx_predict(Path(source), paths, names, _templates(templates), top_k, batch_size, best)
     src = load_source(source and str(source), model, pretrained,
                       _registry(registry, plugins, disabled, entry_points), device, best=best)
     classifier, classes = inference.classifier_for_predict(src, names, _templates(templates))
@@ -239,15 +242,22 @@ def predict(source: Optional[PathLike] = None, images: Iterable[PathLike] = (), 
 
 # -- export, sweep, load ----------------------------------------------------------------
 def export(run_dir: PathLike, out: PathLike, *, overwrite: bool = False, device: str = "cpu",
-           wise_ft: Optional[float] = None, best: bool = False, plugins: Iterable[object] = (),
+           wise_ft: Optional[float] = None, best: bool = False, format: str = "open_clip",
+           plugins: Iterable[object] = (),
            disabled: Iterable[str] = (), entry_points: bool = True,
            registry: Optional[Registry] = None) -> dict:
     """``clipft export``: write ``run_dir`` to ``out`` as a plain open_clip model
     (LoRA merged; learned prompts and the head beside it) and return the
     manifest (``clipft_export.json``, what ``clipft export --json`` prints).
     ``wise_ft=α`` writes the WiSE-FT weights; ``best`` the run's
-    ``checkpoint-best/``. Load it back with :func:`load`."""
-    from clipft.commands.export import export_run
+    ``checkpoint-best/``; ``format="onnx"`` writes ONNX graphs instead (the
+    ``onnx`` extra). Load it back with :func:`load`."""
+    if format == "onnx":
+        from clipft.commands.onnx_export import export_run
+    elif format == "open_clip":
+        from clipft.commands.export import export_run
+    else:
+        raise ClipftUsageError(f"--format {format!r}: choose open_clip or onnx")
     return export_run(Path(run_dir), Path(out), _registry(registry, plugins, disabled, entry_points),
                       overwrite=overwrite, device=device, wise_ft=wise_ft, best=best)
 

@@ -302,21 +302,28 @@ def plan_cmd(ctx, config_file, as_json, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Print the export manifest on stdout.")
 @click.option("--best", is_flag=True, help="A run's checkpoint-best/ (kept with --keep-best) instead of its "
                                                "final weights.")
+@click.option("--format", "fmt", type=click.Choice(["open_clip", "onnx"]), default="open_clip", show_default=True,
+              help="open_clip: safetensors + config; onnx: image/text encoder and classifier graphs "
+                   "(needs the 'onnx' extra).")
 @click.pass_context
 @guarded
-def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best):
+def export_cmd(ctx, run_dir, out, overwrite, device, wise_ft, as_json, best, fmt):
     """Write a run as a plain open_clip model: OUT/open_clip_model.safetensors
     (LoRA merged) + open_clip_config.json, loadable with
     open_clip.create_model_and_transforms("local-dir:OUT"); learned prompts and
-    head weights go to separate files (see OUT/clipft_export.json)."""
+    head weights go to separate files (see OUT/clipft_export.json). --format onnx
+    writes ONNX graphs instead; either way OUT/README.md is a model card."""
     from clipft import api
     manifest = api.export(run_dir, out, registry=_registry(ctx), overwrite=overwrite, device=device,
-                          wise_ft=wise_ft, best=best)
+                          wise_ft=wise_ft, best=best, format=fmt)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     from clipft.progress import stdout_console
     console = stdout_console()
+    if fmt == "onnx":
+        from clipft.commands.onnx_export import render
+        return render(manifest, out, console)
     console.print(f"exported {run_dir} to {out}: load with {manifest['load_with']}")
     if manifest["wise_ft"]:
         console.print(f"  WiSE-FT α={manifest['wise_ft']['alpha']}: (1-α)·zero-shot ({manifest['wise_ft']['zero_shot']})"

@@ -25,7 +25,7 @@ import torch
 from clipft import atomic
 from clipft.version import __version__
 from clipft.anatomy import get_path
-from clipft.commands import wiseft
+from clipft.commands import model_card, wiseft
 from clipft.commands.export_check import blame, check_config, read_manifest
 from clipft.commands.wiseft import fold_adapters
 from clipft.encode import image_embedding, infer_embed_dim, text_embedding
@@ -250,6 +250,7 @@ def _export(run_dir: Path, out: Path, registry, overwrite: bool, device: str, wi
                 f"{max(full_diff, plain_diff if not drops else 0.0):.3g}); this is a bug, please report it")
         manifest["verified_max_abs_diff"] = plain_diff
         manifest["load_export_max_abs_diff"] = full_diff
+        model_card.write(tmp, manifest, model_card.data_of(run), str(out))
         manifest["bytes"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         # from the removal of the earlier export to the rename, a signal waits:

@@ -271,6 +271,15 @@ def predict(source, paths: Sequence[Path], classifier, names: list, top_k: int =
             batch_size: int = 32) -> Iterator[dict]:
     """One record per path, in order: ``{"image", "used", "top": [{"label",
     "prob"}]}``, or ``{"image", "error"}`` for a file that cannot be read."""
+    def logits(images):
+        return classifier.logits(encode_images(source.model, images.to(source.device)).float())
+    return predict_with(paths, source.preprocess, logits, classifier.name, names, top_k, batch_size)
+
+
+def predict_with(paths: Sequence[Path], preprocess, logits, used: str, names: list, top_k: int = 5,
+                 batch_size: int = 32) -> Iterator[dict]:
+    """:func:`predict` for any ``logits(images [B, 3, H, W]) -> [B, C]`` (an
+    ONNX export's graphs, :mod:`clipft.commands.onnx_export`)."""
     k = min(top_k, len(names))
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -284,17 +293,17 @@ def predict(source, paths: Sequence[Path], classifier, names: list, top_k: int =
                 records[i] = {"image": str(p), "error": "cannot decode the image"}
                 continue
             try:
-                tensors.append(source.preprocess(img))
+                tensors.append(preprocess(img))
             except Exception as exc:  # noqa: BLE001 - a bad image is reported, the rest go on
                 records[i] = {"image": str(p), "error": f"cannot transform the image: {exc}"}
                 continue
             slots.append(i)
         if tensors:
-            feats = encode_images(source.model, torch.stack(tensors).to(source.device)).float()
-            probs = classifier.logits(feats).softmax(dim=1)
+            with torch.no_grad():
+                probs = torch.as_tensor(logits(torch.stack(tensors))).float().softmax(dim=1)
             top = probs.topk(k, dim=1)
             for row, i in enumerate(slots):
-                records[i] = {"image": str(chunk[i]), "used": classifier.name,
+                records[i] = {"image": str(chunk[i]), "used": used,
                               "top": [{"label": names[j], "prob": float(v)}
                                       for v, j in zip(top.values[row].tolist(), top.indices[row].tolist())]}
         yield from records

@@ -81,6 +81,9 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer,
                       run.preprocess, run.head, run.classnames, tuple(run.templates), dev, seed=run.config.seed,
                       config=run.config, run=run)
+    if is_onnx_export(path):
+        raise ClipftUsageError(f"{path} is an ONNX export (clipft export --format onnx): clipft predict runs it, "
+                               "clipft eval takes a run or an open_clip export")
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,
@@ -96,3 +99,12 @@ def run_data(source: Optional[str], model_name: Optional[str] = None):
                                "without it), e.g. --data imagefolder:root=./pets")
     path = Path(source) / "config.toml"
     return RunConfig.from_toml_dict(load_toml(path), where=str(path)).data
+
+
+def is_onnx_export(path: Path) -> bool:
+    """Whether ``path`` is an export of ``clipft export --format onnx``."""
+    import json
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format_name") == "onnx"
+    except (OSError, ValueError, AttributeError):
+        return False   # load_export names what is wrong with it
