@@ -110,6 +110,53 @@ def _names_plugin(component: str, rec: "PluginRecord") -> bool:
     return False
 
 
+#: The built-in plugins (``plugins/<distribution>/`` in the repository) and what
+#: each provides, so that the core installed alone can say which distribution a
+#: missing component comes with. tests/test_install.py holds it to the plugins'
+#: own registrations and to the folders under plugins/.
+BUILTIN_PLUGINS: dict = {
+    "clipft-bitfit": {"strategy": ("bitfit",)},
+    "clipft-clip-adapter": {"strategy": ("clip-adapter",)},
+    "clipft-cocoop": {"strategy": ("cocoop",)},
+    "clipft-csv": {"callback": ("csv",)},
+    "clipft-data": {"data": ("imagefolder", "captions", "shapes")},
+    "clipft-differential-lr": {"strategy": ("differential-lr",)},
+    "clipft-ema": {"strategy": ("ema",)},
+    "clipft-freeze-text": {"strategy": ("freeze-text",)},
+    "clipft-freeze-vision": {"strategy": ("freeze-vision",)},
+    "clipft-full": {"strategy": ("full",)},
+    "clipft-heads": {"head": ("linear", "zero-shot", "text")},
+    "clipft-hf": {"data": ("hf",)},
+    "clipft-last-n": {"strategy": ("last-n",)},
+    "clipft-logit-scale": {"strategy": ("logit-scale",)},
+    "clipft-lora": {"strategy": ("lora",)},
+    "clipft-losses": {"loss": ("contrastive", "siglip", "cross-entropy")},
+    "clipft-lp-ft": {"strategy": ("lp-ft",)},
+    "clipft-mlflow": {"callback": ("mlflow",)},
+    "clipft-plots": {"callback": ("plots",)},
+    "clipft-projections": {"strategy": ("projections",)},
+    "clipft-prompt": {"strategy": ("prompt",)},
+    "clipft-reproject": {"strategy": ("reproject",)},
+    "clipft-tensorboard": {"callback": ("tensorboard",)},
+    "clipft-tip-adapter": {"head": ("tip-adapter",)},
+    "clipft-vision-prompt": {"strategy": ("vision-prompt",)},
+    "clipft-webdataset": {"data": ("webdataset",)},
+}
+
+
+def builtin_distribution(kind: str, name: str) -> Optional[str]:
+    """The built-in plugin distribution that provides ``kind`` ``name``, if one does."""
+    return next((d for d, p in BUILTIN_PLUGINS.items() if name in p.get(kind, ())), None)
+
+
+INSTALL_ALL = ("The core and every built-in plugin, from a clone: pip install . ./plugins/* "
+               "(docs/usage.md, Installing).")
+
+
+def install_hint(distribution: str) -> str:
+    return f"pip install {distribution} (or pip install ./plugins/{distribution} from a clone)"
+
+
 def _disable_flags(recs) -> str:
     return " ".join(f"--disable-plugin {r.disable_as}" for r in recs)
 
@@ -572,6 +619,9 @@ class Registry:
 
     def _unknown_message(self, kind: str, name: str) -> str:
         names = self.names(kind)
+        builtin = builtin_distribution(kind, name)
+        if builtin and not any(_normal(r.distribution) == builtin for r in self.records):
+            return self._missing_builtin(kind, name, names, builtin) + self._failed_others([])
         msg = f"unknown {kind} '{name}'"
         guess = difflib.get_close_matches(name, names, n=1)
         if guess:
@@ -579,7 +629,8 @@ class Registry:
         msg += f". Available: {', '.join(names) or '(none installed)'}."
         # A plugin named after the component is installed: say what became of it
         # rather than suggest installing it again.
-        named = [r for r in self.records if _names_plugin(name, r)]
+        named = [r for r in self.records
+                 if _names_plugin(name, r) or _normal(r.distribution) == builtin]
         failed = [r for r in named if r.status == "failed"]
         disabled = [r for r in named if r.status == "disabled"]
         active = [r for r in named if r.status == "active"]
@@ -603,11 +654,26 @@ class Registry:
         else:
             msg += (f" Install a plugin that provides it (e.g. `pip install clipft-{name}`) "
                     "and check `clipft plugins`.")
-        others = [r for r in self.records if r.status == "failed" and r not in failed]
-        if others:
-            msg += " Plugins that failed to load: " + ", ".join(
-                f"{r.distribution} ({r.error})" for r in others) + "."
-        return msg
+            if not names:
+                msg += " " + INSTALL_ALL
+        return msg + self._failed_others(failed)
+
+    def _failed_others(self, told: list) -> str:
+        others = [r for r in self.records if r.status == "failed" and r not in told]
+        return (" Plugins that failed to load: " + ", ".join(
+            f"{r.distribution} ({r.error})" for r in others) + ".") if others else ""
+
+    def _missing_builtin(self, kind: str, name: str, names: list, builtin: str) -> str:
+        """A built-in component whose distribution is not installed (the core
+        alone, or installed without that plugin): what to install."""
+        one = install_hint(builtin)
+        if not self.records:
+            return (f"no clipft plugins are installed ({kind} '{name}' comes with {builtin}). "
+                    f"{INSTALL_ALL} This one alone: {one}.")
+        if not names:
+            plural = kinds.lookup(kind).plural.replace("-", " ")
+            return f"no {plural} are installed ({kind} '{name}' comes with {builtin}): {one}."
+        return f"{kind} '{name}' is not installed: {one}. Available: {', '.join(names)}."
 
     def distribution_of(self, kind: str, name: str) -> str:
         return self.components[self._resolve(kind, name)][name][1].distribution
