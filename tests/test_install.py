@@ -20,7 +20,7 @@ RUN = ["run", "--model", "tiny-vit", "--pretrained", "none", "--data", "shapes:n
 
 def test_the_builtin_table_is_what_the_plugins_register():
     folders = {p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file()}
-    assert set(BUILTIN_PLUGINS) == folders
+    assert set(BUILTIN_PLUGINS) == folders, "clipft.plugins.BUILTIN_PLUGINS lists every folder of plugins/"
     reg = Registry().load()
     reg.conflicts()     # every pending distribution imported
     seen = {r.distribution: r for r in reg.records if r.distribution in BUILTIN_PLUGINS}
@@ -111,3 +111,13 @@ def test_the_documented_install_keeps_a_users_torch():
     assert DOCUMENTED in fresh and ".ci/fresh-install" in (ROOT / ".ci" / "run").read_text()
     for page in ("README.md", "docs/usage.md"):
         assert DOCUMENTED in (ROOT / page).read_text(), page
+
+
+def test_the_optional_plugins_the_docs_leave_out_are_real_and_needed_by_none():
+    lean = re.search(r"pip install \. \$\(ls -d plugins/\* \| grep -v ([^)]*)\)",
+                     (ROOT / "docs" / "usage.md").read_text()).group(1)
+    left_out = re.findall(r"-e (\S+)", lean)
+    assert left_out and all((ROOT / "plugins" / d / "pyproject.toml").is_file() for d in left_out)
+    for pyproject in (ROOT / "plugins").glob("*/pyproject.toml"):
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+        assert not set(left_out) & set(deps), (pyproject.parent.name, deps)
