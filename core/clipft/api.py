@@ -110,7 +110,7 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
              pretrained: Optional[str] = None, templates=None, control_data=None, batch_size: int = 64,
              num_workers: int = 0, device: str = "auto", best: bool = False,
              per_class: Optional[PathLike] = None, confusion: Optional[PathLike] = None,
-             wise_ft_sweep=None, wise_ft_plot: Optional[PathLike] = None,
+             wise_ft_sweep=None, wise_ft_plot: Optional[PathLike] = None, base_to_novel: bool = False,
              plugins: Iterable[object] = (), disabled: Iterable[str] = (), entry_points: bool = True,
              registry: Optional[Registry] = None) -> dict:
     """``clipft eval``: the report ``clipft eval --json`` prints.
@@ -121,7 +121,10 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
     directory without it is evaluated on its own data and split. ``per_class``,
     ``confusion`` and ``wise_ft_plot`` are files to write (a CSV, PNGs);
     ``wise_ft_sweep=[0, 0.5, 1]`` (or ``"0,0.5,1"``) returns the WiSE-FT curve
-    instead (``{"source", "split", "wise_ft": [{"alpha", "data", ...}]}``)."""
+    instead (``{"source", "split", "wise_ft": [{"alpha", "data", ...}]}``).
+    ``base_to_novel=True`` evaluates ``data`` with ``classes=base`` and
+    ``classes=novel`` and returns ``{"protocol": "base-to-novel", "metrics":
+    {"base_top1", "novel_top1", "hm"}, "base": ..., "novel": ...}``."""
     from clipft.commands import inference
     from clipft.commands.source import KIND_RUN, load_source, run_data
 
@@ -141,6 +144,10 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
             inference.require_matplotlib("--wise-ft-plot")
     if confusion:
         inference.require_matplotlib("--confusion")
+    if base_to_novel:
+        return _base_to_novel(source, task_ref, not data, split, model, pretrained, tmpl, batch_size, num_workers, device,
+                              best, reg, extras={"control_data": control_data, "per_class": per_class,
+                                                 "confusion": confusion, "wise_ft_sweep": wise_ft_sweep})
     src = load_source(source and str(source), model, pretrained, reg, device, best=best)
     sets = [("data", task_ref, inference.build_data(task_ref, reg, src))]
     if control_ref is not None:
@@ -173,6 +180,22 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
     if "control" in results:
         doc["control"] = results["control"].doc
     return doc
+
+
+def _base_to_novel(source, task_ref, own_data: bool, split, model, pretrained, tmpl, batch_size, num_workers, device, best,
+                   reg, extras: dict) -> dict:
+    from clipft.commands import inference
+    from clipft.commands.source import load_source
+    given = [k.replace("_", "-") for k, v in extras.items() if v is not None and v is not False]
+    if given:
+        raise ClipftUsageError(f"--base-to-novel reports base, novel and their harmonic mean; it does not "
+                               f"combine with --{', --'.join(given)}")
+    refs = inference.base_to_novel_refs(task_ref, reg, own_data)
+    src = load_source(source and str(source), model, pretrained, reg, device, best=best)
+    novel_by = inference.novel_scoring(src)   # a head that cannot score novel classes stops here
+    parts = [inference.evaluate_source(src, inference.build_data(refs[half], reg, src), refs[half], split, tmpl,
+                                       batch_size, num_workers) for half in inference.HALVES]
+    return inference.base_to_novel_doc(src, *parts, novel_by)
 
 
 def _labels(labels, labels_file) -> Optional[list]:
