@@ -192,10 +192,7 @@ def _base_to_novel(source, task_ref, own_data: bool, split, model, pretrained, t
                                f"combine with --{', --'.join(given)}")
     refs = inference.base_to_novel_refs(task_ref, reg, own_data)
     src = load_source(source and str(source), model, pretrained, reg, device, best=best)
-    novel_by = inference.novel_scoring(src)   # a head that cannot score novel classes stops here
-    parts = [inference.evaluate_source(src, inference.build_data(refs[half], reg, src), refs[half], split, tmpl,
-                                       batch_size, num_workers) for half in inference.HALVES]
-    return inference.base_to_novel_doc(src, *parts, novel_by)
+    return inference.evaluate_base_to_novel(src, refs, reg, split, tmpl, batch_size, num_workers)
 
 
 def _labels(labels, labels_file) -> Optional[list]:
@@ -289,7 +286,7 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
           control_data=None, out: Optional[PathLike] = None, overwrite: bool = False,
           disabled: Iterable[str] = (), entry_points: bool = True, registry: Optional[Registry] = None,
           on_member: Optional[Callable] = None, on_done: Optional[Callable] = None,
-          on_note: Optional[Callable[[str], None]] = None) -> dict:
+          on_note: Optional[Callable[[str], None]] = None, base_to_novel: bool = False) -> dict:
     """``clipft sweep``: each member of ``strategies`` (``"lora,last-n:n=2"``
     as ``--strategies`` takes it, or a list such as ``["lora", "reproject:dim=64+last-n:n=1"]``)
     trained with ``config`` for ``seeds`` seeds; returns ``sweep.json`` (what
@@ -298,7 +295,9 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
     ``on_member(done, total, name, seed)`` is called before each member run,
     ``on_done(name, row)`` after it, ``on_note(text)`` for what the sweep could
     not do on the side (the plot, without matplotlib; default: a warning).
-    Without ``overwrite`` the same call continues a stopped sweep."""
+    Without ``overwrite`` the same call continues a stopped sweep.
+    ``base_to_novel=True`` trains every member on the base half of the data's
+    classes and reports base top-1, novel top-1 and their harmonic mean."""
     import attrs
 
     from clipft.commands import sweep as sweeps
@@ -310,6 +309,13 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
     refs = sweeps.parse_members(strategies if isinstance(strategies, str) else ",".join(strategies))
     disabled = tuple(sorted(set(disabled)))
     reg = registry or make_registry((), disabled, entry_points)
+    halves = None
+    if base_to_novel:                   # refused before any member trains
+        from clipft.commands import inference
+        halves = inference.base_to_novel_refs(cfg.data, reg)
+        if cfg.head is not None:
+            inference.novel_scoring(reg.get("head", cfg.head.name))
+        cfg = attrs.evolve(cfg, data=halves["base"])
     for m in refs:                      # every member resolves before the first one trains
         resolve(attrs.evolve(cfg, strategies=m), reg)
         for r in m:
@@ -326,7 +332,7 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
             and not any(out_dir.glob("*/seed*.toml")):
         raise ClipftUsageError(f"{out_dir} exists and is not a sweep directory; choose another --out")
     spec = sweeps.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
-                            disabled=disabled, fresh=overwrite)
+                            disabled=disabled, fresh=overwrite, base_to_novel=halves)
     doc = sweeps.run_sweep(spec, reg, on_member=on_member, on_done=on_done)
     try:
         sweeps.write_sweep_png(doc, out_dir / sweeps.SWEEP_PNG)

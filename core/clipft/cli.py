@@ -465,10 +465,12 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default runs/sweep-<time>).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier sweep in --out (without it, the same "
               "command continues a stopped sweep: finished members are kept, an interrupted one resumes).")
+@click.option("--base-to-novel", "base_to_novel", is_flag=True,
+              help="Train each member on the base half of --data's classes; report base, novel and HM.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 @click.pass_context
 @guarded
-def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as_json, **kw):
+def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, base_to_novel, as_json, **kw):
     """Run several strategies on the same data, budget and seeds; one table of top-1
     before/after, forgetting, trainable params, time, memory and checkpoint size."""
     from rich.markup import escape
@@ -489,6 +491,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     def finished(name, row):
         if row["status"] == "ok":
             shown = " -> ".join("-" if v is None else f"{v:.3f}" for v in (row["top1_before"], row["top1_after"]))
+            if "hm" in row:
+                shown += f", base {row['base_top1']:.3f} novel {row['novel_top1']:.3f} HM {row['hm']:.3f}"
             how = {"kept": " (finished before: kept)", "resumed": " (resumed from its checkpoint)"}
             console.print(f"  top1 {shown} in {row['train_seconds']:.1f}s{how.get(row.get('how'), '')}")
         else:      # reported now; the sweep goes on with the next member
@@ -497,7 +501,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
 
     doc = api.sweep(cfg, members, seeds=seeds, control_data=control_data, out=out, overwrite=overwrite,
                     disabled=ctx.find_root().obj["disabled"], registry=reg, on_member=progress,
-                    on_done=finished, on_note=lambda note: console.print(f"[yellow]note[/yellow]: {escape(note)}"))
+                    on_done=finished, on_note=lambda note: console.print(f"[yellow]note[/yellow]: {escape(note)}"),
+                    base_to_novel=base_to_novel)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

@@ -338,7 +338,7 @@ def base_to_novel_refs(data_ref, registry, own_data: bool = False) -> dict:
     return {half: ComponentRef(data_ref.name, {**data_ref.options, key: half}) for half in HALVES}
 
 
-def novel_scoring(source) -> Optional[str]:
+def novel_scoring(head_spec, has_head: bool = True) -> Optional[str]:
     """How novel classes are scored, from what the head declares: None when
     through the model's class-text path (no head, or a head that encodes text:
     learned prompts apply to the new names); ``"zero-shot fallback"`` for a head
@@ -346,17 +346,26 @@ def novel_scoring(source) -> Optional[str]:
     classes only, so the model's own zero-shot stands in). Any other head
     (``linear``, a Tip-Adapter cache) holds nothing for unseen classes: a usage
     error, never a silent number."""
-    spec = source.head_spec
-    if source.head is None or (spec is not None and spec.encodes_text is True):
+    if not has_head or (head_spec is not None and head_spec.encodes_text is True):
         return None
-    if spec is not None and spec.zero_shot_init:
+    if head_spec is not None and head_spec.zero_shot_init:
         return "zero-shot fallback"
-    name = f"'{spec.name}'" if spec is not None else "of this source"
+    name = f"'{head_spec.name}'" if head_spec is not None else "of this source"
     raise ClipftUsageError(
         f"--base-to-novel: the head {name} classifies only the classes it was trained on (it neither "
         "encodes text nor starts from class prompts), so it cannot score novel classes; train with "
         "--head text (prompt tuning) or --head zero-shot, or evaluate the novel half alone "
         "(--data SRC,classes=novel) for the backbone's zero-shot number")
+
+
+def evaluate_base_to_novel(source, refs: dict, registry, split: str = "val", templates=None,
+                           batch_size: int = 64, num_workers: int = 0) -> dict:
+    """The base-to-novel report of ``source`` on ``refs`` (:func:`base_to_novel_refs`);
+    a head that cannot score novel classes is refused before any image is read."""
+    novel_by = novel_scoring(source.head_spec, source.head is not None)
+    parts = [evaluate_source(source, build_data(refs[half], registry, source), refs[half], split, templates,
+                             batch_size, num_workers) for half in HALVES]
+    return base_to_novel_doc(source, *parts, novel_by)
 
 
 def harmonic_mean(a: float, b: float) -> float:
