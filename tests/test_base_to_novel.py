@@ -128,3 +128,31 @@ def test_base_to_novel_usage_errors(invoke):
     assert r.exit_code == 2 and "drop classes=base" in r.stderr
     r = invoke("eval", *model, "--data", SHAPES, "--base-to-novel", "--wise-ft-sweep", "0,1")
     assert r.exit_code == 2 and "--wise-ft-sweep" in r.stderr
+
+
+# -- sweep -----------------------------------------------------------------------------------
+def test_sweep_base_to_novel_two_members_one_seed(invoke, tmp_path):
+    out = tmp_path / "sweep"
+    r = invoke("sweep", "--model", "tiny-vit", "--pretrained", "none", "--data", "shapes:n=16,val_n=8",
+               "--strategies", "prompt,logit-scale", "--head", "text", "--epochs", "1", "--batch-size", "8",
+               "--callback", "none", "--base-to-novel", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["base_to_novel"] and doc["data"]["classes"] == "base"
+    assert set(doc["zero_shot"]) >= {"base_top1", "novel_top1", "hm"}
+    for m in doc["members"]:
+        assert m["ok"] == 1, m
+        run = m["runs"][0]
+        a, b = run["base_top1"], run["novel_top1"]
+        assert run["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
+        assert m["mean"]["hm"] == run["hm"] and m["std"]["hm"] == 0.0
+        assert read_summary(run["run_dir"])["data"]["classes"] == "base"   # trained on base only
+    assert "HM" in r.stdout and "zero-shot (before)" in r.stdout
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_sweep_base_to_novel_refuses_a_linear_head_before_training(invoke, tmp_path):
+    r = invoke("sweep", "--model", "tiny-vit", "--pretrained", "none", "--data", "shapes:n=8,val_n=8",
+               "--strategies", "last-n:n=1", "--head", "linear", "--base-to-novel", "--out", tmp_path / "s")
+    assert r.exit_code == 2 and "'linear'" in r.stderr
+    assert not (tmp_path / "s").exists()
