@@ -400,13 +400,14 @@ def write_sweep_png(doc: dict, path: Path) -> None:
         for i, (key, label) in enumerate(series):
             ax.bar([x + i * width for x in xs], [m["mean"][key] for m in members], width,
                    yerr=[m["std"][key] or 0 for m in members], label=label, capsize=3)
-        before = members[0]["mean"]["top1_before"] if not doc.get("base_to_novel") else None
+        b2n = bool(doc.get("base_to_novel"))
+        before = (doc.get("zero_shot") or {}).get("hm") if b2n else members[0]["mean"]["top1_before"]
         if before is not None:
-            ax.axhline(before, color="grey", linestyle="--", label="in-task before")
+            ax.axhline(before, color="grey", linestyle="--", label="zero-shot HM" if b2n else "in-task before")
         ax.set_xticks([x + (len(series) - 1) * width / 2 for x in xs], [m["name"] for m in members],
                       rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("top-1")
-        ax.set_title(f"sweep over {len(doc['seeds'])} seed(s)")
+        ax.set_title(("base-to-novel " if b2n else "") + f"sweep over {len(doc['seeds'])} seed(s)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         _save_png(fig, path)
