@@ -73,6 +73,9 @@ class HeadSpec:
     #: class prompts once, at build time). None (unknown) is taken as "may",
     #: so the engine never calls a run's trained text side unused because of it.
     encodes_text: Optional[bool] = None
+    #: Learning rate used when the user gives none and no strategy of the run
+    #: declares one (a head-only run); None: the engine's head-only default.
+    default_lr: Optional[float] = None
 
 
 @attrs.frozen
