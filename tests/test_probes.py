@@ -212,3 +212,16 @@ def test_bad_options_exit_2_on_the_command_line(invoke):
         pytest.skip("clipft-probes is not installed (pip install -e plugins/clipft-probes)")
     r = invoke("plan", "--model", "tiny-vit", "--data", DATA, "--head", "taskres:alpha=-1")
     assert r.exit_code == 2 and "alpha must be >= 0" in r.stderr
+
+
+def test_a_strategys_default_lr_wins_over_the_heads_and_lr_over_both(registry):
+    from clipft.api import RunConfig, plan
+
+    def lr(**kw):
+        p = plan(RunConfig(model="tiny-vit", data=DATA, head="taskres", loss="cross-entropy", **kw),
+                 registry=registry)
+        return p["lr"], p["lr_reason"]
+    assert lr() == (clipft_probes.TASKRES_LR, "default of head 'taskres'")
+    assert "strategy 'projections'" in lr(strategies=["projections"], pretrained="none")[1]
+    assert lr(lr=0.3) == (0.3, "given (--lr)")
+    assert registry.get("head", "clap").default_lr is None
