@@ -225,3 +225,16 @@ def test_a_strategys_default_lr_wins_over_the_heads_and_lr_over_both(registry):
     assert "strategy 'projections'" in lr(strategies=["projections"], pretrained="none")[1]
     assert lr(lr=0.3) == (0.3, "given (--lr)")
     assert registry.get("head", "clap").default_lr is None
+
+
+def test_the_engine_asks_a_head_for_loss_terms_only_while_it_trains():
+    from types import SimpleNamespace
+
+    from clipft.engine.prepare import regularisers
+    head = clipft_probes.build_clap(clipft_probes.ClapOptions(), build_ctx())
+    assembly = SimpleNamespace(strategies=[], model=torch.nn.Linear(2, 2), head=head)
+    assert [source for _, source in regularisers(assembly)] == [head]
+    head.requires_grad_(False)           # a stage that keeps the head as it is
+    assert regularisers(assembly) == []
+    plain = clipft_probes.build_taskres(clipft_probes.TaskResOptions(), build_ctx())
+    assert regularisers(SimpleNamespace(strategies=[], model=torch.nn.Linear(2, 2), head=plain)) == []

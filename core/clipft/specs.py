@@ -157,7 +157,7 @@ class Stage:
     epochs: Optional[int] = attrs.field(default=None, validator=_stage_epochs)
     #: strategy references (``"last-n:n=2"``) applied in this stage; () trains only the head
     strategies: tuple = attrs.field(default=(), converter=_stage_strategies)
-    #: this stage's base learning rate; None: ``--lr``, else its strategies' default_lr (1e-3 head only)
+    #: this stage's base learning rate; None: ``--lr``, else its strategies' default_lr, else the head's (1e-3)
     lr: Optional[float] = attrs.field(default=None, validator=_stage_lr)
     #: whether the head (when the run has one) trains in this stage
     head: bool = True
