@@ -17,12 +17,17 @@ embeddings of the step (``ForwardRecord.class_text_features``, L2-normalised)
 and CLIP's hand-crafted ones (the run's templates through the frozen text
 tower, encoded once in ``apply``), logged as ``reg.kg``. 0 (the default) is
 CoOp bit for bit.
+
+``depth=J`` adds deep text prompts (:mod:`clipft.prompt_kit`): fresh context at
+each of the first J blocks of the text transformer; with
+``vision-prompt:depth=J`` it is IVLP (independent prompts in both towers).
 """
 from typing import Literal, Optional
 
 import attrs
 
 from clipft import Strategy, StrategySpec, hookimpl
+from clipft.options import at_least_one
 
 RANDOM_N_CTX = 16
 RANDOM_STD = 0.02
@@ -57,6 +62,10 @@ class PromptOptions:
         "one context per class (CoOp's CSC); the prompts then only encode the trained classes")})
     position: Literal["end", "middle", "front"] = attrs.field(default="end", metadata={"help": (
         "where the class name goes: after the context (end), inside it (middle) or before it (front)")})
+    depth: int = attrs.field(default=1, validator=at_least_one, metadata={"help": (
+        "deep prompts: fresh learnable context at each of the first depth text blocks, replacing the "
+        f"previous block's outputs at the context positions (N(0, {RANDOM_STD}^2)); with "
+        "vision-prompt:depth it is IVLP; 1: CoOp (the input only)")})
     kg_lambda: float = attrs.field(default=0.0, validator=_non_negative, metadata={"help": (
         "KgCoOp: weight of the mean squared distance between the learned and CLIP's hand-crafted "
         "class embeddings (the run's templates), logged as reg.kg; the paper uses 8; 0: off (CoOp)")})
@@ -78,7 +87,7 @@ class PromptTuning(Strategy):
         _, selections = install_prompt_learner(
             model, ctx, "prompt", init=opts.init, n_ctx=opts.n_ctx, position=opts.position,
             class_specific=opts.class_specific, options=options_to_dict(opts),
-            n_random=RANDOM_N_CTX, std=RANDOM_STD)
+            n_random=RANDOM_N_CTX, std=RANDOM_STD, depth=opts.depth)
         return selections
 
     def loss_terms(self, record):
