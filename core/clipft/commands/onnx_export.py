@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from clipft import __version__, atomic
+from clipft import atomic
 from clipft.commands import model_card, wiseft
 from clipft.commands.export import FORMAT, MANIFEST, _check_out
 from clipft.encode import encode_images, encode_texts, infer_embed_dim, shared_class_text
@@ -53,6 +53,7 @@ from clipft.errors import ClipftError, ClipftUsageError
 from clipft.options import options_to_dict
 from clipft.protocols import (ENTERS_IMAGE_EMBEDDING, ENTERS_TEXT_EMBEDDING, conditional_class_text,
                               inserted_modules)
+from clipft.version import __version__
 
 IMAGE, TEXT, CLASSIFIER = "image_encoder.onnx", "text_encoder.onnx", "classifier.onnx"
 PREPROCESS = "preprocess.json"
