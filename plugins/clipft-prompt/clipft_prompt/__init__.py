@@ -94,9 +94,11 @@ class PromptTuning(Strategy):
         if self.w_clip is None:
             return {}
         w = record.class_text_features
-        if w is None:   # _hand_crafted checked the run; a caller outside the engine lands here
+        if w is None or w.shape != self.w_clip.shape:   # _hand_crafted checked the run's own steps
             from clipft.errors import ClipftError
-            raise ClipftError("prompt:kg_lambda needs the step's class prompts (ForwardRecord.class_text_features)")
+            raise ClipftError(f"prompt:kg_lambda compares the step's class prompts with CLIP's for the "
+                              f"{self.w_clip.shape[0]} classes of the run; the step encoded "
+                              f"{'none' if w is None else w.shape[0]}")
         distance = (w.float() - self.w_clip.to(w.device)).pow(2).sum(-1).mean()
         return {"kg": self.opts.kg_lambda * distance}
 
