@@ -75,13 +75,16 @@ def test_export_writes_what_the_command_writes(invoke, runs, exported, tmp_path)
     assert res.exit_code == 0, res.output
     cli_manifest = json.loads(res.stdout)
     assert json.loads((out / "clipft_export.json").read_text()) == manifest
-    def without_folder(m):     # what names the folder, and the manifest's own size with it
+    def without_folder(m):     # what names the folder, and the sizes of the files that name it
         return {**{k: v for k, v in m.items() if k not in ("load_with", "load_all_with")},
-                "bytes": {k: v for k, v in m["bytes"].items() if k != "clipft_export.json"}}
+                "bytes": {k: v for k, v in m["bytes"].items() if k not in ("clipft_export.json", "README.md")}}
     assert without_folder(manifest) == without_folder(cli_manifest)
     assert manifest["head"]["file"] == "head.safetensors"
     for name in manifest["bytes"]:
-        if name != "clipft_export.json":
+        if name == "README.md":     # the model card names the folder, as load_with does
+            card = (tmp_path / "cli" / name).read_text(encoding="utf-8").replace(str(tmp_path / "cli"), str(out))
+            assert (out / name).read_text(encoding="utf-8") == card
+        elif name != "clipft_export.json":
             assert (out / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
     # plain open_clip reads it, with the run's weights
     import open_clip

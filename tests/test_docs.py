@@ -145,7 +145,8 @@ def all_items() -> list[Item]:
     items = hook_items(hookspecs)
     items += spec_items(kinds.KINDS)
     items += member_items([protocols.Strategy, protocols.StrategyModifier, protocols.InsertedModule,
-                           protocols.ClassTextEncoder, protocols.FitsTrainFeatures, protocols.Loss, callbacks.Callback])
+                           protocols.ClassTextEncoder, protocols.FitsTrainFeatures, protocols.AddsLossTerms,
+                           protocols.Loss, callbacks.Callback])
     items += field_items([callbacks.RunView, callbacks.StepView, callbacks.EvalView,
                           callbacks.EpochView, callbacks.CheckpointView, context.BuildContext,
                           data.DataContext, data.DataBundle, record.ForwardRecord])
@@ -201,7 +202,7 @@ def test_each_category_is_collected():
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("StepView", "samples_per_s") in {(i.owner, i.name) for i in all_items()}
     assert {"checkpoint_tensors", "resume_run"} <= {i.name for i in all_items() if i.category == "testing helper"}
-    assert {("Strategy", "loss_terms"), ("InsertedModule", "loss_terms")} <= {
+    assert {("Strategy", "loss_terms"), ("InsertedModule", "loss_terms"), ("AddsLossTerms", "loss_terms")} <= {
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("ForwardRecord", "class_text_features") in {(i.owner, i.name) for i in all_items()}
     assert {"class-text", "NEED_CLASS_TEXT", "install_prompt_learner", "ContextLearner"} <= {

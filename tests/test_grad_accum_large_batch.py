@@ -119,6 +119,7 @@ CASES = {
     "freeze-vision-cached": (["freeze-vision"], True, frozenset({"image"})),
     "vision-prompt": (["vision-prompt"], False, frozenset({"text"})),     # VPT: prompts in the image tower
     "cocoop": (["cocoop"], False, frozenset({"image"})),                  # class prompts conditioned on the image
+    "deep-prompts": (["prompt:depth=2", "vision-prompt:depth=2"], False, frozenset()),   # IVLP: both towers
 }
 
 

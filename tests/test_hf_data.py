@@ -254,3 +254,15 @@ def test_stream_readers_read_every_row_once_and_ranks_equally(data, tmp_path, mo
     # val: every rank reads all of it
     monkeypatch.setattr(stream, "reader_info", lambda: (1, 2, 0, 1))
     assert len(list(built.val)) == 3
+
+
+def test_class_half_keeps_the_base_or_novel_classes(data):
+    """``class_half`` (``hf``'s ``classes`` names the classes): the ClassLabel's
+    names sorted, the first half base; rows relabelled within the half."""
+    opts = {"path": str(data / "pq"), "val_split": "validation", "cache_dir": str(data / "hf-cache")}
+    names = sorted(COLOURS)
+    base, novel = bundle({**opts, "class_half": "base"}), bundle({**opts, "class_half": "novel", "shots": 2})
+    assert base.classnames == [n for n in COLOURS if n in names[:2]]
+    assert novel.classnames == [names[2]] and novel.split["classes"] == "novel"
+    assert len(base.train) == 16 and len(base.val) == 8 and len(novel.train) == 2
+    assert {it[2] for it in base.train.items} == {0, 1}

@@ -20,7 +20,7 @@ def _spec(name, lr=None, scratch=None):
 
 
 def _lr(strategies, lr=None, scratch=False, stage=None):
-    return _default_lr(SimpleNamespace(strategies=strategies), SimpleNamespace(lr=lr), stage=stage,
+    return _default_lr(SimpleNamespace(strategies=strategies, head=None), SimpleNamespace(lr=lr), stage=stage,
                        from_scratch=scratch)
 
 

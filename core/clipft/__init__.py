@@ -14,6 +14,7 @@ or an API call needs them.
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.hookspecs import hookimpl
 from clipft.protocols import (
+    AddsLossTerms,
     ClassTextEncoder,
     FitsTrainFeatures,
     InsertedModule,
@@ -65,6 +66,7 @@ __all__ = [
     "StrategyModifier",
     "InsertedModule",
     "ClassTextEncoder",
+    "AddsLossTerms",
     "FitsTrainFeatures",
     "Loss",
     "install",

@@ -110,7 +110,7 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
              pretrained: Optional[str] = None, templates=None, control_data=None, batch_size: int = 64,
              num_workers: int = 0, device: str = "auto", best: bool = False,
              per_class: Optional[PathLike] = None, confusion: Optional[PathLike] = None,
-             wise_ft_sweep=None, wise_ft_plot: Optional[PathLike] = None,
+             wise_ft_sweep=None, wise_ft_plot: Optional[PathLike] = None, base_to_novel: bool = False,
              plugins: Iterable[object] = (), disabled: Iterable[str] = (), entry_points: bool = True,
              registry: Optional[Registry] = None) -> dict:
     """``clipft eval``: the report ``clipft eval --json`` prints.
@@ -121,7 +121,10 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
     directory without it is evaluated on its own data and split. ``per_class``,
     ``confusion`` and ``wise_ft_plot`` are files to write (a CSV, PNGs);
     ``wise_ft_sweep=[0, 0.5, 1]`` (or ``"0,0.5,1"``) returns the WiSE-FT curve
-    instead (``{"source", "split", "wise_ft": [{"alpha", "data", ...}]}``)."""
+    instead (``{"source", "split", "wise_ft": [{"alpha", "data", ...}]}``).
+    ``base_to_novel=True`` evaluates ``data`` with ``classes=base`` and
+    ``classes=novel`` and returns ``{"protocol": "base-to-novel", "metrics":
+    {"base_top1", "novel_top1", "hm"}, "base": ..., "novel": ...}``."""
     from clipft.commands import inference
     from clipft.commands.source import KIND_RUN, load_source, run_data
 
@@ -141,6 +144,10 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
             inference.require_matplotlib("--wise-ft-plot")
     if confusion:
         inference.require_matplotlib("--confusion")
+    if base_to_novel:
+        return _base_to_novel(source, task_ref, not data, split, model, pretrained, tmpl, batch_size, num_workers, device,
+                              best, reg, extras={"control_data": control_data, "per_class": per_class,
+                                                 "confusion": confusion, "wise_ft_sweep": wise_ft_sweep})
     src = load_source(source and str(source), model, pretrained, reg, device, best=best)
     sets = [("data", task_ref, inference.build_data(task_ref, reg, src))]
     if control_ref is not None:
@@ -173,6 +180,19 @@ def evaluate(source: Optional[PathLike] = None, *, data=None, split: str = "val"
     if "control" in results:
         doc["control"] = results["control"].doc
     return doc
+
+
+def _base_to_novel(source, task_ref, own_data: bool, split, model, pretrained, tmpl, batch_size, num_workers, device, best,
+                   reg, extras: dict) -> dict:
+    from clipft.commands import inference
+    from clipft.commands.source import load_source
+    given = [k.replace("_", "-") for k, v in extras.items() if v is not None and v is not False]
+    if given:
+        raise ClipftUsageError(f"--base-to-novel reports base, novel and their harmonic mean; it does not "
+                               f"combine with --{', --'.join(given)}")
+    refs = inference.base_to_novel_refs(task_ref, reg, own_data)
+    src = load_source(source and str(source), model, pretrained, reg, device, best=best)
+    return inference.evaluate_base_to_novel(src, refs, reg, split, tmpl, batch_size, num_workers)
 
 
 def _labels(labels, labels_file) -> Optional[list]:
@@ -266,7 +286,7 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
           control_data=None, out: Optional[PathLike] = None, overwrite: bool = False,
           disabled: Iterable[str] = (), entry_points: bool = True, registry: Optional[Registry] = None,
           on_member: Optional[Callable] = None, on_done: Optional[Callable] = None,
-          on_note: Optional[Callable[[str], None]] = None) -> dict:
+          on_note: Optional[Callable[[str], None]] = None, base_to_novel: bool = False) -> dict:
     """``clipft sweep``: each member of ``strategies`` (``"lora,last-n:n=2"``
     as ``--strategies`` takes it, or a list such as ``["lora", "reproject:dim=64+last-n:n=1"]``)
     trained with ``config`` for ``seeds`` seeds; returns ``sweep.json`` (what
@@ -275,7 +295,9 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
     ``on_member(done, total, name, seed)`` is called before each member run,
     ``on_done(name, row)`` after it, ``on_note(text)`` for what the sweep could
     not do on the side (the plot, without matplotlib; default: a warning).
-    Without ``overwrite`` the same call continues a stopped sweep."""
+    Without ``overwrite`` the same call continues a stopped sweep.
+    ``base_to_novel=True`` trains every member on the base half of the data's
+    classes and reports base top-1, novel top-1 and their harmonic mean."""
     import attrs
 
     from clipft.commands import sweep as sweeps
@@ -287,6 +309,13 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
     refs = sweeps.parse_members(strategies if isinstance(strategies, str) else ",".join(strategies))
     disabled = tuple(sorted(set(disabled)))
     reg = registry or make_registry((), disabled, entry_points)
+    halves = None
+    if base_to_novel:                   # refused before any member trains
+        from clipft.commands import inference
+        halves = inference.base_to_novel_refs(cfg.data, reg)
+        if cfg.head is not None:
+            inference.novel_scoring(reg.get("head", cfg.head.name))
+        cfg = attrs.evolve(cfg, data=halves["base"])
     for m in refs:                      # every member resolves before the first one trains
         resolve(attrs.evolve(cfg, strategies=m), reg)
         for r in m:
@@ -303,7 +332,7 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
             and not any(out_dir.glob("*/seed*.toml")):
         raise ClipftUsageError(f"{out_dir} exists and is not a sweep directory; choose another --out")
     spec = sweeps.SweepSpec(config=cfg, members=refs, seeds=seeds, out=out_dir, control=control,
-                            disabled=disabled, fresh=overwrite)
+                            disabled=disabled, fresh=overwrite, base_to_novel=halves)
     doc = sweeps.run_sweep(spec, reg, on_member=on_member, on_done=on_done)
     try:
         sweeps.write_sweep_png(doc, out_dir / sweeps.SWEEP_PNG)

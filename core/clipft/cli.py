@@ -393,22 +393,29 @@ def _run_data(source, model_name):
               help="Evaluate the WiSE-FT interpolations of a run at these α (0 = zero-shot, 1 = fine-tuned).")
 @click.option("--wise-ft-plot", "wise_ft_plot", type=click.Path(dir_okay=False),
               help="With --wise-ft-sweep: plot the curve to this PNG (e.g. wise_ft.png).")
+@click.option("--base-to-novel", "base_to_novel", is_flag=True,
+              help="Evaluate --data's base and novel class halves (classes=base, classes=novel): base top-1, "
+                   "novel top-1 and their harmonic mean.")
 @click.pass_context
 @guarded
 def eval_cmd(ctx, source, model_name, pretrained, templates, batch_size, num_workers, device, as_json, best,
-             data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot):
+             data, split, control_data, confusion, per_class, wise_ft_sweep, wise_ft_plot, base_to_novel):
     """Evaluate a run, an export or a plain model on a data source: zero-shot and head
     top-1/top-5, per-class and balanced accuracy, calibration (ECE), caption recall@k."""
     from clipft import api
     from clipft.commands import inference
     from clipft.progress import stderr_console, stdout_console
-    doc = api.evaluate(source, data=data or _run_data(source, model_name), split=split, model=model_name,
+    # --base-to-novel on a run's own data sets the class half itself (the run's may be classes=base)
+    data = data or (None if base_to_novel else _run_data(source, model_name))
+    doc = api.evaluate(source, data=data, split=split, model=model_name,
                        pretrained=pretrained, templates=templates, control_data=control_data,
                        batch_size=batch_size, num_workers=num_workers, device=device, best=best,
                        per_class=per_class, confusion=confusion, wise_ft_sweep=wise_ft_sweep,
-                       wise_ft_plot=wise_ft_plot, registry=_registry(ctx))
+                       wise_ft_plot=wise_ft_plot, base_to_novel=base_to_novel, registry=_registry(ctx))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
+    elif doc.get("protocol") == "base-to-novel":
+        inference.render_base_to_novel(doc, stdout_console(), notes=stderr_console())
     elif "wise_ft" in doc:
         inference.render_wise_ft(doc, stdout_console())
     else:
@@ -458,10 +465,12 @@ def predict_cmd(ctx, args, model_name, pretrained, templates, batch_size, num_wo
 @click.option("--out", type=click.Path(file_okay=False), help="Sweep directory (default runs/sweep-<time>).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier sweep in --out (without it, the same "
               "command continues a stopped sweep: finished members are kept, an interrupted one resumes).")
+@click.option("--base-to-novel", "base_to_novel", is_flag=True,
+              help="Train each member on the base half of --data's classes; report base, novel and HM.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 @click.pass_context
 @guarded
-def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as_json, **kw):
+def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, base_to_novel, as_json, **kw):
     """Run several strategies on the same data, budget and seeds; one table of top-1
     before/after, forgetting, trainable params, time, memory and checkpoint size."""
     from rich.markup import escape
@@ -482,6 +491,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
     def finished(name, row):
         if row["status"] == "ok":
             shown = " -> ".join("-" if v is None else f"{v:.3f}" for v in (row["top1_before"], row["top1_after"]))
+            if "hm" in row:
+                shown += f", base {row['base_top1']:.3f} novel {row['novel_top1']:.3f} HM {row['hm']:.3f}"
             how = {"kept": " (finished before: kept)", "resumed": " (resumed from its checkpoint)"}
             console.print(f"  top1 {shown} in {row['train_seconds']:.1f}s{how.get(row.get('how'), '')}")
         else:      # reported now; the sweep goes on with the next member
@@ -490,7 +501,8 @@ def sweep_cmd(ctx, config_file, members, seeds, control_data, out, overwrite, as
 
     doc = api.sweep(cfg, members, seeds=seeds, control_data=control_data, out=out, overwrite=overwrite,
                     disabled=ctx.find_root().obj["disabled"], registry=reg, on_member=progress,
-                    on_done=finished, on_note=lambda note: console.print(f"[yellow]note[/yellow]: {escape(note)}"))
+                    on_done=finished, on_note=lambda note: console.print(f"[yellow]note[/yellow]: {escape(note)}"),
+                    base_to_novel=base_to_novel)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:

@@ -133,6 +133,38 @@ def check_templates(templates: Sequence[str]) -> None:
                 f"name{hint}")
 
 
+#: what a class-folder source's ``classes=`` keeps (the base-to-novel protocol)
+CLASS_SPLITS = ("all", "base", "novel")
+
+
+def base_novel_split(classnames: Sequence[str]) -> tuple[list, list]:
+    """CoOp/CoCoOp's base-to-novel rule (``subsample_classes``): the class names
+    sorted (as the data spells them), the first half base and the rest novel;
+    with an odd count base gets the extra one. Independent of listing order."""
+    ordered = sorted(classnames)
+    cut = (len(ordered) + 1) // 2
+    return ordered[:cut], ordered[cut:]
+
+
+def keep_classes(classnames: Sequence[str], which: str) -> list[int]:
+    """Indices into ``classnames`` of the classes ``classes=which`` keeps, in
+    ``classnames``' own order (so label order within a half is the data's)."""
+    if which not in CLASS_SPLITS:
+        raise ClipftUsageError(f"classes={which}: expected one of {', '.join(CLASS_SPLITS)}")
+    if which == "all":
+        return list(range(len(classnames)))
+    base, novel = base_novel_split(classnames)
+    kept = set(base if which == "base" else novel)
+    return [i for i, name in enumerate(classnames) if name in kept]
+
+
+def class_split_record(classnames: Sequence[str], which: str) -> dict:
+    """What ``data_split.json`` (and ``summary.json``'s ``data``) say about a
+    ``classes=base|novel`` source: the half and the class names it kept."""
+    return {"classes": which, "class_names": [classnames[i] for i in keep_classes(classnames, which)],
+            "rule": "class names sorted, first half base (odd: base gets the extra one)"}
+
+
 #: named template sets for a ``templates`` option (``templates=openai-imagenet``)
 TEMPLATE_SETS = ("simple", "openai-imagenet")
 

@@ -20,6 +20,12 @@ EOT pooling by argmax, ``text_projection``) is open_clip's unmodified
 prompts (:func:`clipft.encode.encode_text_trimmed`; the causal tower never lets
 the padding reach the pooled token). The hook exists only for the duration of
 one call; plain captions encode as before.
+
+Deep prompts (``depth`` J > 1; IVLP, MaPLe's text side): ``deep_ctx``
+``[J-1, n_ctx, W]`` holds fresh context for the text transformer's blocks
+1..J-1; for the same call, a forward pre-hook on each of those blocks
+overwrites the context positions of its input (the previous block's outputs
+there are dropped; no positional embedding is added, as in IVLP/MaPLe).
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from clipft.protocols import ClassTextEncoder, install
 from clipft.specs import Selection
 
 __all__ = ["POSITIONS", "RANDOM_N_CTX", "RANDOM_STD", "Tokens", "build_rows", "check_prompt_context",
-           "initial_context", "token_embedding_of", "ContextLearner", "PromptLearner", "install_prompt_learner"]
+           "initial_context", "token_embedding_of", "text_blocks_of", "ContextLearner", "PromptLearner",
+           "install_prompt_learner"]
 
 POSITIONS = ("end", "middle", "front")
 #: CoOp's context without an init text: this many vectors from N(0, RANDOM_STD^2)
@@ -54,6 +61,21 @@ def token_embedding_of(model: nn.Module, strategy: str = "prompt") -> nn.Embeddi
     raise ClipftUsageError(
         f"strategy '{strategy}' needs open_clip's own text transformer (a token_embedding to splice "
         f"the learned context into); this model's text tower is {kind}")
+
+
+def text_blocks_of(model: nn.Module, strategy: str = "prompt") -> nn.ModuleList:
+    """The blocks of open_clip's own text transformer (``resblocks``, batch first),
+    next to its :func:`token_embedding_of`."""
+    for owner in (model, getattr(model, "text", None)):
+        emb = getattr(owner, "token_embedding", None) if owner is not None else None
+        transformer = getattr(owner, "transformer", None) if isinstance(emb, nn.Embedding) else None
+        if transformer is not None and isinstance(getattr(transformer, "resblocks", None), nn.ModuleList):
+            if not getattr(transformer, "batch_first", True):
+                break
+            return transformer.resblocks
+    raise ClipftUsageError(
+        f"strategy '{strategy}' puts deep prompts into open_clip's own batch-first text transformer "
+        "(transformer.resblocks); this model has none")
 
 
 class Tokens:
@@ -200,12 +222,20 @@ class PromptLearner(ContextLearner):
     templates are replaced by the learned context)."""
 
     def __init__(self, ctx: torch.Tensor, placeholder: list[int], position: str,
-                 classnames: list[str], options: dict, strategy: str = "prompt"):
+                 classnames: list[str], options: dict, strategy: str = "prompt",
+                 deep_ctx: torch.Tensor | None = None):
         super().__init__(ctx, placeholder, position, classnames, options, strategy)
         self.class_specific = ctx.ndim == 3
+        if deep_ctx is not None:   # [J-1, n_ctx, W]: blocks 1..J-1 (module docstring)
+            self.deep_ctx = nn.Parameter(deep_ctx)
+
+    @property
+    def depth(self) -> int:
+        deep = getattr(self, "deep_ctx", None)
+        return 1 + (0 if deep is None else int(deep.shape[0]))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, class_specific={self.class_specific}"
+        return f"{super().extra_repr()}, class_specific={self.class_specific}, depth={self.depth}"
 
     def forward(self, model, tokenizer, classnames, templates=None) -> torch.Tensor:
         classnames = tuple(classnames)
@@ -222,11 +252,11 @@ class PromptLearner(ContextLearner):
         for start in range(0, len(classnames), CHUNK):
             sl = slice(start, start + CHUNK)
             ctx = self.ctx[sl] if self.class_specific else self.ctx
-            out.append(self._encode(model, emb_module, rows[sl], index[sl], ctx))
+            out.append(self._encode(model, emb_module, rows[sl], index[sl], ctx, getattr(self, "deep_ctx", None)))
         return torch.cat(out)
 
     @staticmethod
-    def _encode(model, emb_module, rows, index, ctx):
+    def _encode(model, emb_module, rows, index, ctx, deep_ctx=None):
         is_ctx = (index >= 0).unsqueeze(-1)
         safe = index.clamp(min=0)
         if ctx.ndim == 3:  # one context per class
@@ -237,14 +267,27 @@ class PromptLearner(ContextLearner):
         def splice(module, args, output):
             return torch.where(is_ctx, spliced.to(output.dtype), output)
 
-        handle = emb_module.register_forward_hook(splice)
+        def replacer(layer_ctx):
+            def replace(module, args, kwargs):
+                x = args[0]      # [C, L', W], L' <= L after trimming
+                n = x.shape[1]
+                x = torch.where(is_ctx[:, :n], layer_ctx[safe[:, :n]].to(x.dtype), x)
+                return (x, *args[1:]), kwargs
+            return replace
+
+        handles = [emb_module.register_forward_hook(splice)]
+        if deep_ctx is not None:
+            blocks = text_blocks_of(model)
+            handles += [blocks[j + 1].register_forward_pre_hook(replacer(deep_ctx[j]), with_kwargs=True)
+                        for j in range(deep_ctx.shape[0])]
         try:
             # the causal tower only as far as the longest prompt reaches: a class
             # prompt is ~10 of 77 positions, and every step runs all of them
             # forward and backward (same result up to rounding, tests/test_trim.py)
             return encode_text_trimmed(model, rows)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def export_info(self) -> dict:
         return {**super().export_info(), "class_specific": self.class_specific}
@@ -252,21 +295,34 @@ class PromptLearner(ContextLearner):
 
 def install_prompt_learner(model, ctx, strategy: str, *, init="a photo of a", n_ctx=None,
                            position: str = "end", class_specific: bool = False, options=None,
-                           n_random: int = RANDOM_N_CTX, std: float = RANDOM_STD):
+                           n_random: int = RANDOM_N_CTX, std: float = RANDOM_STD, depth: int = 1):
     """CoOp's ``apply``, for a strategy built on it: checks the run
     (:func:`check_prompt_context`), initialises the context (from ``init``, or
     ``n_ctx``/``n_random`` random vectors), installs a :class:`PromptLearner`
     as the model's class-prompt encoder, and returns ``(learner, selections)``:
     the context, in the optimizer group named ``strategy``. ``options`` (a dict)
     is what ``export_info`` records to rebuild the strategy; its ``n_ctx`` is
-    set to the context's length."""
+    set to the context's length. ``depth`` J > 1 adds deep prompts (module
+    docstring), ``[J-1, n_ctx, W]`` from N(0, std^2), shared by all classes,
+    in the same group."""
     check_prompt_context(ctx, strategy)
     tokens = Tokens(ctx.tokenizer, strategy)
     vectors, placeholder = initial_context(model, tokens, init, n_ctx, strategy, n_random, std)
     build_rows(tokens, ctx.classnames, len(placeholder), position, placeholder)  # fits? clear error now
     if class_specific:
         vectors = vectors.unsqueeze(0).repeat(len(ctx.classnames), 1, 1)
+    deep = None
+    if depth > 1:   # drawn only then: depth 1 consumes the random stream as CoOp always did
+        if class_specific:
+            raise ClipftUsageError(f"strategy '{strategy}': deep prompts (depth={depth}) are shared by all "
+                                   "classes; give class_specific=false or depth=1")
+        n_blocks = len(text_blocks_of(model, strategy))
+        if depth > n_blocks:
+            raise ClipftUsageError(f"strategy '{strategy}': depth={depth}, but the text transformer has "
+                                   f"{n_blocks} blocks")
+        deep = torch.empty(depth - 1, *vectors.shape[-2:]).normal_(0.0, std).to(vectors.device)
     options = {**(options or {}), "n_ctx": len(placeholder)}
-    learner = PromptLearner(vectors, placeholder, position, list(ctx.classnames), options, strategy)
+    learner = PromptLearner(vectors, placeholder, position, list(ctx.classnames), options, strategy, deep)
     slot = install(model, learner)
-    return learner, [Selection(strategy, [(f"{slot}.ctx", learner.ctx)])]
+    params = [(f"{slot}.ctx", learner.ctx)] + ([(f"{slot}.deep_ctx", learner.deep_ctx)] if deep is not None else [])
+    return learner, [Selection(strategy, params)]

@@ -18,6 +18,8 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
 - :class:`FitsTrainFeatures` is a mixin for a head or an inserted module that
   is built from the training split's embeddings before training starts
   (Tip-Adapter's key-value cache).
+- :class:`AddsLossTerms` is a mixin for a head that adds regularisation terms
+  to the loss (CLAP's penalty towards the zero-shot prototypes).
 - :class:`Loss` is an optional base for what ``LossSpec.build`` returns: a loss
   that needs the assembled model, or has trainable parameters of its own.
 
@@ -245,6 +247,19 @@ class FitsTrainFeatures:
         it to ``summary.json`` under ``fit.<name>`` (``head``, or the module's
         qualified name) and keeps it across a resume."""
         raise NotImplementedError(f"{type(self).__name__} does not implement fit_train_features()")
+
+
+class AddsLossTerms:
+    """Mixin for a head that adds regularisation terms to the loss of every
+    training step (strategies and inserted modules have :meth:`Strategy.loss_terms`
+    already; a head is neither). ``class MyHead(clipft.AddsLossTerms, nn.Module)``.
+    The engine asks the run's head while it trains (not in a stage that keeps
+    it frozen)."""
+
+    def loss_terms(self, record) -> dict:
+        """``{name: weighted scalar tensor}`` added to the step's loss and
+        logged as ``reg.<name>``, exactly as :meth:`Strategy.loss_terms`."""
+        return {}
 
 
 class Loss:

@@ -73,6 +73,9 @@ class HeadSpec:
     #: class prompts once, at build time). None (unknown) is taken as "may",
     #: so the engine never calls a run's trained text side unused because of it.
     encodes_text: Optional[bool] = None
+    #: Learning rate used when the user gives none and no strategy of the run
+    #: declares one (a head-only run); None: the engine's head-only default.
+    default_lr: Optional[float] = None
 
 
 @attrs.frozen
@@ -154,7 +157,7 @@ class Stage:
     epochs: Optional[int] = attrs.field(default=None, validator=_stage_epochs)
     #: strategy references (``"last-n:n=2"``) applied in this stage; () trains only the head
     strategies: tuple = attrs.field(default=(), converter=_stage_strategies)
-    #: this stage's base learning rate; None: ``--lr``, else its strategies' default_lr (1e-3 head only)
+    #: this stage's base learning rate; None: ``--lr``, else its strategies' default_lr, else the head's (1e-3)
     lr: Optional[float] = attrs.field(default=None, validator=_stage_lr)
     #: whether the head (when the run has one) trains in this stage
     head: bool = True

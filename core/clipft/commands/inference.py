@@ -309,6 +309,109 @@ def predict_with(paths: Sequence[Path], preprocess, logits, used: str, names: li
         yield from records
 
 
+# -- base-to-novel ----------------------------------------------------------------------
+#: which half of the classes each part of ``--base-to-novel`` evaluates
+HALVES = ("base", "novel")
+
+
+def class_split_key(spec) -> Optional[str]:
+    """The option of a data source that picks ``all|base|novel`` (declared by
+    ``class_split`` in the field's metadata: ``classes``, ``hf``'s ``class_half``)."""
+    if not attrs.has(spec.options):
+        return None
+    return next((f.name for f in attrs.fields(spec.options) if f.metadata.get("class_split")), None)
+
+
+def base_to_novel_refs(data_ref, registry, own_data: bool = False) -> dict:
+    """``{"base": ref, "novel": ref}``: ``data_ref`` with its class half set
+    (``own_data``: a run's own data, whose half, if any, is replaced)."""
+    from clipft.options import ComponentRef
+    key = class_split_key(registry.get("data", data_ref.name))
+    if key is None:
+        able = [n for n in registry.names("data") if class_split_key(registry.get("data", n))]
+        raise ClipftUsageError(f"--base-to-novel: data source '{data_ref.name}' cannot keep half of its classes "
+                               f"(no classes=all|base|novel option); sources that can: {', '.join(able)}")
+    given = str(data_ref.options.get(key, "all"))
+    if given != "all" and not own_data:
+        raise ClipftUsageError(f"--base-to-novel evaluates {key}=base and {key}=novel itself; "
+                               f"drop {key}={given} from --data")
+    return {half: ComponentRef(data_ref.name, {**data_ref.options, key: half}) for half in HALVES}
+
+
+def novel_scoring(head_spec, has_head: bool = True) -> Optional[str]:
+    """How novel classes are scored, from what the head declares: None when
+    through the model's class-text path (no head, or a head that encodes text:
+    learned prompts apply to the new names); ``"zero-shot fallback"`` for a head
+    initialised from class prompts (its trained weights exist for the base
+    classes only, so the model's own zero-shot stands in). Any other head
+    (``linear``, a Tip-Adapter cache) holds nothing for unseen classes: a usage
+    error, never a silent number."""
+    if not has_head or (head_spec is not None and head_spec.encodes_text is True):
+        return None
+    if head_spec is not None and head_spec.zero_shot_init:
+        return "zero-shot fallback"
+    name = f"'{head_spec.name}'" if head_spec is not None else "of this source"
+    raise ClipftUsageError(
+        f"--base-to-novel: the head {name} classifies only the classes it was trained on (it neither "
+        "encodes text nor starts from class prompts), so it cannot score novel classes; train with "
+        "--head text (prompt tuning) or --head zero-shot, or evaluate the novel half alone "
+        "(--data SRC,classes=novel) for the backbone's zero-shot number")
+
+
+def evaluate_base_to_novel(source, refs: dict, registry, split: str = "val", templates=None,
+                           batch_size: int = 64, num_workers: int = 0) -> dict:
+    """The base-to-novel report of ``source`` on ``refs`` (:func:`base_to_novel_refs`);
+    a head that cannot score novel classes is refused before any image is read."""
+    novel_by = novel_scoring(source.head_spec, source.head is not None)
+    parts = [evaluate_source(source, build_data(refs[half], registry, source), refs[half], split, templates,
+                             batch_size, num_workers) for half in HALVES]
+    return base_to_novel_doc(source, *parts, novel_by)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def base_to_novel_doc(source, base: EvalResult, novel: EvalResult, novel_by: Optional[str]) -> dict:
+    """Base top-1 (the head's when it has one for these classes), novel top-1
+    (zero-shot over the novel names through the class-text path) and their
+    harmonic mean, with both parts' full reports."""
+    for half, res in zip(HALVES, (base, novel)):
+        if "top1" not in res.doc["metrics"]:
+            raise ClipftUsageError(f"--base-to-novel needs class labels; the {half} half has none")
+    # the novel half's head note ("trained for other classes") is what this report is about
+    novel.doc["notes"] = [x for x in novel.doc["notes"] if not x.startswith("head skipped")]
+    bm = base.doc["metrics"]
+    b, n = bm.get("head_top1", bm["top1"]), novel.doc["metrics"]["top1"]
+    notes = []
+    if novel_by:
+        notes.append(f"novel: {novel_by}: the '{source.head_spec.name}' head's weights exist for the base "
+                     "classes only; novel is the model's zero-shot over the novel names")
+    return {"source": source.description, "protocol": "base-to-novel", "split": base.doc["split"],
+            "metrics": {"base_top1": b, "novel_top1": n, "hm": harmonic_mean(b, n)},
+            "base_by": "head" if "head_top1" in bm else "class text",
+            "novel_by": novel_by or "class text",
+            "base": base.doc, "novel": novel.doc, "notes": notes}
+
+
+def render_base_to_novel(doc: dict, console, notes=None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    notes = notes or console
+    t = Table(title=escape(f"{doc['source']}: base-to-novel ({doc['split']})"))
+    for col in ("half", "classes", "images", "top1", "scored by"):
+        t.add_column(col, justify="left" if col in ("half", "scored by") else "right")
+    m = doc["metrics"]
+    for half in HALVES:
+        d = doc[half]
+        t.add_row(half, str(len(d.get("classes") or [])), str(d["samples"]), _fmt(m[f"{half}_top1"]),
+                  doc[f"{half}_by"])
+    t.add_row("HM", "", "", _fmt(m["hm"]), "2·base·novel/(base+novel)")
+    console.print(t)
+    for note in doc["notes"] + [f"{half}: {x}" for half in HALVES for x in doc[half]["notes"]]:
+        notes.print(f"[yellow]note[/yellow]: {escape(note)}")
+
+
 # -- output -----------------------------------------------------------------------------
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)

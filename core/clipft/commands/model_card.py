@@ -188,8 +188,8 @@ def render(manifest: dict, summary: dict, data: Optional[dict] = None, out_name:
     else:
         lines += ["With clipft (the learned prompts, adapters and head put back):", "", "```bash",
                   f"clipft predict {out_name} image.jpg", f"clipft eval {out_name} --data DATA", "```", "",
-                  "```python", "from clipft.commands.export import load_export",
-                  f'loaded = load_export("{out_name}")   # model, preprocess, tokenizer, head, classnames',
+                  "```python", "import clipft",
+                  f'model = clipft.load("{out_name}")   # encode_image, encode_text, classify, classes',
                   "```", ""]
 
     lines += ["## Limitations", ""]

@@ -39,6 +39,8 @@ class Source:
     config: object = None
     #: the loaded run (``clipft.engine.loadrun.LoadedRun``), for a run directory
     run: object = None
+    #: the head's ``HeadSpec`` (None without a head): what it declares (``encodes_text``)
+    head_spec: object = None
 
 
 def source_kind(path: Path) -> str:
@@ -80,14 +82,17 @@ def load_source(source: Optional[str], model_name: Optional[str] = None, pretrai
         run = load_run(path, registry, device=str(dev), best=best)
         return Source(KIND_RUN, f"run {path}" + (" (best checkpoint)" if best else ""), run.model, run.tokenizer,
                       run.preprocess, run.head, run.classnames, tuple(run.templates), dev, seed=run.config.seed,
-                      config=run.config, run=run)
+                      config=run.config, run=run,
+                      head_spec=run.resolved.head[0] if run.resolved.head is not None else None)
     if is_onnx_export(path):
         raise ClipftUsageError(f"{path} is an ONNX export (clipft export --format onnx): clipft predict runs it, "
                                "clipft eval takes a run or an open_clip export")
     exp = load_export(path, registry, device=str(dev))
     return Source(KIND_EXPORT, f"export {path}", exp["model"], exp["tokenizer"], exp["preprocess"],
                   exp["head"], exp["classnames"], tuple(exp["templates"]) if exp["classnames"] else None,
-                  dev, seed=int(exp["manifest"].get("seed", 0)))
+                  dev, seed=int(exp["manifest"].get("seed", 0)),
+                  head_spec=(registry.get("head", exp["manifest"]["head"]["name"])
+                             if exp["head"] is not None and registry is not None else None))
 
 
 def run_data(source: Optional[str], model_name: Optional[str] = None):

@@ -26,10 +26,12 @@ from clipft.errors import ClipftUsageError, Interrupted
 from clipft.options import ComponentRef, parse_ref
 
 SWEEP_JSON = "sweep.json"
+#: the numbers of a --base-to-novel sweep, in table order
+B2N = ("base_top1", "novel_top1", "hm")
 SWEEP_PNG = "sweep.png"
 #: the numbers averaged over seeds, in table order
 NUMBERS = ("top1_before", "top1_after", "head_top1_after", "control_before", "control_after",
-           "forgetting", "trainable", "train_seconds", "peak_rss_mb", "checkpoint_mb")
+           "forgetting", "base_top1", "novel_top1", "hm", "trainable", "train_seconds", "peak_rss_mb", "checkpoint_mb")
 
 
 def parse_members(text: str) -> list[list[ComponentRef]]:
@@ -91,6 +93,8 @@ class SweepSpec:
     #: start every member over (--overwrite); else a member run finished with
     #: the same config is kept and one stopped part-way resumes
     fresh: bool = False
+    #: --base-to-novel: ``{"base": ref, "novel": ref}`` (config.data is the base half)
+    base_to_novel: Optional[dict] = None
     stop: Optional["MemberSignals"] = attrs.field(default=None, init=False)
 
 
@@ -210,6 +214,15 @@ def _control_top1(source_args: dict, control_ref, registry) -> float:
     return res.doc["metrics"].get("top1")
 
 
+def _base_to_novel(source_args: dict, refs: dict, registry) -> dict:
+    """Base top-1, novel top-1 and their harmonic mean, as ``clipft eval --base-to-novel``."""
+    from clipft.commands import inference
+    from clipft.commands.source import load_source
+    src = load_source(registry=registry, **source_args)
+    doc = inference.evaluate_base_to_novel(src, refs, registry)
+    return {**doc["metrics"], "novel_by": doc["novel_by"]}
+
+
 def _member_entry(refs, name: str, runs: list) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
     stats = {k: _mean_std([r.get(k) for r in ok]) for k in NUMBERS}
@@ -241,6 +254,7 @@ def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
     doc = {"out": str(spec.out), "seeds": seeds, "model": cfg.model, "pretrained": cfg.pretrained,
            "data": {"name": cfg.data.name, **cfg.data.options}, "epochs": cfg.epochs,
            "control_data": ({"name": spec.control.name, **spec.control.options} if spec.control else None),
+           "base_to_novel": spec.base_to_novel is not None,
            "status": "complete", "members": members}
     with MemberSignals() as stop:
         spec.stop = stop
@@ -250,6 +264,9 @@ def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
                 control_before = _control_top1({"source": None, "model_name": cfg.model,
                                                 "pretrained": cfg.pretrained, "device": cfg.device},
                                                spec.control, registry)
+            model_args = {"source": None, "model_name": cfg.model, "pretrained": cfg.pretrained, "device": cfg.device}
+            if spec.base_to_novel is not None:   # the row every method is read against
+                doc["zero_shot"] = _base_to_novel(model_args, spec.base_to_novel, registry)
             total, done = len(spec.members) * len(seeds), 0
             for refs in spec.members:
                 current = (refs, member_name(refs), [])
@@ -267,6 +284,12 @@ def run_sweep(spec: SweepSpec, registry, on_member=None, on_done=None) -> dict:
                         row["control_after"] = _control_top1({"source": row["run_dir"], "device": cfg.device},
                                                              spec.control, registry)
                         row["forgetting"] = control_before - row["control_after"]
+                    if row["status"] == "ok" and spec.base_to_novel is not None:
+                        try:
+                            row.update(_base_to_novel({"source": row["run_dir"], "device": cfg.device},
+                                                      spec.base_to_novel, registry))
+                        except ClipftUsageError as exc:   # trained, but cannot score novel classes
+                            row.update(status="failed", error=str(exc))
                     if on_done:
                         on_done(current[1], row)
                     done += 1
@@ -313,18 +336,22 @@ def render_sweep(doc: dict, console) -> None:
     t = Table(title=escape(f"sweep: {doc['model']} on {doc['data']['name']}, {doc['epochs']} epochs, "
                            f"{n} seed{'s' if n > 1 else ''} (mean ± std)"))
     control = doc["control_data"] is not None
-    cols = ["strategy", "top1 before", "top1 after"]
-    if any(m["mean"]["head_top1_after"] is not None for m in doc["members"]):
+    b2n = bool(doc.get("base_to_novel"))
+    cols = ["strategy"] + (["base", "novel", "HM"] if b2n else ["top1 before", "top1 after"])
+    if not b2n and any(m["mean"]["head_top1_after"] is not None for m in doc["members"]):
         cols.append("head top1")
     if control:
         cols += ["control after", "forgetting"]
     cols += ["trainable", "train s", "peak RSS MB", "ckpt MB", "runs"]
     for c in cols:
         t.add_column(c, justify="left" if c == "strategy" else "right")
+    if b2n and doc.get("zero_shot"):
+        z = doc["zero_shot"]
+        t.add_row("zero-shot (before)", *(_pm(z[k], None) for k in B2N), *[""] * (len(cols) - 4))
     for m in doc["members"]:
         mean, sd = m["mean"], m["std"]
-        row = [escape(m["name"]), _pm(mean["top1_before"], sd["top1_before"]),
-               _pm(mean["top1_after"], sd["top1_after"])]
+        row = [escape(m["name"])] + ([_pm(mean[k], sd[k]) for k in B2N] if b2n else [
+            _pm(mean["top1_before"], sd["top1_before"]), _pm(mean["top1_after"], sd["top1_after"])])
         if "head top1" in cols:
             row.append(_pm(mean["head_top1_after"], sd["head_top1_after"]))
         if control:
@@ -343,6 +370,14 @@ def render_sweep(doc: dict, console) -> None:
                 console.print(f"[yellow]collapsed[/yellow]: {escape(m['name'])} seed {r['seed']}: "
                               f"{escape(r['collapse'][0]['reason'])} (in the mean ± std above; {r['run_dir']})")
     befores = [r["control_before"] for m in doc["members"] for r in m["runs"] if "control_before" in r]
+    if b2n:
+        fallback = sorted({m["name"] for m in doc["members"] for r in m["runs"]
+                           if r.get("novel_by") == "zero-shot fallback"})
+        console.print("base and novel: top-1 on each half's val split (novel: zero-shot over the novel names "
+                      "through the run's class-text path); HM = 2·base·novel/(base+novel) per seed")
+        if fallback:
+            console.print(f"[yellow]note[/yellow]: novel: zero-shot fallback for {escape(', '.join(fallback))} "
+                          "(a head whose weights exist for the base classes only)")
     if befores:
         console.print(f"control top-1 of the model before fine-tuning: {befores[0]:.3f}; "
                       "forgetting = control before - control after")
@@ -357,20 +392,22 @@ def write_sweep_png(doc: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(members)), 4), dpi=100)
     try:
         xs = range(len(members))
-        series = [("top1_after", "in-task top-1")]
+        series = ([("base_top1", "base top-1"), ("novel_top1", "novel top-1"), ("hm", "HM")]
+                  if doc.get("base_to_novel") else [("top1_after", "in-task top-1")])
         if doc["control_data"]:
             series.append(("control_after", "control top-1"))
         width = 0.8 / len(series)
         for i, (key, label) in enumerate(series):
             ax.bar([x + i * width for x in xs], [m["mean"][key] for m in members], width,
                    yerr=[m["std"][key] or 0 for m in members], label=label, capsize=3)
-        before = members[0]["mean"]["top1_before"]
+        b2n = bool(doc.get("base_to_novel"))
+        before = (doc.get("zero_shot") or {}).get("hm") if b2n else members[0]["mean"]["top1_before"]
         if before is not None:
-            ax.axhline(before, color="grey", linestyle="--", label="in-task before")
+            ax.axhline(before, color="grey", linestyle="--", label="zero-shot HM" if b2n else "in-task before")
         ax.set_xticks([x + (len(series) - 1) * width / 2 for x in xs], [m["name"] for m in members],
                       rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("top-1")
-        ax.set_title(f"sweep over {len(doc['seeds'])} seed(s)")
+        ax.set_title(("base-to-novel " if b2n else "") + f"sweep over {len(doc['seeds'])} seed(s)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         _save_png(fig, path)

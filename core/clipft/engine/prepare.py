@@ -38,7 +38,7 @@ from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model, random_init
 from clipft.options import options_to_dict
-from clipft.protocols import InsertedModule, Loss, Strategy, inserted_modules
+from clipft.protocols import AddsLossTerms, InsertedModule, Loss, Strategy, inserted_modules
 from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -186,7 +186,8 @@ def _check_data(bundle, res: Resolved) -> None:
 
 def _default_lr(res: Resolved, config, strategies=None, stage=None, from_scratch: bool = False) -> tuple:
     """``(lr, why)``: a stage's own lr, else ``--lr``, else the first default
-    of the strategies that train (1e-3 when only a head trains); from random
+    of the strategies that train, else the head's (1e-3 when only a head
+    without one trains); from random
     weights, the first ``default_lr_scratch``, else at least ``RANDOM_INIT_LR``."""
     if stage is not None and stage.lr is not None:
         return float(stage.lr), f"stage '{stage.name}' lr"
@@ -194,8 +195,13 @@ def _default_lr(res: Resolved, config, strategies=None, stage=None, from_scratch
         return config.lr, "given (--lr)"
     strategies = res.strategies if strategies is None else strategies
     first = next((spec for spec, _ in strategies if spec.default_lr is not None), None)
-    lr, why = ((first.default_lr, f"default of strategy '{first.name}'") if first
-               else (HEAD_ONLY_LR, "head-only default"))
+    head = res.head[0] if res.head else None
+    if first is not None:
+        lr, why = first.default_lr, f"default of strategy '{first.name}'"
+    elif head is not None and head.default_lr is not None:
+        lr, why = head.default_lr, f"default of head '{head.name}'"
+    else:
+        lr, why = HEAD_ONLY_LR, "head-only default"
     if not from_scratch:
         return lr, why
     scratch = next((spec for spec, _ in strategies if getattr(spec, "default_lr_scratch", None) is not None), None)
@@ -391,11 +397,15 @@ def regularisers(assembly: Assembly) -> list:
     """``[(who, source)]`` whose ``loss_terms`` add to the loss, among those
     that override the default: the strategies of the stage being trained (an
     earlier stage's penalty was about what that stage trained), then every
-    inserted module of the model."""
+    inserted module of the model, then the head while it trains
+    (:class:`clipft.protocols.AddsLossTerms`)."""
     out = [(f"strategy '{name}'", s) for name, s in assembly.strategies
            if type(s).loss_terms is not Strategy.loss_terms]
     out += [(f"inserted module '{name}' ({type(m).__name__})", m) for name, m in inserted_modules(assembly.model)
             if type(m).loss_terms is not InsertedModule.loss_terms]
+    head = assembly.head
+    if isinstance(head, AddsLossTerms) and any(p.requires_grad for p in head.parameters()):
+        out.append((f"head ({type(head).__name__})", head))
     return out
 
 

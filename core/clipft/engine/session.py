@@ -298,6 +298,8 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
     split = run.bundle.split
     if isinstance(split, dict) and "shots" in split:   # a few-shot run says so (data_split.json has the files)
         summary["data"]["shots"] = split["shots"]
+    if isinstance(split, dict) and "classes" in split:   # a base-to-novel half (classes=base|novel)
+        summary["data"]["classes"] = split["classes"]
     if isinstance(split, dict) and "val_split" in split:   # a val split the data chose, not a random share
         summary["data"]["val_split"] = split["val_split"]
     if state.fit:   # components fitted to the training split (Tip-Adapter): what they chose

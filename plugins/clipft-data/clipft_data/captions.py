@@ -23,6 +23,9 @@ from clipft.datafiles import read_column, read_pairs
 from clipft.errors import ClipftUsageError
 
 from clipft_data.common import (
+    classes_field,
+    merge_split_record,
+    restrict_classes,
     FileDataset,
     fraction,
     relative_key,
@@ -61,6 +64,7 @@ class CaptionsOptions:
     shots: Optional[int] = shots_field("pairs (needs label_column)")
     shots_seed: int = shots_seed_field()
     shots_min: bool = shots_min_field("pairs")
+    classes: str = classes_field()
 
     def __attrs_post_init__(self):
         given = [f"{k}={v}" for k, v in (("val_file", self.val_file), ("split_column", self.split_column),
@@ -72,6 +76,9 @@ class CaptionsOptions:
             raise ValueError(
                 f"shots={self.shots} samples K pairs per class, so it needs class labels: "
                 "set label_column to the column that holds the class name")
+        if self.classes != "all" and not self.label_column:
+            raise ValueError(f"classes={self.classes} keeps half of the classes, so it needs class labels: "
+                             "set label_column to the column that holds the class name")
 
 
 def _items(pairs, label_of, skipped) -> list:
@@ -129,6 +136,9 @@ def build_captions(opts: CaptionsOptions, ctx) -> DataBundle:
         fraction = DEFAULT_VAL_FRACTION if opts.val_fraction is None else opts.val_fraction
         train, val = split_items(items, fraction, ctx.seed, by_label=False) if items else ([], [])
         empty = None
+    all_classes = classnames
+    if opts.classes != "all":   # after the val split, so a class's val pairs are the same in either half
+        classnames, (train, val) = restrict_classes(classnames, opts.classes, train, val)
     if not train:
         raise ClipftUsageError(f"captions: none of the {len(pairs)} images in {path} could be read"
                                if not opts.split_column else
@@ -149,5 +159,6 @@ def build_captions(opts: CaptionsOptions, ctx) -> DataBundle:
         train=FileDataset(train, ctx.transform_train),
         val=FileDataset(val, ctx.transform_val),
         classnames=classnames, templates=resolve_templates(opts.templates), has_captions=True,
-        skipped=skipped, description=f"captions {path}{how}" + (f" ({opts.shots}-shot)" if opts.shots else ""),
-        split=record or None, warnings=warnings)
+        skipped=skipped, description=f"captions {path}{how}" + (f" ({opts.shots}-shot)" if opts.shots else "")
+        + (f" ({opts.classes} classes)" if opts.classes != "all" else ""),
+        split=merge_split_record(record or None, all_classes, opts.classes), warnings=warnings)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from clipft.data import TEMPLATE_SETS, open_image, resolve_templates
+from clipft.data import CLASS_SPLITS, TEMPLATE_SETS, class_split_record, keep_classes, open_image, resolve_templates
 from clipft.errors import ClipftUsageError
 
 
@@ -58,6 +58,38 @@ def classnames_option(value):
     if not names or any(not n for n in names):
         raise ValueError("give at least one class name and no empty ones")
     return names
+
+
+# -- base-to-novel -------------------------------------------------------------------
+
+def _class_split(inst, attribute, value):
+    if value not in CLASS_SPLITS:
+        raise ValueError(f"{attribute.name} must be one of {', '.join(CLASS_SPLITS)}, got {value!r}")
+
+
+def classes_field():
+    # the metadata flag is how `clipft eval --base-to-novel` finds the option, whatever its name
+    return attrs.field(default="all", validator=_class_split, metadata={
+        "class_split": True,
+        "help": "all, or base / novel: the class names sorted, the first half base (odd: base gets the "
+                "extra one), the rest novel (the base-to-novel protocol)"})
+
+
+def restrict_classes(classnames: list, which: str, *splits: list) -> tuple[list, list]:
+    """The classes ``classes=which`` keeps and each split's items (tuples with
+    the label third: ``(path, caption, label, ...)``) of those classes,
+    relabelled ``0..k-1`` in the kept order."""
+    kept = keep_classes(classnames, which)
+    new = {old: i for i, old in enumerate(kept)}
+    return [classnames[i] for i in kept], [[(*it[:2], new[it[2]], *it[3:]) for it in s if it[2] in new]
+                                           for s in splits]
+
+
+def merge_split_record(record, classnames: list, which: str):
+    """``DataBundle.split`` with the class half added (None stays None for ``all``)."""
+    if which == "all":
+        return record
+    return {**(record or {}), **class_split_record(classnames, which)}
 
 
 # -- few-shot ------------------------------------------------------------------------

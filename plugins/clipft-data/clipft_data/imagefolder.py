@@ -12,6 +12,9 @@ from clipft.errors import ClipftUsageError
 
 from clipft_data.common import (
     FileDataset,
+    classes_field,
+    merge_split_record,
+    restrict_classes,
     fraction,
     relative_key,
     sample_shots,
@@ -35,6 +38,7 @@ class ImageFolderOptions:
     shots: Optional[int] = shots_field()
     shots_seed: int = shots_seed_field()
     shots_min: bool = shots_min_field()
+    classes: str = classes_field()
 
 
 def _scan(root: Path):
@@ -78,6 +82,9 @@ def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
         label_of = {c: i for i, c in enumerate(classes)}
         train, val = split_items(_items(classes, files, skipped, label_of),
                                  opts.val_fraction, ctx.seed, by_label=True)
+    all_classes = classes
+    # after the val split, so a class's val images are the same whichever half it is in
+    classes, (train, val) = restrict_classes(classes, opts.classes, train, val)
     if not train:
         raise ClipftUsageError(f"imagefolder: no readable images under {root} ({len(skipped)} unreadable)")
     if opts.shots is not None:   # after the val split, so val is the same with and without shots
@@ -96,5 +103,7 @@ def build_imagefolder(opts: ImageFolderOptions, ctx) -> DataBundle:
         train=FileDataset(train, ctx.transform_train),
         val=FileDataset(val, ctx.transform_val),
         classnames=names, templates=templates, has_captions=False, skipped=skipped,
-        description=f"imagefolder {root}" + (f" ({opts.shots}-shot)" if opts.shots else ""),
-        split=split_record(opts, train) if opts.shots is not None else None, warnings=warnings)
+        description=f"imagefolder {root}" + (f" ({opts.shots}-shot)" if opts.shots else "")
+        + (f" ({opts.classes} classes)" if opts.classes != "all" else ""),
+        split=merge_split_record(split_record(opts, train) if opts.shots is not None else None,
+                                 all_classes, opts.classes), warnings=warnings)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import attrs
 
-from clipft.data import DataBundle
+from clipft.data import DataBundle, keep_classes
+
+from clipft_data.common import classes_field, merge_split_record
 
 
 COLOURS = {
@@ -63,6 +65,7 @@ class ShapesOptions:
     shapes: tuple = attrs.field(default=("circle", "square", "triangle"),
                                 converter=lambda v: _names(v, SHAPES, "shapes"),
                                 metadata={"help": f"shapes to use ({', '.join(SHAPES)})"})
+    classes: str = classes_field()
 
 
 def draw(colour, shape, rng, size):
@@ -107,10 +110,15 @@ class ShapesDataset:
 
 
 def build_shapes(opts: ShapesOptions, ctx) -> DataBundle:
-    classes = [(c, s) for c in opts.colours for s in opts.shapes]
-    names = [f"{c} {s}" for c, s in classes]
+    pairs = [(c, s) for c in opts.colours for s in opts.shapes]
+    all_names = [f"{c} {s}" for c, s in pairs]
+    # the halves split the "{colour} {shape}" names; images are drawn from the kept classes only
+    kept = keep_classes(all_names, opts.classes)
+    classes, names = [pairs[i] for i in kept], [all_names[i] for i in kept]
     return DataBundle(
         train=ShapesDataset(classes, opts.n, opts.seed, 0, opts.size, ctx.transform_train),
         val=ShapesDataset(classes, opts.val_n, opts.seed, 1, opts.size, ctx.transform_val),
         classnames=names, templates=(TEMPLATE,), has_captions=True,
-        description=f"shapes n={opts.n} seed={opts.seed}")
+        description=f"shapes n={opts.n} seed={opts.seed}"
+        + (f" ({opts.classes} classes)" if opts.classes != "all" else ""),
+        split=merge_split_record(None, all_names, opts.classes))

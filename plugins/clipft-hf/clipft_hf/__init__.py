@@ -12,6 +12,7 @@ import attrs
 
 from clipft import DataSourceSpec, hookimpl
 from clipft_data.common import (
+    classes_field,
     fraction,
     shots_field,
     shots_min_field,
@@ -57,6 +58,8 @@ class HfOptions:
     shots: Optional[int] = shots_field("rows")
     shots_seed: int = shots_seed_field()
     shots_min: bool = shots_min_field("rows")
+    # `classes` already names the classes here, so the base-to-novel half has its own key
+    class_half: str = classes_field()
     config: Optional[str] = attrs.field(default=None, metadata={
         "help": "a Hub dataset's configuration name"})
     cache_dir: Optional[str] = attrs.field(default=None, metadata={
@@ -76,6 +79,9 @@ class HfOptions:
             raise ValueError("shots samples the train split, which a stream cannot; drop streaming=true")
         if self.streaming and not self.val_split:
             raise ValueError("streaming=true needs val_split: a stream cannot hold a seeded share out")
+        if self.class_half != "all" and (self.label is None or self.streaming):
+            raise ValueError(f"class_half={self.class_half} keeps half of the classes, so it needs a label "
+                             "column and a non-streaming source")
 
 
 @hookimpl

@@ -35,7 +35,7 @@ import attrs
 
 from clipft.data import DataBundle, open_image, resolve_templates
 from clipft.errors import ClipftUsageError
-from clipft_data.common import sample_shots, split_items, split_record
+from clipft_data.common import merge_split_record, restrict_classes, sample_shots, split_items, split_record
 
 #: file suffixes and the ``datasets`` builder that reads them
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
@@ -441,9 +441,14 @@ def build_hf(opts, ctx) -> DataBundle:
     warnings += _caption_warnings(found.where, notes)
     if not train:
         raise ClipftUsageError(f"hf: split '{opts.split}' of {found.where} has no rows to train on")
-    names = display_names(opts, labels.names) if labels else None
+    data_names = list(labels.names) if labels else None
+    if opts.class_half != "all":   # after the val split, so a class's val rows are the same in either half
+        data_names, (train, val) = restrict_classes(data_names, opts.class_half, train, val)
+        if not train:
+            raise ClipftUsageError(f"hf: class_half={opts.class_half} of {found.where} has no rows to train on")
+    names = display_names(opts, data_names) if labels else None
     if opts.shots is not None:   # after the val split, so val is the same with and without shots
-        train, shot_warnings = sample_shots(train, labels.names, opts.shots, opts.shots_seed, opts.shots_min,
+        train, shot_warnings = sample_shots(train, data_names, opts.shots, opts.shots_seed, opts.shots_min,
                                             lambda it: it[0], "hf", unit="row")
         warnings += shot_warnings
     templates = resolve_templates(opts.templates)
@@ -456,5 +461,7 @@ def build_hf(opts, ctx) -> DataBundle:
         train=RowDataset(images, cols.image, train, found.base, ctx.transform_train),
         val=RowDataset(val_images, cols.image, val, found.base, ctx.transform_val),
         classnames=names, templates=templates, has_captions=cols.caption is not None,
-        description=f"hf {found.where}" + (f" ({opts.shots}-shot)" if opts.shots else ""),
-        split=split_record(opts, train) if opts.shots is not None else None, warnings=warnings)
+        description=f"hf {found.where}" + (f" ({opts.shots}-shot)" if opts.shots else "")
+        + (f" ({opts.class_half} classes)" if opts.class_half != "all" else ""),
+        split=merge_split_record(split_record(opts, train) if opts.shots is not None else None,
+                                 list(labels.names) if labels else [], opts.class_half), warnings=warnings)
