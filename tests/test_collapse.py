@@ -42,6 +42,27 @@ def test_a_flat_loss_is_flagged_once_and_a_falling_one_is_not():
     assert _feed(CollapseWatch(), [1.0 + i / total for i in range(total)], total)["detected"]
 
 
+def test_a_flat_loss_is_not_flagged_while_val_top1_rises():
+    """A strongly regularised run (KgCoOp at lambda=8 measured so) can learn while
+    its noisy loss stays put: a val top-1 above its value before training clears it."""
+    total = collapse.MIN_STEPS * 2
+    flat = [0.7 + 0.01 * (i % 3) for i in range(total)]
+
+    def judged(before, after):
+        watch = CollapseWatch()
+        watch.on_run_start(RunView(out_dir=".", config={}, total_steps=total, classnames=("a", "b")))
+        watch.on_eval(EvalView(0, {"top1": before, "head_top1": before}, step=0))
+        for i, loss in enumerate(flat, 1):
+            if i == total // 2:
+                watch.on_eval(EvalView(1, {"top1": after, "head_top1": before}, train_loss=0.7, step=i))
+            watch.on_step_end(StepView(epoch=1, batch=i, n_batches=total, step=i, stepped=True, loss=loss, terms={}))
+        return watch.summary_section()["detected"]
+
+    assert not judged(0.776, 0.776 + collapse.MIN_GAIN)
+    assert judged(0.776, 0.776 + collapse.MIN_GAIN / 2)
+    assert judged(0.5, 0.4)
+
+
 def test_a_short_run_is_not_judged():
     short = collapse.MIN_STEPS - 1
     s = _feed(CollapseWatch(), [4.0] * short, short)

@@ -67,3 +67,15 @@ def test_sweep_usage_errors(invoke, tmp_path):
     assert res.exit_code == 2 and "twice" in res.stderr
     res = invoke("sweep", "--data", SMALL_NOVEL, "--strategies", "lora", "--seeds", "0")
     assert res.exit_code == 2
+
+
+def test_a_head_only_member_runs(invoke, tmp_path):
+    """``--strategies none`` with a head: the member trains the head alone (TaskRes,
+    CLAP and linear probes are swept so), instead of failing on the name 'none'."""
+    out = tmp_path / "sweep"
+    res = invoke("sweep", "--model", "tiny-vit", "--pretrained", "none", "--data", "shapes:n=32,val_n=16,size=32",
+                 "--strategies", "none", "--head", "linear", "--loss", "cross-entropy", "--epochs", "1",
+                 "--batch-size", "16", "--callback", "none", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    member = json.loads(res.stdout)["members"][0]
+    assert member["name"] == "none" and member["ok"] == 1 and member["runs"][0]["trainable"] > 0

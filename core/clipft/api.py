@@ -319,7 +319,7 @@ def sweep(config: Union[RunConfig, dict], strategies: Union[str, Sequence[str]],
     for m in refs:                      # every member resolves before the first one trains
         resolve(attrs.evolve(cfg, strategies=m), reg)
         for r in m:
-            if reg.distribution_of("strategy", r.name).startswith("<in-process"):
+            if r.name != "none" and reg.distribution_of("strategy", r.name).startswith("<in-process"):
                 raise ClipftUsageError(f"sweep: strategy '{r.name}' is registered in-process; sweep members "
                                        "run as `clipft run` processes, which load installed plugins only")
     control = _data_ref(control_data, "--control-data") if control_data else None

@@ -5,7 +5,9 @@ measurements behind the thresholds):
 
 - ``loss_flat``: once ``CHECK_SHARE`` of the run's optimizer steps are done,
   the mean loss of the last ``WINDOW`` micro-batches has not fallen by
-  ``MIN_DROP`` (relative) below the mean of the first ``FIRST`` ones;
+  ``MIN_DROP`` (relative) below the mean of the first ``FIRST`` ones, and no
+  val top-1 has risen ``MIN_GAIN`` above its value before training (a strongly
+  regularised run, KgCoOp at λ=8 say, can learn while its noisy loss stays put);
 - ``constant_prediction``: an evaluation from then on puts at least
   ``CONSTANT_SHARE`` of the val predictions of a classifier in one class,
   while the val labels have at least two classes and no class holds more than
@@ -32,6 +34,8 @@ FIRST = 5
 WINDOW = 10
 #: the relative fall below the starting loss under which the loss counts as flat
 MIN_DROP = 0.02
+#: a rise of a val top-1 over its value before training that shows the run learns
+MIN_GAIN = 0.01
 #: a share of val predictions in one class that counts as a constant prediction ...
 CONSTANT_SHARE = 0.95
 #: ... unless the val labels themselves are this concentrated in one class
@@ -64,6 +68,9 @@ class CollapseWatch(Callback):
         self.signals: list = []
         self.total = 0
         self.classnames: tuple = ()
+        #: the val top-1 metrics before training and at the latest evaluation
+        self.top1_start: dict = {}
+        self.top1_latest: dict = {}
 
     @property
     def check_at(self) -> int:
@@ -95,13 +102,20 @@ class CollapseWatch(Callback):
         if abs(start) < 1e-3:    # a loss at zero from the start cannot fall
             return
         drop = (start - now) / abs(start)
-        if drop < MIN_DROP:
+        gain = max((self.top1_latest[k] - v for k, v in self.top1_start.items() if k in self.top1_latest),
+                   default=0.0)
+        if drop < MIN_DROP and gain < MIN_GAIN:
             self._found("loss_flat", f"the loss has not fallen after {s.step} of {self.total} steps "
                         f"(first {len(self.first)} batches {start:.4f}, last {len(self.recent)} {now:.4f}: "
                         f"{100 * drop:+.1f}%, under {100 * MIN_DROP:.0f}%)", s.step, s.epoch,
                         start_loss=start, loss=now, drop=drop)
 
     def on_eval(self, ev: EvalView) -> None:
+        top1 = {k: float(v) for k, v in ev.metrics.items()
+                if k.endswith("top1") and isinstance(v, (int, float)) and math.isfinite(v)}
+        if ev.epoch == 0 and not self.top1_start:
+            self.top1_start = top1
+        self.top1_latest = top1
         if not self.enough or ev.step < self.check_at:
             return
         seen = {(x["kind"], x.get("metric")) for x in self.signals}
@@ -116,10 +130,11 @@ class CollapseWatch(Callback):
                         f"are class '{name}'", ev.step, ev.epoch, metric=metric, share=share, predicted_class=name)
 
     def state_dict(self) -> dict:
-        return {"first": self.first, "recent": self.recent, "judged": self.judged, "signals": self.signals}
+        return {"first": self.first, "recent": self.recent, "judged": self.judged, "signals": self.signals,
+                "top1_start": self.top1_start, "top1_latest": self.top1_latest}
 
     def load_state_dict(self, state: Mapping) -> None:
-        for key in ("first", "recent", "judged", "signals"):
+        for key in ("first", "recent", "judged", "signals", "top1_start", "top1_latest"):
             if key in state:
                 setattr(self, key, state[key])
 
