@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import clipft
 from clipft import testing
+from resume_check import assert_same_checkpoints, crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,35 +161,18 @@ def steps(run_dir):
 
 def test_ivlp_trains_resumes_exactly_and_exports(tmp_path, monkeypatch):
     from clipft.api import RunConfig, export, run
-    from clipft.engine.checkpoint import Checkpointer
 
     cfg = RunConfig(model="tiny-vit", pretrained="none", data=DATA, head="text", loss="cross-entropy",
                     strategies=["prompt:depth=3", "vision-prompt:n_tokens=2,depth=2"], epochs=2, batch_size=16,
                     lr=5e-3, device="cpu", callbacks=["none"])
-    straight = run(cfg, out=tmp_path / "straight")
+    r = crash_after_first_checkpoint_then_resume(cfg, tmp_path, monkeypatch)
+    straight, resumed = r.whole, r.resumed
     assert straight["params"]["trainable"] == 3 * 4 * 64 + 2 * 2 * 64
     w = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
     assert set(w) == {"clipft_class_text.ctx", "clipft_class_text.deep_ctx", "visual.clipft_vision_prompts.prompts",
                       "visual.clipft_vision_prompts.deep"}
 
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(cfg, out=tmp_path / "crashed")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    resumed = run(resume=tmp_path / "crashed")
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = load_file(str(tmp_path / "straight" / "checkpoint" / name))
-        b = load_file(str(tmp_path / "crashed" / "checkpoint" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed")
     assert resumed["eval"]["after"] == straight["eval"]["after"]
 
     # every deep prompt of both towers got gradients, so AdamW moved each of them

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import clipft
 from clipft import testing
+from resume_check import assert_same_checkpoints, crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,30 +131,13 @@ def test_the_term_is_logged_trains_and_weight_zero_is_coop(registry, tmp_path):
 
 def test_a_resume_is_bit_exact(registry, tmp_path, monkeypatch):
     from clipft.api import RunConfig, run
-    from clipft.engine.checkpoint import Checkpointer
 
     cfg = RunConfig(model="tiny-vit", pretrained="none", data=DATA, strategies=["kgcoop:weight=8"], head="text",
                     loss="cross-entropy", epochs=2, batch_size=16, lr=5e-3, device="cpu", callbacks=["none"])
-    straight = run(cfg, registry=registry, out=tmp_path / "straight")
+    r = crash_after_first_checkpoint_then_resume(cfg, tmp_path, monkeypatch, registry=registry)
+    straight, resumed = r.whole, r.resumed
 
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(cfg, registry=registry, out=tmp_path / "crashed")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    resumed = run(resume=tmp_path / "crashed", registry=registry)
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = load_file(str(tmp_path / "straight" / "checkpoint" / name))
-        b = load_file(str(tmp_path / "crashed" / "checkpoint" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed")
     assert resumed["eval"]["after"] == straight["eval"]["after"]
     tail = [r["reg.kgcoop"] for r in steps(tmp_path / "crashed")][-4:]
     assert tail == [r["reg.kgcoop"] for r in steps(tmp_path / "straight")][-4:]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import clipft
 from clipft import testing
+from resume_check import assert_same_checkpoints, crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,32 +100,15 @@ def test_errors(registry, tmp_path):
 
 def test_trains_both_towers_resumes_exactly_and_exports(registry, tmp_path, monkeypatch):
     from clipft.api import RunConfig, export, run
-    from clipft.engine.checkpoint import Checkpointer
 
     cfg = RunConfig(model="tiny-vit", pretrained="none", data=DATA, head="text", loss="cross-entropy",
                     strategies=["maple:depth=3"], epochs=2, batch_size=16, device="cpu", callbacks=["none"])
-    straight = run(cfg, registry=registry, out=tmp_path / "straight")
+    r = crash_after_first_checkpoint_then_resume(cfg, tmp_path, monkeypatch, registry=registry)
+    straight, resumed = r.whole, r.resumed
     assert straight["params"]["trainable"] == 3 * 2 * 64 + 3 * (64 * 64 + 64)
     assert straight["cache"]["image"].startswith("off")      # the image tower's prompts train
 
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        run(cfg, registry=registry, out=tmp_path / "crashed")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    resumed = run(resume=tmp_path / "crashed", registry=registry)
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = load_file(str(tmp_path / "straight" / "checkpoint" / name))
-        b = load_file(str(tmp_path / "crashed" / "checkpoint" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed")
     assert resumed["eval"]["after"] == straight["eval"]["after"]
     # every prompt and coupling parameter got gradients, so the optimizer moved it
     opt = load_file(str(tmp_path / "straight" / "checkpoint" / "optimizer.safetensors"))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import clipft
 from clipft import testing
+from resume_check import assert_same_checkpoints, crash_after_first_checkpoint_then_resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,31 +84,14 @@ def test_lambda_zero_is_coop_bit_for_bit_and_lambda_trains(base, tmp_path):
 def test_resume_is_bit_exact_and_export_keeps_the_prompts(base, tmp_path, monkeypatch):
     from clipft.api import RunConfig, export
     from clipft.api import run as api_run
-    from clipft.engine.checkpoint import Checkpointer
 
     cfg = RunConfig(model="tiny-vit", pretrained=str(base), data=DATA, strategies=["prompt:kg_lambda=8"],
                     head="text", loss="cross-entropy", epochs=2, batch_size=16, lr=5e-3, device="cpu",
                     callbacks=["none"], log_every=1)
-    straight = api_run(cfg, out=tmp_path / "straight")
+    r = crash_after_first_checkpoint_then_resume(cfg, tmp_path, monkeypatch)
+    straight, resumed = r.whole, r.resumed
 
-    class Crash(Exception):
-        pass
-
-    real_save = Checkpointer.save
-
-    def save_then_crash(self, *a, **k):
-        real_save(self, *a, **k)
-        raise Crash
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
-    with pytest.raises(Crash):
-        api_run(cfg, out=tmp_path / "crashed")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    resumed = api_run(resume=tmp_path / "crashed")
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a = load_file(str(tmp_path / "straight" / "checkpoint" / name))
-        b = load_file(str(tmp_path / "crashed" / "checkpoint" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "crashed")
     assert resumed["eval"]["after"] == straight["eval"]["after"]
     tail = [r["reg.kg"] for r in step_rows(tmp_path / "crashed")][-2:]
     assert tail == [r["reg.kg"] for r in step_rows(tmp_path / "straight")][-2:] and len(tail) == 2
