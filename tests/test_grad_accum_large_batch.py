@@ -308,6 +308,35 @@ def test_summary_plan_and_startup_say_which_accumulation_ran(registry, tmp_path,
     assert json.loads(r.stdout)["accumulation"]["negatives"] == B - 1
 
 
+class ProjectionsL2(clipft.Strategy):
+    """The projections, held near zero by a loss term (one that may read anything in the record)."""
+
+    def apply(self, model, ctx):
+        self.params = [model.visual.proj, model.text_projection]
+        return [clipft.Selection(group="proj", params=[(n, p) for n, p in model.named_parameters()
+                                                       if p is self.params[0] or p is self.params[1]])]
+
+    def loss_terms(self, record):
+        return {"l2": 1e-3 * sum(p.pow(2).sum() for p in self.params)}
+
+
+class L2Plugin:
+    @clipft.hookimpl
+    def clipft_register_strategies(self, register):
+        register(clipft.StrategySpec(name="proj-l2", summary="test", build=lambda opts: ProjectionsL2()))
+
+
+def test_loss_terms_keep_plain_accumulation(tmp_path):
+    """Loss terms may read the step's class text, which the second pass does not
+    rebuild: such a run accumulates plainly and says so, instead of a wrong large batch."""
+    from clipft import testing
+    s = testing.run_plugin(L2Plugin(), strategy="proj-l2", loss="contrastive", data=DATA, batch_size=B,
+                           grad_accum=K, tmp_path=tmp_path)
+    assert s["train"]["accumulation"] == {"mode": "plain", "micro_batches": K, "effective_batch": K * B,
+                                          "negatives": B - 1}
+    assert s["train"]["steps"] == 1
+
+
 # -- non-finite and resume ------------------------------------------------------------
 @attrs.frozen
 class NanOptions:

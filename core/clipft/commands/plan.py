@@ -21,7 +21,7 @@ document:
 """
 from __future__ import annotations
 
-from clipft.engine.accumulate import accumulation_record
+from clipft.engine.accumulate import accumulation_of
 from clipft.engine.accumulate import describe as describe_accumulation
 from clipft.engine.prepare import prepare
 
@@ -119,8 +119,7 @@ def _plan_one(config, run) -> dict:
                     "drop_last": run.loaders.drop_last, "dropped_per_epoch": run.loaders.dropped_per_epoch,
                     "batch_coupled_loss": bool(run.resolved.loss[0].batch_coupled)},
         # per optimizer step: micro-batches, the effective batch, negatives (large-batch or plain)
-        "accumulation": accumulation_record(bool(run.resolved.loss[0].batch_coupled), config.grad_accum,
-                                            config.batch_size, run.dist.world if run.dist is not None else 1),
+        "accumulation": accumulation_of(run),
         "memory": {
             "optimizer": config.optimizer,
             "optimizer_state_bytes": state_bytes,

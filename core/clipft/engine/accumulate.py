@@ -224,15 +224,35 @@ def _reduce(t: "Trainer", value: float, counts: list) -> tuple[float, list]:
     return float(x[0]) / t.dist.world, [int(round(float(c))) for c in x[1:]]
 
 
-def accumulation_record(batch_coupled: bool, grad_accum: int, batch_size: int, world: int = 1) -> dict:
+def large_batch_applies(batch_coupled: bool, grad_accum: int, reads_class_text: bool = False) -> bool:
+    """Whether a step's micro-batches share one loss: a batch-coupled loss under
+    ``--grad-accum``, unless the step's class text is read (a loss needing
+    ``class-text``, or loss terms, which may: ``prompt:kg_lambda``), since the
+    second pass does not rebuild it; such runs accumulate plainly."""
+    return batch_coupled and grad_accum > 1 and not reads_class_text
+
+
+def accumulation_record(batch_coupled: bool, grad_accum: int, batch_size: int, world: int = 1,
+                        large: Optional[bool] = None) -> dict:
     """``summary.json``'s ``train.accumulation`` (and the plan's): how micro-batches
     combine, and the negatives each sample meets under a batch-coupled loss
-    (None for a per-sample loss)."""
-    large = batch_coupled and grad_accum > 1
+    (None for a per-sample loss). ``large``: what the built trainer does (default:
+    :func:`large_batch_applies` without class text)."""
+    if large is None:
+        large = large_batch_applies(batch_coupled, grad_accum)
     together = (grad_accum if large else 1) * batch_size * world
     return {"mode": "large-batch" if large else "plain", "micro_batches": grad_accum,
             "effective_batch": grad_accum * batch_size * world,
             "negatives": together - 1 if batch_coupled else None}
+
+
+def accumulation_of(run) -> dict:
+    """:func:`accumulation_record` of a prepared run (``clipft.engine.prepare``),
+    from what its trainer does; the plan and the summary both report this."""
+    world = run.dist.world if run.dist is not None else 1
+    large = run.trainer.large is not None if run.trainer is not None else None
+    return accumulation_record(bool(run.resolved.loss[0].batch_coupled), run.config.grad_accum,
+                               run.config.batch_size, world, large)
 
 
 def describe(record: dict) -> str:

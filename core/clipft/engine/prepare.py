@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from clipft.data import DataContext
-from clipft.engine.accumulate import LargeBatch
+from clipft.engine.accumulate import LargeBatch, large_batch_applies
 from clipft.engine.assemble import Assembly, Resolved, assemble, live_towers, pick_device, resolve, seed_everything
 from clipft.engine.cache.plan import plan_cache
 from clipft.engine.cache.provider import Where, cached_features
@@ -373,6 +373,7 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
     total_steps = (st.epochs if st is not None else config.epochs) * steps_per_epoch
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
     optimizer, impl = make_optimizer(groups, config)
+    regs = regularisers(assembly)
     trainer = Trainer(
         model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, total_steps, warmup_steps, config.schedule),
@@ -382,10 +383,9 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
         loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
-        regularisers=regularisers(assembly), needs_class_text=needs_class_text,
-        # one loss over a step's micro-batches, unless the loss needs the class text
-        # (the second pass does not rebuild it)
-        large=LargeBatch() if batch_coupled and config.grad_accum > 1 and not needs_class_text else None)
+        regularisers=regs, needs_class_text=needs_class_text,
+        large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum,
+                                                  needs_class_text or bool(regs)) else None)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)

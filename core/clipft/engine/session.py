@@ -24,7 +24,7 @@ from clipft.callbacks import Callback, CheckpointView, EvalView, RunView
 from clipft.config import RunConfig, dumps_toml, metric_mode, parse_early_stop, parse_every
 from clipft.data import is_iterable
 from clipft.engine import distributed, rundir, signals
-from clipft.engine.accumulate import accumulation_record
+from clipft.engine.accumulate import accumulation_of
 from clipft.engine.accumulate import describe as describe_accumulation
 from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
@@ -156,12 +156,6 @@ class StopSignals(signals.Handlers):
 
     def __call__(self):
         return signals.describe(self.received)[0] if self.received else None
-
-
-def accumulation_of(run: PreparedRun) -> dict:
-    world = run.dist.world if run.dist is not None else 1
-    return accumulation_record(bool(run.resolved.loss[0].batch_coupled), run.config.grad_accum,
-                               run.config.batch_size, world)
 
 
 def run_view(run: PreparedRun, out_dir: Path, resumed_from_epoch: int = 0, resumed_from_step: int = 0) -> RunView:
