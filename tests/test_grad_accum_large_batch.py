@@ -326,15 +326,20 @@ class L2Plugin:
         register(clipft.StrategySpec(name="proj-l2", summary="test", build=lambda opts: ProjectionsL2()))
 
 
-def test_loss_terms_keep_plain_accumulation(tmp_path):
-    """Loss terms may read the step's class text, which the second pass does not
-    rebuild: such a run accumulates plainly and says so, instead of a wrong large batch."""
+def test_loss_terms_count_in_a_large_batch(tmp_path):
+    """A loss term on parameters runs once per step on the group's record: it is
+    logged, and the run stays large-batch (the summary says what the trainer ran)."""
+    import json
+
     from clipft import testing
     s = testing.run_plugin(L2Plugin(), strategy="proj-l2", loss="contrastive", data=DATA, batch_size=B,
                            grad_accum=K, tmp_path=tmp_path)
-    assert s["train"]["accumulation"] == {"mode": "plain", "micro_batches": K, "effective_batch": K * B,
-                                          "negatives": B - 1}
-    assert s["train"]["steps"] == 1
+    assert s["train"]["accumulation"] == {"mode": "large-batch", "micro_batches": K, "effective_batch": K * B,
+                                          "negatives": K * B - 1}
+    from pathlib import Path
+    rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("type") == "step"]
+    assert steps and all(r["reg.l2"] > 0 for r in steps)
 
 
 # -- non-finite and resume ------------------------------------------------------------

@@ -226,9 +226,9 @@ def _reduce(t: "Trainer", value: float, counts: list) -> tuple[float, list]:
 
 def large_batch_applies(batch_coupled: bool, grad_accum: int, reads_class_text: bool = False) -> bool:
     """Whether a step's micro-batches share one loss: a batch-coupled loss under
-    ``--grad-accum``, unless the step's class text is read (a loss needing
-    ``class-text``, or loss terms, which may: ``prompt:kg_lambda``), since the
-    second pass does not rebuild it; such runs accumulate plainly."""
+    ``--grad-accum``, unless the loss needs the step's class text, which the
+    second pass does not rebuild (such runs accumulate plainly; loss terms see
+    ``class_text_features`` None in a large batch)."""
     return batch_coupled and grad_accum > 1 and not reads_class_text
 
 

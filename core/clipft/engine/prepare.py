@@ -384,8 +384,7 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
         loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
         regularisers=regs, needs_class_text=needs_class_text,
-        large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum,
-                                                  needs_class_text or bool(regs)) else None)
+        large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum, needs_class_text) else None)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)
