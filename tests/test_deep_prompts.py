@@ -25,13 +25,9 @@ DATA = "shapes:n=32,val_n=16"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from clipft.models import load_model
-    torch.manual_seed(0)
-    lm = load_model("tiny-vit", "none")
-    model = lm.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, lm.tokenizer
+    from clipft import testing
+    model, tok, _ = testing.tiny_model()
+    return model.eval().requires_grad_(False), tok
 
 
 def vision(model, **kw):

@@ -29,13 +29,9 @@ def registry():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from clipft.models import load_model
-    torch.manual_seed(0)
-    lm = load_model("tiny-vit", "none")
-    model = lm.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, lm.tokenizer
+    from clipft import testing
+    model, tok, _ = testing.tiny_model()
+    return model.eval().requires_grad_(False), tok
 
 
 def maple(model, tok, **kw):
