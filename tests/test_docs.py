@@ -146,6 +146,7 @@ def all_items() -> list[Item]:
     items += spec_items(kinds.KINDS)
     items += member_items([protocols.Strategy, protocols.StrategyModifier, protocols.InsertedModule,
                            protocols.ClassTextEncoder, protocols.FitsTrainFeatures, protocols.AddsLossTerms,
+                           protocols.UpdatesPerEpoch,
                            protocols.Loss, callbacks.Callback])
     items += field_items([callbacks.RunView, callbacks.StepView, callbacks.EvalView,
                           callbacks.EpochView, callbacks.CheckpointView, context.BuildContext,
@@ -202,7 +203,8 @@ def test_each_category_is_collected():
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("StepView", "samples_per_s") in {(i.owner, i.name) for i in all_items()}
     assert {"checkpoint_tensors", "resume_run"} <= {i.name for i in all_items() if i.category == "testing helper"}
-    assert {("Strategy", "loss_terms"), ("InsertedModule", "loss_terms"), ("AddsLossTerms", "loss_terms")} <= {
+    assert {("Strategy", "loss_terms"), ("InsertedModule", "loss_terms"), ("AddsLossTerms", "loss_terms"),
+            ("UpdatesPerEpoch", "end_epoch")} <= {
         (i.owner, i.name) for i in all_items() if i.category == "protocol member"}
     assert ("ForwardRecord", "class_text_features") in {(i.owner, i.name) for i in all_items()}
     assert {"class-text", "NEED_CLASS_TEXT", "install_prompt_learner", "ContextLearner"} <= {

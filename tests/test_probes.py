@@ -130,6 +130,55 @@ def test_clap_multipliers_are_the_zero_shot_probability_of_each_class_on_its_ima
         head.fit_train_features(TrainFeatures(feats, torch.tensor([0, -1, 1, 2, 2, 2, 1]), NAMES))
 
 
+def test_clap_penalty_and_its_gradient_are_zero_at_the_prototypes_in_every_mode():
+    ctx = build_ctx()
+    for constraint in ("adaptive", "alm", "balanced"):
+        head = clipft_probes.build_clap(clipft_probes.ClapOptions(constraint=constraint), ctx)
+        head.multipliers.copy_(torch.tensor([0.2, 0.5, 0.9]))
+        value = head.loss_terms(None)["clap"]
+        value.backward()
+        assert float(value.detach()) == 0.0 and torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+
+
+def test_alm_outer_step_against_a_hand_computation():
+    from clipft_probes.heads import alm_outer_step
+    lam, rho = alm_outer_step(torch.tensor([1.0, 4.0, 16.0]), torch.tensor([0.2, 0.5, 0.9]), torch.zeros(3))
+    assert torch.equal(lam, torch.tensor([0.2, 0.5, 0.9])) and torch.equal(rho, torch.tensor([1.0, 4.0, 16.0]))
+    # lambda' = max(0, lambda + rho * h): 0.2 + 1*4, 0.5 + 4*1, 0.9 + 16*0, and max(0, -3 + 2*1)
+    lam, rho = alm_outer_step(torch.tensor([4.0, 1.0, 0.0, 1.0]), torch.tensor([0.2, 0.5, 0.9, -3.0]),
+                              torch.tensor([1.0, 4.0, 16.0, 2.0]))
+    assert torch.allclose(lam, torch.tensor([4.2, 4.5, 0.9, 0.0]), atol=1e-6, rtol=0)
+    assert torch.equal(rho, torch.tensor([4.0, 1.0, 0.0, 1.0]))
+
+
+def test_clap_alm_moves_its_multipliers_at_each_epochs_end_and_other_modes_do_not():
+    from clipft.context import TrainFeatures
+    ctx = build_ctx()
+    feats, labels = probe_features(6), torch.tensor([0, 0, 1, 1, 2, 2])
+    head = clipft_probes.build_clap(clipft_probes.ClapOptions(constraint="alm"), ctx)
+    head.fit_train_features(TrainFeatures(feats, labels, NAMES))
+    lam0 = head.multipliers.clone()
+    assert torch.equal(head.rho, torch.zeros(3))
+    d1 = torch.tensor([[1.0] + [0.0] * 63, [0.0, 2.0] + [0.0] * 62, [0.5] * 64])     # |d|^2 = 1, 4, 16
+    d2 = torch.tensor([[0.0] * 63 + [2.0], [0.0] * 64, [0.0] * 64])                   # |d|^2 = 4, 0, 0 from W0
+    with torch.no_grad():
+        head.weight.add_(d1)
+        head.end_epoch(1)
+        assert torch.equal(head.multipliers, lam0)                                  # rho was 0
+        assert torch.allclose(head.rho, torch.tensor([1.0, 4.0, 16.0]), atol=1e-5)
+        head.weight.copy_(head.prototypes + d2)
+        head.end_epoch(2)
+    assert torch.allclose(head.multipliers, lam0 + torch.tensor([1.0 * 4, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(head.rho, torch.tensor([4.0, 0.0, 0.0]), atol=1e-5)
+    fixed = clipft_probes.build_clap(clipft_probes.ClapOptions(), ctx)
+    fixed.fit_train_features(TrainFeatures(feats, labels, NAMES))
+    before = fixed.multipliers.clone()
+    with torch.no_grad():
+        fixed.weight.add_(d1)
+        fixed.end_epoch(1)
+    assert torch.equal(fixed.multipliers, before) and "rho" not in fixed.state_dict()
+
+
 # -- runs ----------------------------------------------------------------------------------
 def test_taskres_trains_only_the_residual_at_its_own_default_lr(registry, tmp_path):
     s = run(registry, tmp_path / "t", "taskres")
@@ -163,12 +212,33 @@ def test_clap_adds_its_penalty_to_the_loss_and_records_its_multipliers(registry,
     assert "reg.clap" not in rows and "multipliers" not in plain["fit"]["head"]
 
 
-@pytest.mark.parametrize("head", ["taskres", "clap"])
+def test_clap_alm_run_updates_once_per_epoch_before_the_epochs_checkpoint(registry, tmp_path, monkeypatch):
+    from clipft_probes.heads import ClapHead
+    calls = []
+    real = ClapHead.end_epoch
+
+    def end_epoch(self, epoch):
+        calls.append((epoch, torch.is_grad_enabled()))
+        real(self, epoch)
+    monkeypatch.setattr(ClapHead, "end_epoch", end_epoch)
+    s = run(registry, tmp_path / "alm", "clap:constraint=alm", epochs=2, lr=0.05)
+    assert calls == [(1, False), (2, False)]
+    assert s["fit"]["head"]["constraint"] == "alm"
+    _, head_t = testing.checkpoint_tensors(s["run_dir"])
+    assert set(head_t) == {"prototypes", "weight", "multipliers", "rho"}
+    # the last update saw the trained weights: rho is their squared distance to W0
+    distance = (head_t["weight"] - head_t["prototypes"]).pow(2).sum(-1)
+    assert float(distance.min()) > 0 and torch.equal(head_t["rho"], distance)
+    # and it raised the multipliers above their zero-shot start
+    assert float(head_t["multipliers"].mean()) > s["fit"]["head"]["multipliers"]["mean"]
+
+
+@pytest.mark.parametrize("head", ["taskres", "clap", "clap:constraint=alm"])
 def test_export_and_reload_give_the_same_predictions(registry, tmp_path, head):
     import clipft
     s = run(registry, tmp_path / "run", head, lr=0.05)
     manifest = testing.assert_export_roundtrip(s["run_dir"], tmp_path / "export", registry)
-    assert manifest["head"]["name"] == head
+    assert manifest["head"]["name"] == head.split(":")[0]
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     from_run = clipft.load(s["run_dir"], device="cpu", registry=registry)
     from_export = clipft.load(tmp_path / "export", device="cpu", registry=registry)
@@ -176,13 +246,18 @@ def test_export_and_reload_give_the_same_predictions(registry, tmp_path, head):
     assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b), atol=1e-5)
 
 
-def test_clap_resumes_bit_exactly(registry, tmp_path, monkeypatch):
+@pytest.mark.parametrize("head,stop", [
+    ("clap", 2),
+    ("clap:constraint=alm", 3),     # epoch 1's last step: stops after its update and checkpoint
+    ("clap:constraint=alm", 4),     # inside epoch 2, after epoch 1's update
+])
+def test_clap_resumes_bit_exactly(registry, tmp_path, monkeypatch, head, stop):
     from test_clip_adapter import stop_after_step
-    straight = run(registry, tmp_path / "straight", "clap", epochs=2, lr=0.05)
+    straight = run(registry, tmp_path / "straight", head, epochs=2, lr=0.05)
     with monkeypatch.context() as m:
-        stop_after_step(m, 2)
-        with pytest.raises(RunInterrupted, match="stopped after optimizer step 2"):
-            run(registry, tmp_path / "resumed", "clap", epochs=2, lr=0.05)
+        stop_after_step(m, stop)
+        with pytest.raises(RunInterrupted, match=f"stopped after optimizer step {stop}"):
+            run(registry, tmp_path / "resumed", head, epochs=2, lr=0.05)
     resumed = testing.resume_run(tmp_path / "resumed", registry=registry)
     a, b = (Path(x) / "checkpoint" for x in (straight["run_dir"], resumed["run_dir"]))
     from safetensors.torch import load_file
@@ -198,6 +273,7 @@ def test_clap_resumes_bit_exactly(registry, tmp_path, monkeypatch):
     ("taskres:alpha=-1", "alpha must be >= 0"),
     ("taskres:scale=0", "scale must be > 0"),
     ("clap:constraint=maybe", "constraint"),
+    ("clap:constraint=ALM", "constraint"),
     ("clap:lam=3", "Valid options"),
 ])
 def test_bad_options_are_usage_errors(registry, head, message):
@@ -206,12 +282,16 @@ def test_bad_options_are_usage_errors(registry, head, message):
         plan(RunConfig(model="tiny-vit", data=DATA, head=head, loss="cross-entropy"), registry=registry)
 
 
-def test_bad_options_exit_2_on_the_command_line(invoke):
+@pytest.mark.parametrize("head,message", [
+    ("taskres:alpha=-1", "alpha must be >= 0"),
+    ("clap:constraint=lagrange", "constraint"),
+])
+def test_bad_options_exit_2_on_the_command_line(invoke, head, message):
     from importlib.metadata import entry_points
     if not any(ep.value == "clipft_probes" for ep in entry_points(group="clipft")):
         pytest.skip("clipft-probes is not installed (pip install -e plugins/clipft-probes)")
-    r = invoke("plan", "--model", "tiny-vit", "--data", DATA, "--head", "taskres:alpha=-1")
-    assert r.exit_code == 2 and "alpha must be >= 0" in r.stderr
+    r = invoke("plan", "--model", "tiny-vit", "--data", DATA, "--head", head)
+    assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_strategys_default_lr_wins_over_the_heads_and_lr_over_both(registry):
@@ -227,14 +307,16 @@ def test_a_strategys_default_lr_wins_over_the_heads_and_lr_over_both(registry):
     assert registry.get("head", "clap").default_lr is None
 
 
-def test_the_engine_asks_a_head_for_loss_terms_only_while_it_trains():
+def test_the_engine_asks_a_head_for_loss_terms_and_epoch_updates_only_while_it_trains():
     from types import SimpleNamespace
 
-    from clipft.engine.prepare import regularisers
+    from clipft.engine.prepare import epoch_updaters, regularisers
     head = clipft_probes.build_clap(clipft_probes.ClapOptions(), build_ctx())
     assembly = SimpleNamespace(strategies=[], model=torch.nn.Linear(2, 2), head=head)
     assert [source for _, source in regularisers(assembly)] == [head]
+    assert epoch_updaters(head) == [head]
     head.requires_grad_(False)           # a stage that keeps the head as it is
-    assert regularisers(assembly) == []
+    assert regularisers(assembly) == [] and epoch_updaters(head) == []
     plain = clipft_probes.build_taskres(clipft_probes.TaskResOptions(), build_ctx())
     assert regularisers(SimpleNamespace(strategies=[], model=torch.nn.Linear(2, 2), head=plain)) == []
+    assert epoch_updaters(plain) == [] and epoch_updaters(None) == []

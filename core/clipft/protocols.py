@@ -20,6 +20,8 @@ imports only ``clipft``'s public modules, never ``clipft.engine``.
   (Tip-Adapter's key-value cache).
 - :class:`AddsLossTerms` is a mixin for a head that adds regularisation terms
   to the loss (CLAP's penalty towards the zero-shot prototypes).
+- :class:`UpdatesPerEpoch` is a mixin for a head that updates its own state at
+  the end of every training epoch (CLAP's augmented-Lagrangian multipliers).
 - :class:`Loss` is an optional base for what ``LossSpec.build`` returns: a loss
   that needs the assembled model, or has trainable parameters of its own.
 
@@ -260,6 +262,22 @@ class AddsLossTerms:
         """``{name: weighted scalar tensor}`` added to the step's loss and
         logged as ``reg.<name>``, exactly as :meth:`Strategy.loss_terms`."""
         return {}
+
+
+class UpdatesPerEpoch:
+    """Mixin for a head that updates its own state once per training epoch, as
+    the outer step of an augmented-Lagrangian scheme does (CLAP's multipliers,
+    ``constraint=alm``). ``class MyHead(clipft.UpdatesPerEpoch, nn.Module)``.
+
+    The engine calls :meth:`end_epoch` after the epoch's last optimizer step and
+    before the epoch's evaluation and checkpoint, under ``torch.no_grad()``,
+    while the head trains (not in a stage that keeps it frozen). Keep what it
+    updates in buffers: the checkpoint then carries it, so a run stopped inside
+    an epoch and resumed updates exactly once at that epoch's end, as an
+    uninterrupted run does, and ``clipft.load`` and exports get the last value."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Update after training epoch ``epoch`` (1-based) of the run."""
 
 
 class Loss:

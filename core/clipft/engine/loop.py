@@ -266,11 +266,20 @@ class Trainer:
     regularisers: list = attrs.field(factory=list)
     #: the loss needs ``class-text``: the forward encodes the class prompts if nothing else does
     needs_class_text: bool = False
+    #: components told of every epoch's end (clipft.UpdatesPerEpoch: the head while it trains)
+    epoch_updaters: list = attrs.field(factory=list)
 
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
         for module in self.inserted:
             module.after_optimizer_step(step)
+
+    def end_epoch(self, epoch: int) -> None:
+        """After training epoch ``epoch`` (1-based), before its evaluation and checkpoint."""
+        if self.epoch_updaters:
+            with torch.no_grad():
+                for component in self.epoch_updaters:
+                    component.end_epoch(epoch)
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -545,6 +554,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             t.optimizer_step()
             state.step += 1
             t.after_step(state.step)
+        t.end_epoch(epoch + 1)
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
         t_eval = time.perf_counter()
         metrics = evaluate()

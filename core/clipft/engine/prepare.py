@@ -38,7 +38,7 @@ from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model, random_init
 from clipft.options import options_to_dict
-from clipft.protocols import AddsLossTerms, InsertedModule, Loss, Strategy, inserted_modules
+from clipft.protocols import AddsLossTerms, InsertedModule, Loss, Strategy, UpdatesPerEpoch, inserted_modules
 from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -383,7 +383,7 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         grad_clip=config.grad_clip, skip_nonfinite=config.skip_nonfinite, dist=dist,
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
         loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
-        regularisers=regs, needs_class_text=needs_class_text,
+        regularisers=regs, epoch_updaters=epoch_updaters(head), needs_class_text=needs_class_text,
         large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum, needs_class_text) else None)
     unused = 0
     if dist.enabled:
@@ -406,6 +406,14 @@ def regularisers(assembly: Assembly) -> list:
     if isinstance(head, AddsLossTerms) and any(p.requires_grad for p in head.parameters()):
         out.append((f"head ({type(head).__name__})", head))
     return out
+
+
+def epoch_updaters(head) -> list:
+    """The head, when it updates itself at every epoch's end
+    (:class:`clipft.protocols.UpdatesPerEpoch`) and trains in this stage."""
+    if isinstance(head, UpdatesPerEpoch) and any(p.requires_grad for p in head.parameters()):
+        return [head]
+    return []
 
 
 def wrap_ddp(trainer: Trainer, loaders: Loaders, head) -> tuple[torch.nn.Module, int]:

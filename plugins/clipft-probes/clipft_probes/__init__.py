@@ -8,9 +8,12 @@ features.
 - ``clap`` (Silva-Rodríguez et al., CVPR 2024, "A Closer Look at the Few-Shot
   Adaptation of Large Vision-Language Models"): a linear probe ``W`` initialised
   at ``W0``, ``logits = s · f · norm(W)ᵀ``, trained with cross-entropy plus the
-  class-adaptive penalty ``mean_c lambda_c ‖w_c − w0_c‖²``; ``lambda_c`` is the
-  zero-shot model's mean softmax probability of class ``c`` on the training
-  images of class ``c`` (:class:`clipft.FitsTrainFeatures`).
+  class-adaptive penalty ``mean_c lambda_c ‖w_c − w0_c‖²``; ``lambda_c`` starts
+  at the zero-shot model's mean softmax probability of class ``c`` on the
+  training images of class ``c`` (:class:`clipft.FitsTrainFeatures`) and stays
+  there (``constraint=adaptive``) or follows the released code's
+  augmented-Lagrangian update after every epoch (``constraint=alm``,
+  :class:`clipft.UpdatesPerEpoch`).
 
 ``W0``'s rows point where the ``zero-shot`` head's do (the class prompts,
 template-ensembled, at build time) and are as long as the text tower's raw
@@ -52,9 +55,10 @@ class TaskResOptions:
 @attrs.frozen
 class ClapOptions:
     constraint: str = attrs.field(default="adaptive", validator=attrs.validators.in_(
-        ("adaptive", "balanced", "none")), metadata={"help": (
+        ("adaptive", "alm", "balanced", "none")), metadata={"help": (
             "penalty multipliers: adaptive (CLAP: each class's zero-shot probability on its training "
-            "images), balanced (1 for every class) or none (ZS-LP, the unconstrained probe)")})
+            "images, fixed), alm (the same start, then an augmented-Lagrangian update at every "
+            "epoch's end), balanced (1 for every class) or none (ZS-LP, the unconstrained probe)")})
     scale: Optional[float] = attrs.field(default=None, validator=_positive_or_none, metadata={"help": (
         "fixed logit scale; default: the model's exp(logit_scale), capped at 100")})
 
