@@ -267,6 +267,15 @@ class Trainer:
     #: the loss needs ``class-text``: the forward encodes the class prompts if nothing else does
     needs_class_text: bool = False
 
+    #: ``Strategy.frozen_image_features``: a features.FrozenImageFeatures filling
+    #: ``ForwardRecord.frozen_image_features``; None: the field stays None
+    frozen_image: object = None
+
+    def after_epoch(self, epoch: int, epochs: int) -> None:
+        """At the end of training epoch ``epoch`` (1-based) of ``epochs``: the inserted modules' hook."""
+        for module in self.inserted:
+            module.after_epoch(epoch, epochs)
+
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
         for module in self.inserted:
@@ -322,6 +331,7 @@ class Trainer:
             rank=dist.rank if dist else 0, world_size=dist.world if dist else 1,
             gather=dist.gather if gather and dist is not None and dist.enabled else None,
             class_text_features=cls,
+            frozen_image_features=self.frozen_image(batch) if self.frozen_image is not None else None,
         )
 
     def reduce_unsynced_grads(self) -> None:
@@ -545,6 +555,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             t.optimizer_step()
             state.step += 1
             t.after_step(state.step)
+        t.after_epoch(epoch + 1, total_epochs)
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
         t_eval = time.perf_counter()
         metrics = evaluate()
