@@ -218,6 +218,10 @@ class FrozenImageFeatures:
                 m.training = training
 
     def _fill(self) -> None:
+        with torch.random.fork_rng(devices=[]):   # the loader's pass draws from the global stream
+            self._fill_store()
+
+    def _fill_store(self) -> None:
         n = len(self.loaders.bundle.train)
         for b in self.loaders.train_in_order():
             feats = self.compute(b["images"])
