@@ -236,6 +236,18 @@ def test_trains_resumes_exactly_exports_and_caches_frozen_features(tmp_path, mon
         assert torch.allclose(exp.classify(img), live.classify(img), atol=1e-5)
 
 
+def test_augmented_images_get_their_frozen_features_per_step(tmp_path, monkeypatch):
+    from clipft.engine.features import FrozenImageFeatures
+
+    computed = []
+    real = FrozenImageFeatures.compute
+    monkeypatch.setattr(FrozenImageFeatures, "compute", lambda self, px: computed.append(len(px)) or real(self, px))
+    s = testing.run_plugin(None, strategy="promptsrc:depth=2,templates=run", head="text", loss="cross-entropy",
+                           data=DATA, batch_size=16, epochs=2, augment=True, tmp_path=tmp_path, callbacks=["none"])
+    # a random crop is a new image every epoch: no cache, each step's own batch
+    assert computed == [16] * 4 and s["train"]["steps"] == 4
+
+
 def test_usage_errors(invoke, tmp_path):
     cases = [("promptsrc:depth=9", "depth=9, but the text transformer has"),
              ("promptsrc:image_weight=-1", "image_weight must be >= 0"),
