@@ -138,6 +138,7 @@ BUILTIN_PLUGINS: dict = {
     "clipft-projections": {"strategy": ("projections",)},
     "clipft-probes": {"head": ("taskres", "clap")},
     "clipft-prompt": {"strategy": ("prompt",)},
+    "clipft-promptsrc": {"strategy": ("promptsrc",)},
     "clipft-reproject": {"strategy": ("reproject",)},
     "clipft-tensorboard": {"callback": ("tensorboard",)},
     "clipft-tip-adapter": {"head": ("tip-adapter",)},

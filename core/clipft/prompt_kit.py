@@ -26,20 +26,30 @@ Deep prompts (``depth`` J > 1; IVLP, MaPLe's text side): ``deep_ctx``
 1..J-1; for the same call, a forward pre-hook on each of those blocks
 overwrites the context positions of its input (the previous block's outputs
 there are dropped; no positional embedding is added, as in IVLP/MaPLe).
+
+Vision prompts (VPT, the image side of IVLP and PromptSRC):
+:class:`VisionPrompts` holds learnable tokens that hooks on a vision
+transformer insert after the class token, overwrite at blocks 1..J-1
+(``depth`` J) and drop at the transformer's output; :func:`install_vision_prompts`
+puts them on ``model.visual``. They can be bypassed
+(:meth:`clipft.InsertedModule.bypass`), so the engine can compute the frozen
+model's image features with them in place.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+import math
+
 from clipft.encode import encode_text_trimmed
 from clipft.errors import ClipftError, ClipftUsageError
-from clipft.protocols import ClassTextEncoder, install
+from clipft.protocols import ClassTextEncoder, InsertedModule, install
 from clipft.specs import Selection
 
 __all__ = ["POSITIONS", "RANDOM_N_CTX", "RANDOM_STD", "Tokens", "build_rows", "check_prompt_context",
            "initial_context", "token_embedding_of", "text_blocks_of", "ContextLearner", "PromptLearner",
-           "install_prompt_learner"]
+           "install_prompt_learner", "VISION_PROMPTS_ATTR", "VisionPrompts", "install_vision_prompts"]
 
 POSITIONS = ("end", "middle", "front")
 #: CoOp's context without an init text: this many vectors from N(0, RANDOM_STD^2)
@@ -326,3 +336,132 @@ def install_prompt_learner(model, ctx, strategy: str, *, init="a photo of a", n_
     slot = install(model, learner)
     params = [(f"{slot}.ctx", learner.ctx)] + ([(f"{slot}.deep_ctx", learner.deep_ctx)] if deep is not None else [])
     return learner, [Selection(strategy, params)]
+
+
+#: the attribute of ``model.visual`` that holds :class:`VisionPrompts`
+VISION_PROMPTS_ATTR = "clipft_vision_prompts"
+
+
+class VisionPrompts(InsertedModule, nn.Module):
+    """Prompt tokens ``prompts`` ``[n, width]`` spliced into
+    ``visual.transformer``'s input after its class token by a forward pre-hook
+    and removed from its output by a forward hook (both on the transformer, so
+    every call of it is consistent). With ``depth`` J > 1 (VPT-deep), ``deep``
+    ``[J-1, n, width]`` holds fresh tokens for blocks 1..J-1: a pre-hook on each
+    of those blocks overwrites the prompt positions of its input. ``std`` None
+    draws them from VPT's uniform init (bound from the patch embedding's
+    fan-in), else from N(0, std^2). ``strategy`` and ``export_file`` say how
+    ``clipft export`` writes them and which strategy rebuilds them."""
+
+    enters = "hook"
+
+    def __init__(self, visual, n_tokens: int, dropout: float, options: dict, depth: int = 1,
+                 strategy: str = "vision-prompt", export_file: str = "vision_prompts.safetensors",
+                 std: float | None = None):
+        super().__init__()
+        width = visual.conv1.out_channels
+        weight = visual.conv1.weight
+
+        def draw(*shape):
+            t = torch.empty(*shape, device=weight.device, dtype=torch.float32)
+            if std is not None:
+                return t.normal_(0.0, std)
+            patch = visual.conv1.kernel_size
+            bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + width))
+            return t.uniform_(-bound, bound)
+
+        self.prompts = nn.Parameter(draw(n_tokens, width))
+        if depth > 1:   # drawn only then: depth 1 consumes the random stream as VPT-shallow always did
+            self.deep = nn.Parameter(draw(depth - 1, n_tokens, width))
+        self.dropout = nn.Dropout(dropout)
+        self.prefix = 1 if getattr(visual, "class_embedding", None) is not None else 0
+        self.options, self.strategy, self.export_file = dict(options), strategy, export_file
+        self._bypassed = False
+
+    @property
+    def depth(self) -> int:
+        deep = getattr(self, "deep", None)
+        return 1 + (0 if deep is None else int(deep.shape[0]))
+
+    def extra_repr(self) -> str:
+        return f"n_tokens={self.prompts.shape[0]}, depth={self.depth}, after {self.prefix} prefix token(s)"
+
+    def insert(self, module, args, kwargs):
+        if self._bypassed:
+            return None
+        x = args[0]
+        p = self.dropout(self.prompts).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        k = self.prefix
+        return (torch.cat([x[:, :k], p, x[:, k:]], dim=1), *args[1:]), kwargs
+
+    def replacer(self, layer: int):
+        """The pre-hook of block ``layer`` (>= 1): its prompt positions get ``deep[layer-1]``."""
+        def replace(module, args, kwargs):
+            if self._bypassed:
+                return None
+            x = args[0]
+            k, n = self.prefix, self.prompts.shape[0]
+            p = self.dropout(self.deep[layer - 1]).to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            return (torch.cat([x[:, :k], p, x[:, k + n:]], dim=1), *args[1:]), kwargs
+        return replace
+
+    def remove(self, module, args, kwargs, output):
+        if self._bypassed:
+            return None
+        k, n = self.prefix, self.prompts.shape[0]
+        return torch.cat([output[:, :k], output[:, k + n:]], dim=1)
+
+    def hook(self, visual) -> None:
+        """Register the hooks on ``visual.transformer`` and its blocks 1..J-1."""
+        blocks = visual.transformer.resblocks
+        self.__dict__["_handles"] = [
+            visual.transformer.register_forward_pre_hook(self.insert, with_kwargs=True),
+            visual.transformer.register_forward_hook(self.remove, with_kwargs=True),
+        ] + [blocks[j].register_forward_pre_hook(self.replacer(j), with_kwargs=True) for j in range(1, self.depth)]
+
+    def uninstall(self) -> None:
+        """Remove the hooks (before the module is detached, e.g. on export)."""
+        for handle in self.__dict__.pop("_handles", []):
+            handle.remove()
+
+    def bypass(self):
+        self._bypassed = True
+
+        def back():
+            self._bypassed = False
+        return back
+
+    def export_info(self) -> dict:
+        return {"file": self.export_file, "kind": "vision-prompts", "strategy": self.strategy,
+                "options": self.options, "n_tokens": int(self.prompts.shape[0])}
+
+
+def install_vision_prompts(model, strategy: str, n_tokens: int, depth: int = 1, dropout: float = 0.0,
+                           options=None, std: float | None = None,
+                           export_file: str = "vision_prompts.safetensors"):
+    """VPT's ``apply``: checks that the image tower is a vision transformer with
+    at least ``depth`` blocks and has no prompts yet, puts :class:`VisionPrompts`
+    on ``model.visual`` (as :data:`VISION_PROMPTS_ATTR`) with its hooks, and
+    returns ``(prompts, [(qualified name, parameter)])``."""
+    from clipft.anatomy import describe
+
+    tower = describe(model).tower("vision")
+    visual = model.visual
+    if tower.kind != "vit" or not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        raise ClipftUsageError(
+            f"{strategy} inserts prompt tokens into a vision transformer, but the "
+            f"{tower.label} is a {tower.kind} tower with no token sequence; use a ViT model, "
+            "or --strategy prompt (text side) for this one")
+    if VISION_PROMPTS_ATTR in visual._modules:
+        raise ClipftUsageError(f"the vision tower already has prompt tokens; give --strategy {strategy} once, "
+                               "and no other strategy that adds vision prompts")
+    blocks = visual.transformer.resblocks
+    if depth > len(blocks):
+        raise ClipftUsageError(f"{strategy}: depth={depth}, but the vision transformer has {len(blocks)} blocks")
+    prompts = VisionPrompts(visual, n_tokens, dropout, dict(options or {}), depth, strategy, export_file, std)
+    visual.add_module(VISION_PROMPTS_ATTR, prompts)
+    prompts.hook(visual)
+    params = [(f"visual.{VISION_PROMPTS_ATTR}.prompts", prompts.prompts)]
+    if depth > 1:
+        params.append((f"visual.{VISION_PROMPTS_ATTR}.deep", prompts.deep))
+    return prompts, params

@@ -53,6 +53,13 @@ class Strategy:
     """
 
     role: ClassVar[str] = SELECTOR
+    #: True: every training step's ``ForwardRecord.frozen_image_features`` holds
+    #: the batch's image embeddings by the model without its inserted modules
+    #: (the frozen pretrained model), for this strategy's :meth:`loss_terms`
+    #: (PromptSRC's agreement with the frozen model). The image tower then runs
+    #: live, and every ``layer``/``hook`` module must support
+    #: :meth:`InsertedModule.bypass`.
+    frozen_image_features: ClassVar[bool] = False
 
     def apply(self, model, ctx: "BuildContext") -> list["Selection"]:
         """Freeze/insert/replace as needed and return the parameters to train.
@@ -155,6 +162,10 @@ class InsertedModule:
       and keeps them.
     - :meth:`loss_terms`: regularisation terms added to every training step's
       loss (as :meth:`Strategy.loss_terms`).
+    - :meth:`after_epoch`: called at the end of every training epoch (state
+      kept per epoch: PromptSRC's Gaussian prompt aggregation).
+    - :meth:`bypass`: take no part in the forward pass for a while (how the
+      engine computes the frozen model's features without a second model).
     """
 
     enters: ClassVar[str] = ENTERS_HOOK
@@ -181,6 +192,23 @@ class InsertedModule:
         number of optimizer steps so far (1 after the first). Runs before the
         step's callbacks, so a checkpoint written for that step includes what it
         did. Default: nothing."""
+
+    def after_epoch(self, epoch: int, epochs: int) -> None:
+        """Called at the end of every training epoch, ``epoch`` 1-based out of
+        the run's ``epochs`` (``--epochs``, every stage counted), after its last
+        optimizer step and before its evaluation and checkpoint, so both see
+        what it did. Not called for an epoch a run stops inside. Default:
+        nothing."""
+
+    def bypass(self) -> Optional[Callable[[], None]]:
+        """Make the module take no part in the forward pass (the tower computes
+        what it computed before the module was inserted) and return a function
+        that brings it back; None (the default): it cannot. The engine calls it,
+        under no gradient, for :attr:`Strategy.frozen_image_features`; a
+        ``layer`` or ``hook`` module without it makes such a run a usage error.
+        Slot modules need nothing (the frozen features skip the image-embedding
+        adapter)."""
+        return None
 
     def loss_terms(self, record) -> dict:
         """Regularisation terms this module adds to the loss of every training
@@ -341,6 +369,31 @@ def conditional_class_text(model) -> bool:
 def inserted_modules(model) -> list:
     """``[(qualified name, module)]`` of every :class:`InsertedModule` in ``model``."""
     return [(n, m) for n, m in model.named_modules() if n and isinstance(m, InsertedModule)]
+
+
+def bypass_inserted(model) -> Callable[[], None]:
+    """Call :meth:`InsertedModule.bypass` of every ``layer``/``hook`` module of
+    ``model``; returns one function that brings all of them back (in reverse).
+    A module that cannot be bypassed is a :class:`clipft.errors.ClipftUsageError`
+    (the ones bypassed so far are brought back first)."""
+    from clipft.errors import ClipftUsageError
+
+    undo = []
+
+    def restore() -> None:
+        for f in reversed(undo):
+            f()
+    for name, module in inserted_modules(model):
+        if module.enters not in (ENTERS_LAYER, ENTERS_HOOK):
+            continue
+        back = module.bypass()
+        if back is None:
+            restore()
+            raise ClipftUsageError(
+                f"the frozen model's image features are computed by bypassing every inserted module, but "
+                f"{name} ({type(module).__name__}) cannot be bypassed; drop the strategy that inserted it")
+        undo.append(back)
+    return restore
 
 
 def use_eval_weights(model) -> Callable[[], None]:

@@ -53,6 +53,14 @@ class ForwardRecord:
     gather: Optional[Callable] = None
     #: see the class docstring (last, so positional construction keeps its order)
     class_text_features: Optional[Any] = None
+    #: ``[B, D]`` (normalised, no gradient): each image's embedding by the model
+    #: without its inserted modules (every ``layer``/``hook`` module bypassed, no
+    #: image-embedding adapter), in eval mode: the frozen pretrained model's
+    #: features. Filled only when a strategy of the stage sets
+    #: ``Strategy.frozen_image_features``; served from a cache keyed by sample
+    #: (filled by one in-order pass over the train split) when the train split
+    #: is indexable and not randomly augmented, computed per step otherwise.
+    frozen_image_features: Optional[Any] = None
 
     def gathered(self, tensor, with_grad: bool = True):
         """``gather`` when there is one, else ``(tensor, 0)``."""

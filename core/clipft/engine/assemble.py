@@ -305,4 +305,6 @@ def live_towers(assembly: Assembly) -> set:
     out: set = set()
     for _, strategy in assembly.earlier + assembly.strategies:
         out |= set(strategy.live_towers(assembly.model, assembly.ctx))
+        if strategy.frozen_image_features:   # its frozen features are computed from pixels
+            out.add("image")
     return out

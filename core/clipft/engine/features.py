@@ -30,7 +30,8 @@ from clipft.encode import (
     text_chunks,
     text_embedding,
 )
-from clipft.protocols import class_text_encoder, conditional_class_text
+from clipft.errors import ClipftError
+from clipft.protocols import bypass_inserted, class_text_encoder, conditional_class_text
 
 
 @attrs.define
@@ -181,6 +182,68 @@ class LiveFeatures:
     @torch.no_grad()
     def caption_features(self, captions):
         return embed_unique_texts(captions, self.enc.texts, self.autocast)
+
+
+class FrozenImageFeatures:
+    """``ForwardRecord.frozen_image_features`` (``Strategy.frozen_image_features``):
+    the batch's image embeddings by the same model with every inserted
+    ``layer``/``hook`` module bypassed and no image-embedding adapter, in eval
+    mode, normalised, without gradient: the pretrained model's features, with
+    no second model in memory.
+
+    With ``cache`` (an indexable train split without random augmentation) they
+    come from a store ``[N, D]`` keyed by sample index, filled by one in-order
+    pass over the train split at the first step that asks (under a forked RNG,
+    so training draws what it would have). Every value is computed in that one
+    pass, whichever step comes first, so a resumed run reads the same values
+    as the run it continues. Otherwise each step computes its own batch."""
+
+    def __init__(self, enc: Encoders, loaders, cache: bool):
+        self.enc, self.loaders, self.cache = enc, loaders, cache
+        self.store = None     # [N, D] float32 on the device
+        self.filled = None    # [N] bool: undecodable samples stay unfilled
+
+    @torch.no_grad()
+    def compute(self, pixels) -> torch.Tensor:
+        model = self.enc.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        restore = bypass_inserted(model)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return F.normalize(self.enc.image_raw(pixels).float(), dim=-1)
+        finally:
+            restore()
+            for m, training in modes:
+                m.training = training
+
+    def _fill(self) -> None:
+        with torch.random.fork_rng(devices=[]):   # the loader's pass draws from the global stream
+            self._fill_store()
+
+    def _fill_store(self) -> None:
+        n = len(self.loaders.bundle.train)
+        for b in self.loaders.train_in_order():
+            feats = self.compute(b["images"])
+            if self.store is None:
+                self.store = torch.zeros(n, feats.shape[-1], device=feats.device)
+                self.filled = torch.zeros(n, dtype=torch.bool, device=feats.device)
+            index = b["index"].to(feats.device)
+            self.store[index] = feats
+            self.filled[index] = True
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.cache:
+            if self.store is None:
+                self._fill()
+            if self.store is not None:
+                index = batch.index.to(self.store.device)
+                if bool(self.filled[index].all()):
+                    return self.store[index]
+        if batch.inputs is None or batch.at != "pixels":
+            raise ClipftError("the frozen model's image features need the batch's pixels, which this step "
+                              f"does not hold ({'none' if batch.inputs is None else batch.at})")
+        return self.compute(batch.inputs)
 
 
 def _pixels(batches):

@@ -269,13 +269,20 @@ class Trainer:
     #: components told of every epoch's end (clipft.UpdatesPerEpoch: the head while it trains)
     epoch_updaters: list = attrs.field(factory=list)
 
+    #: ``Strategy.frozen_image_features``: a features.FrozenImageFeatures filling
+    #: ``ForwardRecord.frozen_image_features``; None: the field stays None
+    frozen_image: object = None
+
     def after_step(self, step: int) -> None:
         """After optimizer step ``step`` (1-based): the inserted modules' hook."""
         for module in self.inserted:
             module.after_optimizer_step(step)
 
-    def end_epoch(self, epoch: int) -> None:
-        """After training epoch ``epoch`` (1-based), before its evaluation and checkpoint."""
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """After training epoch ``epoch`` (1-based) of ``epochs``, before its evaluation and
+        checkpoint: the inserted modules' ``after_epoch``, then the updating heads' ``end_epoch``."""
+        for module in self.inserted:
+            module.after_epoch(epoch, epochs)
         if self.epoch_updaters:
             with torch.no_grad():
                 for component in self.epoch_updaters:
@@ -331,6 +338,7 @@ class Trainer:
             rank=dist.rank if dist else 0, world_size=dist.world if dist else 1,
             gather=dist.gather if gather and dist is not None and dist.enabled else None,
             class_text_features=cls,
+            frozen_image_features=self.frozen_image(batch) if self.frozen_image is not None else None,
         )
 
     def reduce_unsynced_grads(self) -> None:
@@ -554,7 +562,7 @@ def train(t: Trainer, epochs: int, state: LoopState, evaluate, events,
             t.optimizer_step()
             state.step += 1
             t.after_step(state.step)
-        t.end_epoch(epoch + 1)
+        t.end_epoch(epoch + 1, total_epochs)
         train_loss = state.epoch_loss / max(1, state.epoch_seen)
         t_eval = time.perf_counter()
         metrics = evaluate()

@@ -26,7 +26,7 @@ from clipft.engine.cache.provider import Where, cached_features
 from clipft.engine.cache.store import memory_budget_bytes
 from clipft.engine.compose import build_groups, drop_unused, unused_trained
 from clipft.engine.evaluate import Evaluator
-from clipft.engine.features import Encoders, LiveFeatures
+from clipft.engine.features import Encoders, FrozenImageFeatures, LiveFeatures
 from clipft.engine.fit import fit_to_train_split, fitters
 from clipft.engine.loaders import Loaders
 from clipft.engine.loop import Trainer
@@ -38,7 +38,8 @@ from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model, random_init
 from clipft.options import options_to_dict
-from clipft.protocols import AddsLossTerms, InsertedModule, Loss, Strategy, UpdatesPerEpoch, inserted_modules
+from clipft.protocols import (AddsLossTerms, InsertedModule, Loss, Strategy, UpdatesPerEpoch, bypass_inserted,
+                              inserted_modules)
 from clipft.specs import NEED_CLASS_TEXT, NEED_HEAD, NEED_LABELS, NEED_TEXT
 
 HEAD_ONLY_LR = 1e-3
@@ -374,6 +375,7 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
     warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
     optimizer, impl = make_optimizer(groups, config)
     regs = regularisers(assembly)
+    frozen = frozen_image_provider(config, assembly, features, loaders)
     trainer = Trainer(
         model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, total_steps, warmup_steps, config.schedule),
@@ -384,12 +386,29 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         inserted=[m for _, m in inserted_modules(assembly.model)], failures=loaders.failures,
         loss_name=assembly.ctx.loss or "?", loss_needs=assembly.ctx.loss_needs,
         regularisers=regs, epoch_updaters=epoch_updaters(head), needs_class_text=needs_class_text,
-        large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum, needs_class_text) else None)
+        frozen_image=frozen,
+        # the large-batch record has no pixels: a step computing frozen features per batch accumulates plainly
+        large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum,
+                                                  needs_class_text or frozen is not None) else None)
     unused = 0
     if dist.enabled:
         forward, unused = wrap_ddp(trainer, loaders, head)
         trainer = attrs.evolve(trainer, forward=forward)
     return Training(trainer, total_steps, warmup_steps, impl, unused)
+
+
+def frozen_image_provider(config, assembly: Assembly, features, loaders) -> Optional[FrozenImageFeatures]:
+    """What fills ``ForwardRecord.frozen_image_features`` when a strategy of the
+    stage asks (``Strategy.frozen_image_features``), else None. Every inserted
+    ``layer``/``hook`` module must support ``bypass`` (a usage error now, not at
+    the first step)."""
+    from clipft.data import is_iterable
+
+    if not any(s.frozen_image_features for _, s in assembly.strategies):
+        return None
+    bypass_inserted(assembly.model)()
+    cache = not config.augment and not is_iterable(loaders.bundle.train)
+    return FrozenImageFeatures(features.enc, loaders, cache)
 
 
 def regularisers(assembly: Assembly) -> list:

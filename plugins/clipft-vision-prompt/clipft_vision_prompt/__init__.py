@@ -18,7 +18,7 @@ import attrs
 from clipft import Selection, Strategy, StrategySpec, hookimpl
 from clipft.options import at_least_one, unit_fraction
 
-#: attribute of ``model.visual`` that holds the prompts
+#: attribute of ``model.visual`` that holds the prompts (``clipft.prompt_kit.VISION_PROMPTS_ATTR``)
 ATTR = "clipft_vision_prompts"
 PROMPT_FILE = "vision_prompts.safetensors"
 
@@ -39,36 +39,11 @@ class VisionPrompt(Strategy):
         self.opts = opts
 
     def apply(self, model, ctx):
-        from clipft.anatomy import describe
-        from clipft.errors import ClipftUsageError
         from clipft.options import options_to_dict
+        from clipft.prompt_kit import install_vision_prompts
 
-        from clipft_vision_prompt.prompts import VisionPrompts
-
-        tower = describe(model).tower("vision")
-        visual = model.visual
-        if tower.kind != "vit" or not hasattr(visual, "transformer"):
-            raise ClipftUsageError(
-                f"vision-prompt inserts prompt tokens into a vision transformer, but the "
-                f"{tower.label} is a {tower.kind} tower with no token sequence; use a ViT model, "
-                "or --strategy prompt (text side) for this one")
-        if ATTR in visual._modules:
-            raise ClipftUsageError("the vision tower already has prompt tokens; give --strategy vision-prompt once")
-        blocks = visual.transformer.resblocks
-        if self.opts.depth > len(blocks):
-            raise ClipftUsageError(f"vision-prompt: depth={self.opts.depth}, but the vision transformer has "
-                                   f"{len(blocks)} blocks")
-        prompts = VisionPrompts(visual, self.opts.n_tokens, self.opts.dropout, options_to_dict(self.opts),
-                                self.opts.depth)
-        visual.add_module(ATTR, prompts)
-        prompts.__dict__["_handles"] = [
-            visual.transformer.register_forward_pre_hook(prompts.insert, with_kwargs=True),
-            visual.transformer.register_forward_hook(prompts.remove, with_kwargs=True),
-        ] + [blocks[j].register_forward_pre_hook(prompts.replacer(j), with_kwargs=True)
-             for j in range(1, self.opts.depth)]
-        params = [(f"visual.{ATTR}.prompts", prompts.prompts)]
-        if self.opts.depth > 1:
-            params.append((f"visual.{ATTR}.deep", prompts.deep))
+        _, params = install_vision_prompts(model, "vision-prompt", self.opts.n_tokens, self.opts.depth,
+                                           self.opts.dropout, options_to_dict(self.opts), export_file=PROMPT_FILE)
         return [Selection("vision-prompt", params, weight_decay=False)]
 
 
