@@ -96,6 +96,19 @@ class Phases:
                 "trained_params_mb": mb(params), "optimizer_state_mb": mb(state)}
 
 
+def trim_before_second_pass(trainer) -> None:
+    """Hand the heap's free pages back to the kernel before each micro-batch's
+    second pass (only the second pass calls ``Trainer.outputs`` in one process)."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    outputs = type(trainer).outputs
+
+    def trimmed(self, batch, replay=None):
+        libc.malloc_trim(0)
+        return outputs(self, batch, replay)
+    type(trainer).outputs = trimmed
+
+
 def main(argv=None):
     from clipft.config import RunConfig
     from clipft.engine.prepare import prepare
@@ -109,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cache", action="store_true", help="cache the frozen towers (with freeze-vision)")
     ap.add_argument("--trace", action="store_true", help="the peak resident memory of each phase of a step")
+    ap.add_argument("--trim", action="store_true",
+                    help="glibc malloc_trim(0) before each second-pass forward: what heap fragmentation costs")
     ap.add_argument("--work", required=True)
     a = ap.parse_args(argv)
     n = a.batch_size * a.grad_accum * (a.steps + 1)
@@ -120,6 +135,8 @@ def main(argv=None):
     phases = Phases() if a.trace else None
     if phases is not None:
         phases.install(run.trainer)
+    if a.trim:
+        trim_before_second_pass(run.trainer)
     clock = StepTimes()
     Path(a.work).mkdir(parents=True, exist_ok=True)
     with steps_only():
