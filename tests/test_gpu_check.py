@@ -57,7 +57,7 @@ def test_dry_run_prints_one_table_with_every_row(gc_mod, monkeypatch, capsys, tm
     assert len(rows) == 6, cases
     assert not [r for r in rows if "failed" in (r.get("note") or "") or "stopped" in (r.get("note") or "")], rows
     big, one = rows[2], rows[3]
-    assert "4 x 4 large-batch accumulation" in big["case"] and "one batch of 16" in one["case"]
+    assert "2 x 4 large-batch accumulation" in big["case"] and "one batch of 8" in one["case"]
     assert big["step_time_ratio"] == pytest.approx(big["step_s"] / one["step_s"])
     assert rows[4]["samples_per_s"] == 12.5 and "--nproc-per-node=1" in calls[0]
     # no GPUs here: the FSDP row says why it did not run
