@@ -29,11 +29,12 @@ sample, a training step 3 x that, the accumulation's second forward 4 x:
   1024 x 24 layers x 257 x 1024 x ~17 bf16 values, about 200 GB of
   activations: OOM on one 80 GB card, found within its first forward;
 - the MFU rows take 22 steps of 1-17 TFLOP (seconds each), the probe 12
-  steps; building ViT-L-14 (random init on the CPU) 10-20 s and drawing the
-  shapes images (224 px, 1024-2816 per case) a few seconds per case;
+  steps; building a model (random init on the CPU) 5-25 s, four times for
+  ViT-L-14; drawing the shapes images (224 px, 1024-2816 per case) about
+  6.5 ms an image on one busy core, 70 s in all at worst;
 - the torchrun rows: 2048 samples of ViT-B-32 each, process start 10-20 s.
 
-In all about 3-4 minutes, so the 450 s budget leaves room.
+In all about 4-5 minutes, so the 450 s budget leaves room.
 
     python benchmarks/gpu_check.py [--steps 20] [--json OUT.json] [--budget 450]
     python benchmarks/gpu_check.py --dry-run    # every row's code, tiny-vit on the CPU, seconds
