@@ -34,7 +34,8 @@ ROWS = {
     "6": ("last_n", "last-n step time sweep"),
     "7": ("scale", "frozen-tower cache cost vs data size, memory vs --cache-dir"),
     "8": ("small_data", "small folder, whole process vs seed loop process"),
-    "9": ("large_batch", "--grad-accum K large-batch loss vs one batch of K·B: peak RSS, step time"),
+    "9": ("large_batch", "--grad-accum 8 x 32 large-batch loss vs one batch of 256: peak RSS, step time, "
+                         "and with the image tower frozen and cached"),
     "defaults": ("defaults", "precision and workers defaults"),
     "onnx": ("onnx_cpu", "image encoding on CPU, onnxruntime vs torch eager"),
 }
