@@ -186,25 +186,30 @@ def changed_keys(model: torch.nn.Module, base_shapes: dict) -> set:
     return {k for k in keep if k in sd}
 
 
-def changed_state(model: torch.nn.Module, base_shapes: dict, also=()) -> dict:
+def changed_state(model: torch.nn.Module, base_shapes: dict, also=(), full=None) -> dict:
     """The tensors of :func:`changed_keys`, plus the keys ``also`` (what earlier
-    stages of a multi-stage run trained)."""
+    stages of a multi-stage run trained). ``full``: makes a sharded tensor
+    whole (``--parallel fsdp``; a collective, so every rank calls this alike)."""
     sd = model.state_dict()
     keep = changed_keys(model, base_shapes) | {k for k in also if k in sd}
-    return _cpu({k: sd[k] for k in sorted(keep)})
+    if full is None:
+        return _cpu({k: sd[k] for k in sorted(keep)})
+    return {k: full(sd[k]).detach().contiguous().cpu() for k in sorted(keep)}
 
 
 def _cpu(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+def _optimizer_tensors(optimizer, full=None) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors, meta = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
+    for pid in sorted(sd["state"]):     # one order on every rank: ``full`` is a collective
+        st = sd["state"][pid]
+        for k in sorted(st):
+            v = st[k]
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+                tensors[f"{pid}.{k}"] = (full(v) if full is not None else v).detach().contiguous().cpu()
             else:
                 meta[f"{pid}.{k}"] = v
     return tensors, {"scalars": meta, "param_groups": [dict(g) for g in sd["param_groups"]]}
@@ -224,10 +229,17 @@ def _check_groups(optimizer, saved_groups: list, folder: Path) -> None:
         "that still trained text towers nothing used, say); evaluate or export it as it is, or start it again")
 
 
-def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+def _restore_optimizer(optimizer, tensors: dict, meta: dict, local=None) -> None:
+    """``local(full, like)``: this rank's shard of a whole tensor saved for a
+    sharded parameter (``--parallel fsdp``)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict = {}
     for key, v in {**tensors, **meta["scalars"]}.items():
         pid, k = key.split(".", 1)
+        if local is not None and torch.is_tensor(v) and int(pid) < len(params):
+            like = params[int(pid)]
+            if v.ndim and tuple(v.shape) == tuple(like.shape):
+                v = local(v, like)
         state.setdefault(int(pid), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": kept_impl(optimizer, meta["param_groups"])})
 
@@ -247,7 +259,8 @@ class Checkpointer:
     handed over when it is built."""
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
-                 classnames, templates, keep: int = 1, loss=None, also=()):
+                 classnames, templates, keep: int = 1, loss=None, also=(), sharding=None,
+                 writes: bool = True):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
         #: a loss with a state of its own (a module: clipft.Loss), saved as loss.safetensors
@@ -259,14 +272,31 @@ class Checkpointer:
         self.keep = max(1, int(keep))
         #: (step, epoch, batch) of the last checkpoint written, so one point is saved once
         self.last_saved = None
+        #: ``--parallel fsdp`` (``clipft.engine.fsdp.Sharding``): the model's tensors
+        #: are gathered whole by every rank, and written by the one that ``writes``
+        self.sharding = sharding
+        self.writes = writes
+
+    def _gathered(self) -> tuple:
+        """``(model tensors, optimizer tensors, optimizer meta)``, whole; under
+        FSDP a collective every rank takes part in, in the same order."""
+        full = self.sharding.full if self.sharding is not None else None
+        model = changed_state(self.model, self.base_shapes, self.also, full=full)
+        return (model, *_optimizer_tensors(self.optimizer, full))
+
+    def _take_part(self, loop: dict) -> None:
+        """A rank that does not write (``--parallel fsdp``): its part of the gathering."""
+        self._gathered()
+        self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
 
     def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
-        save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
+        model_t, opt_tensors, opt_meta = self._gathered()
+        save_file(model_t, str(folder / "model.safetensors"))
+        del model_t
         if self.head is not None:
             save_file(_cpu(self.head.state_dict()), str(folder / "head.safetensors"))
         if self.loss is not None:
             save_file(_cpu(self.loss.state_dict()), str(folder / LOSS_FILE))
-        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -311,6 +341,9 @@ class Checkpointer:
         """Write a checkpoint of ``loop`` as ``checkpoint-best/`` (same files,
         same crash safety: the previous best stays until the new one is
         complete); the current checkpoint and its schedule are untouched."""
+        if not self.writes:
+            self._gathered()
+            return None
         tmp = self._write_temp(BEST, loop, history, extra)
         best = self.run_dir / BEST
         old = None
@@ -344,7 +377,9 @@ class Checkpointer:
 
     def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
         """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
-        the current one; returns its folder."""
+        the current one; returns its folder (None on a rank that does not write)."""
+        if not self.writes:
+            return self._take_part(loop)
         tmp = self._write_temp(CURRENT, loop, history, extra)
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None
@@ -377,11 +412,12 @@ class Checkpointer:
         state = read_state(folder)
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
-        load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
+        load_trained_tensors(folder, self.model, self.head, _device_of(self.model),
+                             local=self.sharding.local if self.sharding is not None else None)
         if self.loss is not None:
             path = Path(folder) / LOSS_FILE
             try:
-                self.loss.load_state_dict(_read_tensors(path, next(self.model.parameters()).device))
+                self.loss.load_state_dict(_read_tensors(path, _device_of(self.model)))
             except RuntimeError as exc:
                 raise ClipftUsageError(f"{path} does not fit the run's loss: "
                                        f"{str(exc).splitlines()[0][:200]}") from None
@@ -395,7 +431,8 @@ class Checkpointer:
         rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _check_groups(self.optimizer, state["optimizer"]["param_groups"], folder)
-        _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
+        _restore_optimizer(self.optimizer, opt_t, state["optimizer"],
+                           local=self.sharding.local if self.sharding is not None else None)
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("grad_scaler"):
@@ -459,10 +496,15 @@ def _read_tensors(path: Path, device) -> dict:
             f"{_older_checkpoints_hint(path.parent)}") from None
 
 
-def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None:
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device, local=None) -> None:
     """Load ``model.safetensors`` (and ``head.safetensors``) of a checkpoint
     folder into a model rebuilt from the same config, strategies re-applied.
-    A file that does not read, or does not fit, is a usage error naming it."""
+    A file that does not read, or does not fit, is a usage error naming it.
+    ``local(full, like)``: this rank's shard of a tensor of a sharded model."""
     path = Path(ck) / "model.safetensors"
     model_t = _read_tensors(path, device)
     sd = model.state_dict()
@@ -472,6 +514,8 @@ def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None
         raise ClipftUsageError(
             f"checkpoint tensors in {path} do not fit the model rebuilt from the run's config: "
             f"{(missing or misshapen)[:5]}")
+    if local is not None:
+        model_t = {k: local(v, sd[k]) for k, v in model_t.items()}
     model.load_state_dict(model_t, strict=False)
     if head is not None:
         path = Path(ck) / "head.safetensors"

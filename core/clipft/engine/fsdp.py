@@ -1,0 +1,144 @@
+"""``--parallel fsdp``: the model sharded over the ranks with FSDP2 (``fully_shard``).
+
+Each residual block of a tower that trains is its own FSDP unit (its
+parameters are all-gathered just before it runs and freed after, its gradients
+reduce-scattered as backward leaves it), then the rest of the model is one
+unit at the root. A frozen tower is sharded the same way, without gradients,
+when it is large (:data:`FROZEN_SHARD_MIN` parameters); a small one stays
+whole on every rank, where it costs less than the all-gathers it would need.
+
+What stays whole on every rank, a *replica* as under DDP: ``logit_scale`` and
+``logit_bias`` (the loss reads them outside any forward), the head and a
+loss's own parameters. Their gradients are averaged over the ranks before each
+optimizer step (:meth:`Sharding.reduce_replicated`).
+
+Checkpoints stay in the format of one process: every rank takes part in
+gathering the full tensors (:meth:`Sharding.full`, a collective), rank 0
+writes them; a resume gives each rank its shard of what it reads
+(:meth:`Sharding.local`). docs/scaling.md says when to use FSDP.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+from clipft.errors import ClipftUsageError
+
+#: a frozen tower with at least this many parameters is sharded (without
+#: gradients); a smaller one is kept whole on every rank. 20M fp32 parameters
+#: are 80 MB per rank, about what one all-gather of each of its blocks per
+#: forward would move anyway.
+FROZEN_SHARD_MIN = 20_000_000
+#: parameters the loss reads outside any forward: kept whole on every rank
+OUTSIDE_FORWARD = ("logit_scale", "logit_bias")
+#: the model's methods the features provider calls instead of ``forward``
+FORWARD_METHODS = ("encode_image", "encode_text")
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def tower_of(name: str) -> Optional[str]:
+    """``vision``, ``text`` or None (the model's own scalars) for a parameter name."""
+    if name in OUTSIDE_FORWARD:
+        return None
+    return "vision" if name.startswith("visual.") else "text"
+
+
+def residual_blocks(model: torch.nn.Module) -> dict:
+    """``{tower: [block, ...]}``: the members of every ``resblocks`` list (open_clip's towers)."""
+    out: dict = {}
+    for name, module in model.named_modules():
+        if name.endswith("resblocks") and isinstance(module, torch.nn.ModuleList):
+            out.setdefault(tower_of(name + "."), []).extend(module)
+    return out
+
+
+def mixed_precision(precision: str):
+    """FSDP's policy for ``--precision``: bf16 parameters in forward and
+    backward with gradients reduced in fp32; fp32: none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def check_supported(precision: str) -> None:
+    if precision == "fp16":
+        # each rank holds a shard of the gradients, so the GradScaler's
+        # inf check would see a part and ranks could disagree on skipping
+        raise ClipftUsageError("--parallel fsdp does not run --precision fp16 (loss scaling over sharded "
+                               "gradients is not built); use --precision bf16 or fp32")
+
+
+@attrs.define
+class Sharding:
+    """What :func:`shard` did: the FSDP units and the trained parameters kept whole."""
+
+    units: list
+    #: trained parameters not managed by FSDP (their gradients are all-reduced here)
+    replicated: list
+    world: int
+    #: ``{tower: "blocks"|"root"|"whole"}``: how each tower was placed, for the summary
+    layout: dict = attrs.field(factory=dict)
+
+    def reduce_replicated(self) -> None:
+        """Average the replicated parameters' gradients over the ranks (every
+        rank calls it, in the same order)."""
+        for p in self.replicated:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.world
+
+    @staticmethod
+    def full(t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor on every rank (an all-gather: every rank calls it,
+        in the same order); a plain tensor as it is."""
+        return t.full_tensor() if is_sharded(t) else t
+
+    @staticmethod
+    def local(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``full`` placed as ``like`` is: this rank's shard of it (cut locally,
+        no communication: every rank read the same file)."""
+        if not is_sharded(like):
+            return full
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard(model: torch.nn.Module, precision: str, world: int, trained_extra=()) -> Sharding:
+    """Shard ``model`` in place (its parameters become DTensors): the blocks
+    of each tower that trains, and of each large frozen tower, then the root.
+    ``trained_extra``: trained parameters outside the model (head, loss)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    policy = mixed_precision(precision)
+    towers: dict = {}
+    for name, p in model.named_parameters():
+        tower = tower_of(name)
+        if tower is not None:
+            t = towers.setdefault(tower, [0, False])
+            t[0] += p.numel()
+            t[1] = t[1] or p.requires_grad
+    blocks = residual_blocks(model)
+    units, layout, ignored = [], {}, set()
+    for tower, (numel, trains) in sorted(towers.items()):
+        if not trains and numel < FROZEN_SHARD_MIN:
+            layout[tower] = "whole"
+            ignored.update(p for n, p in model.named_parameters() if tower_of(n) == tower)
+            continue
+        for block in blocks.get(tower, ()):
+            units.append(fully_shard(block, mp_policy=policy))
+        layout[tower] = "blocks" if blocks.get(tower) else "root"
+    outside = {p for n, p in model.named_parameters() if n in OUTSIDE_FORWARD}
+    units.append(fully_shard(model, mp_policy=policy, ignored_params=ignored | outside))
+    for method in FORWARD_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    replicated = [p for p in model.parameters() if p.requires_grad and not is_sharded(p)]
+    replicated += [p for p in trained_extra if p.requires_grad]
+    return Sharding(units, replicated, world, layout)
