@@ -347,11 +347,11 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         # components built from the training features (Tip-Adapter's cache); a
         # resume passes fit=False: the fitted tensors come back from the checkpoint
         fitted = fit_to_train_split(assembly.model, head, features, bundle.classnames)
+    if config.parallel == "fsdp" and not dist.enabled and training:
+        warnings.append("--parallel fsdp with one process: nothing to shard, the run trains as usual")
     training, sharding = None, None
     if build_optimizer and dist.enabled and config.parallel == "fsdp":
         groups, sharding = shard_model(assembly, groups, head, loss, precision, dist)
-    elif config.parallel == "fsdp" and not dist.enabled and training:
-        warnings.append("--parallel fsdp with one process: nothing to shard, the run trains as usual")
     if build_optimizer:
         training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
                              device, precision, dist, NEED_TEXT in loss_spec.needs,
