@@ -111,12 +111,21 @@ class Sharding:
         return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
-def shard(model: torch.nn.Module, precision: str, world: int, trained_extra=()) -> Sharding:
-    """Shard ``model`` in place (its parameters become DTensors): the blocks
-    of each tower that trains, and of each large frozen tower, then the root.
-    ``trained_extra``: trained parameters outside the model (head, loss)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    policy = mixed_precision(precision)
+@attrs.frozen
+class Placement:
+    """Where :func:`shard` puts the model's parameters, decided before anything moves."""
+
+    #: ``[block, ...]``: the modules that become FSDP units of their own (the root is the last unit)
+    blocks: list
+    #: parameters kept whole on every rank (small frozen towers, ``OUTSIDE_FORWARD``)
+    whole: set
+    #: ``{tower: "blocks"|"root"|"whole"}``
+    layout: dict
+
+
+def placement(model: torch.nn.Module) -> Placement:
+    """The blocks of each tower that trains, and of each large frozen tower,
+    as units; a small frozen tower and the loss's scalars whole."""
     towers: dict = {}
     for name, p in model.named_parameters():
         tower = tower_of(name)
@@ -125,17 +134,67 @@ def shard(model: torch.nn.Module, precision: str, world: int, trained_extra=()) 
             t[0] += p.numel()
             t[1] = t[1] or p.requires_grad
     blocks = residual_blocks(model)
-    units, layout, ignored = [], {}, set()
+    units, layout = [], {}
+    whole = {p for n, p in model.named_parameters() if n in OUTSIDE_FORWARD}
     for tower, (numel, trains) in sorted(towers.items()):
         if not trains and numel < FROZEN_SHARD_MIN:
             layout[tower] = "whole"
-            ignored.update(p for n, p in model.named_parameters() if tower_of(n) == tower)
+            whole.update(p for n, p in model.named_parameters() if tower_of(n) == tower)
             continue
-        for block in blocks.get(tower, ()):
-            units.append(fully_shard(block, mp_policy=policy))
+        units.extend(blocks.get(tower, ()))
         layout[tower] = "blocks" if blocks.get(tower) else "root"
-    outside = {p for n, p in model.named_parameters() if n in OUTSIDE_FORWARD}
-    units.append(fully_shard(model, mp_policy=policy, ignored_params=ignored | outside))
+    return Placement(units, whole, layout)
+
+
+def per_rank_bytes(model: torch.nn.Module, extra_trained: list, state_tensors: int, world: int,
+                   precision: str) -> dict:
+    """An estimate, computed (not measured), of what each of ``world`` ranks
+    holds under FSDP: the shards of the weights, gradients and optimizer state
+    (``state_tensors`` per trained element, as the parameters' dtype) plus
+    what stays whole, and what is gathered whole at once, at the precision's
+    parameter dtype: the root unit (embeddings, projections), which a tower's
+    forward keeps gathered while its blocks run, and the largest block twice
+    (FSDP gathers the next block while one runs). Activations are not included."""
+    place = placement(model)
+    block_ids = [{id(p) for p in b.parameters()} for b in place.blocks]
+    in_blocks = set().union(*block_ids) if block_ids else set()
+    whole_ids = {id(p) for p in place.whole}
+    gathered_size = 2 if precision == "bf16" else None
+
+    def size(p, sharded):
+        n = p.numel() * p.element_size()
+        return n / world if sharded else n
+
+    weights = grads = 0.0
+    root = 0
+    for p in model.parameters():
+        sharded = id(p) not in whole_ids
+        weights += size(p, sharded)
+        if p.requires_grad:
+            grads += size(p, sharded)
+        if sharded and id(p) not in in_blocks:
+            root += p.numel() * (gathered_size or p.element_size())
+    for p in extra_trained:
+        weights += size(p, False)
+        grads += size(p, False)
+    units = [sum(p.numel() * (gathered_size or p.element_size()) for p in b.parameters()) for b in place.blocks]
+    state = state_tensors * grads
+    gathered = root + 2 * max(units, default=0)
+    return {"world_size": world, "weight_bytes": int(weights), "gradient_bytes": int(grads),
+            "optimizer_state_bytes": int(state), "gathered_bytes": int(gathered),
+            "total_bytes": int(weights + grads + state + gathered), "towers": dict(place.layout)}
+
+
+def shard(model: torch.nn.Module, precision: str, world: int, trained_extra=()) -> Sharding:
+    """Shard ``model`` in place (its parameters become DTensors) as
+    :func:`placement` says: the blocks, then the root.
+    ``trained_extra``: trained parameters outside the model (head, loss)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    policy = mixed_precision(precision)
+    place = placement(model)
+    units = [fully_shard(block, mp_policy=policy) for block in place.blocks]
+    layout = place.layout
+    units.append(fully_shard(model, mp_policy=policy, ignored_params=set(place.whole)))
     for method in FORWARD_METHODS:
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
