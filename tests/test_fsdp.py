@@ -165,3 +165,25 @@ def test_one_process_runs_as_usual_with_a_warning(invoke, tmp_path):
                  "--batch-size", "8", "--parallel", "fsdp", "--out", tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert "--parallel fsdp with one process" in res.stderr
+
+
+def test_a_streamed_checkpoint_file_is_the_safetensors_format(tmp_path):
+    """FSDP writes a checkpoint file one gathered tensor at a time: safetensors
+    reads it back bit for bit, for every dtype a checkpoint holds (an empty
+    tensor, a scalar, RNG bytes, bf16); without a path nothing is written but
+    every tensor is still made (the other ranks' part of the gathering)."""
+    from safetensors.torch import load_file
+
+    from clipft.engine.checkpoint import stream_safetensors
+    ts = {"w": torch.randn(3, 5), "step": torch.tensor(2.0), "rng": torch.randint(0, 255, (7,), dtype=torch.uint8),
+          "half": torch.randn(4).bfloat16(), "none": torch.zeros(0, 3), "n": torch.arange(3)}
+    made = []
+
+    def entries():
+        return [(k, v, lambda k=k, v=v: made.append(k) or v) for k, v in ts.items()]
+    stream_safetensors(tmp_path / "t.safetensors", entries())
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back.keys() == ts.keys() and all(torch.equal(back[k], v) for k, v in ts.items())
+    made.clear()
+    stream_safetensors(None, entries())
+    assert made == list(ts)

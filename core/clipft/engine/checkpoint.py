@@ -186,30 +186,82 @@ def changed_keys(model: torch.nn.Module, base_shapes: dict) -> set:
     return {k for k in keep if k in sd}
 
 
-def changed_state(model: torch.nn.Module, base_shapes: dict, also=(), full=None) -> dict:
+def changed_state(model: torch.nn.Module, base_shapes: dict, also=()) -> dict:
     """The tensors of :func:`changed_keys`, plus the keys ``also`` (what earlier
-    stages of a multi-stage run trained). ``full``: makes a sharded tensor
-    whole (``--parallel fsdp``; a collective, so every rank calls this alike)."""
+    stages of a multi-stage run trained)."""
     sd = model.state_dict()
     keep = changed_keys(model, base_shapes) | {k for k in also if k in sd}
-    if full is None:
-        return _cpu({k: sd[k] for k in sorted(keep)})
-    return {k: full(sd[k]).detach().contiguous().cpu() for k in sorted(keep)}
+    return _cpu({k: sd[k] for k in sorted(keep)})
 
 
 def _cpu(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def _optimizer_tensors(optimizer, full=None) -> tuple[dict, dict]:
+def _rng_tensors() -> dict:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    return rng
+
+
+#: safetensors' names of torch dtypes (its format's ``dtype`` field)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def stream_safetensors(path, entries: list) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` is
+    ``[(key, like, make)]``, ``like`` giving the shape and dtype (known before
+    the tensor is), ``make()`` the CPU tensor. The header comes first (8-byte
+    little-endian length, JSON, space-padded to 8 bytes), then each tensor's
+    bytes in order, the format ``safetensors.torch.load_file`` reads. With
+    ``path`` None nothing is written but every ``make()`` is still called (a
+    rank that only takes part in gathering). A failed write stops writing, not
+    making: the other ranks' collectives still find this one, and the error
+    is raised after."""
+    import struct
+    header, offset = {}, 0
+    for key, like, _ in entries:
+        n = like.numel() * like.element_size()
+        header[key] = {"dtype": _ST_DTYPES[like.dtype], "shape": list(like.shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    f, failure = None, None
+    if path is not None:
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        try:
+            f = open(path, "wb")
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+        except OSError as exc:
+            failure = exc
+    try:
+        for key, like, make in entries:
+            t = make()
+            if f is not None and failure is None:
+                try:
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                except OSError as exc:
+                    failure = exc
+            del t
+    finally:
+        if f is not None:
+            f.close()
+    if failure is not None:
+        raise failure
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors, meta = {}, {}
-    for pid in sorted(sd["state"]):     # one order on every rank: ``full`` is a collective
-        st = sd["state"][pid]
-        for k in sorted(st):
-            v = st[k]
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = (full(v) if full is not None else v).detach().contiguous().cpu()
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
             else:
                 meta[f"{pid}.{k}"] = v
     return tensors, {"scalars": meta, "param_groups": [dict(g) for g in sd["param_groups"]]}
@@ -277,33 +329,57 @@ class Checkpointer:
         self.sharding = sharding
         self.writes = writes
 
-    def _gathered(self) -> tuple:
-        """``(model tensors, optimizer tensors, optimizer meta)``, whole; under
-        FSDP a collective every rank takes part in, in the same order."""
-        full = self.sharding.full if self.sharding is not None else None
-        model = changed_state(self.model, self.base_shapes, self.also, full=full)
-        return (model, *_optimizer_tensors(self.optimizer, full))
+    def _model_entries(self) -> list:
+        """``[(key, tensor, whole)]`` of ``model.safetensors`` under FSDP:
+        ``whole()`` gathers the tensor whole onto the CPU (a collective)."""
+        sd = self.model.state_dict()
+        keep = changed_keys(self.model, self.base_shapes) | {k for k in self.also if k in sd}
+        full = self.sharding.full
+        return [(k, sd[k], lambda v=sd[k]: full(v).detach().contiguous().cpu()) for k in sorted(keep)]
 
-    def _take_part(self, loop: dict) -> None:
-        """A rank that does not write (``--parallel fsdp``): its part of the gathering."""
-        self._gathered()
-        self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
+    def _optimizer_entries(self) -> tuple:
+        """``(entries, meta)`` of ``optimizer.safetensors`` under FSDP, as
+        :meth:`_model_entries`, with the RNG states."""
+        sd = self.optimizer.state_dict()
+        full = self.sharding.full
+        entries, scalars = [], {}
+        for pid in sorted(sd["state"]):     # one order on every rank: ``full`` is a collective
+            st = sd["state"][pid]
+            for k in sorted(st):
+                v = st[k]
+                if torch.is_tensor(v):
+                    entries.append((f"optim.{pid}.{k}", v, lambda v=v: full(v).detach().contiguous().cpu()))
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        for k, v in _rng_tensors().items():
+            entries.append((f"rng.{k}", v, lambda v=v: v))
+        return entries, {"scalars": scalars, "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+    def _take_part(self) -> None:
+        """A rank that does not write (``--parallel fsdp``): its part of the
+        gathering, each whole tensor dropped as soon as it is made."""
+        stream_safetensors(None, self._model_entries())
+        stream_safetensors(None, self._optimizer_entries()[0])
 
     def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
-        model_t, opt_tensors, opt_meta = self._gathered()
-        save_file(model_t, str(folder / "model.safetensors"))
-        del model_t
+        if self.sharding is not None:
+            # one whole tensor at a time: gathering the whole state at once would
+            # hold more on the writing rank than a DDP replica does
+            stream_safetensors(folder / "model.safetensors", self._model_entries())
+        else:
+            save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
         if self.head is not None:
             save_file(_cpu(self.head.state_dict()), str(folder / "head.safetensors"))
         if self.loss is not None:
             save_file(_cpu(self.loss.state_dict()), str(folder / LOSS_FILE))
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
-                   **{f"rng.{k}": v for k, v in rng.items()}},
-                  str(folder / "optimizer.safetensors"))
+        if self.sharding is not None:
+            entries, opt_meta = self._optimizer_entries()
+            stream_safetensors(folder / "optimizer.safetensors", entries)
+        else:
+            opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+            save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
+                       **{f"rng.{k}": v for k, v in _rng_tensors().items()}},
+                      str(folder / "optimizer.safetensors"))
         files, digests = {}, {}
         for f in sorted(folder.iterdir()):
             atomic.fsync_file(f)
@@ -342,7 +418,7 @@ class Checkpointer:
         same crash safety: the previous best stays until the new one is
         complete); the current checkpoint and its schedule are untouched."""
         if not self.writes:
-            self._gathered()
+            self._take_part()
             return None
         tmp = self._write_temp(BEST, loop, history, extra)
         best = self.run_dir / BEST
@@ -379,7 +455,9 @@ class Checkpointer:
         """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
         the current one; returns its folder (None on a rank that does not write)."""
         if not self.writes:
-            return self._take_part(loop)
+            self._take_part()
+            self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
+            return None
         tmp = self._write_temp(CURRENT, loop, history, extra)
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None
