@@ -187,3 +187,24 @@ def test_a_streamed_checkpoint_file_is_the_safetensors_format(tmp_path):
     made.clear()
     stream_safetensors(None, entries())
     assert made == list(ts)
+
+
+def test_a_head_and_a_frozen_tower_under_fsdp_train_as_one_process(invoke, tmp_path):
+    """``full`` under cross-entropy through a linear head: the text tower nothing
+    uses is left frozen and, being small, whole on every rank; the head stays
+    whole with its gradients all-reduced; ``logit_scale``, which the loss never
+    reaches, gets no gradient on any rank and is left alone (as under DDP)."""
+    args = [*COMMON, "--data", DATA, "--epochs", "1", "--strategy", "full", "--head", "linear",
+            "--loss", "cross-entropy"]
+    res = invoke("run", *args, "--batch-size", "16", "--out", tmp_path / "one")
+    assert res.exit_code == 0, res.output
+    r = torchrun("run", *args, "--batch-size", "8", "--parallel", "fsdp", "--out", tmp_path / "two", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(r.stdout)["distributed"]["fsdp"]
+    assert d == {"towers": {"text": "whole", "vision": "blocks"}, "replicated_trained_tensors": 3}
+    assert_same_training(tmp_path / "one", tmp_path / "two", 16)
+    from safetensors.torch import load_file
+    a, b = (load_file(str(tmp_path / n / "checkpoint" / "head.safetensors")) for n in ("one", "two"))
+    for k in a:
+        assert_close_rel(b[k], a[k], reduction=16, depth=TINY_DEPTH, what=k)
+    assert torch.equal(tensors(tmp_path / "two")["logit_scale"], tensors(tmp_path / "one")["logit_scale"])

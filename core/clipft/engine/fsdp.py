@@ -88,8 +88,18 @@ class Sharding:
 
     def reduce_replicated(self) -> None:
         """Average the replicated parameters' gradients over the ranks (every
-        rank calls it, in the same order)."""
-        for p in self.replicated:
+        rank calls it, in the same order). A parameter no rank has a gradient
+        for keeps none, so the optimizer leaves it alone, as under DDP (a
+        ``logit_scale`` that a cross-entropy loss never reaches)."""
+        if not self.replicated:
+            return
+        device = self.replicated[0].device
+        has = torch.tensor([p.grad is not None for p in self.replicated], dtype=torch.int64,
+                           device=device if device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MAX)
+        for p, any_grad in zip(self.replicated, has.tolist()):
+            if not any_grad:
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             torch.distributed.all_reduce(p.grad)
