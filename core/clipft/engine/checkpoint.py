@@ -281,17 +281,10 @@ def _check_groups(optimizer, saved_groups: list, folder: Path) -> None:
         "that still trained text towers nothing used, say); evaluate or export it as it is, or start it again")
 
 
-def _restore_optimizer(optimizer, tensors: dict, meta: dict, local=None) -> None:
-    """``local(full, like)``: this rank's shard of a whole tensor saved for a
-    sharded parameter (``--parallel fsdp``)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
     for key, v in {**tensors, **meta["scalars"]}.items():
         pid, k = key.split(".", 1)
-        if local is not None and torch.is_tensor(v) and int(pid) < len(params):
-            like = params[int(pid)]
-            if v.ndim and tuple(v.shape) == tuple(like.shape):
-                v = local(v, like)
         state.setdefault(int(pid), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": kept_impl(optimizer, meta["param_groups"])})
 
@@ -354,6 +347,24 @@ class Checkpointer:
         for k, v in _rng_tensors().items():
             entries.append((f"rng.{k}", v, lambda v=v: v))
         return entries, {"scalars": scalars, "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+    def _optimizer_shard(self):
+        """Under FSDP, ``(key, whole tensor) -> this rank's shard`` for the
+        optimizer file's tensors of sharded parameters, applied as each is read
+        (a rank never holds the whole optimizer state); else None."""
+        if self.sharding is None:
+            return None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def shard(key: str, t: torch.Tensor) -> torch.Tensor:
+            if not key.startswith("optim."):
+                return t
+            pid = int(key.split(".")[1])
+            like = params[pid] if pid < len(params) else None
+            if like is None or not t.ndim or tuple(t.shape) != tuple(like.shape):
+                return t
+            return self.sharding.local(t, like)
+        return shard
 
     def _take_part(self) -> None:
         """A rank that does not write (``--parallel fsdp``): its part of the
@@ -506,11 +517,10 @@ class Checkpointer:
         and scaler; returns its state, with ``restore_rng``, a function that puts
         the RNG states back (the loop calls it at the point they were saved)."""
         state = self.restore_weights(folder)
-        rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
+        rest = _read_tensors(folder / "optimizer.safetensors", "cpu", self._optimizer_shard())
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _check_groups(self.optimizer, state["optimizer"]["param_groups"], folder)
-        _restore_optimizer(self.optimizer, opt_t, state["optimizer"],
-                           local=self.sharding.local if self.sharding is not None else None)
+        _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("grad_scaler"):
@@ -560,10 +570,15 @@ def _older_checkpoints_hint(ck: Path) -> str:
     return f"; move {ck} aside to fall back to {older[0]}, the newest older checkpoint"
 
 
-def _read_tensors(path: Path, device) -> dict:
-    """A checkpoint's safetensors file, or a usage error saying it is corrupt."""
+def _read_tensors(path: Path, device, each=None) -> dict:
+    """A checkpoint's safetensors file, or a usage error saying it is corrupt.
+    ``each(key, tensor)``: what to keep of each tensor, applied as it is read."""
     from safetensors import SafetensorError
     try:
+        if each is not None:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                return {k: each(k, f.get_tensor(k)) for k in f.keys()}
         return load_file(str(path), device=str(device))
     except FileNotFoundError:
         raise ClipftUsageError(f"checkpoint file {path} is missing") from None

@@ -114,11 +114,15 @@ class Sharding:
     @staticmethod
     def local(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``full`` placed as ``like`` is: this rank's shard of it (cut locally,
-        no communication: every rank read the same file)."""
+        no communication: every rank read the same file). The shard is a copy,
+        so the whole tensor is freed once the caller drops it (a view would
+        keep it alive inside the optimizer state)."""
         if not is_sharded(like):
             return full
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        cut = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return DTensor.from_local(cut.to_local().clone(), like.device_mesh, like.placements, run_check=False,
+                                  shape=like.shape, stride=like.stride())
 
 
 @attrs.frozen
