@@ -77,7 +77,8 @@ def test_cross_entropy_with_a_linear_head_matches_one_process(invoke, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads(r.stdout)          # exactly one document: rank 0's
     assert two["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_rank": 8, "global_batch": 16,
-                                  "dropped_per_epoch": 0, "unused_trained_tensors": 0}
+                                  "dropped_per_epoch": 0, "unused_trained_tensors": 0,
+                                  "parallel": "ddp"}
     assert two["train"]["samples"] == one["train"]["samples"] == 32
     assert two["train"]["steps"] == one["train"]["steps"] == 2
     assert_same_training(tmp_path / "one", tmp_path / "two", 16)

@@ -97,3 +97,23 @@ def test_plan_trains_nothing_and_writes_nothing(invoke, tmp_path, monkeypatch):
     assert p["params"]["by_part"]["head"]["trainable"] == 64 * 9 + 9
     assert p["params"]["by_part"]["text"]["trainable"] == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_estimates_each_rank_under_fsdp_and_ddp(invoke):
+    """--nproc N: under DDP every rank holds everything; under FSDP each holds
+    1/N of the sharded weights, gradients and AdamW moments, the scalars kept
+    whole (logit_scale) in full, plus the root unit and two blocks gathered whole."""
+    def plan(*args):
+        return plan_json(invoke, "--model", "tiny-vit", "--strategy", "full", "--optimizer", "adamw", *args)
+    one = plan()["memory"]
+    assert "per_rank" not in one
+    ddp = plan("--nproc", "4")["memory"]["per_rank"]
+    assert ddp["parallel"] == "ddp" and ddp["total_bytes"] == one["weight_bytes"] + one["training_state_bytes"]
+    f = plan("--nproc", "4", "--parallel", "fsdp")["memory"]["per_rank"]
+    whole = 4   # logit_scale, one fp32 scalar
+    assert f["weight_bytes"] == int((one["weight_bytes"] - whole) / 4 + whole)
+    assert f["gradient_bytes"] == f["weight_bytes"]          # everything trains
+    assert f["optimizer_state_bytes"] == int(2 * f["gradient_bytes"])
+    assert 0 < f["gathered_bytes"] < one["weight_bytes"]
+    assert f["towers"] == {"text": "blocks", "vision": "blocks"}
+    assert f["total_bytes"] < ddp["total_bytes"] / 2

@@ -278,13 +278,15 @@ def run_cmd(ctx, config_file, out, overwrite, resume, as_json, nproc, **kw):
 @cli.command("plan")
 @run_options
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--nproc", type=click.IntRange(min=1), metavar="N", default=1,
+              help="Also estimate the memory of each of N processes (under --parallel ddp or fsdp).")
 @click.pass_context
 @guarded
-def plan_cmd(ctx, config_file, as_json, **kw):
+def plan_cmd(ctx, config_file, as_json, nproc, **kw):
     """Show what a run would train (groups, counts, lr, memory) without training."""
     from clipft.commands.plan import make_plan, render_plan
     cfg = build_config(config_file, kw)
-    p = make_plan(cfg, _registry(ctx, _components(cfg)))
+    p = make_plan(cfg, _registry(ctx, _components(cfg)), nproc=nproc)
     if as_json:
         click.echo(json.dumps(p, indent=2))
         return

@@ -292,6 +292,10 @@ class RunConfig:
         "Leave each epoch's last incomplete batch out of training (default: on for losses over the "
         "batch's pairs, such as contrastive and siglip, whose value on a few samples is not comparable; "
         "off for per-sample losses such as cross-entropy).", None)
+    parallel: str = option(
+        "How several processes (--nproc, torchrun) share the model: ddp (a replica on each) or fsdp "
+        "(FSDP2: parameters, gradients and optimizer state sharded; docs/scaling.md). One process "
+        "ignores it.", "ddp", choices=("ddp", "fsdp"))
     collective_timeout: Optional[float] = option(
         "Minutes a distributed collective may wait for a rank before the job fails (exit 1) instead of "
         "hanging on a stalled or dead rank (default: 10 on GPUs, 20 on CPUs, where rank 0's "

@@ -15,7 +15,10 @@ document:
 - ``memory``: an estimate of what training adds on top of the weights:
   optimizer state (AdamW keeps two moments per trainable element, SGD with
   momentum one) and gradients, both in the parameters' own dtype. Activations
-  depend on the batch and are not included.
+  depend on the batch and are not included. With ``nproc`` > 1, ``per_rank``:
+  what each process holds under ``--parallel`` (DDP: everything; FSDP: its
+  shards, what stays whole, and the blocks gathered whole while they run;
+  :func:`clipft.engine.fsdp.per_rank_bytes`), computed, not measured.
 
 :func:`render_plan` prints the same content as a table.
 """
@@ -60,14 +63,14 @@ def _part_counts(run) -> dict:
     return {"parts": parts, "towers": towers}
 
 
-def make_plan(config, registry) -> dict:
+def make_plan(config, registry, nproc: int = 1) -> dict:
     """Build the run without an optimizer and describe what would train. A
     multi-stage run is described by its first stage, and ``stages`` lists what
     each stage would train (name, epochs, lr, counts, groups)."""
     from clipft.engine.assemble import resolve
 
     res = resolve(config, registry)
-    plan = _plan_one(config, prepare(config, registry, build_optimizer=False, resolved=res))
+    plan = _plan_one(config, prepare(config, registry, build_optimizer=False, resolved=res), nproc)
     if res.stages:
         plan["stages"] = []
         for k, st in enumerate(res.stages):
@@ -82,7 +85,19 @@ def make_plan(config, registry) -> dict:
     return plan
 
 
-def _plan_one(config, run) -> dict:
+def _per_rank(config, run, nproc: int, state_tensors: int, memory: dict) -> dict:
+    """What each of ``nproc`` processes holds (bytes; activations not included)."""
+    if config.parallel == "fsdp":
+        from clipft.engine.fsdp import per_rank_bytes
+        in_model = {id(p) for p in run.model.parameters()}
+        extra = [p for g in run.groups for _, p in g.params if id(p) not in in_model]
+        return {"parallel": "fsdp", **per_rank_bytes(run.model, extra, state_tensors, nproc, run.precision)}
+    keys = ("weight_bytes", "gradient_bytes", "optimizer_state_bytes")
+    return {"parallel": "ddp", "world_size": nproc, **{k: memory[k] for k in keys},
+            "total_bytes": sum(memory[k] for k in keys)}
+
+
+def _plan_one(config, run, nproc: int = 1) -> dict:
     total, trainable = run.param_counts
     groups = [{
         "name": g.name,
@@ -100,6 +115,15 @@ def _plan_one(config, run) -> dict:
     if run.head is not None:
         weight_bytes += sum(p.numel() * p.element_size() for p in run.head.parameters())
     anatomy = _part_counts(run)
+    memory = {
+        "optimizer": config.optimizer,
+        "optimizer_state_bytes": state_bytes,
+        "gradient_bytes": grad_bytes,
+        "training_state_bytes": state_bytes + grad_bytes,
+        "weight_bytes": weight_bytes,
+    }
+    if nproc > 1:
+        memory["per_rank"] = _per_rank(config, run, nproc, _state_tensors(config), memory)
     return {
         "model": config.model,
         "pretrained": run.pretrained,
@@ -120,13 +144,7 @@ def _plan_one(config, run) -> dict:
                     "batch_coupled_loss": bool(run.resolved.loss[0].batch_coupled)},
         # per optimizer step: micro-batches, the effective batch, negatives (large-batch or plain)
         "accumulation": accumulation_of(run),
-        "memory": {
-            "optimizer": config.optimizer,
-            "optimizer_state_bytes": state_bytes,
-            "gradient_bytes": grad_bytes,
-            "training_state_bytes": state_bytes + grad_bytes,
-            "weight_bytes": weight_bytes,
-        },
+        "memory": memory,
     }
 
 
@@ -187,6 +205,13 @@ def render_plan(p: dict, console) -> None:
         f"training state ≈ {_mib(m['training_state_bytes'])}: {m['optimizer']} optimizer state "
         f"{_mib(m['optimizer_state_bytes'])} + gradients {_mib(m['gradient_bytes'])} "
         f"(weights {_mib(m['weight_bytes'])}; activations not included)")
+    r = m.get("per_rank")
+    if r:
+        gathered = (f" + blocks gathered whole {_mib(r['gathered_bytes'])}" if "gathered_bytes" in r else "")
+        console.print(
+            f"per rank ({r['parallel']}, {r['world_size']} processes) ≈ {_mib(r['total_bytes'])}: weights "
+            f"{_mib(r['weight_bytes'])} + gradients {_mib(r['gradient_bytes'])} + optimizer state "
+            f"{_mib(r['optimizer_state_bytes'])}{gathered} (computed; activations not included)")
     stages = p.get("stages") or ()
     for note in p["notes"] if not stages else ():
         console.print(f"note: {note}", markup=False)

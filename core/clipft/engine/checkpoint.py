@@ -198,6 +198,63 @@ def _cpu(tensors: dict) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def _rng_tensors() -> dict:
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    return rng
+
+
+#: safetensors' names of torch dtypes (its format's ``dtype`` field)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def stream_safetensors(path, entries: list) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` is
+    ``[(key, like, make)]``, ``like`` giving the shape and dtype (known before
+    the tensor is), ``make()`` the CPU tensor. The header comes first (8-byte
+    little-endian length, JSON, space-padded to 8 bytes), then each tensor's
+    bytes in order, the format ``safetensors.torch.load_file`` reads. With
+    ``path`` None nothing is written but every ``make()`` is still called (a
+    rank that only takes part in gathering). A failed write stops writing, not
+    making: the other ranks' collectives still find this one, and the error
+    is raised after."""
+    import struct
+    header, offset = {}, 0
+    for key, like, _ in entries:
+        n = like.numel() * like.element_size()
+        header[key] = {"dtype": _ST_DTYPES[like.dtype], "shape": list(like.shape),
+                       "data_offsets": [offset, offset + n]}
+        offset += n
+    f, failure = None, None
+    if path is not None:
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        try:
+            f = open(path, "wb")
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+        except OSError as exc:
+            failure = exc
+    try:
+        for key, like, make in entries:
+            t = make()
+            if f is not None and failure is None:
+                try:
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                except OSError as exc:
+                    failure = exc
+            del t
+    finally:
+        if f is not None:
+            f.close()
+    if failure is not None:
+        raise failure
+
+
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
     tensors, meta = {}, {}
@@ -247,7 +304,8 @@ class Checkpointer:
     handed over when it is built."""
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
-                 classnames, templates, keep: int = 1, loss=None, also=()):
+                 classnames, templates, keep: int = 1, loss=None, also=(), sharding=None,
+                 writes: bool = True):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
         #: a loss with a state of its own (a module: clipft.Loss), saved as loss.safetensors
@@ -259,21 +317,80 @@ class Checkpointer:
         self.keep = max(1, int(keep))
         #: (step, epoch, batch) of the last checkpoint written, so one point is saved once
         self.last_saved = None
+        #: ``--parallel fsdp`` (``clipft.engine.fsdp.Sharding``): the model's tensors
+        #: are gathered whole by every rank, and written by the one that ``writes``
+        self.sharding = sharding
+        self.writes = writes
+
+    def _model_entries(self) -> list:
+        """``[(key, tensor, whole)]`` of ``model.safetensors`` under FSDP:
+        ``whole()`` gathers the tensor whole onto the CPU (a collective)."""
+        sd = self.model.state_dict()
+        keep = changed_keys(self.model, self.base_shapes) | {k for k in self.also if k in sd}
+        full = self.sharding.full
+        return [(k, sd[k], lambda v=sd[k]: full(v).detach().contiguous().cpu()) for k in sorted(keep)]
+
+    def _optimizer_entries(self) -> tuple:
+        """``(entries, meta)`` of ``optimizer.safetensors`` under FSDP, as
+        :meth:`_model_entries`, with the RNG states."""
+        sd = self.optimizer.state_dict()
+        full = self.sharding.full
+        entries, scalars = [], {}
+        for pid in sorted(sd["state"]):     # one order on every rank: ``full`` is a collective
+            st = sd["state"][pid]
+            for k in sorted(st):
+                v = st[k]
+                if torch.is_tensor(v):
+                    entries.append((f"optim.{pid}.{k}", v, lambda v=v: full(v).detach().contiguous().cpu()))
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        for k, v in _rng_tensors().items():
+            entries.append((f"rng.{k}", v, lambda v=v: v))
+        return entries, {"scalars": scalars, "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+    def _optimizer_shard(self):
+        """Under FSDP, ``(key, whole tensor) -> this rank's shard`` for the
+        optimizer file's tensors of sharded parameters, applied as each is read
+        (a rank never holds the whole optimizer state); else None."""
+        if self.sharding is None:
+            return None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def shard(key: str, t: torch.Tensor) -> torch.Tensor:
+            if not key.startswith("optim."):
+                return t
+            pid = int(key.split(".")[1])
+            like = params[pid] if pid < len(params) else None
+            if like is None or not t.ndim or tuple(t.shape) != tuple(like.shape):
+                return t
+            return self.sharding.local(t, like)
+        return shard
+
+    def _take_part(self) -> None:
+        """A rank that does not write (``--parallel fsdp``): its part of the
+        gathering, each whole tensor dropped as soon as it is made."""
+        stream_safetensors(None, self._model_entries())
+        stream_safetensors(None, self._optimizer_entries()[0])
 
     def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
-        save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
+        if self.sharding is not None:
+            # one whole tensor at a time: gathering the whole state at once would
+            # hold more on the writing rank than a DDP replica does
+            stream_safetensors(folder / "model.safetensors", self._model_entries())
+        else:
+            save_file(changed_state(self.model, self.base_shapes, self.also), str(folder / "model.safetensors"))
         if self.head is not None:
             save_file(_cpu(self.head.state_dict()), str(folder / "head.safetensors"))
         if self.loss is not None:
             save_file(_cpu(self.loss.state_dict()), str(folder / LOSS_FILE))
-        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
-                   **{f"rng.{k}": v for k, v in rng.items()}},
-                  str(folder / "optimizer.safetensors"))
+        if self.sharding is not None:
+            entries, opt_meta = self._optimizer_entries()
+            stream_safetensors(folder / "optimizer.safetensors", entries)
+        else:
+            opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+            save_file({**{f"optim.{k}": v for k, v in opt_tensors.items()},
+                       **{f"rng.{k}": v for k, v in _rng_tensors().items()}},
+                      str(folder / "optimizer.safetensors"))
         files, digests = {}, {}
         for f in sorted(folder.iterdir()):
             atomic.fsync_file(f)
@@ -311,6 +428,9 @@ class Checkpointer:
         """Write a checkpoint of ``loop`` as ``checkpoint-best/`` (same files,
         same crash safety: the previous best stays until the new one is
         complete); the current checkpoint and its schedule are untouched."""
+        if not self.writes:
+            self._take_part()
+            return None
         tmp = self._write_temp(BEST, loop, history, extra)
         best = self.run_dir / BEST
         old = None
@@ -344,7 +464,11 @@ class Checkpointer:
 
     def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
         """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
-        the current one; returns its folder."""
+        the current one; returns its folder (None on a rank that does not write)."""
+        if not self.writes:
+            self._take_part()
+            self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
+            return None
         tmp = self._write_temp(CURRENT, loop, history, extra)
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None
@@ -377,11 +501,12 @@ class Checkpointer:
         state = read_state(folder)
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
-        load_trained_tensors(folder, self.model, self.head, next(self.model.parameters()).device)
+        load_trained_tensors(folder, self.model, self.head, _device_of(self.model),
+                             local=self.sharding.local if self.sharding is not None else None)
         if self.loss is not None:
             path = Path(folder) / LOSS_FILE
             try:
-                self.loss.load_state_dict(_read_tensors(path, next(self.model.parameters()).device))
+                self.loss.load_state_dict(_read_tensors(path, _device_of(self.model)))
             except RuntimeError as exc:
                 raise ClipftUsageError(f"{path} does not fit the run's loss: "
                                        f"{str(exc).splitlines()[0][:200]}") from None
@@ -392,7 +517,7 @@ class Checkpointer:
         and scaler; returns its state, with ``restore_rng``, a function that puts
         the RNG states back (the loop calls it at the point they were saved)."""
         state = self.restore_weights(folder)
-        rest = _read_tensors(folder / "optimizer.safetensors", "cpu")
+        rest = _read_tensors(folder / "optimizer.safetensors", "cpu", self._optimizer_shard())
         opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _check_groups(self.optimizer, state["optimizer"]["param_groups"], folder)
         _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
@@ -445,10 +570,15 @@ def _older_checkpoints_hint(ck: Path) -> str:
     return f"; move {ck} aside to fall back to {older[0]}, the newest older checkpoint"
 
 
-def _read_tensors(path: Path, device) -> dict:
-    """A checkpoint's safetensors file, or a usage error saying it is corrupt."""
+def _read_tensors(path: Path, device, each=None) -> dict:
+    """A checkpoint's safetensors file, or a usage error saying it is corrupt.
+    ``each(key, tensor)``: what to keep of each tensor, applied as it is read."""
     from safetensors import SafetensorError
     try:
+        if each is not None:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                return {k: each(k, f.get_tensor(k)) for k in f.keys()}
         return load_file(str(path), device=str(device))
     except FileNotFoundError:
         raise ClipftUsageError(f"checkpoint file {path} is missing") from None
@@ -459,10 +589,15 @@ def _read_tensors(path: Path, device) -> dict:
             f"{_older_checkpoints_hint(path.parent)}") from None
 
 
-def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None:
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device, local=None) -> None:
     """Load ``model.safetensors`` (and ``head.safetensors``) of a checkpoint
     folder into a model rebuilt from the same config, strategies re-applied.
-    A file that does not read, or does not fit, is a usage error naming it."""
+    A file that does not read, or does not fit, is a usage error naming it.
+    ``local(full, like)``: this rank's shard of a tensor of a sharded model."""
     path = Path(ck) / "model.safetensors"
     model_t = _read_tensors(path, device)
     sd = model.state_dict()
@@ -472,6 +607,8 @@ def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device) -> None
         raise ClipftUsageError(
             f"checkpoint tensors in {path} do not fit the model rebuilt from the run's config: "
             f"{(missing or misshapen)[:5]}")
+    if local is not None:
+        model_t = {k: local(v, sd[k]) for k, v in model_t.items()}
     model.load_state_dict(model_t, strict=False)
     if head is not None:
         path = Path(ck) / "head.safetensors"

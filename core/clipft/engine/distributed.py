@@ -290,3 +290,18 @@ def on_main(evaluate, dist: Dist):
         metrics = evaluate() if dist.main else None
         return dist.broadcast(metrics)
     return run
+
+
+def on_every(evaluate, dist: Dist):
+    """``evaluate`` on every rank (``--parallel fsdp``: each forward gathers
+    the shards of every rank), every rank taking rank 0's metrics, so their
+    histories and checkpoints agree to the bit. The other ranks keep their RNG
+    as it was (an evaluation's data loader draws a seed from it), so every
+    rank draws what it draws under DDP, where rank 0 alone evaluates."""
+    def run():
+        if dist.main:
+            return dist.broadcast(evaluate())
+        with rng_kept():
+            evaluate()
+        return dist.broadcast(None)
+    return run

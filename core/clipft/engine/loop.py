@@ -119,6 +119,8 @@ def clip_gradients(params: list, max_norm: float) -> Optional[float]:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
+    if any(type(g).__name__ == "DTensor" for g in grads):   # --parallel fsdp: shards of gradients
+        return clip_sharded(grads, max_norm)
     if any(g.device.type != "cpu" for g in grads):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return None
@@ -127,6 +129,23 @@ def clip_gradients(params: list, max_norm: float) -> Optional[float]:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return float(total)
     return None
+
+
+def clip_sharded(grads: list, max_norm: float) -> Optional[float]:
+    """:func:`clip_gradients` over gradients some of which are FSDP shards: each
+    shard's norm is completed over the ranks (a collective, every rank alike)
+    before the norms are combined, as ``clip_grad_norm_`` would on whole tensors."""
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g.detach(), 2.0, dtype=torch.float32)
+        norms.append(n.full_tensor() if type(n).__name__ == "DTensor" else n)
+    total = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0))
+    coef = max_norm / (total + 1e-6)
+    if coef >= 1.0:
+        return None
+    for g in grads:
+        g.mul_(coef)
+    return total
 
 
 #: the ForwardRecord fields that are None unless the loss declares the need
@@ -232,6 +251,9 @@ class Trainer:
     #: when ``grad_accum`` > 1 under a batch-coupled loss, which the loop then
     #: computes over the whole group of micro-batches; None: plain accumulation
     large: object = None
+    #: ``--parallel fsdp``: the model's sharding (``clipft.engine.fsdp.Sharding``);
+    #: None under DDP or in one process
+    sharding: object = None
 
     def outputs(self, batch, replay=None) -> tuple:
         """The training forward with grad, through DDP when it wraps it."""
@@ -245,7 +267,9 @@ class Trainer:
 
     def sync(self, will_step: bool):
         """DDP reduces gradients only on the micro-batch that steps (``no_sync``
-        on the others); nothing to do in one process."""
+        on the others); nothing to do in one process. FSDP reduce-scatters on
+        every micro-batch: gradients then accumulate sharded (skipping the sync
+        would keep a whole unsharded gradient on every rank)."""
         if self.ddp and not will_step:
             return self.forward.no_sync()
         return contextlib.nullcontext()
@@ -384,6 +408,8 @@ class Trainer:
                 (end or "the run was asked to end on another rank") if int(t[1]) else None)
 
     def optimizer_step(self) -> Optional[float]:
+        if self.sharding is not None:
+            self.sharding.reduce_replicated()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = clip_gradients(self.params, self.grad_clip) if self.grad_clip > 0 else None

@@ -30,6 +30,16 @@ def resolve_impl(requested: str, params) -> str:
     for-loop (a few ulps per step), so ``for-loop`` stays available as the
     reference."""
     params = list(params)
+    sharded = [p for p in params if type(p.data).__name__ == "DTensor"]
+    if sharded:
+        # --parallel fsdp: torch has no fused kernel for DTensors, and one foreach
+        # call cannot mix them with the plain tensors kept whole on every rank
+        if requested == "fused":
+            raise ClipftUsageError("--optimizer-impl fused does not run on FSDP's sharded parameters "
+                                   "(--parallel fsdp); use --optimizer-impl foreach or for-loop")
+        if requested == "auto":
+            return "foreach" if len(sharded) == len(params) else "for-loop"
+        return requested
     fusable = all(p.is_floating_point() and p.device.type in _fused_devices() for p in params)
     if requested == "auto":
         # torch's list of fused devices is generic (mps, xpu, ...): auto picks fused only

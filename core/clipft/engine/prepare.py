@@ -33,7 +33,7 @@ from clipft.engine.loop import Trainer
 from clipft.engine.optim import default_warmup, make_optimizer, make_scheduler
 from clipft.engine.perf import (AUTOCAST_DTYPES, apply_speed_options, check_precision, effective_precision,
                                 grad_scaler, set_tf32)
-from clipft.engine import distributed
+from clipft.engine import distributed, fsdp
 from clipft.engine.features import _batch
 from clipft.errors import ClipftError, ClipftUsageError
 from clipft.models import load_model, random_init
@@ -348,13 +348,19 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
         # components built from the training features (Tip-Adapter's cache); a
         # resume passes fit=False: the fitted tensors come back from the checkpoint
         fitted = fit_to_train_split(assembly.model, head, features, bundle.classnames)
-    training = None
+    if config.parallel == "fsdp" and not dist.enabled and training:
+        warnings.append("--parallel fsdp with one process: nothing to shard, the run trains as usual")
+    training, sharding = None, None
+    if build_optimizer and dist.enabled and config.parallel == "fsdp":
+        groups, sharding = shard_model(assembly, groups, head, loss, precision, dist)
     if build_optimizer:
         training = build_training(config, st, groups, assembly, head, loss, features, loaders, autocast,
                              device, precision, dist, NEED_TEXT in loss_spec.needs,
                              NEED_CLASS_TEXT in loss_spec.needs and bool(bundle.classnames),
-                             loss_spec.batch_coupled)
-        if dist.enabled:
+                             loss_spec.batch_coupled, sharding)
+        if sharding is not None:   # a forward needs every rank's shards
+            evaluator = distributed.on_every(evaluator, dist)
+        elif dist.enabled:
             evaluator = distributed.on_main(evaluator, dist)
     return PreparedRun(config=config, resolved=res, device=device, assembly=assembly,
                        tokenizer=loaded.tokenizer, pretrained=loaded.pretrained, bundle=bundle,
@@ -366,7 +372,7 @@ def prepare(config, registry, build_optimizer: bool = True, fit: Optional[bool] 
 
 def build_training(config, st, groups, assembly, head, loss, features, loaders, autocast, device,
                    precision, dist, needs_text: bool, needs_class_text: bool = False,
-                   batch_coupled: bool = False) -> Training:
+                   batch_coupled: bool = False, sharding=None) -> Training:
     """The optimizer, schedule and trainer of a run (over stage ``st``'s epochs,
     or the run's), its training forward wrapped in DDP under torchrun; with
     ``--grad-accum`` > 1 under a batch-coupled loss, large-batch accumulation."""
@@ -376,6 +382,10 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
     optimizer, impl = make_optimizer(groups, config)
     regs = regularisers(assembly)
     frozen = frozen_image_provider(config, assembly, features, loaders)
+    if frozen is not None and sharding is not None:
+        # its fill pass forwards the sharded model outside the trainer's lockstep (untested under FSDP)
+        raise ClipftUsageError("a strategy that reads the frozen model's image features (promptsrc) "
+                               "does not run under --parallel fsdp yet; use --parallel ddp")
     trainer = Trainer(
         model=assembly.model, head=head, loss=loss, features=features, optimizer=optimizer,
         scheduler=make_scheduler(optimizer, total_steps, warmup_steps, config.schedule),
@@ -389,9 +399,10 @@ def build_training(config, st, groups, assembly, head, loss, features, loaders, 
         frozen_image=frozen,
         # the large-batch record has no pixels: a step computing frozen features per batch accumulates plainly
         large=LargeBatch() if large_batch_applies(batch_coupled, config.grad_accum,
-                                                  needs_class_text or frozen is not None) else None)
+                                                  needs_class_text or frozen is not None) else None,
+        sharding=sharding)
     unused = 0
-    if dist.enabled:
+    if dist.enabled and sharding is None:
         forward, unused = wrap_ddp(trainer, loaders, head)
         trainer = attrs.evolve(trainer, forward=forward)
     return Training(trainer, total_steps, warmup_steps, impl, unused)
@@ -409,6 +420,28 @@ def frozen_image_provider(config, assembly: Assembly, features, loaders) -> Opti
     bypass_inserted(assembly.model)()
     cache = not config.augment and not is_iterable(loaders.bundle.train)
     return FrozenImageFeatures(features.enc, loaders, cache)
+
+
+def shard_model(assembly: Assembly, groups: list, head, loss, precision: str, dist) -> tuple:
+    """``--parallel fsdp``: shard the model (:func:`clipft.engine.fsdp.shard`)
+    and return ``(groups, sharding)``, the groups over the sharded parameters
+    (FSDP replaces each parameter it shards). The replaced parameters' storage
+    is released: what still refers to them (a strategy's selection) would
+    otherwise keep a whole copy of the model on every rank."""
+    fsdp.check_supported(precision)
+    before = dict(assembly.model.named_parameters())
+    in_model = {id(p) for p in before.values()}
+    extra = [p for g in groups for _, p in g.params if id(p) not in in_model]   # the head's, the loss's
+    sharding = fsdp.shard(assembly.model, precision, dist.world, trained_extra=extra)
+    after = dict(assembly.model.named_parameters())
+    renamed = {id(p): after.get(n, p) for n, p in before.items()}
+    groups = [attrs.evolve(g, params=[(n, renamed.get(id(p), p)) for n, p in g.params]) for g in groups]
+    assembly.selections = [attrs.evolve(sel, params=[(n, renamed.get(id(p), p)) for n, p in sel.params])
+                           for sel in assembly.selections]
+    for n, p in before.items():
+        if after.get(n) is not p:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    return groups, sharding
 
 
 def regularisers(assembly: Assembly) -> list:

@@ -89,8 +89,12 @@ class Checkpoints(Callback):
     so far writes ``checkpoint-best/`` too (``best`` records which)."""
 
     def __init__(self, checkpointer: Checkpointer, state: LoopState, host: CallbackHost,
-                 metrics: MetricsLog, every: str = "epoch", directory=None, keep_best: Optional[str] = None):
+                 metrics: Optional[MetricsLog], every: str = "epoch", directory=None, keep_best: Optional[str] = None,
+                 agree=None):
         self.checkpointer, self.state, self.host, self.metrics = checkpointer, state, host, metrics
+        #: ``--parallel fsdp``: every rank takes part in a checkpoint, so a
+        #: decision from the clock is agreed (any rank's "due" makes it due)
+        self.agree = agree or (lambda due: due)
         self.every = parse_every(every)
         self.directory = directory
         self._t_last = time.monotonic()
@@ -102,7 +106,7 @@ class Checkpoints(Callback):
         if kind == "steps":
             return self.state.step % n == 0
         if kind == "minutes":
-            return time.monotonic() - self._t_last >= 60.0 * n
+            return self.agree(time.monotonic() - self._t_last >= 60.0 * n)
         return False
 
     def on_step_end(self, s) -> None:
@@ -130,6 +134,8 @@ class Checkpoints(Callback):
         self.save()
 
     def _extra(self) -> dict:
+        if self.metrics is None:   # a rank that only takes part in the gathering
+            return {}
         return {"metrics_rows": self.metrics.rows, "callbacks": self.host.states()}
 
     def save(self) -> None:
@@ -311,6 +317,12 @@ def build_summary(run: PreparedRun, state: LoopState, out_dir: Path) -> dict:
         #: trained tensors the loss does not reach (DDP then finds unused parameters)
         "unused_trained_tensors": run.unused_trained,
     }
+    if world > 1:
+        summary["distributed"]["parallel"] = run.config.parallel
+        sharding = run.trainer.sharding if run.trainer is not None else None
+        if sharding is not None:   # how each tower was placed, and what stayed whole on every rank
+            summary["distributed"]["fsdp"] = {"towers": dict(sharding.layout),
+                                              "replicated_trained_tensors": len(sharding.replicated)}
     if run.resolved.stages:   # a multi-stage run: params/cache above are the last stage's
         summary["stages"] = [dict(s) for s in state.stages]
         summary["staged_by"] = run.resolved.staged_by
@@ -372,7 +384,8 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     t = run.trainer
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
-                        keep=run.config.keep_checkpoints, loss=run.loss, also=run.assembly.earlier_keys)
+                        keep=run.config.keep_checkpoints, loss=run.loss, also=run.assembly.earlier_keys,
+                        sharding=t.sharding, writes=run.dist is None or run.dist.main)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
@@ -390,8 +403,10 @@ def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=No
     host.add("metrics", metrics, builtin=True)
     for name, cb, required in callbacks:
         host.add(name, cb, required)
+    sharded = run.trainer is not None and run.trainer.sharding is not None
     saver = Checkpoints(checkpoints or checkpointer_for(run, out_dir), state, host, metrics,
-                        run.config.checkpoint_every, directory, run.config.keep_best)
+                        run.config.checkpoint_every, directory, run.config.keep_best,
+                        agree=run.dist.any if sharded else None)
     host.add("checkpoint", saver, builtin=True)
     return host, saver
 
@@ -621,6 +636,10 @@ def _execute_locked(config, registry, progress, out_dir, overwrite, resume, dist
                                         warn=getattr(progress, "warn", None), directory=directory)
         else:
             host, saver = CallbackHost(), None
+            if run.trainer.sharding is not None:   # its shards are part of every checkpoint
+                saver = Checkpoints(checkpoints, state, host, None, run.config.checkpoint_every,
+                                    keep_best=run.config.keep_best, agree=dist.any)
+                host.add("checkpoint", saver, builtin=True)
         view = run_view(run, out_dir, state.epoch, state.step)
         if directory is not None:   # what callbacks create through view.path is the run's own
             directory.created = view.created
