@@ -249,6 +249,20 @@ def positive(inst, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
+def non_negative(inst, attribute, value):
+    if not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
+
+
+def init_text(value):
+    """Converter for a prompt's initial words: ``none``, ``random`` or empty mean
+    random context vectors (``None``); anything else is the text, stripped."""
+    if value is None:
+        return None
+    value = str(value).strip()
+    return None if value.lower() in ("", "none", "random") else value
+
+
 def unit_fraction(inst, attribute, value):
     """In [0, 1): a dropout probability, a decay."""
     if not 0.0 <= value < 1.0:

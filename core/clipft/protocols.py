@@ -396,6 +396,24 @@ def bypass_inserted(model) -> Callable[[], None]:
     return restore
 
 
+def swap_in(pairs) -> Callable[[], None]:
+    """For a module's :meth:`InsertedModule.use_eval_weights`: copy each
+    ``(parameter, value)`` pair's value into the parameter and return the
+    function that copies the live values back, bit for bit."""
+    import torch
+
+    with torch.no_grad():
+        live = [param.detach().clone() for param, _ in pairs]
+        for param, value in pairs:
+            param.copy_(value)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for (param, _), value in zip(pairs, live):
+                param.copy_(value)
+    return restore
+
+
 def use_eval_weights(model) -> Callable[[], None]:
     """Call :meth:`InsertedModule.use_eval_weights` of every inserted module of
     ``model``; returns one function that swaps all of them back (in reverse)."""

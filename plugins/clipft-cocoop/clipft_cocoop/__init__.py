@@ -17,6 +17,7 @@ from typing import Literal, Optional
 import attrs
 
 from clipft import Selection, Strategy, StrategySpec, hookimpl
+from clipft.options import init_text
 
 
 def _n_ctx(inst, attribute, value):
@@ -29,18 +30,11 @@ def _reduction(inst, attribute, value):
         raise ValueError(f"reduction must be at least 1, got {value}")
 
 
-def _init(value):
-    if value is None:
-        return None
-    value = str(value).strip()
-    return None if value.lower() in ("", "none", "random") else value
-
-
 @attrs.frozen
 class CoCoOpOptions:
     n_ctx: Optional[int] = attrs.field(default=None, validator=_n_ctx, metadata={"help": (
         "number of context tokens; default: the token count of init, or 16 when init is none")})
-    init: Optional[str] = attrs.field(default="a photo of a", converter=_init, metadata={"help": (
+    init: Optional[str] = attrs.field(default="a photo of a", converter=init_text, metadata={"help": (
         "text whose token embeddings initialise the context (CoCoOp: 'a photo of a'); 'none' draws it "
         "at random (N(0, 0.02^2))")})
     reduction: int = attrs.field(default=16, validator=_reduction, metadata={"help": (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 
 from clipft.data import DataBundle, keep_classes
+from clipft.options import non_negative
 
 from clipft_data.common import classes_field, merge_split_record
 
@@ -43,17 +44,12 @@ def _between(low, high):
     return check
 
 
-def _non_negative(inst, attribute, value):
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen
 class ShapesOptions:
     n: int = attrs.field(default=512, validator=_between(1, MAX_IMAGES), metadata={
         "help": f"training images (at most {MAX_IMAGES:_})"})
     # numpy's SeedSequence takes any non-negative int (options are 64-bit already)
-    seed: int = attrs.field(default=0, validator=_non_negative, metadata={
+    seed: int = attrs.field(default=0, validator=non_negative, metadata={
         "help": "generator seed (>= 0)"})
     val_n: int = attrs.field(default=128, validator=_between(1, MAX_IMAGES), metadata={
         "help": f"validation images (at most {MAX_IMAGES:_})"})

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from clipft import InsertedModule
+from clipft.protocols import swap_in
 
 from clipft_ema import ATTR, EmaOptions, buffer_name
 
@@ -46,16 +47,7 @@ class ExponentialMovingAverage(InsertedModule, nn.Module):
     def use_eval_weights(self):
         if not self.opts.use_for_eval:
             return None
-        pairs = self._pairs()
-        live = [param.detach().clone() for param, _ in pairs]
-        for param, avg in pairs:
-            param.copy_(avg)
-
-        @torch.no_grad()
-        def restore():
-            for (param, _), value in zip(pairs, live):
-                param.copy_(value)
-        return restore
+        return swap_in(self._pairs())
 
     @torch.no_grad()
     def fold_into_base(self) -> None:

@@ -17,17 +17,10 @@ from typing import Optional
 import attrs
 
 from clipft import Strategy, StrategySpec, hookimpl
-from clipft.options import at_least_one
+from clipft.options import at_least_one, init_text
 
 #: MaPLe's prompt depth (both towers), context length and init
 DEPTH, N_CTX, INIT = 9, 2, "a photo of a"
-
-
-def _init(value):
-    if value is None:
-        return None
-    value = str(value).strip()
-    return None if value.lower() in ("", "none", "random") else value
 
 
 @attrs.frozen
@@ -37,7 +30,7 @@ class MapleOptions:
     n_ctx: int = attrs.field(default=N_CTX, validator=at_least_one, metadata={"help": (
         f"context vectors per block (MaPLe: {N_CTX}); with init, the first n_ctx words learn and the rest "
         "stay fixed words of the prompt")})
-    init: Optional[str] = attrs.field(default=INIT, converter=_init, metadata={"help": (
+    init: Optional[str] = attrs.field(default=INIT, converter=init_text, metadata={"help": (
         "text whose first n_ctx words initialise the block-0 context; 'none': N(0, 0.02^2)")})
 
 

@@ -29,6 +29,7 @@ from typing import Optional
 import attrs
 
 from clipft import HeadSpec, hookimpl
+from clipft.options import non_negative
 #: TaskRes' Adam learning rate for 10 of the 11 few-shot datasets (2e-4 for ImageNet)
 TASKRES_LR = 2e-3
 
@@ -38,14 +39,9 @@ def _positive_or_none(inst, attribute, value):
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
 
 
-def _non_negative(inst, attribute, value):
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen
 class TaskResOptions:
-    alpha: float = attrs.field(default=0.5, validator=_non_negative, metadata={"help": (
+    alpha: float = attrs.field(default=0.5, validator=non_negative, metadata={"help": (
         "residual scale: the classifier is W0 + alpha * R (the paper's 0.5 for most datasets, "
         "1.0 for some; 0 is zero-shot CLIP)")})
     scale: Optional[float] = attrs.field(default=None, validator=_positive_or_none, metadata={"help": (

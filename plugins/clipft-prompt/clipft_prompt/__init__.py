@@ -27,7 +27,7 @@ from typing import Literal, Optional
 import attrs
 
 from clipft import Strategy, StrategySpec, hookimpl
-from clipft.options import at_least_one
+from clipft.options import at_least_one, init_text, non_negative
 
 RANDOM_N_CTX = 16
 RANDOM_STD = 0.02
@@ -38,24 +38,12 @@ def _n_ctx(inst, attribute, value):
         raise ValueError(f"n_ctx must be at least 1, got {value}")
 
 
-def _init(value):
-    if value is None:
-        return None
-    value = str(value).strip()
-    return None if value.lower() in ("", "none", "random") else value
-
-
-def _non_negative(inst, attribute, value):
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen
 class PromptOptions:
     n_ctx: Optional[int] = attrs.field(default=None, validator=_n_ctx, metadata={"help": (
         f"number of context tokens; default: the token count of init, or {RANDOM_N_CTX} "
         "when init is none")})
-    init: Optional[str] = attrs.field(default="a photo of a", converter=_init, metadata={"help": (
+    init: Optional[str] = attrs.field(default="a photo of a", converter=init_text, metadata={"help": (
         "text whose token embeddings initialise the context; 'none' draws it at random "
         f"(N(0, {RANDOM_STD}^2), CoOp)")})
     class_specific: bool = attrs.field(default=False, metadata={"help": (
@@ -66,7 +54,7 @@ class PromptOptions:
         "deep prompts: fresh learnable context at each of the first depth text blocks, replacing the "
         f"previous block's outputs at the context positions (N(0, {RANDOM_STD}^2)); with "
         "vision-prompt:depth it is IVLP; 1: CoOp (the input only)")})
-    kg_lambda: float = attrs.field(default=0.0, validator=_non_negative, metadata={"help": (
+    kg_lambda: float = attrs.field(default=0.0, validator=non_negative, metadata={"help": (
         "KgCoOp: weight of the mean squared distance between the learned and CLIP's hand-crafted "
         "class embeddings (the run's templates), logged as reg.kg; the paper uses 8; 0: off (CoOp)")})
 

@@ -38,7 +38,7 @@ from typing import Optional
 import attrs
 
 from clipft import Strategy, StrategySpec, hookimpl
-from clipft.options import at_least_one
+from clipft.options import at_least_one, init_text, non_negative
 
 #: PromptSRC's defaults (the released base-to-novel config, ViT-B/16)
 DEPTH, N_CTX, N_VISION, INIT = 9, 4, 4, "a photo of a"
@@ -50,18 +50,6 @@ STRATEGY = "promptsrc"
 VISION_FILE = "promptsrc_vision_prompts.safetensors"
 #: where the Gaussian prompt aggregate lives on the model
 GPA_ATTR = "clipft_promptsrc_gpa"
-
-
-def _init(value):
-    if value is None:
-        return None
-    value = str(value).strip()
-    return None if value.lower() in ("", "none", "random") else value
-
-
-def _non_negative(inst, attribute, value):
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
 def _positive_or_none(inst, attribute, value):
@@ -86,13 +74,13 @@ class PromptSRCOptions:
         f"text context vectors (PromptSRC: {N_CTX}); must be init's token count")})
     n_vision: int = attrs.field(default=N_VISION, validator=at_least_one, metadata={"help": (
         f"vision prompt tokens per block (PromptSRC: {N_VISION})")})
-    init: Optional[str] = attrs.field(default=INIT, converter=_init, metadata={"help": (
+    init: Optional[str] = attrs.field(default=INIT, converter=init_text, metadata={"help": (
         f"text initialising the input context; 'none': N(0, {STD}^2)")})
-    image_weight: float = attrs.field(default=IMAGE_WEIGHT, validator=_non_negative, metadata={"help": (
+    image_weight: float = attrs.field(default=IMAGE_WEIGHT, validator=non_negative, metadata={"help": (
         "weight of the L1 distance between prompted and frozen image features (reg.scl_image); 0: off")})
-    text_weight: float = attrs.field(default=TEXT_WEIGHT, validator=_non_negative, metadata={"help": (
+    text_weight: float = attrs.field(default=TEXT_WEIGHT, validator=non_negative, metadata={"help": (
         "weight of the L1 distance between prompted and frozen class text features (reg.scl_text); 0: off")})
-    kl_weight: float = attrs.field(default=KL_WEIGHT, validator=_non_negative, metadata={"help": (
+    kl_weight: float = attrs.field(default=KL_WEIGHT, validator=non_negative, metadata={"help": (
         "weight of KL(zero-shot || prompted) over the class logits (reg.scl_kl); 0: off")})
     templates: str = attrs.field(default="openai-imagenet", validator=_templates, metadata={"help": (
         "templates whose ensemble is the frozen text side (textual diversity): a set name "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from clipft import InsertedModule
+from clipft.protocols import swap_in
 
 from clipft_promptsrc import GPA_ATTR, GPA_MEAN_FRACTION, GPA_STD_FRACTION
 
@@ -93,16 +94,7 @@ class GaussianPromptAggregate(InsertedModule, nn.Module):
     def use_eval_weights(self):
         if not self.aggregated:
             return None
-        pairs = self._pairs()
-        live = [param.detach().clone() for param, _ in pairs]
-        for param, avg in pairs:
-            param.copy_(avg)
-
-        @torch.no_grad()
-        def restore():
-            for (param, _), value in zip(pairs, live):
-                param.copy_(value)
-        return restore
+        return swap_in(self._pairs())
 
     @torch.no_grad()
     def fold_into_base(self) -> None:

@@ -27,24 +27,19 @@ from __future__ import annotations
 import attrs
 
 from clipft import HeadSpec, hookimpl
-from clipft.options import positive
+from clipft.options import non_negative, positive
 
 #: the val-split search of ``tune=true``: beta (sharpness) and alpha (residual ratio)
 BETA_GRID = tuple(round(0.5 * i, 2) for i in range(1, 25))                      # 0.5 .. 12
 ALPHA_GRID = (0.0,) + tuple(round(0.05 * 10 ** (i / 8), 4) for i in range(25))   # 0, 0.05 .. 50
 
 
-def _non_negative(inst, attribute, value):
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value}")
-
-
 @attrs.frozen
 class TipAdapterOptions:
-    alpha: float = attrs.field(default=1.0, validator=_non_negative, metadata={"help": (
+    alpha: float = attrs.field(default=1.0, validator=non_negative, metadata={"help": (
         "residual ratio: weight of the cache's logits against the zero-shot ones (the paper's "
         "ImageNet value 1.0; 0 gives zero-shot CLIP exactly)")})
-    beta: float = attrs.field(default=5.5, validator=_non_negative, metadata={"help": (
+    beta: float = attrs.field(default=5.5, validator=non_negative, metadata={"help": (
         "sharpness of the key affinities, exp(-beta * (1 - cosine)) (the paper's ImageNet value 5.5)")})
     finetune: bool = attrs.field(default=False, metadata={"help": (
         "Tip-Adapter-F: train the cache keys (cross-entropy through the head); the values and the "
