@@ -470,7 +470,7 @@ def rebatch(batches, size: int):
         yield _joined(pending)
 
 
-def one_thread_each(it):
+def _one_thread_each(it):
     """``it``'s items, each produced with torch's intra-op threads set to one
     (the caller's count back in between): a DataLoader without workers decodes
     in the main process as a worker would, where a worker runs on one thread.
@@ -519,7 +519,7 @@ class Batches:
         # not at the first batch: a resume restores the RNG right after it
         it = iter(self.loader)
         if not getattr(self.loader, "num_workers", 0):
-            it = one_thread_each(it)
+            it = _one_thread_each(it)
         if is_iterable(self.loader.dataset):
             return self._usable(rebatch(it, self.loader.batch_size), 0, self.skip)
         return self._usable(it, getattr(self.loader.sampler, "skip", 0) // max(1, self.loader.batch_size or 1))
