@@ -476,10 +476,11 @@ def _one_thread_each(it):
     in the main process as a worker would, where a worker runs on one thread.
     A sample's tensors (a 224x224 image is 150k values) are too small to gain
     from several threads, and with them every element-wise op of the transforms
-    and of collate pays a thread-team hand-off: on 2 cores 4 ms an image on one
-    thread, 2-20x that on two, the most when the other core is busy. The bytes
-    are the same (element-wise ops do not depend on the thread count), and the
-    model's forward between two items keeps the caller's threads."""
+    and of collate pays a thread-team hand-off, which stalls while the other
+    cores are busy: on a shared 2-core machine 4 ms an image on one thread,
+    30-80 ms on two (on an idle one, 1.3 ms either way). The bytes are the same
+    (element-wise ops do not depend on the thread count), and the model's
+    forward between two items keeps the caller's threads."""
     import torch
 
     while True:
