@@ -1,7 +1,7 @@
 """``make bench``: clipft's performance rows, each a ratio of two measurements
 taken side by side in this run, with the absolute figures next to it.
 
-    python benchmarks/run.py [--rows 1,2,3,4,5,6,7,8,9,10,defaults] [--out benchmarks/results.json]
+    python benchmarks/run.py [--rows 1,2,3,4,5,6,7,8,8b,9,10,defaults] [--out benchmarks/results.json]
 
 Prints a short description of the machine (CPU, nproc, torch's BLAS / LAPACK /
 MKL / oneDNN build and its threads), then a table, and writes the results
@@ -34,6 +34,7 @@ ROWS = {
     "6": ("last_n", "last-n step time sweep"),
     "7": ("scale", "frozen-tower cache cost vs data size, memory vs --cache-dir"),
     "8": ("small_data", "small folder, whole process vs seed loop process"),
+    "8b": ("cache_build", "row 8's cache build vs a plain encode_image loop, one process"),
     "9": ("large_batch", "--grad-accum 8 x 32 large-batch loss vs one batch of 256: peak RSS, step time, "
                          "and with the image tower frozen and cached"),
     "10": ("fsdp_memory", "per-rank peak RSS of a 2-process full fine-tune, --parallel fsdp vs ddp"),

@@ -198,6 +198,41 @@ def test_samples_failing_at_load_time_are_dropped_and_counted_once(workers):
     assert failures.count == 2
 
 
+def test_main_process_decoding_runs_on_one_thread_and_gives_the_threads_back():
+    """Without workers, each batch is decoded and collated with one intra-op
+    thread, as a worker decodes; the code between batches (the forward) keeps
+    the caller's threads, and so does the caller after a pass, whole or cut short."""
+    import torch
+    from clipft.data import Batches, DecodeFailures, collate, guard
+
+    class Recording:
+        def __init__(self):
+            self.threads = []
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            self.threads.append(torch.get_num_threads())
+            return i, torch.full((3, 2, 2), float(i)), f"c{i}", 0
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = Recording()
+        loader = torch.utils.data.DataLoader(guard(data), batch_size=2, collate_fn=collate)
+        between = []
+        for b in Batches(loader, DecodeFailures(), "train"):
+            between.append(torch.get_num_threads())
+        assert data.threads == [1] * 6 and between == [2] * 3
+        for _ in Batches(loader, DecodeFailures(), "train"):
+            break
+        assert torch.get_num_threads() == 2
+        assert [int(i) for b in Batches(loader, DecodeFailures(), "train") for i in b["index"]] == list(range(6))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_train_folder_without_val_is_read_as_a_split_not_as_a_class(tmp_path):
     """root/train/<class>/ alone: the classes are train/'s, part held out for
     validation and a note says so; never one class named "train"."""
