@@ -296,3 +296,68 @@ def test_a_head_and_a_frozen_tower_under_fsdp_train_as_one_process(runs):
     for k in a:
         assert_close_rel(b[k], a[k], reduction=16, depth=TINY_DEPTH, what=k)
     assert torch.equal(tensors(root / "head-two")["logit_scale"], tensors(root / "head-one")["logit_scale"])
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A process group of one (gloo), for FSDP's checkpoint code in-process."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_checkpointer(run_dir: Path, seed: int):
+    from torch.distributed.fsdp import fully_shard
+
+    from clipft.engine.checkpoint import Checkpointer
+    from clipft.engine.fsdp import Sharding
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+    units = [fully_shard(model[0]), fully_shard(model)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return Checkpointer(run_dir, model, None, {}, opt, None, None, None, [], sharding=Sharding(units, [], 1),
+                        epochs=2)
+
+
+def _step(ck) -> dict:
+    ck.model(torch.randn(3, 4)).square().sum().backward()
+    ck.optimizer.step()
+    ck.optimizer.zero_grad()
+    n = len(ck.last_saved or ()) and ck.last_saved[0]
+    return {"epoch": 0, "step": n + 1, "batch": n + 1, "world_size": 1}
+
+
+def test_a_sharded_checkpoint_is_written_whole_or_not_at_all(one_rank, tmp_path, monkeypatch):
+    """A failure after the shards are written (a full disk when rank 0 writes
+    the rest) leaves the previous checkpoint current and intact and no
+    temporary folder behind; what a later save writes reads back, model and
+    optimizer, into a model built afresh."""
+    from clipft.engine.checkpoint import CURRENT, TMP_PREFIX, Checkpointer, verify_checkpoint
+    from clipft.errors import ClipftError
+    ck = _sharded_checkpointer(tmp_path, 0)
+    ck.save(_step(ck), [])
+    first = read_state(tmp_path / CURRENT)
+    assert is_sharded(first) and "shards/.metadata" in first["files"]
+
+    def full_disk(self, folder, *a, **k):
+        assert (folder / "shards" / ".metadata").is_file()   # the shards are in, the rest fails
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "_write", full_disk)
+        with pytest.raises(ClipftError, match="previous checkpoint is intact"):
+            ck.save(_step(ck), [])
+    assert read_state(tmp_path / CURRENT)["global_step"] == 1
+    assert verify_checkpoint(tmp_path / CURRENT, first) is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+    loop = _step(ck)
+    ck.save(loop, [])
+    back = _sharded_checkpointer(tmp_path, 1)
+    back.restore(tmp_path / CURRENT)
+    for a, b in zip(ck.model.parameters(), back.model.parameters()):
+        assert torch.equal(a.full_tensor(), b.full_tensor())
+        sa, sb = ck.optimizer.state[a]["momentum_buffer"], back.optimizer.state[b]["momentum_buffer"]
+        assert torch.equal(sa.full_tensor(), sb.full_tensor())

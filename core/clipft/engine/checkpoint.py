@@ -11,6 +11,11 @@ Layout of a checkpoint folder:
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
   continues exactly, also from the middle of an epoch.
 
+Under ``--parallel fsdp`` a checkpoint taken while training goes on holds
+``shards/`` (a torch.distributed.checkpoint save of the model and optimizer,
+one file per rank) and ``rng.safetensors`` instead of the model and optimizer
+files; the run's last checkpoint is gathered into the files above.
+
 ``checkpoint/`` is the newest complete checkpoint, older ones sit beside it as
 ``checkpoint-step00000120/`` and ``--keep-best``'s as ``checkpoint-best/`` (never a
 ``--resume`` candidate). How a write stays crash-safe is in docs/usage.md: a
