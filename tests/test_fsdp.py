@@ -159,8 +159,9 @@ def test_checkpoints_during_training_are_shards_and_the_last_is_whole(runs, invo
     last one is the one-process format. One process reads the shards whole
     (they equal the one-process run's checkpoint of the same step, within the
     tolerance of the test above), so eval works on a run whose newest
-    checkpoint was taken during training; a one-process resume of it is
-    refused before anything is read or written."""
+    checkpoint was taken during training, and export writes its full
+    weights; a one-process resume of it is refused before anything is read
+    or written."""
     import shutil
 
     from safetensors.torch import load_file
@@ -194,6 +195,11 @@ def test_checkpoints_during_training_are_shards_and_the_last_is_whole(runs, invo
         res = invoke("eval", run_dir, "--json")
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout)["metrics"]["top1"] is not None
+    res = invoke("export", crashed, tmp_path / "export")
+    assert res.exit_code == 0, res.output
+    exported = load_file(str(tmp_path / "export" / "open_clip_model.safetensors"))
+    last = _read_shards_whole(crashed / "checkpoint-step00000003" / SHARDS_DIR, exported, "cpu")
+    assert last and all(torch.equal(exported[k], v) for k, v in last.items())
     before = sorted(p.name for p in crashed.rglob("*"))
     res = invoke("run", "--resume", crashed)
     assert res.exit_code == 2 and "trained on 2 process(es) and this is 1" in res.stderr, res.output

@@ -385,7 +385,8 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
                         keep=run.config.keep_checkpoints, loss=run.loss, also=run.assembly.earlier_keys,
-                        sharding=t.sharding, writes=run.dist is None or run.dist.main, epochs=run.config.epochs)
+                        sharding=t.sharding, writes=run.dist is None or run.dist.main,
+                        epochs=run.config.epochs)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
