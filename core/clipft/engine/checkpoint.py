@@ -11,6 +11,11 @@ Layout of a checkpoint folder:
   epoch, counters, the number of ``metrics.jsonl`` rows), so that ``--resume``
   continues exactly, also from the middle of an epoch.
 
+Under ``--parallel fsdp`` a checkpoint taken while training goes on holds
+``shards/`` (a torch.distributed.checkpoint save of the model and optimizer,
+one file per rank) and ``rng.safetensors`` instead of the model and optimizer
+files; the run's last checkpoint is gathered into the files above.
+
 ``checkpoint/`` is the newest complete checkpoint, older ones sit beside it as
 ``checkpoint-step00000120/`` and ``--keep-best``'s as ``checkpoint-best/`` (never a
 ``--resume`` candidate). How a write stays crash-safe is in docs/usage.md: a
@@ -45,6 +50,16 @@ STEP_PREFIX = "checkpoint-step"
 TMP_PREFIX = f".{CURRENT}.tmp-"
 #: the state of a loss that has parameters of its own (clipft.Loss)
 LOSS_FILE = "loss.safetensors"
+#: ``--parallel fsdp``, a checkpoint taken during training: the folder of the
+#: torch.distributed.checkpoint save (model and optimizer, one file per rank)
+SHARDS_DIR = "shards"
+#: beside the shards: the RNG states (rank 0's, as in ``optimizer.safetensors``)
+RNG_FILE = "rng.safetensors"
+
+
+def is_sharded(state) -> bool:
+    """Whether a checkpoint's state says it was written as shards (no ``model.safetensors``)."""
+    return isinstance(state, dict) and isinstance(state.get("sharded"), dict)
 
 
 def read_state(folder: Path):
@@ -294,7 +309,8 @@ def _write_failure(exc: BaseException) -> bool:
     ``OSError`` from Python, ``SafetensorError`` from safetensors, torch.save's
     ``RuntimeError`` from its stream writer."""
     from safetensors import SafetensorError
-    if isinstance(exc, (OSError, SafetensorError)):
+    from torch.distributed.checkpoint.api import CheckpointException
+    if isinstance(exc, (OSError, SafetensorError, CheckpointException)):
         return True
     return isinstance(exc, RuntimeError) and "writ" in str(exc).lower()
 
@@ -305,7 +321,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, model, head, base_shapes: dict, optimizer, scheduler, scaler,
                  classnames, templates, keep: int = 1, loss=None, also=(), sharding=None,
-                 writes: bool = True):
+                 writes: bool = True, epochs=None):
         self.run_dir = Path(run_dir)
         self.model, self.head, self.base_shapes = model, head, base_shapes
         #: a loss with a state of its own (a module: clipft.Loss), saved as loss.safetensors
@@ -321,6 +337,72 @@ class Checkpointer:
         #: are gathered whole by every rank, and written by the one that ``writes``
         self.sharding = sharding
         self.writes = writes
+        #: the run's epochs: under FSDP a checkpoint before the end of the last
+        #: one is written as shards, the one that ends training gathered whole
+        self.epochs = epochs
+
+    def _as_shards(self, loop: dict) -> bool:
+        """Whether the checkpoint of ``loop`` is written as shards: under FSDP,
+        while training goes on (the run's last checkpoint, the one ``eval``,
+        ``predict`` and ``export`` read, is gathered whole)."""
+        return (self.sharding is not None and self.epochs is not None and loop["epoch"] < self.epochs
+                and not loop.get("stopped_early"))
+
+    def _resharded(self) -> None:
+        """Every FSDP unit back to its shards: after a forward without backward
+        (an evaluation) the root unit keeps its whole parameters registered,
+        which are not the ones the optimizer steps."""
+        for unit in self.sharding.units:
+            unit.reshard()
+
+    def _holder(self) -> torch.nn.Module:
+        """The modules whose parameters the optimizer steps, under one root, so
+        that torch.distributed.checkpoint names each optimizer state by its
+        parameter's name (``model.visual...``, ``head.weight``)."""
+        parts = {"model": self.model}
+        if self.head is not None:
+            parts["head"] = self.head
+        if isinstance(self.loss, torch.nn.Module):
+            parts["loss"] = self.loss
+        return torch.nn.ModuleDict(parts)
+
+    def _sharded_model_state(self) -> dict:
+        """This rank's shards of the tensors ``model.safetensors`` would hold
+        (DTensors; what every rank holds whole, plain tensors)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False))
+        keep = changed_keys(self.model, self.base_shapes) | {k for k in self.also if k in sd}
+        return {k: sd[k] for k in sorted(keep)}
+
+    def _save_shards(self, folder: Path) -> None:
+        """Every rank writes its shards of the model and optimizer into
+        ``folder/shards`` (a collective: it returns once every rank's file and
+        the metadata are written)."""
+        from torch.distributed.checkpoint import FileSystemWriter, save
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        self._resharded()
+        optim = get_optimizer_state_dict(self._holder(), self.optimizer,
+                                         options=StateDictOptions(full_state_dict=False))
+        save({"model": self._sharded_model_state(), "optim": optim},
+             storage_writer=FileSystemWriter(str(Path(folder) / SHARDS_DIR)))
+
+    def _load_shards(self, folder: Path, optimizer: bool) -> None:
+        """Read this rank's shards of a sharded checkpoint into the model (and
+        the optimizer): a collective, every rank calls it."""
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+        reader = FileSystemReader(str(Path(folder) / SHARDS_DIR))
+        self._resharded()
+        model_sd = self._sharded_model_state()
+        load({"model": model_sd}, storage_reader=reader)
+        set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
+        if optimizer:
+            holder = self._holder()
+            # the optimizer's state is made (a step of lr 0 on zero gradients) to be loaded into
+            optim = get_optimizer_state_dict(holder, self.optimizer, options=StateDictOptions(full_state_dict=False))
+            load({"optim": optim}, storage_reader=FileSystemReader(str(Path(folder) / SHARDS_DIR)))
+            set_optimizer_state_dict(holder, self.optimizer, optim, options=StateDictOptions(full_state_dict=False))
 
     def _model_entries(self) -> list:
         """``[(key, tensor, whole)]`` of ``model.safetensors`` under FSDP:
@@ -372,8 +454,13 @@ class Checkpointer:
         stream_safetensors(None, self._model_entries())
         stream_safetensors(None, self._optimizer_entries()[0])
 
-    def _write(self, folder: Path, loop: dict, history: list, extra: dict) -> None:
-        if self.sharding is not None:
+    def _write(self, folder: Path, loop: dict, history: list, extra: dict, sharded: bool = False) -> None:
+        """The checkpoint's files into ``folder``, ``state.json`` last. ``sharded``:
+        the model and optimizer are in :data:`SHARDS_DIR` already (every rank
+        wrote its part), so only the rest is written here."""
+        if sharded:
+            pass
+        elif self.sharding is not None:
             # one whole tensor at a time: gathering the whole state at once would
             # hold more on the writing rank than a DDP replica does
             stream_safetensors(folder / "model.safetensors", self._model_entries())
@@ -383,7 +470,13 @@ class Checkpointer:
             save_file(_cpu(self.head.state_dict()), str(folder / "head.safetensors"))
         if self.loss is not None:
             save_file(_cpu(self.loss.state_dict()), str(folder / LOSS_FILE))
-        if self.sharding is not None:
+        if sharded:
+            save_file(_rng_tensors(), str(folder / RNG_FILE))
+            groups = self.optimizer.state_dict()["param_groups"]
+            opt_meta = {"scalars": {}, "param_groups": [dict(g) for g in groups]}
+            extra = {**extra, "sharded": {"format": "torch.distributed.checkpoint", "dir": SHARDS_DIR,
+                                          "world_size": self.sharding.world}}
+        elif self.sharding is not None:
             entries, opt_meta = self._optimizer_entries()
             stream_safetensors(folder / "optimizer.safetensors", entries)
         else:
@@ -392,10 +485,13 @@ class Checkpointer:
                        **{f"rng.{k}": v for k, v in _rng_tensors().items()}},
                       str(folder / "optimizer.safetensors"))
         files, digests = {}, {}
-        for f in sorted(folder.iterdir()):
+        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
             atomic.fsync_file(f)
-            files[f.name] = f.stat().st_size
-            digests[f.name] = file_digest(f)
+            name = f.relative_to(folder).as_posix()
+            files[name] = f.stat().st_size
+            digests[name] = file_digest(f)
+        for d in (p for p in folder.iterdir() if p.is_dir()):
+            atomic.fsync_dir(d)
         np_state = np.random.get_state()
         state = {
             "format": FORMAT,
@@ -462,14 +558,52 @@ class Checkpointer:
                 f"(the previous checkpoint is intact: {previous})") from exc
         return tmp
 
+    def _shared_temp(self, name: str, loop: dict, history: list, extra) -> Path:
+        """A sharded checkpoint's temporary folder, written by every rank: rank 0
+        makes it and tells the others its name; every rank writes its shards
+        into it, then rank 0 the rest, ``state.json`` last. On a failure rank 0
+        removes it: a half-written folder never stays behind."""
+        import torch.distributed as dist
+        tmp, made = None, [None]
+        if self.writes:
+            try:
+                tmp = atomic.make_temp_dir(self.run_dir / name)
+                made[0] = str(tmp)
+            except OSError as exc:
+                made[0] = f"error: {exc.strerror or exc}"
+        dist.broadcast_object_list(made, src=0)
+        if not Path(made[0]).is_absolute():
+            raise ClipftError(f"could not write a checkpoint in {self.run_dir}: {made[0]}")
+        tmp = Path(made[0])
+        try:
+            self._save_shards(tmp)
+            if self.writes:
+                self._write(tmp, loop, history, extra or {}, sharded=True)
+        except BaseException as exc:
+            if self.writes:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not _write_failure(exc):
+                raise
+            previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
+            raise ClipftError(
+                f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
+                f"(the previous checkpoint is intact: {previous})") from exc
+        return tmp
+
     def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
         """Write a checkpoint of ``loop`` (:meth:`LoopState.counters`) and make it
         the current one; returns its folder (None on a rank that does not write)."""
-        if not self.writes:
+        if self._as_shards(loop):
+            tmp = self._shared_temp(CURRENT, loop, history, extra)
+            if not self.writes:
+                self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
+                return None
+        elif not self.writes:
             self._take_part()
             self.last_saved = (loop["step"], loop["epoch"], loop["batch"])
             return None
-        tmp = self._write_temp(CURRENT, loop, history, extra)
+        else:
+            tmp = self._write_temp(CURRENT, loop, history, extra)
         current = self.run_dir / CURRENT
         old = read_state(current) if current.is_dir() else None
         if current.is_dir():
@@ -501,8 +635,12 @@ class Checkpointer:
         state = read_state(folder)
         if state is None:
             raise ClipftError(f"{folder} is not a complete checkpoint")
-        load_trained_tensors(folder, self.model, self.head, _device_of(self.model),
-                             local=self.sharding.local if self.sharding is not None else None)
+        if is_sharded(state) and self.sharding is not None:
+            self._load_shards(folder, optimizer=False)
+            _load_head(folder, self.head, _device_of(self.model))
+        else:
+            load_trained_tensors(folder, self.model, self.head, _device_of(self.model),
+                                 local=self.sharding.local if self.sharding is not None else None)
         if self.loss is not None:
             path = Path(folder) / LOSS_FILE
             try:
@@ -517,10 +655,14 @@ class Checkpointer:
         and scaler; returns its state, with ``restore_rng``, a function that puts
         the RNG states back (the loop calls it at the point they were saved)."""
         state = self.restore_weights(folder)
-        rest = _read_tensors(folder / "optimizer.safetensors", "cpu", self._optimizer_shard())
-        opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
         _check_groups(self.optimizer, state["optimizer"]["param_groups"], folder)
-        _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
+        if is_sharded(state) and self.sharding is not None:
+            self._load_shards(folder, optimizer=True)
+            rest = {f"rng.{k}": v for k, v in _read_tensors(folder / RNG_FILE, "cpu").items()}
+        else:
+            rest = _read_tensors(folder / "optimizer.safetensors", "cpu", self._optimizer_shard())
+            opt_t = {k[len("optim."):]: v for k, v in rest.items() if k.startswith("optim.")}
+            _restore_optimizer(self.optimizer, opt_t, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("grad_scaler"):
@@ -599,8 +741,11 @@ def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device, local=N
     A file that does not read, or does not fit, is a usage error naming it.
     ``local(full, like)``: this rank's shard of a tensor of a sharded model."""
     path = Path(ck) / "model.safetensors"
-    model_t = _read_tensors(path, device)
     sd = model.state_dict()
+    if not path.exists() and (Path(ck) / SHARDS_DIR / ".metadata").is_file():
+        model_t = _read_shards_whole(Path(ck) / SHARDS_DIR, sd, device)
+    else:
+        model_t = _read_tensors(path, device)
     missing = [k for k in model_t if k not in sd]
     misshapen = [k for k in model_t if k in sd and tuple(sd[k].shape) != tuple(model_t[k].shape)]
     if missing or misshapen:
@@ -610,6 +755,37 @@ def load_trained_tensors(ck: Path, model: torch.nn.Module, head, device, local=N
     if local is not None:
         model_t = {k: local(v, sd[k]) for k, v in model_t.items()}
     model.load_state_dict(model_t, strict=False)
+    _load_head(ck, head, device)
+
+
+def _read_shards_whole(folder: Path, sd: dict, device) -> dict:
+    """The model tensors of a sharded checkpoint read whole by one process (no
+    process group: torch.distributed.checkpoint puts every rank's shard of a
+    tensor into one tensor of its full shape), for ``eval``, ``predict`` and
+    ``export`` of a run whose newest checkpoint was taken during training."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    try:
+        reader = FileSystemReader(str(folder))
+        keys = [k[len("model."):] for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")]
+        missing = [k for k in keys if k not in sd]
+        if missing:
+            raise ClipftUsageError(f"checkpoint tensors in {folder} do not fit the model rebuilt from the "
+                                   f"run's config: {missing[:5]}")
+        out = {k: torch.empty_like(sd[k], device="cpu") for k in keys}
+        import warnings
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            load({"model": out}, storage_reader=reader, no_dist=True)
+    except ClipftUsageError:
+        raise
+    except Exception as exc:   # torch.distributed.checkpoint raises its own kinds for a damaged file
+        raise ClipftUsageError(f"the sharded checkpoint in {folder} cannot be read "
+                               f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+                               f"{_older_checkpoints_hint(folder.parent)}") from None
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _load_head(ck: Path, head, device) -> None:
     if head is not None:
         path = Path(ck) / "head.safetensors"
         try:

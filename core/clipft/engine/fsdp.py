@@ -12,10 +12,12 @@ What stays whole on every rank, a *replica* as under DDP: ``logit_scale`` and
 loss's own parameters. Their gradients are averaged over the ranks before each
 optimizer step (:meth:`Sharding.reduce_replicated`).
 
-Checkpoints stay in the format of one process: every rank takes part in
-gathering the full tensors (:meth:`Sharding.full`, a collective), rank 0
-writes them; a resume gives each rank its shard of what it reads
-(:meth:`Sharding.local`). docs/scaling.md says when to use FSDP.
+Checkpoints during training are sharded (each rank writes its shard with
+torch.distributed.checkpoint, engine/checkpoint.py); the last one is in the
+format of one process: every rank takes part in gathering the full tensors
+(:meth:`Sharding.full`, a collective), rank 0 writes them; a resume from it
+gives each rank its shard of what it reads (:meth:`Sharding.local`).
+docs/scaling.md says when to use FSDP and what each checkpoint holds.
 """
 from __future__ import annotations
 

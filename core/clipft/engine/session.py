@@ -30,7 +30,7 @@ from clipft.engine.assemble import resolve
 from clipft.engine.callbacks import CallbackHost
 from clipft.collapse import CollapseWatch
 from clipft.early_stop import HEADLINE_METRICS, EarlyStopping, headline_metric, improved, metric_value
-from clipft.engine.checkpoint import BEST, CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint
+from clipft.engine.checkpoint import BEST, CURRENT, Checkpointer, checkpoint_to_load, inspect_checkpoint, read_state
 from clipft.engine.loop import EndTraining, EvalSchedule, LoopState, StopTraining, train
 from clipft.engine.prepare import PreparedRun, prepare
 from clipft.engine.resume import resume_config
@@ -385,7 +385,8 @@ def checkpointer_for(run: PreparedRun, out_dir: Path) -> Checkpointer:
     return Checkpointer(out_dir, run.model, run.head, run.assembly.base_shapes, t.optimizer,
                         t.scheduler, t.scaler, run.bundle.classnames, run.bundle.templates,
                         keep=run.config.keep_checkpoints, loss=run.loss, also=run.assembly.earlier_keys,
-                        sharding=t.sharding, writes=run.dist is None or run.dist.main)
+                        sharding=t.sharding, writes=run.dist is None or run.dist.main,
+                        epochs=run.config.epochs)
 
 
 def callback_host(run: PreparedRun, out_dir: Path, state: LoopState, progress=None,
@@ -512,10 +513,21 @@ def resume_stage(res, state: dict) -> tuple:
     return k, False
 
 
+def _refuse_world(out_dir: Path, trained_on: int, world: int) -> None:
+    raise ClipftUsageError(
+        f"--resume {out_dir}: the run trained on {trained_on} process(es) and this is "
+        f"{world}; resume with the same number (torchrun --nproc-per-node {trained_on}, "
+        "or clipft run --nproc): the data order and the global batch depend on it")
+
+
 def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, progress,
                   folder: Optional[Path] = None, weights_only: bool = False, dist=None) -> LoopState:
     if folder is None:
         folder, _ = _resume_folder(out_dir, progress)
+    world = dist.world if dist is not None else 1
+    trained_on = int(((read_state(folder) or {}).get("loop") or {}).get("world_size", 1))
+    if trained_on != world:   # before anything is read: a sharded checkpoint is cut for its world size
+        _refuse_world(out_dir, trained_on, world)
     saved = checkpoints.restore_weights(folder) if weights_only else checkpoints.restore(folder)
     if weights_only:
         saved["restore_rng"] = None
@@ -527,12 +539,8 @@ def _resume_state(run: PreparedRun, out_dir: Path, checkpoints: Checkpointer, pr
                 "seconds": old.get("train", {}).get("seconds", 0.0)}
     state = LoopState(**loop, history=saved["history"], restore_rng=saved["restore_rng"],
                       callback_states=dict(saved.get("callbacks") or {}))
-    world = dist.world if dist is not None else 1
     if state.world_size != world:
-        raise ClipftUsageError(
-            f"--resume {out_dir}: the run trained on {state.world_size} process(es) and this is "
-            f"{world}; resume with the same number (torchrun --nproc-per-node {state.world_size}, "
-            "or clipft run --nproc): the data order and the global batch depend on it")
+        _refuse_world(out_dir, state.world_size, world)
     state.stage = run.stage
     if state.stopped_early:
         st = state.stopped_early
