@@ -98,7 +98,8 @@ def run(reg, work) -> list:
                "clipft_image_misses": summary["cache"]["image_misses"],
                "clipft_top1": summary["eval"]["after"]["head_top1"],
                "startup": startup}
-    return [paired_row(pairs, ">= 1", figures, id="8",
+    # issue 23 part 3 asks 5.5x; docs/performance.md gives the forward-pass floor that bounds it
+    return [paired_row(pairs, ">= 5.5", figures, id="8",
                        name=f"small folder, whole process: frozen {MODEL} + linear head, {TRAIN} train / {VAL} val, "
                             f"{EPOCHS} epochs: seed loop / clipft (wall)",
                        seconds=now() - t0)]
