@@ -539,6 +539,16 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
         return best
 
+    def _raise_write_failure(self, exc: BaseException) -> None:
+        """Re-raise what stopped a checkpoint's write: a disk-side failure as a
+        ClipftError naming the checkpoint still in place, anything else as it is."""
+        if not _write_failure(exc):
+            raise exc
+        previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
+        raise ClipftError(
+            f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
+            f"(the previous checkpoint is intact: {previous})") from exc
+
     def _write_temp(self, name: str, loop: dict, history: list, extra) -> Path:
         # not atomic.building_dir: once written, the folder is a complete checkpoint,
         # which a failed swap must leave behind (newest_complete finds it)
@@ -550,12 +560,7 @@ class Checkpointer:
             # a half-written folder never stays behind, whatever stopped the write
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if not _write_failure(exc):
-                raise
-            previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
-            raise ClipftError(
-                f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
-                f"(the previous checkpoint is intact: {previous})") from exc
+            self._raise_write_failure(exc)
         return tmp
 
     def _shared_temp(self, name: str, loop: dict, history: list, extra) -> Path:
@@ -582,12 +587,7 @@ class Checkpointer:
         except BaseException as exc:
             if self.writes:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if not _write_failure(exc):
-                raise
-            previous = CURRENT if (self.run_dir / CURRENT).is_dir() else "none yet"
-            raise ClipftError(
-                f"could not write a checkpoint in {self.run_dir}: {getattr(exc, 'strerror', None) or exc} "
-                f"(the previous checkpoint is intact: {previous})") from exc
+            self._raise_write_failure(exc)
         return tmp
 
     def save(self, loop: dict, history: list, extra: dict | None = None) -> Path:
